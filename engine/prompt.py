@@ -1,0 +1,79 @@
+"""Building the generator's prompt from the manifest's templates, within the context budget."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from tokenizers import Tokenizer
+
+from .manifest import PromptSpec
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def fill(template: str, **values: str) -> str:
+    """One-pass substitution: braces inside values (code, user text) are never expanded."""
+    return _FIELD.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template)
+
+
+@dataclass(frozen=True)
+class PassageText:
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    passages_used: int             # passages that fit, in whole or truncated
+    truncated: bool                # a passage or the question was cut to fit
+
+
+class PromptBuilder:
+    def __init__(self, spec: PromptSpec, tokenizer: Tokenizer, *, budget: int):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.budget = budget       # prompt tokens allowed: max_context - max_new_tokens
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _cut(self, text: str, tokens: int) -> str:
+        """The longest prefix of `text` that is at most `tokens` tokens long."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(enc.ids) <= tokens:
+            return text
+        return text[:enc.offsets[tokens][0]] if tokens > 0 else ""
+
+    def build(self, question: str, passages: Sequence[PassageText]) -> Prompt:
+        """Passages are added in rank order while they fit; the last one that does not is cut."""
+        def render(context: str, q: str) -> str:
+            user = fill(self.spec.user, context=context, question=q)
+            return fill(self.spec.chat, system=self.spec.system, user=user)
+
+        truncated = False
+        overhead = self.count(render("", ""))
+        q_tokens = self.count(question)
+        if overhead + q_tokens > self.budget // 2:
+            # A question that eats the whole window would leave no room for evidence.
+            question = self._cut(question, max(self.budget // 2 - overhead, 1))
+            truncated = True
+        # Tokens merge differently across part boundaries; a small margin absorbs that.
+        left = self.budget - self.count(render("", question)) - 8
+        parts: list[str] = []
+        sep_tokens = self.count(self.spec.passage_separator)
+        for n, p in enumerate(passages, start=1):
+            block = fill(self.spec.passage, n=str(n), title=p.title, text=p.text)
+            cost = self.count(block) + (sep_tokens if parts else 0)
+            if cost > left:
+                room = left - (sep_tokens if parts else 0) - self.count(fill(self.spec.passage, n=str(n), title=p.title, text=""))
+                if room > 16:
+                    parts.append(fill(self.spec.passage, n=str(n), title=p.title, text=self._cut(p.text, room)))
+                truncated = True
+                break
+            parts.append(block)
+            left -= cost
+        text = render(self.spec.passage_separator.join(parts), question)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return Prompt(ids=ids, passages_used=len(parts), truncated=truncated)

@@ -1,0 +1,84 @@
+"""The passage store: passages memory-mapped from disk, fetched by row in O(1), never loaded whole."""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import BundleError, UserInputError
+
+
+@dataclass(frozen=True)
+class PassageRecord:
+    id: str
+    title: str
+    text: str
+
+
+def write_passage_store(data_path: Path, offsets_path: Path, records: Iterable[PassageRecord]) -> int:
+    """Writes the data file and its offsets through temp files renamed into place; returns the count."""
+    offsets = [0]
+    tmp_data = data_path.with_name(data_path.name + ".tmp")
+    with open(tmp_data, "wb") as f:
+        for r in records:
+            blob = json.dumps({"id": r.id, "title": r.title, "text": r.text}, ensure_ascii=False,
+                              separators=(",", ":")).encode("utf-8")
+            f.write(blob)
+            offsets.append(offsets[-1] + len(blob))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp_offsets = offsets_path.with_name(offsets_path.name + ".tmp.npy")
+    np.save(tmp_offsets, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
+    os.replace(tmp_data, data_path)
+    os.replace(tmp_offsets, offsets_path)
+    return len(offsets) - 1
+
+
+class PassageStore:
+    def __init__(self, data: mmap.mmap | bytes, offsets: np.ndarray, data_path: Path):
+        self._data = data
+        self._offsets = offsets
+        self._path = data_path
+        self._rows: dict[str, int] | None = None
+
+    @classmethod
+    def open(cls, data_path: Path, offsets_path: Path, *, count: int) -> "PassageStore":
+        try:
+            offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{offsets_path}: not a valid offsets array ({e})") from None
+        if offsets.dtype != np.uint64 or offsets.shape != (count + 1,):
+            raise BundleError(f"{offsets_path}: expected uint64[{count + 1}], found {offsets.dtype}{list(offsets.shape)}")
+        size = data_path.stat().st_size
+        if int(offsets[0]) != 0 or int(offsets[-1]) != size:
+            raise BundleError(f"{offsets_path}: offsets do not cover {data_path.name} ({size} bytes)")
+        with open(data_path, "rb") as f:
+            # mmap cannot map an empty file; an empty store has nothing to read anyway.
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        return cls(data, offsets, data_path)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def get(self, row: int) -> PassageRecord:
+        if not 0 <= row < len(self):
+            raise UserInputError(f"passage row {row} is out of range (0..{len(self) - 1})")
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        try:
+            raw = json.loads(self._data[start:end].decode("utf-8"))
+            return PassageRecord(raw["id"], raw["title"], raw["text"])
+        except (ValueError, KeyError, TypeError):
+            raise BundleError(f"{self._path}: passage record {row} is corrupted") from None
+
+    def row_of(self, passage_id: str) -> int:
+        """The row of a passage id. The id map is built on the first call (one O(n) scan)."""
+        if self._rows is None:
+            self._rows = {self.get(i).id: i for i in range(len(self))}
+        if passage_id not in self._rows:
+            raise UserInputError(f"no passage with id {passage_id!r}")
+        return self._rows[passage_id]

@@ -1,0 +1,86 @@
+"""A user cache of converted and exported models, keyed by the content they were built from.
+
+A new corpus then costs only its index: the GGUF conversion, the ONNX exports, the
+quantization and the parity runs happen once per checkpoint per machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+_DONE = ".complete"
+
+
+def cache_root() -> Path:
+    if os.environ.get("RAGRT_CACHE"):
+        return Path(os.environ["RAGRT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ragrt"
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so a 500 MB file is hashed once."""
+    st = path.stat()
+    memo_path = cache_root() / "hashes.json"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if ident in memo:
+        return memo[ident]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    memo[ident] = h.hexdigest()
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_name(f".hashes.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return memo[ident]
+
+
+def content_key(*parts: str | Path) -> str:
+    """A hex key over files (their bytes), directories (relative names and bytes) and strings."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path) and part.is_dir():
+            for f in sorted(p for p in part.rglob("*") if p.is_file()):
+                h.update(f.relative_to(part).as_posix().encode() + b"\0" + _file_sha256(f).encode())
+        elif isinstance(part, Path):
+            h.update(_file_sha256(part).encode())
+        else:
+            h.update(str(part).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:32]
+
+
+def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+    """`cache_root()/kind/key`, calling `build(tmp)` first if it is not there yet.
+
+    The entry appears by one rename of a finished directory, so a crash or a failing build
+    never leaves a half-built entry that a later run would trust.
+    """
+    final = cache_root() / kind / key
+    if (final / _DONE).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / _DONE).touch()
+        shutil.rmtree(final, ignore_errors=True)   # an incomplete leftover without the marker
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / _DONE).exists():       # another process won the race if it is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,91 @@
+"""Writing a bundle: the prompt spec, the manifest with checksums, and the atomic rename."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from engine.bundle import sha256_file
+from engine.errors import UserInputError
+from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec
+
+SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using the context passages. "
+                 "Answer briefly and precisely.")
+USER_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
+PASSAGE_TEMPLATE = "[{n}] {title}\n{text}"
+_SENTINEL_SYSTEM = "\x00SYSTEM\x00"
+_SENTINEL_USER = "\x00USER\x00"
+
+
+def prompt_spec(chat_template: str | None, render) -> PromptSpec:
+    """Renders the model's Jinja chat template once, with sentinels, into a `{system}`/`{user}`
+    template, so the engine builds prompts by plain substitution and needs no Jinja.
+
+    `render(messages) -> str` applies the chat template with the generation prompt added.
+    """
+    if chat_template:
+        text = render([{"role": "system", "content": _SENTINEL_SYSTEM},
+                       {"role": "user", "content": _SENTINEL_USER}])
+        if _SENTINEL_SYSTEM not in text or _SENTINEL_USER not in text:
+            raise UserInputError("the generator's chat template drops the system or user message")
+        chat = text.replace(_SENTINEL_SYSTEM, "{system}").replace(_SENTINEL_USER, "{user}")
+    else:
+        chat = "{system}\n\n{user}\n\nAnswer:"
+    return PromptSpec(chat=chat, system=SYSTEM_PROMPT, user=USER_TEMPLATE, passage=PASSAGE_TEMPLATE)
+
+
+def library_versions() -> dict[str, str]:
+    names = ["ragrt", "numpy", "tokenizers", "usearch", "onnxruntime", "onnx", "torch", "transformers",
+             "optimum", "optimum-onnx"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def file_entries(root: Path) -> dict[str, FileEntry]:
+    return {p.relative_to(root).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    os.replace(tmp, root / MANIFEST_NAME)
+
+
+@contextmanager
+def staging_dir(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yields a temp dir beside `out`; on success it replaces `out` by rename, else it is removed.
+
+    Nobody ever sees a half-written bundle at `out`: either the old one or the new one.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserInputError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

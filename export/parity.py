@@ -1,0 +1,138 @@
+"""Parity: do the exported graphs compute what the PyTorch models compute?
+
+Encoder: cosine of ONNX (fp32, int8) embeddings against PyTorch's.
+Generator: greedy tokens of ONNX (fp32, int8) against PyTorch's `generate()` on real
+prompts built by the engine's own PromptBuilder. Greedy agreement, not logits closeness,
+is what tells a user whether the quantized model still says the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.decode import Decoder
+from engine.encoder import TextEncoder
+from engine.manifest import GeneratorSpec
+from engine.prompt import PassageText, PromptBuilder
+from engine.session import SessionConfig, create_session
+
+# (question, title, passage): short Python-docs style contexts, so the generator answers
+# the way it will in the product.
+PARITY_PROMPTS: list[tuple[str, str, str]] = [
+    ("How do I copy a list?", "Lists", "To copy a list use list.copy() or the slice a[:]. The copy module's copy.copy() works for any object."),
+    ("What does len() return?", "Built-in functions", "len(s) returns the length (the number of items) of an object such as a string, list or dict."),
+    ("How do I open a file for reading?", "Reading files", "open(file, mode='r') opens a file and returns a file object. Use a with statement so the file is closed."),
+    ("What is a tuple?", "Tuples", "Tuples are immutable sequences, typically used to store collections of heterogeneous data."),
+    ("How do I sort a dictionary by value?", "Sorting", "sorted(d.items(), key=lambda kv: kv[1]) returns the items ordered by value."),
+    ("What is the GIL?", "Global interpreter lock", "The global interpreter lock ensures that only one thread executes Python bytecode at a time."),
+    ("How do I read environment variables?", "os", "os.environ is a mapping of the environment; os.getenv(name, default) returns one variable or the default."),
+    ("How can I format a float with two decimals?", "Format strings", "f'{x:.2f}' formats x with two digits after the decimal point."),
+    ("What does the pass statement do?", "pass", "pass is a null operation: nothing happens when it executes. It is useful as a placeholder."),
+    ("How do I create a virtual environment?", "venv", "python -m venv /path/to/env creates a virtual environment; activate it with its activate script."),
+    ("How do I remove duplicates from a list?", "Sets", "list(dict.fromkeys(items)) removes duplicates and keeps the first occurrence order; set(items) loses the order."),
+    ("What is a generator?", "Generators", "A generator is a function that uses yield; calling it returns an iterator that produces values lazily."),
+    ("How do I measure execution time?", "timeit", "The timeit module measures execution time of small code snippets; time.perf_counter() gives a high-resolution clock."),
+    ("What is __init__.py for?", "Packages", "An __init__.py file makes a directory a regular package; its code runs when the package is imported."),
+    ("How do I join strings?", "str.join", "str.join(iterable) returns a string which is the concatenation of the strings in the iterable, separated by str."),
+    ("How do I handle exceptions?", "Errors", "Use try and except to handle exceptions: the except clause runs when the named exception is raised in the try block."),
+    ("What does enumerate do?", "Built-in functions", "enumerate(iterable, start=0) returns pairs of a count and the values from the iterable."),
+    ("How do I parse JSON?", "json", "json.loads(s) parses a JSON document from a string; json.load(f) reads it from a file object."),
+    ("What is a lambda?", "Lambdas", "A lambda expression creates a small anonymous function: lambda x: x + 1."),
+    ("How do I get the current date?", "datetime", "datetime.date.today() returns the current local date; datetime.datetime.now() includes the time."),
+    ("How do I reverse a string?", "Slicing", "s[::-1] returns the string reversed, using a slice with step -1."),
+    ("What is a decorator?", "Decorators", "A decorator is a function returning another function, applied with the @wrapper syntax."),
+    ("How do I check the Python version?", "sys", "sys.version_info holds the version as a tuple; python --version prints it."),
+    ("How do I count items?", "collections", "collections.Counter counts hashable items: Counter('abca')['a'] is 2."),
+]
+
+
+@dataclass(frozen=True)
+class EncoderParity:
+    fp32_cosine_mean: float
+    fp32_cosine_min: float
+    int8_cosine_mean: float
+    int8_cosine_min: float
+    texts: int
+
+
+@dataclass(frozen=True)
+class GreedyAgreement:
+    exact_match: float             # fraction of prompts whose greedy tokens are identical
+    prefix_agreement: float        # mean of (common prefix length / longer length)
+    prompts: int
+    new_tokens: int
+    sample: str                    # first prompt's answer, for a person to read
+
+
+@dataclass(frozen=True)
+class GeneratorParity:
+    fp32: GreedyAgreement
+    int8: GreedyAgreement
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.ndarray:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModel.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        h = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(emb, dim=-1).numpy()
+
+
+def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, max_length: int) -> EncoderParity:
+    texts = [t for q, title, p in PARITY_PROMPTS for t in (q, f"{title}\n{p}")]
+    ref = torch_embeddings(checkpoint, texts, max_length)
+    cos32 = (fp32.embed_all(texts) * ref).sum(1)
+    cos8 = (int8.embed_all(texts) * ref).sum(1)
+    return EncoderParity(float(cos32.mean()), float(cos32.min()), float(cos8.mean()), float(cos8.min()), len(texts))
+
+
+def parity_prompt_ids(builder: PromptBuilder, n: int) -> list[list[int]]:
+    return [builder.build(q, [PassageText(title, p)]).ids for q, title, p in PARITY_PROMPTS[:n]]
+
+
+def torch_greedy(checkpoint: Path, prompts: list[list[int]], spec: GeneratorSpec, max_new_tokens: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=list(spec.eos_token_ids), pad_token_id=spec.pad_token_id)
+            new = gen[0, len(ids):].tolist()
+            out.append([t for t in _until_eos(new, spec.eos_token_ids)])
+    return out
+
+
+def onnx_greedy(model_path: Path, spec: GeneratorSpec, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    decoder = Decoder(create_session(model_path, SessionConfig()), spec)
+    return [list(decoder.greedy(ids, max_new_tokens)) for ids in prompts]
+
+
+def agreement(reference: list[list[int]], candidate: list[list[int]], sample: str, new_tokens: int) -> GreedyAgreement:
+    prefix = []
+    for a, b in zip(reference, candidate):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefix.append(n / max(len(a), len(b)) if (a or b) else 1.0)
+    exact = float(np.mean([a == b for a, b in zip(reference, candidate)]))
+    return GreedyAgreement(exact, float(np.mean(prefix)), len(reference), new_tokens, sample)
+
+
+def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens

@@ -1,0 +1,205 @@
+"""`ragrt export`: corpus + checkpoints -> one bundle directory.
+
+load -> export ONNX -> quantize -> parity (cached per checkpoint) -> chunk -> embed + index
+-> manifest -> atomic rename. The model steps are cached by checkpoint hash, so a new
+corpus costs only its chunking and embedding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine import __version__
+from engine.bundle import Bundle
+from engine.encoder import TextEncoder
+from engine.errors import RagrtError, UserInputError
+from engine.manifest import (SCHEMA, SCHEMA_VERSION, EncoderSpec, GeneratorSpec, IndexSpec, Manifest,
+                             PassagesSpec, PromptSpec, RagDefaults, Source)
+from engine.prompt import PromptBuilder
+from engine.session import SessionConfig
+from engine.store import PassageRecord
+
+from .cache import cached_dir, content_key
+from .corpus import chunk_documents, read_documents
+from .index import build_index
+from .models import encoder_checkpoint, generator_checkpoint
+from .pack import file_entries, library_versions, now, prompt_spec, staging_dir, write_manifest
+
+log = logging.getLogger("ragrt.export")
+
+# Part of every cache key: bump it when a change here alters what a cached entry holds.
+EXPORT_VERSION = "1"
+ENCODER_MAX_LENGTH = 256
+PARITY_NEW_TOKENS = 24
+# Below this mean greedy-prefix agreement with PyTorch, int8 output is judged broken.
+MIN_INT8_AGREEMENT = 0.5
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    corpus: Path
+    out: Path
+    quantize: str = "int8"
+    index_dtype: str = "f16"
+    encoder: Path | None = None
+    generator: Path | None = None
+    chunk_tokens: int = 128
+    overlap: int = 32
+    max_context: int = 2048
+    force: bool = False
+    parity_prompts: int = 20
+
+
+def _say(msg: str) -> None:
+    print(f"[ragrt export] {msg}", flush=True)
+
+
+def encoder_graphs(checkpoint: Path) -> Path:
+    """Cached: fp32/model.onnx, int8/model.onnx, tokenizer.json, meta.json (dims and parity)."""
+    from .onnx_export import export_encoder
+    from .parity import encoder_parity
+    from .quantize import quantize_encoder
+
+    def build(tmp: Path) -> None:
+        _say(f"exporting encoder {checkpoint.name} to ONNX and int8")
+        exp = export_encoder(checkpoint, tmp / "fp32", max_length=ENCODER_MAX_LENGTH)
+        quantize_encoder(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
+        shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
+        encoders = [TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length, dim=exp.dim)
+                    for q in ("fp32", "int8")]
+        parity = encoder_parity(checkpoint, *encoders, max_length=exp.max_length)
+        _say(f"encoder parity vs PyTorch: cosine fp32 {parity.fp32_cosine_mean:.4f}, int8 mean "
+             f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}")
+        meta = {"dim": exp.dim, "max_length": exp.max_length, "parity": asdict(parity)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{EXPORT_VERSION}"), build)
+
+
+def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: Source) -> GeneratorSpec:
+    return GeneratorSpec(
+        model=model, tokenizer="generator/tokenizer.json", quantization=quantization,
+        num_layers=meta["num_layers"], num_kv_heads=meta["num_kv_heads"], head_dim=meta["head_dim"],
+        vocab_size=meta["vocab_size"], eos_token_ids=tuple(meta["eos_token_ids"]),
+        pad_token_id=meta["pad_token_id"], max_context=min(max_context, meta["max_position_embeddings"]),
+        source=source)
+
+
+def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
+    """Cached: fp32/model.onnx, int8/model.onnx, tokenizer.json, meta.json (dims, prompt, parity)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from .onnx_export import export_generator
+    from .parity import (GeneratorParity, agreement, onnx_greedy, parity_prompt_ids, torch_greedy)
+    from .quantize import quantize_generator
+
+    def build(tmp: Path) -> None:
+        _say(f"exporting generator {checkpoint.name} to ONNX (fp32 and int8), then checking parity")
+        exp = export_generator(checkpoint, tmp / "fp32")
+        quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
+        shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
+        hf_tok = AutoTokenizer.from_pretrained(checkpoint)
+        prompt = prompt_spec(exp.chat_template, lambda msgs: hf_tok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True))
+        meta = {"num_layers": exp.num_layers, "num_kv_heads": exp.num_kv_heads, "head_dim": exp.head_dim,
+                "vocab_size": exp.vocab_size, "eos_token_ids": list(exp.eos_token_ids),
+                "pad_token_id": exp.pad_token_id, "max_position_embeddings": exp.max_position_embeddings,
+                "prompt": asdict(prompt)}
+        src = Source(checkpoint.name, "")
+        spec = generator_spec(meta, "", "fp32", 2048, src)
+        tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+        builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
+        prompts = parity_prompt_ids(builder, parity_prompts)
+        ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
+        results = {}
+        for q in ("fp32", "int8"):
+            out = onnx_greedy(tmp / q / "model.onnx", spec, prompts, PARITY_NEW_TOKENS)
+            results[q] = agreement(ref, out, tok.decode(out[0]), PARITY_NEW_TOKENS)
+        parity = GeneratorParity(**results)
+        _say(f"generator parity vs PyTorch greedy ({len(prompts)} prompts): fp32 exact {parity.fp32.exact_match:.2f} "
+             f"prefix {parity.fp32.prefix_agreement:.2f}; int8 exact {parity.int8.exact_match:.2f} "
+             f"prefix {parity.int8.prefix_agreement:.2f}")
+        _say(f"int8 sample answer: {parity.int8.sample!r}")
+        meta["parity"] = parity.to_dict()
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    key = content_key(checkpoint, f"export-v{EXPORT_VERSION}", f"parity-{parity_prompts}")
+    return cached_dir("generator-onnx", key, build)
+
+
+def _validate(cfg: ExportConfig) -> None:
+    if cfg.quantize not in ("int8", "fp32"):
+        raise UserInputError(f"--quantize must be int8 or fp32, got {cfg.quantize!r}")
+    if cfg.max_context < 256:
+        raise UserInputError(f"--max-context must be at least 256, got {cfg.max_context}")
+    if not 1 <= cfg.parity_prompts:
+        raise UserInputError("--parity-prompts must be at least 1")
+    if Path(cfg.out).exists() and not cfg.force:
+        raise UserInputError(f"{cfg.out} already exists; pass --force to replace it")
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    from tokenizers import Tokenizer
+
+    from .parity import PARITY_PROMPTS
+    _validate(cfg)
+    cfg = ExportConfig(**{**asdict(cfg), "parity_prompts": min(cfg.parity_prompts, len(PARITY_PROMPTS))})
+    docs = list(read_documents(cfg.corpus))     # a bad corpus fails here, before minutes of model work
+    _say(f"{len(docs)} documents read from {cfg.corpus}")
+    enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
+    enc_dir = encoder_graphs(enc_ckpt)
+    gen_dir = generator_graphs(gen_ckpt, cfg.parity_prompts)
+    enc_meta = json.loads((enc_dir / "meta.json").read_text())
+    gen_meta = json.loads((gen_dir / "meta.json").read_text())
+    q = cfg.quantize
+    int8_agreement = gen_meta["parity"]["int8"]["prefix_agreement"]
+    if q == "int8" and int8_agreement < MIN_INT8_AGREEMENT:
+        raise RagrtError(f"the int8 generator disagrees with PyTorch (greedy prefix agreement "
+                         f"{int8_agreement:.2f} < {MIN_INT8_AGREEMENT}); export with --quantize fp32")
+
+    with staging_dir(Path(cfg.out), force=cfg.force) as tmp:
+        for sub in ("encoder", "generator", "index", "passages"):
+            (tmp / sub).mkdir()
+        shutil.copyfile(enc_dir / q / "model.onnx", tmp / "encoder" / "model.onnx")
+        shutil.copyfile(enc_dir / "tokenizer.json", tmp / "encoder" / "tokenizer.json")
+        shutil.copyfile(gen_dir / q / "model.onnx", tmp / "generator" / "model.onnx")
+        shutil.copyfile(gen_dir / "tokenizer.json", tmp / "generator" / "tokenizer.json")
+
+        chunk_tok = Tokenizer.from_file(str(tmp / "encoder" / "tokenizer.json"))
+        passages = [PassageRecord(p.id, p.title, p.text)
+                    for p in chunk_documents(docs, chunk_tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap)]
+        if not passages:
+            raise UserInputError(f"{cfg.corpus}: the corpus has no text to index")
+        _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens; embedding them with the exported encoder")
+        encoder = TextEncoder(tmp / "encoder" / "model.onnx", tmp / "encoder" / "tokenizer.json",
+                              max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
+        built = build_index(passages, encoder, index_path=tmp / "index" / "vectors.usearch",
+                            data_path=tmp / "passages" / "data.bin", offsets_path=tmp / "passages" / "offsets.npy",
+                            dtype=cfg.index_dtype)
+        _say(f"indexed {built.count} passages: embedding {built.seconds_embed:.1f} s, index {built.seconds_index:.1f} s")
+
+        enc_source = Source(enc_ckpt.name, content_key(enc_ckpt))
+        gen_source = Source(gen_ckpt.name, content_key(gen_ckpt))
+        manifest = Manifest(
+            schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version=__version__, created_at=now(),
+            files=file_entries(tmp),
+            encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
+                                max_length=enc_meta["max_length"], output="embedding", quantization=q, source=enc_source),
+            generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source),
+            prompt=PromptSpec(**gen_meta["prompt"]),
+            index=IndexSpec(path="index/vectors.usearch", metric=built.metric, dtype=built.dtype, ndim=built.ndim,
+                            count=built.count, connectivity=built.connectivity, expansion_search=built.expansion_search),
+            passages=PassagesSpec(data="passages/data.bin", offsets="passages/offsets.npy", count=built.count),
+            rag=RagDefaults(),
+            corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages),
+                    "chunk_tokens": cfg.chunk_tokens, "overlap": cfg.overlap},
+            parity={"encoder": enc_meta["parity"], "generator": gen_meta["parity"], "used": q},
+            versions=library_versions(),
+        )
+        write_manifest(tmp, manifest)
+        Bundle.open(tmp, verify=True)           # the reader must accept what the writer wrote
+    return Path(cfg.out)

@@ -1,0 +1,156 @@
+"""The decode loop and the RAG modes on a tiny random llama, against PyTorch and float64 NumPy references."""
+import numpy as np
+import pytest
+
+from engine.decode import Decoder
+from engine.manifest import GeneratorSpec, Source
+from engine.prompt import PassageText, PromptBuilder
+from engine.rag import passage_prior, start
+from engine.session import SessionConfig, create_session
+from export.pack import prompt_spec
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_generator_onnx):
+    out, exp = tiny_generator_onnx
+    spec = GeneratorSpec(model="model.onnx", tokenizer="tokenizer.json", quantization="fp32",
+                         num_layers=exp.num_layers, num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim,
+                         vocab_size=exp.vocab_size, eos_token_ids=tuple(exp.eos_token_ids),
+                         pad_token_id=exp.pad_token_id, max_context=512, source=Source("tiny", ""))
+    return Decoder(create_session(out / "model.onnx", SessionConfig(threads=1)), spec)
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_generator_dir, tiny_generator_onnx):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
+    spec = prompt_spec(hf.chat_template, lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    tok = Tokenizer.from_file(str(tiny_generator_onnx[0] / "tokenizer.json"))
+    return PromptBuilder(spec, tok, budget=400)
+
+
+PASSAGES = [PassageText("Lists", "Use list.copy() or a slice to copy a list."),
+            PassageText("JSON", "The json module parses JSON documents."),
+            PassageText("GIL", "The GIL lets one thread run Python bytecode at a time.")]
+QUESTION = "How do I copy a list?"
+
+
+def ref_logprobs(decoder, ids):
+    """Uncached: the whole sequence from an empty past, float64 log-softmax of the last position."""
+    logits, _ = decoder.forward(decoder.empty_state(1), np.array([ids]), np.ones((1, len(ids)), dtype=np.int64))
+    x = logits[0, -1].astype(np.float64)
+    return x - (np.log(np.exp(x - x.max()).sum()) + x.max())
+
+
+def ref_greedy(decoder, ids, max_new):
+    out = []
+    for _ in range(max_new):
+        t = int(ref_logprobs(decoder, ids + out).argmax())
+        if t in decoder.spec.eos_token_ids:
+            break
+        out.append(t)
+    return out
+
+
+def test_prompt_is_the_rendered_chat_template(builder, tiny_generator_dir):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
+    prompt = builder.build(QUESTION, PASSAGES[:1])
+    user = "Context:\n[1] Lists\nUse list.copy() or a slice to copy a list.\n\nQuestion: How do I copy a list?"
+    expected = hf.apply_chat_template([{"role": "system", "content": builder.spec.system},
+                                       {"role": "user", "content": user}], tokenize=True, add_generation_prompt=True)
+    assert prompt.ids == list(expected)
+
+
+def test_onnx_greedy_equals_pytorch_greedy(decoder, builder, tiny_generator_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir).eval()
+    for passages in (PASSAGES, PASSAGES[1:2]):
+        ids = builder.build(QUESTION, passages).ids
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(decoder.spec.eos_token_ids),
+                                 pad_token_id=decoder.spec.pad_token_id)
+        expected = [t for t in gen[0, len(ids):].tolist()]
+        expected = expected[:next((i for i, t in enumerate(expected) if t in decoder.spec.eos_token_ids), len(expected))]
+        assert list(decoder.greedy(ids, MAX_NEW)) == expected
+        assert len(expected) > 0
+
+
+def test_kv_cached_equals_uncached(decoder, builder):
+    ids = builder.build(QUESTION, PASSAGES).ids
+    assert list(decoder.greedy(ids, MAX_NEW)) == ref_greedy(decoder, ids, MAX_NEW)
+
+
+def test_left_padded_batch_equals_single_rows(decoder, builder):
+    prompts = [builder.build(QUESTION, [p]).ids for p in PASSAGES]
+    assert len({len(p) for p in prompts}) > 1, "the rows must differ in length to exercise padding"
+    logits, state = decoder.prefill(prompts)
+    batch = decoder.greedy_batch(logits, state, MAX_NEW)
+    for row, ids in enumerate(prompts):
+        single, _ = decoder.prefill([ids])
+        np.testing.assert_allclose(logits[row], single[0], atol=1e-4)
+        assert batch[row] == ref_greedy(decoder, ids, MAX_NEW)
+
+
+def test_stopping_the_stream_stops_decoding(decoder, builder):
+    ids = builder.build(QUESTION, PASSAGES).ids
+    calls = []
+    original = decoder.session.run
+    decoder.session.run = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        for _ in decoder.greedy(ids, MAX_NEW):
+            break
+    finally:
+        decoder.session.run = original
+    assert len(calls) == 1
+
+
+def test_rag_token_matches_float64_reference(decoder, builder):
+    prior = passage_prior([0.9, 0.7, 0.5], temperature=0.1)
+    run = start("token", decoder, builder, QUESTION, PASSAGES, prior, MAX_NEW)
+    tokens = list(run.tokens)
+
+    prompts = [builder.build(QUESTION, [p]).ids for p in PASSAGES]
+    out, total = [], 0.0
+    for _ in range(MAX_NEW):
+        mixed = sum(prior[c] * np.exp(ref_logprobs(decoder, prompts[c] + out)) for c in range(len(prompts)))
+        t = int(mixed.argmax())
+        total += float(np.log(mixed[t]))
+        if t in decoder.spec.eos_token_ids:
+            break
+        out.append(t)
+    assert tokens == out
+    assert run.log_prob[0] == pytest.approx(total, abs=1e-4)
+
+
+def test_rag_sequence_matches_float64_reference(decoder, builder):
+    prior = passage_prior([0.9, 0.8, 0.75], temperature=0.1)
+    run = start("sequence", decoder, builder, QUESTION, PASSAGES, prior, MAX_NEW)
+    tokens = list(run.tokens)
+
+    prompts = [builder.build(QUESTION, [p]).ids for p in PASSAGES]
+    eos = decoder.spec.eos_token_ids[0]
+    best, best_p = None, -1.0
+    for cand in dict.fromkeys(tuple(ref_greedy(decoder, p, MAX_NEW)) for p in prompts):
+        scored = list(cand) + ([eos] if len(cand) < MAX_NEW else [])
+        p_marginal = 0.0
+        for c, ids in enumerate(prompts):
+            p = 1.0
+            for i, t in enumerate(scored):
+                p *= np.exp(ref_logprobs(decoder, ids + scored[:i])[t])
+            p_marginal += prior[c] * p
+        if p_marginal > best_p:
+            best, best_p = list(cand), p_marginal
+    assert tokens == best
+    assert run.log_prob[0] == pytest.approx(np.log(best_p), abs=1e-4)
+
+
+def test_passage_prior_is_a_softmax():
+    p = passage_prior([0.5, 0.4], temperature=0.1)
+    assert p.sum() == pytest.approx(1.0)
+    assert p[0] / p[1] == pytest.approx(np.exp(1.0))

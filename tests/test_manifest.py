@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from engine.bundle import Bundle
+from engine.errors import BundleError
+from engine.manifest import (SCHEMA, SCHEMA_VERSION, EncoderSpec, FileEntry, GeneratorSpec, IndexSpec, Manifest,
+                             PassagesSpec, PromptSpec, Source, read_manifest)
+from engine.prompt import fill
+from export.pack import file_entries, write_manifest
+
+
+def sample_manifest(files=None) -> Manifest:
+    src = Source("tiny", "0" * 64)
+    return Manifest(
+        schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version="0.1.0", created_at="2026-01-01T00:00:00+00:00",
+        files=files or {},
+        encoder=EncoderSpec("encoder/model.onnx", "encoder/tokenizer.json", 8, 32, "embedding", "fp32", src),
+        generator=GeneratorSpec("generator/model.onnx", "generator/tokenizer.json", "fp32", 2, 1, 4, 16, (2,), 2, 64, src),
+        prompt=PromptSpec("<s>{system}|{user}>", "sys", "{context}?{question}", "[{n}] {title} {text}"),
+        index=IndexSpec("index/vectors.usearch", "cos", "f16", 8, 3, 16, 64),
+        passages=PassagesSpec("passages/data.bin", "passages/offsets.npy", 3),
+    )
+
+
+def test_round_trip_is_stable_and_sorted():
+    m = sample_manifest({"a": FileEntry("ab" * 32, 3)})
+    text = m.to_json()
+    again = Manifest.from_json(text)
+    assert again == m
+    assert again.to_json() == text
+    keys = list(json.loads(text))
+    assert keys == sorted(keys)
+
+
+def test_newer_schema_is_refused():
+    raw = json.loads(sample_manifest().to_json())
+    raw["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(BundleError, match="newer than this ragrt reads"):
+        Manifest.from_json(json.dumps(raw))
+
+
+@pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "a/../../b", "C:\\x", ""])
+def test_paths_outside_the_bundle_are_refused(path):
+    raw = json.loads(sample_manifest().to_json())
+    raw["encoder"]["model"] = path
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Manifest.from_json(json.dumps(raw))
+
+
+def test_wrong_types_and_missing_fields_are_named():
+    raw = json.loads(sample_manifest().to_json())
+    raw["generator"]["num_layers"] = "two"
+    with pytest.raises(BundleError, match="num_layers: expected int"):
+        Manifest.from_json(json.dumps(raw))
+    raw["generator"]["num_layers"] = 2
+    del raw["index"]
+    with pytest.raises(BundleError, match="missing field 'index'"):
+        Manifest.from_json(json.dumps(raw))
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Manifest.from_json("{")
+
+
+def _write_bundle(root):
+    for rel in sample_manifest().referenced_paths():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode() * 3)
+    write_manifest(root, sample_manifest(file_entries(root)))
+
+
+def test_bundle_open_checks_sizes_and_verify_checks_hashes(tmp_path):
+    _write_bundle(tmp_path)
+    Bundle.open(tmp_path, verify=True)
+    target = tmp_path / "index/vectors.usearch"
+    data = bytearray(target.read_bytes())
+    data[5] ^= 0x01                     # same size, one bit flipped
+    target.write_bytes(bytes(data))
+    Bundle.open(tmp_path)               # sizes still match
+    with pytest.raises(BundleError, match="vectors.usearch: sha256 does not match"):
+        Bundle.open(tmp_path, verify=True)
+    target.write_bytes(bytes(data[:-1]))
+    with pytest.raises(BundleError, match="vectors.usearch: size"):
+        Bundle.open(tmp_path)
+    target.unlink()
+    with pytest.raises(BundleError, match="vectors.usearch: missing"):
+        Bundle.open(tmp_path)
+
+
+def test_missing_bundle_and_manifest(tmp_path):
+    with pytest.raises(BundleError, match="no such bundle directory"):
+        read_manifest(tmp_path / "nope")
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        read_manifest(tmp_path)
+
+
+def test_fill_is_one_pass():
+    assert fill("{a}-{b}", a="{b}", b="x") == "{b}-x"
+    assert fill("{unknown} {a}", a="1") == "{unknown} 1"
