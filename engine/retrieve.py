@@ -55,13 +55,12 @@ class Retriever:
         if k == 0:
             return [[] for _ in range(len(queries))]
         matches = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        keys = np.atleast_2d(matches.keys)
-        distances = np.atleast_2d(matches.distances)
-        counts = np.atleast_1d(matches.counts)
+        # usearch answers one query with Matches and several with BatchMatches.
+        rows = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
         out = []
-        for row in range(len(queries)):
+        for m in rows:
             hits = []
-            for key, dist in zip(keys[row, :counts[row]], distances[row, :counts[row]]):
+            for key, dist in zip(m.keys, m.distances):
                 rec = self.store.get(int(key))
                 hits.append(Hit(int(key), rec.id, rec.title, rec.text, 1.0 - float(dist)))
             out.append(hits)
