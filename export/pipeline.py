@@ -32,8 +32,9 @@ from .pack import file_entries, library_versions, now, prompt_spec, staging_dir,
 
 log = logging.getLogger("ragrt.export")
 
-# Part of every cache key: bump it when a change here alters what a cached entry holds.
-EXPORT_VERSION = "2"
+# Part of the cache keys: bump one when a change alters what its cached entries hold.
+ENCODER_EXPORT_VERSION = "3"
+GENERATOR_EXPORT_VERSION = "2"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, int8 output is judged broken
@@ -100,7 +101,7 @@ def encoder_graphs(checkpoint: Path) -> Path:
         meta = {"dim": exp.dim, "max_length": exp.max_length, "parity": asdict(parity)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{EXPORT_VERSION}"), build)
+    return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{ENCODER_EXPORT_VERSION}"), build)
 
 
 def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: Source) -> GeneratorSpec:
@@ -148,7 +149,7 @@ def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
         meta["parity"] = parity.to_dict()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    key = content_key(checkpoint, f"export-v{EXPORT_VERSION}", f"parity-{parity_prompts}")
+    key = content_key(checkpoint, f"export-v{GENERATOR_EXPORT_VERSION}", f"parity-{parity_prompts}")
     return cached_dir("generator-onnx", key, build)
 
 

@@ -89,6 +89,11 @@ def clean_rst(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
 
 
+def clean_title(title: str) -> str:
+    title = _LITERAL.sub(r"\1", _ROLE.sub(_role_text, title))
+    return re.sub(r"\s+-{2,3}\s+", " — ", title).strip()
+
+
 def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
 
@@ -118,7 +123,8 @@ def python_docs_documents(source: Path = PYDOCS_SOURCES) -> Iterator[Document]:
         rel = path.relative_to(source).as_posix()[: -len(".rst.txt")]
         if rel.startswith(SKIP):
             continue
-        sections = split_sections(path.read_text(encoding="utf-8", errors="replace"))
+        sections = [(clean_title(t), body) for t, body in
+                    split_sections(path.read_text(encoding="utf-8", errors="replace"))]
         page = next((t for t, _ in sections if t), rel)
         used: dict[str, int] = {}
         for title, body in sections:

