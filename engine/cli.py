@@ -14,6 +14,8 @@ log = logging.getLogger("ragrt")
 EPILOG = textwrap.dedent("""\
     examples:
       ragrt data python-docs --out data/python-docs.jsonl
+      ragrt data python-faq --out data/faq
+      ragrt eval --bundle bundles/pydocs --qa data/faq/test.jsonl --json eval.json
       ragrt export --corpus data/python-docs.jsonl --out bundles/pydocs
       ragrt ask --bundle bundles/pydocs "How do I copy a list?"
       ragrt ask --bundle bundles/pydocs --mode token --json "What does a tuple hold?"
@@ -74,9 +76,46 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     pydocs = _export_module("pydocs")
     source = pydocs.ensure_python_docs()
-    n = pydocs.write_python_docs_corpus(args.out, source)
-    print(f"{n} documents from {source} written to {args.out}")
+    if args.dataset == "python-docs":
+        n = pydocs.write_python_docs_corpus(args.out, source)
+        print(f"{n} documents from {source} written to {args.out}")
+    else:
+        counts = _export_module("faq").write_python_faq(args.out, source)
+        print(f"written to {args.out}: " + ", ".join(f"{name}.jsonl {n}" for name, n in counts.items()))
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .evaluate import evaluate, read_qa
+    items = read_qa(args.qa)
+    if args.limit:
+        items = items[: args.limit]
+    engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r  {done}/{total} questions", end="", file=sys.stderr, flush=True)
+
+    result = evaluate(engine, items, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens,
+                      progress=progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"{result.n} questions, mode {args.mode or engine.manifest.rag.mode}")
+    for group in ("retrieval", "answer", "latency_ms"):
+        values = getattr(result, group)
+        print(f"  {group:10s} " + "  ".join(f"{k} {v:.3f}" if group != "latency_ms" else f"{k} {v:.0f}"
+                                              for k, v in values.items()))
+    if args.json:
+        _write_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    import os
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -139,10 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
     e.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("data", help="build a demo corpus")
-    d.add_argument("dataset", choices=["python-docs"], help="python-docs: Debian's python3.11-doc sources")
-    d.add_argument("--out", required=True, help="JSONL file to write")
+    d = sub.add_parser("data", help="build a demo corpus or the Python FAQ dataset")
+    d.add_argument("dataset", choices=["python-docs", "python-faq"],
+                   help="python-docs: Debian's python3.11-doc sources as one JSONL corpus; "
+                        "python-faq: a directory with corpus.jsonl and train/dev/test.jsonl Q/A splits")
+    d.add_argument("--out", required=True, help="JSONL file (python-docs) or directory (python-faq) to write")
     d.set_defaults(func=cmd_data)
+
+    ev = sub.add_parser("eval", help="measure retrieval, answer quality and latency on a Q/A set")
+    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--qa", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
+    ev.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's)")
+    ev.add_argument("--mode", choices=["concat", "token", "sequence"], default=None)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
+    ev.add_argument("--json", default=None, help="write the metrics here as JSON")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--threads", type=int, default=0)
+    ev.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="show a bundle's manifest: models, sizes, parity figures")
     i.add_argument("bundle")

@@ -1,7 +1,6 @@
 """Reading a corpus (JSONL or a directory of text files) and chunking it into passages."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -9,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from engine.errors import CorpusError, UserInputError
+from engine.jsonl import iter_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".html", ".htm")
 
@@ -49,27 +49,17 @@ def read_documents(path: str | Path) -> Iterator[Document]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[Document, str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{where}: expected a JSON object like {{\"id\": ..., \"text\": ...}}")
-            doc_id, text, title = obj.get("id"), obj.get("text"), obj.get("title", "")
-            if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id).strip() == "":
-                raise CorpusError(f"{where}: \"id\" must be a non-empty string or integer")
-            if not isinstance(text, str) or not text.strip():
-                raise CorpusError(f"{where}: \"text\" must be a non-empty string")
-            if title is None:
-                title = ""
-            if not isinstance(title, str):
-                raise CorpusError(f"{where}: \"title\" must be a string")
-            yield Document(str(doc_id), text, title), where
+    for where, obj in iter_jsonl(path):
+        doc_id, text, title = obj.get("id"), obj.get("text"), obj.get("title", "")
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id).strip() == "":
+            raise CorpusError(f"{where}: \"id\" must be a non-empty string or integer")
+        if not isinstance(text, str) or not text.strip():
+            raise CorpusError(f"{where}: \"text\" must be a non-empty string")
+        if title is None:
+            title = ""
+        if not isinstance(title, str):
+            raise CorpusError(f"{where}: \"title\" must be a string")
+        yield Document(str(doc_id), text, title), where
 
 
 def _read_directory(root: Path) -> Iterator[tuple[Document, str]]:

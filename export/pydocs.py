@@ -98,24 +98,27 @@ def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
 
 
-def split_sections(text: str) -> list[tuple[str, str]]:
-    """(title, body) for each section: a title line underlined (and maybe overlined) by punctuation."""
+def split_sections(text: str) -> list[tuple[str, str, str]]:
+    """(title, body, adornment) for each section: a title line underlined (and maybe overlined)
+    by punctuation. The adornment ("=" or "-" ...) tells the section's level within its page."""
     lines = text.splitlines()
-    sections: list[tuple[str, list[str]]] = [("", [])]
+    sections: list[tuple[str, list[str], str]] = [("", [], "")]
     i = 0
     while i < len(lines):
         line = lines[i]
         nxt = lines[i + 1] if i + 1 < len(lines) else ""
         if line.strip() and not _ADORNMENT.match(line) and _ADORNMENT.match(nxt) \
                 and len(nxt.rstrip()) >= len(line.rstrip()):
-            if sections[-1][1] and _ADORNMENT.match(sections[-1][1][-1]):
-                sections[-1][1].pop()                          # the overline belongs to this title
-            sections.append((line.strip(), []))
+            body = sections[-1][1]
+            overlined = bool(body) and _ADORNMENT.match(body[-1]) is not None
+            if overlined:
+                body.pop()                                     # the overline belongs to this title
+            sections.append((line.strip(), [], ("^" if overlined else "") + nxt[0]))
             i += 2
             continue
         sections[-1][1].append(line)
         i += 1
-    return [(title, "\n".join(body)) for title, body in sections]
+    return [(title, "\n".join(body), style) for title, body, style in sections]
 
 
 def python_docs_documents(source: Path = PYDOCS_SOURCES) -> Iterator[Document]:
@@ -123,7 +126,7 @@ def python_docs_documents(source: Path = PYDOCS_SOURCES) -> Iterator[Document]:
         rel = path.relative_to(source).as_posix()[: -len(".rst.txt")]
         if rel.startswith(SKIP):
             continue
-        sections = [(clean_title(t), body) for t, body in
+        sections = [(clean_title(t), body) for t, body, _ in
                     split_sections(path.read_text(encoding="utf-8", errors="replace"))]
         page = next((t for t, _ in sections if t), rel)
         used: dict[str, int] = {}

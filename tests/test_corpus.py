@@ -135,7 +135,8 @@ def test_rst_sections_and_cleanup(tmp_path):
 
 
 def test_split_sections_keeps_text_before_the_first_title():
-    assert split_sections("preamble\n\nTitle\n=====\nbody") == [("", "preamble\n"), ("Title", "body")]
+    assert split_sections("preamble\n\nTitle\n=====\nbody\n\n===\nTop\n===\nx") == [
+        ("", "preamble\n", ""), ("Title", "body\n", "="), ("Top", "x", "^=")]
     assert clean_rst("Example::\n\n   code") == "Example:\n\n   code"
 
 
