@@ -15,6 +15,7 @@ EPILOG = textwrap.dedent("""\
     examples:
       ragrt data python-docs --out data/python-docs.jsonl
       ragrt data python-faq --out data/faq
+      ragrt finetune --corpus data/faq/corpus.jsonl --train data/faq/train.jsonl --out runs/faq
       ragrt eval --bundle bundles/pydocs --qa data/faq/test.jsonl --json eval.json
       ragrt export --corpus data/python-docs.jsonl --out bundles/pydocs
       ragrt ask --bundle bundles/pydocs "How do I copy a list?"
@@ -82,6 +83,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     else:
         counts = _export_module("faq").write_python_faq(args.out, source)
         print(f"written to {args.out}: " + ", ".join(f"{name}.jsonl {n}" for name, n in counts.items()))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    finetune = _export_module("finetune")
+    config = finetune.FinetuneConfig(
+        corpus=args.corpus, train=args.train, dev=args.dev, out=args.out, encoder=args.encoder,
+        generator=args.generator, epochs=args.epochs, generator_epochs=args.generator_epochs, lr=args.lr,
+        generator_lr=args.generator_lr, seed=args.seed, k=args.k, lora=args.lora, joint=args.joint,
+        max_steps=args.max_steps, batch_size=args.batch_size)
+    run = finetune.run_finetune(config)
+    print(f"fine-tuned checkpoints in {run}/encoder and {run}/generator; next: "
+          f"ragrt export --corpus {args.corpus} --encoder {run}/encoder --generator {run}/generator --out BUNDLE")
     return 0
 
 
@@ -184,6 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "python-faq: a directory with corpus.jsonl and train/dev/test.jsonl Q/A splits")
     d.add_argument("--out", required=True, help="JSONL file (python-docs) or directory (python-faq) to write")
     d.set_defaults(func=cmd_data)
+
+    f = sub.add_parser("finetune", help="fine-tune the retriever and the generator on Q/A pairs (needs ragrt[export])")
+    f.add_argument("--corpus", required=True, help="the corpus the bundle will index (JSONL or directory)")
+    f.add_argument("--train", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
+    f.add_argument("--dev", default=None, help="held-out Q/A pairs (reported, not trained on)")
+    f.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    f.add_argument("--encoder", default=None, help="HF checkpoint (default: packaged all-MiniLM-L6-v2)")
+    f.add_argument("--generator", default=None, help="HF checkpoint (default: packaged SmolLM2-135M-Instruct)")
+    f.add_argument("--epochs", type=int, default=3, help="retriever epochs")
+    f.add_argument("--generator-epochs", type=int, default=1)
+    f.add_argument("--lr", type=float, default=3e-5, help="retriever learning rate")
+    f.add_argument("--generator-lr", type=float, default=3e-5)
+    f.add_argument("--batch-size", type=int, default=16, help="questions per retriever step")
+    f.add_argument("--k", type=int, default=3, help="passages in a generator training prompt")
+    f.add_argument("--lora", action="store_true", help="train LoRA adapters (merged before saving) instead of all weights")
+    f.add_argument("--joint", action="store_true",
+                   help="RAG marginal likelihood over the top-k: the query encoder learns from the generator")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (smoke tests)")
+    f.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("eval", help="measure retrieval, answer quality and latency on a Q/A set")
     ev.add_argument("--bundle", required=True)

@@ -1,0 +1,139 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import CorpusError
+from export.contrastive import SCALE, contrastive_loss, mine_hard_negatives
+from export.sft import IGNORE, rag_marginal_nll, sft_example
+
+QA_ROWS = [
+    {"question": "How do I copy a list?", "answer": "Use list.copy() or a slice.", "positive_ids": ["lists"]},
+    {"question": "What parses JSON?", "answer": "The json module.", "positive_ids": ["json"]},
+    {"question": "What is the GIL?", "answer": "A lock: one thread runs bytecode.", "positive_ids": ["gil"]},
+    {"question": "How are files closed?", "answer": "With a with statement.", "positive_ids": ["files"]},
+    {"question": "What do generators do?", "answer": "They yield values lazily."},
+]
+
+
+def test_contrastive_loss_is_cross_entropy_over_in_batch_and_hard_negatives():
+    torch.manual_seed(0)
+    q, p, n = (torch.nn.functional.normalize(torch.randn(s, 8), dim=-1) for s in (3, 3, 2))
+    scores = SCALE * (q @ torch.cat([p, n]).T).double().numpy()
+    expected = np.mean([np.log(np.exp(s).sum()) - s[i] for i, s in enumerate(scores)])
+    assert float(contrastive_loss(q, p, n)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hard_negatives_exclude_positives_and_rank_by_score():
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    pool = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.5, 0.5]])
+    assert mine_hard_negatives(queries, pool, [{0}, {2}], per_query=2) == [[1, 3], [3, 1]]
+
+
+def test_loss_mask_covers_the_answer_only(tiny_generator_dir):
+    from transformers import AutoTokenizer
+
+    from engine.prompt import PassageText, PromptBuilder
+    from export.pack import prompt_spec
+    hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
+    spec = prompt_spec(hf.chat_template, lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    builder = PromptBuilder(spec, hf.backend_tokenizer, budget=400)
+    ids, labels = sft_example(builder, "Q?", [PassageText("T", "passage")], "the answer", eos_id=2, max_answer_tokens=64)
+    prompt = builder.build("Q?", [PassageText("T", "passage")]).ids
+    answer = hf.backend_tokenizer.encode("the answer", add_special_tokens=False).ids
+    assert ids == prompt + answer + [2]
+    assert labels == [IGNORE] * len(prompt) + answer + [2]
+
+
+def test_joint_marginal_matches_float64_reference():
+    torch.manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(8), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    logp_answer = torch.tensor([-3.0, -7.5, -1.25])
+    got = float(rag_marginal_nll(q, d, logp_answer, temperature=0.05))
+    qn, dn = q.double().numpy(), d.double().numpy()
+    prior = np.exp(dn @ qn / 0.05)
+    prior /= prior.sum()
+    assert got == pytest.approx(-np.log((prior * np.exp(logp_answer.double().numpy())).sum()), rel=1e-6)
+
+
+@pytest.fixture()
+def qa_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    return path
+
+
+def _config(tiny_corpus, qa_file, out, tiny_encoder_dir, tiny_generator_dir, **kw):
+    from export.finetune import FinetuneConfig
+    base = FinetuneConfig(corpus=tiny_corpus, train=qa_file, out=out, encoder=tiny_encoder_dir,
+                          generator=tiny_generator_dir, epochs=2, generator_epochs=1, batch_size=2, k=2,
+                          grad_accumulation=2, checkpoint_every=1, pool_size=10, max_answer_tokens=8)
+    return replace(base, **kw)
+
+
+def _weights(path):
+    from safetensors.numpy import load_file
+    return load_file(str(next(path.glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir,
+                                                  tiny_generator_dir, monkeypatch, joint):
+    from export import finetune
+    cfg = _config(tiny_corpus, qa_file, tmp_path / "a", tiny_encoder_dir, tiny_generator_dir, joint=joint)
+    finetune.run_finetune(cfg)
+
+    interrupted = replace(cfg, out=tmp_path / "b")
+    real_step = finetune.Trainer.step
+    calls = []
+
+    def crash_on_the_fifth_step(self, loss):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real_step(self, loss)
+
+    monkeypatch.setattr(finetune.Trainer, "step", crash_on_the_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_finetune(interrupted)
+    monkeypatch.setattr(finetune.Trainer, "step", real_step)
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["phase"] in ("retriever", "generator") and state["step"] >= 1
+    finetune.run_finetune(interrupted)
+
+    for part in ("encoder", "generator"):
+        a, b = _weights(tmp_path / "a" / part), _weights(tmp_path / "b" / part)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{part}/{key}")
+    base = _weights(tiny_generator_dir)
+    assert any(not np.array_equal(base[k], a[k]) for k in base if k in a), "training changed nothing"
+    with pytest.raises(Exception, match="finished run"):
+        finetune.run_finetune(cfg)
+
+
+def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny_generator_dir):
+    from export.finetune import run_finetune
+    from export.pipeline import ExportConfig, run_export
+    run = run_finetune(_config(tiny_corpus, qa_file, tmp_path / "run", tiny_encoder_dir, tiny_generator_dir,
+                               lora=True, max_steps=2))
+    assert not any("lora" in k for k in _weights(run / "generator")), "LoRA must be merged before saving"
+    bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "bundle", encoder=run / "encoder",
+                                     generator=run / "generator", quantize="fp32", parity_prompts=2, max_context=512))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "fine-tuned on train.jsonl" in manifest["generator"]["source"]["name"]
+
+
+def test_bad_training_data(tiny_corpus, tmp_path, tiny_encoder_dir, tiny_generator_dir):
+    from export.finetune import run_finetune
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": 3}\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2"):
+        run_finetune(_config(tiny_corpus, bad, tmp_path / "r1", tiny_encoder_dir, tiny_generator_dir))
+    none = tmp_path / "none.jsonl"
+    none.write_text('{"question": "q", "answer": "a", "positive_ids": ["absent"]}\n')
+    with pytest.raises(CorpusError, match="no question has a positive passage"):
+        run_finetune(_config(tiny_corpus, none, tmp_path / "r2", tiny_encoder_dir, tiny_generator_dir))
