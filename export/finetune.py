@@ -69,7 +69,7 @@ class RunState:
     epoch: int = 0
     step: int = 0                   # optimizer steps taken in this phase
     losses: dict = field(default_factory=dict)
-    seconds: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)      # phase seconds, dev recall before/after
 
 
 def _say(msg: str) -> None:
@@ -177,7 +177,7 @@ def _progress(total: int, desc: str, initial: int):
     return tqdm(total=total, desc=desc, unit="step", initial=initial)
 
 
-def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt):
+def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: list[QA] | None):
     import torch
     from transformers import AutoModel, AutoTokenizer
     resume = run / "checkpoint" / "encoder"
@@ -205,6 +205,8 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt):
                                             cfg.hard_negatives)
             mined.parent.mkdir(parents=True, exist_ok=True)
             _write_json(mined, negatives)
+        if state.epoch == 0 and dev is not None and "dev_recall@5_before" not in state.report:
+            state.report["dev_recall@5_before"] = dev_recall(model, tok, dev, pool, passages)
         order = list(range(len(items)))
         random.Random(cfg.seed * 1000 + state.epoch).shuffle(order)
         for b in range(state.step - state.epoch * steps_per_epoch, steps_per_epoch):
@@ -225,8 +227,23 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt):
         else:
             state.epoch += 1
     bar.close()
+    if dev is not None:
+        state.report["dev_recall@5_after"] = dev_recall(model, tok, dev, pool, passages)
+        _say(f"dev recall@5 within a pool of {len(pool)} passages: "
+             f"{state.report.get('dev_recall@5_before', float('nan')):.3f} -> {state.report['dev_recall@5_after']:.3f}")
     trainer.checkpoint()
     return model, tok
+
+
+def dev_recall(model, tok, dev: list[QA], pool: list[int], passages: list[PassageRecord]) -> float:
+    """recall@5 of held-out questions, searching the training pool plus their own positives."""
+    rows = sorted(set(pool) | {i for i, p in enumerate(passages) if any(is_relevant(p.id, qa.positive_ids) for qa in dev)})
+    vecs = np.concatenate([embed(model, tok, [passage_text(passages[r]) for r in rows[i:i + 64]]).numpy()
+                           for i in range(0, len(rows), 64)])
+    queries = embed(model, tok, [qa.question for qa in dev]).numpy()
+    hits = [any(is_relevant(passages[rows[j]].id, qa.positive_ids) for j in np.argsort(-vecs @ q)[:5])
+            for q, qa in zip(queries, dev)]
+    return round(float(np.mean(hits)), 4)
 
 
 def generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok):
@@ -346,8 +363,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     t0 = time.perf_counter()
     if state.phase == "retriever":
-        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, enc_ckpt)
-        state.seconds["retriever"] = round(time.perf_counter() - t0, 1)
+        dev = read_qa(cfg.dev) if cfg.dev else None
+        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev)
+        state.report["retriever"] = round(time.perf_counter() - t0, 1)
         state.phase, state.epoch, state.step = "generator", 0, 0
         _write_json(state_path, asdict(state))
     else:
@@ -355,7 +373,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         encoder, enc_tok = AutoModel.from_pretrained(run / "checkpoint" / "encoder").eval(), AutoTokenizer.from_pretrained(enc_ckpt)
     t1 = time.perf_counter()
     generator, gen_tok = train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encoder, enc_tok)
-    state.seconds["generator"] = round(time.perf_counter() - t1, 1)
+    state.report["generator"] = round(time.perf_counter() - t1, 1)
 
     if cfg.lora:
         generator = generator.merge_and_unload()     # export takes a plain checkpoint
@@ -370,9 +388,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     state.phase = "done"
     _write_json(run / "finetune.json", {"config": {k: str(v) for k, v in asdict(cfg).items()},
                                         "questions": len(items), "passages": len(passages),
-                                        "seconds": state.seconds, "losses": state.losses})
+                                        "report": state.report, "losses": state.losses})
     _write_json(state_path, asdict(state))
     shutil.rmtree(run / "checkpoint", ignore_errors=True)
     _say(f"done: {run / 'encoder'} and {run / 'generator'} "
-         f"(retriever {state.seconds.get('retriever', 0):.0f} s, generator {state.seconds['generator']:.0f} s)")
+         f"(retriever {state.report.get('retriever', 0):.0f} s, generator {state.report['generator']:.0f} s)")
     return run

@@ -119,7 +119,9 @@ def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny
     from export.finetune import run_finetune
     from export.pipeline import ExportConfig, run_export
     run = run_finetune(_config(tiny_corpus, qa_file, tmp_path / "run", tiny_encoder_dir, tiny_generator_dir,
-                               lora=True, max_steps=2))
+                               lora=True, max_steps=2, dev=qa_file))
+    report = json.loads((run / "finetune.json").read_text())["report"]
+    assert 0 <= report["dev_recall@5_before"] <= 1 and 0 <= report["dev_recall@5_after"] <= 1
     assert not any("lora" in k for k in _weights(run / "generator")), "LoRA must be merged before saving"
     bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "bundle", encoder=run / "encoder",
                                      generator=run / "generator", quantize="fp32", parity_prompts=2, max_context=512))
