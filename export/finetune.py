@@ -172,6 +172,15 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
 
 
+def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int) -> list[int]:
+    """Every positive passage plus a seeded sample of the rest: embedding the whole corpus
+    each epoch would cost minutes, and hard negatives come from the top of the ranking anyway."""
+    pos_rows = sorted({r for rows in positives for r in rows})
+    taken = set(pos_rows)
+    others = [i for i in range(n_passages) if i not in taken]
+    return pos_rows + random.Random(seed).sample(others, min(len(others), max(size - len(pos_rows), 0)))
+
+
 def _progress(total: int, desc: str, initial: int):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="step", initial=initial)
@@ -185,10 +194,7 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
     model.eval()                       # no dropout: determinism, and resume == uninterrupted
     tok = AutoTokenizer.from_pretrained(enc_ckpt)
     trainer = Trainer(run, state, {"encoder": model}, cfg.lr, cfg)
-    rng = random.Random(cfg.seed)
-    pos_rows = sorted({r for rows in positives for r in rows})
-    others = [i for i in range(len(passages)) if i not in set(pos_rows)]
-    pool = pos_rows + rng.sample(others, min(len(others), max(cfg.pool_size - len(pos_rows), 0)))
+    pool = sample_pool(cfg.pool_size, len(passages), positives, cfg.seed)
     pool_index = {row: j for j, row in enumerate(pool)}
     texts = [passage_text(passages[r]) for r in pool]
     steps_per_epoch = -(-len(items) // cfg.batch_size)
@@ -254,10 +260,7 @@ def generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok):
     if (ck / "contexts.json").exists():
         saved = json.loads((ck / "contexts.json").read_text())
         return saved["contexts"], dict(zip(saved["rows"], np.load(ck / "frozen.npy", allow_pickle=False)))
-    pos_rows = sorted({r for rows in positives for r in rows})
-    rng = random.Random(cfg.seed + 1)
-    others = [i for i in range(len(passages)) if i not in set(pos_rows)]
-    pool = pos_rows + rng.sample(others, min(len(others), max(cfg.pool_size - len(pos_rows), 0)))
+    pool = sample_pool(cfg.pool_size, len(passages), positives, cfg.seed + 1)
     pool_vecs = np.concatenate([embed(encoder, enc_tok, [passage_text(passages[r]) for r in pool[i:i + 64]]).numpy()
                                 for i in range(0, len(pool), 64)])
     query_vecs = embed(encoder, enc_tok, [qa.question for qa in items]).numpy()
