@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from .errors import BundleError, UserInputError
 from .manifest import EncoderSpec
 from .session import SessionConfig, create_session
 
@@ -18,33 +19,46 @@ BUCKET_WINDOW = 8
 class TextEncoder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, max_length: int, dim: int,
                  session_config: SessionConfig = SessionConfig(), output: str = "embedding"):
-        self.session = create_session(Path(model_path), session_config)
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        model_path = Path(model_path)
+        self.session = create_session(model_path, session_config)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
+            raise BundleError(f"{tokenizer_path}: not a readable tokenizer ({e})") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
         self.dim = dim
         self.output = output
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        inputs = {i.name for i in self.session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - inputs
+        if missing:
+            raise BundleError(f"{model_path}: encoder graph lacks input(s) {', '.join(sorted(missing))}")
+        # Some exported BERTs keep token_type_ids as an input; single-segment text is all zeros.
+        self._token_types = "token_type_ids" in inputs
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if output not in outputs:
+            raise BundleError(f"{model_path}: encoder graph has no output {output!r} (has {', '.join(outputs)})")
+        width = outputs[output][-1]
+        if isinstance(width, int) and width != dim:
+            raise BundleError(f"{model_path}: encoder output is {width}-dimensional, manifest says {dim}")
 
     @classmethod
-    def from_spec(cls, root: Path, spec: EncoderSpec, session_config: SessionConfig) -> "TextEncoder":
-        return cls(root / spec.model, root / spec.tokenizer, max_length=spec.max_length, dim=spec.dim,
+    def from_spec(cls, bundle_root: Path, spec: EncoderSpec, session_config: SessionConfig) -> "TextEncoder":
+        return cls(bundle_root / spec.model, bundle_root / spec.tokenizer, max_length=spec.max_length, dim=spec.dim,
                    session_config=session_config, output=spec.output)
-
-    def _run(self, encodings) -> np.ndarray:
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            ids[row, :len(e.ids)] = e.ids
-            mask[row, :len(e.ids)] = 1
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self.input_names:
-            feed["token_type_ids"] = np.zeros_like(ids)
-        return self.session.run([self.output], feed)[0]
 
     def embed(self, texts: Iterable[str], *, batch_size: int = 32) -> Iterator[np.ndarray]:
         """Yields float32 (n, dim) arrays, batch after batch, in input order."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return self._embed(texts, batch_size)
+
+    def embed_all(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """(len(texts), dim) float32."""
+        batches = list(self.embed(texts, batch_size=batch_size))
+        return np.concatenate(batches) if batches else np.zeros((0, self.dim), dtype=np.float32)
+
+    def _embed(self, texts: Iterable[str], batch_size: int) -> Iterator[np.ndarray]:
         window: list[str] = []
         for text in texts:
             window.append(text)
@@ -64,7 +78,14 @@ class TextEncoder:
         for start in range(0, len(texts), batch_size):
             yield out[start:start + batch_size]
 
-    def embed_all(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate(list(self.embed(texts, batch_size=batch_size)))
+    def _run(self, encodings) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self._token_types:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        return self.session.run([self.output], feed)[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoder import TextEncoder
-from .errors import BundleError
+from .errors import BundleError, UserInputError
 from .manifest import Manifest
 from .store import PassageStore
 
@@ -28,43 +28,49 @@ class Retriever:
         self.encoder = encoder
 
     @classmethod
-    def open(cls, root: Path, manifest: Manifest, encoder: TextEncoder) -> "Retriever":
+    def open(cls, bundle_root: Path, manifest: Manifest, encoder: TextEncoder) -> "Retriever":
         from usearch.index import Index
         spec = manifest.index
-        path = root / spec.path
+        path = bundle_root / spec.path
         try:
             # view=True memory-maps the file: the index costs page cache, not process memory.
             index = Index.restore(str(path), view=True)
         except Exception as e:  # usearch raises plain RuntimeError/ValueError on a bad file
             raise BundleError(f"{path}: not a readable USearch index ({e})") from None
-        if index is None:
+        if index is None:          # restore's answer for a missing or headerless file
             raise BundleError(f"{path}: not a readable USearch index")
+        # Scores are 1 - distance, which is cosine similarity only under the cos metric.
+        metric = index.metric.name.lower()
+        if metric != "cos" or spec.metric != "cos":
+            raise BundleError(f"{path}: index metric is {metric!r}, manifest says {spec.metric!r}; ragrt needs 'cos'")
         if index.ndim != spec.ndim or len(index) != spec.count:
             raise BundleError(f"{path}: index holds {len(index)} vectors of {index.ndim} dims, "
                               f"manifest says {spec.count} of {spec.ndim}")
         index.expansion_search = spec.expansion_search
-        store = PassageStore.open(root / manifest.passages.data, root / manifest.passages.offsets,
+        store = PassageStore.open(bundle_root / manifest.passages.data, bundle_root / manifest.passages.offsets,
                                   count=manifest.passages.count)
         if len(store) != spec.count:
-            raise BundleError(f"{root}: the index holds {spec.count} passages but the store {len(store)}")
+            raise BundleError(f"{bundle_root}: the index holds {spec.count} passages but the store {len(store)}")
         return cls(index, store, encoder)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k passages for each row of `queries` (n, dim), best first."""
-        k = min(k, len(self.store))
-        if k == 0:
+    def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k passages for each row of `query_vectors` (n, dim), best first; k is clipped to the store size."""
+        if not isinstance(k, (int, np.integer)) or k < 0:
+            raise UserInputError(f"k must be a non-negative integer, got {k!r}")
+        queries = np.asarray(query_vectors, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.ndim:
+            raise UserInputError(f"query vectors must be (n, {self.index.ndim}), got {tuple(queries.shape)}")
+        k = min(int(k), len(self.store))
+        if k == 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
-        matches = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        matches = self.index.search(np.ascontiguousarray(queries), k)
         # usearch answers one query with Matches and several with BatchMatches.
-        rows = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
-        out = []
-        for m in rows:
-            hits = []
-            for key, dist in zip(m.keys, m.distances):
-                rec = self.store.get(int(key))
-                hits.append(Hit(int(key), rec.id, rec.title, rec.text, 1.0 - float(dist)))
-            out.append(hits)
-        return out
+        per_query = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
+        return [[self._hit(int(key), float(dist)) for key, dist in zip(m.keys, m.distances)] for m in per_query]
 
     def retrieve(self, query: str, k: int) -> list[Hit]:
         return self.search(self.encoder.embed_all([query]), k)[0]
+
+    def _hit(self, row: int, distance: float) -> Hit:
+        rec = self.store.get(row)
+        return Hit(row, rec.id, rec.title, rec.text, 1.0 - distance)   # usearch's cos distance is 1 - cosine

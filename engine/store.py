@@ -21,25 +21,35 @@ class PassageRecord:
 
 
 def write_passage_store(data_path: Path, offsets_path: Path, records: Iterable[PassageRecord]) -> int:
-    """Writes the data file and its offsets through temp files renamed into place; returns the count."""
-    offsets = [0]
+    """Writes the data file and its offsets through temp files renamed into place; returns the count.
+
+    A failure part-way (a bad record, a full disk) leaves any earlier store untouched and no temp files.
+    """
+    data_path, offsets_path = Path(data_path), Path(offsets_path)
     tmp_data = data_path.with_name(data_path.name + ".tmp")
-    with open(tmp_data, "wb") as f:
-        for r in records:
-            blob = json.dumps({"id": r.id, "title": r.title, "text": r.text}, ensure_ascii=False,
-                              separators=(",", ":")).encode("utf-8")
-            f.write(blob)
-            offsets.append(offsets[-1] + len(blob))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp_offsets = offsets_path.with_name(offsets_path.name + ".tmp.npy")
-    np.save(tmp_offsets, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
-    os.replace(tmp_data, data_path)
-    os.replace(tmp_offsets, offsets_path)
+    tmp_offsets = offsets_path.with_name(offsets_path.name + ".tmp.npy")   # np.save appends .npy otherwise
+    offsets = [0]
+    try:
+        with open(tmp_data, "wb") as f:
+            for r in records:
+                blob = json.dumps({"id": r.id, "title": r.title, "text": r.text}, ensure_ascii=False,
+                                  separators=(",", ":")).encode("utf-8")
+                f.write(blob)
+                offsets.append(offsets[-1] + len(blob))
+            f.flush()
+            os.fsync(f.fileno())   # the rename must not land before the bytes do
+        np.save(tmp_offsets, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_offsets, offsets_path)
+    finally:
+        tmp_data.unlink(missing_ok=True)
+        tmp_offsets.unlink(missing_ok=True)
     return len(offsets) - 1
 
 
 class PassageStore:
+    """Reads are slices of a read-only mmap, so one store can serve many threads."""
+
     def __init__(self, data: mmap.mmap | bytes, offsets: np.ndarray, data_path: Path):
         self._data = data
         self._offsets = offsets
@@ -48,6 +58,11 @@ class PassageStore:
 
     @classmethod
     def open(cls, data_path: Path, offsets_path: Path, *, count: int) -> "PassageStore":
+        """Checks the offsets' dtype, length and ends; a record in between is checked when it is read."""
+        data_path, offsets_path = Path(data_path), Path(offsets_path)
+        for p in (data_path, offsets_path):
+            if not p.is_file():
+                raise BundleError(f"{p}: passage store file is missing")
         try:
             offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -76,7 +91,10 @@ class PassageStore:
             raise BundleError(f"{self._path}: passage record {row} is corrupted") from None
 
     def row_of(self, passage_id: str) -> int:
-        """The row of a passage id. The id map is built on the first call (one O(n) scan)."""
+        """The row of a passage id. The id map is built on the first call (one O(n) scan of the store).
+
+        Two threads racing on the first call both build the same map; the assignment is atomic.
+        """
         if self._rows is None:
             self._rows = {self.get(i).id: i for i in range(len(self))}
         if passage_id not in self._rows:

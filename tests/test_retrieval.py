@@ -1,8 +1,14 @@
+import mmap
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+import engine.encoder
 from engine.encoder import TextEncoder
 from engine.errors import BundleError, UserInputError
+from engine.manifest import IndexSpec, PassagesSpec
+from engine.retrieve import Retriever
 from engine.store import PassageRecord, PassageStore, write_passage_store
 from export.cache import cached_dir, content_key
 from export.index import build_index
@@ -13,9 +19,13 @@ TEXTS = ["lists are mutable", "a tuple is immutable", "json parses documents", "
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_encoder_dir, tmp_path_factory):
-    exp = export_encoder(tiny_encoder_dir, tmp_path_factory.mktemp("enc"), max_length=64)
-    return TextEncoder(exp.model, exp.tokenizer, max_length=exp.max_length, dim=exp.dim)
+def exported(tiny_encoder_dir, tmp_path_factory):
+    return export_encoder(tiny_encoder_dir, tmp_path_factory.mktemp("enc"), max_length=64)
+
+
+@pytest.fixture(scope="module")
+def encoder(exported):
+    return TextEncoder(exported.model, exported.tokenizer, max_length=exported.max_length, dim=exported.dim)
 
 
 def test_onnx_embedding_equals_pytorch(encoder, tiny_encoder_dir):
@@ -23,47 +33,136 @@ def test_onnx_embedding_equals_pytorch(encoder, tiny_encoder_dir):
     np.testing.assert_allclose(encoder.embed_all(TEXTS), torch_embeddings(tiny_encoder_dir, TEXTS, 64), atol=1e-5)
 
 
-def test_bucketing_keeps_input_order(encoder):
+def test_bucketing_keeps_input_order(encoder, monkeypatch):
     one_by_one = np.concatenate([encoder.embed_all([t]) for t in TEXTS])
     batches = list(encoder.embed(TEXTS, batch_size=2))
-    assert [len(b) for b in batches] == [2, 2, 2, 1]
+    assert [b.shape for b in batches] == [(2, encoder.dim)] * 3 + [(1, encoder.dim)]
+    assert all(b.dtype == np.float32 for b in batches)
     np.testing.assert_allclose(np.concatenate(batches), one_by_one, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(one_by_one, axis=1), 1.0, atol=1e-5)
+    # Windows of 4 texts: the sort must not carry rows across a window boundary.
+    monkeypatch.setattr(engine.encoder, "BUCKET_WINDOW", 2)
+    np.testing.assert_allclose(encoder.embed_all(iter(TEXTS * 2), batch_size=2), np.tile(one_by_one, (2, 1)),
+                               atol=1e-5)
+
+
+def test_encoder_edges(encoder, exported):
+    assert encoder.embed_all([]).shape == (0, encoder.dim)
+    assert list(encoder.embed([])) == []
+    long = encoder.embed_all(["word " * 1000])          # truncated to max_length, not an error
+    assert long.shape == (1, encoder.dim)
+    with pytest.raises(UserInputError, match="batch_size"):
+        encoder.embed(TEXTS, batch_size=0)
+    with pytest.raises(BundleError, match="no output 'pooled'"):
+        TextEncoder(exported.model, exported.tokenizer, max_length=64, dim=exported.dim, output="pooled")
+    with pytest.raises(BundleError, match="not a readable tokenizer"):
+        TextEncoder(exported.model, exported.model, max_length=64, dim=exported.dim)
 
 
 def test_store_round_trip_and_corruption(tmp_path):
-    records = [PassageRecord("a#0", "Ünïcode ✓", "text with \"quotes\" and\nnewlines"), PassageRecord("b#0", "", "x")]
+    records = [PassageRecord("a#0", "Ünïcode ✓", "text with \"quotes\" and\nnewlines"), PassageRecord("b#0", "", "x"),
+               PassageRecord("c#0", "日本語", "")]
     data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
-    assert write_passage_store(data, offsets, records) == 2
-    store = PassageStore.open(data, offsets, count=2)
-    assert [store.get(i) for i in range(2)] == records
+    assert write_passage_store(data, offsets, records) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "offsets.npy"]
+    store = PassageStore.open(data, offsets, count=3)
+    # Nothing is read whole: the data file is an mmap and the offsets a memmap.
+    assert isinstance(store._data, mmap.mmap) and isinstance(store._offsets, np.memmap)
+    assert len(store) == 3 and [store.get(i) for i in range(3)] == records
     assert store.row_of("b#0") == 1
     with pytest.raises(UserInputError, match="no passage with id"):
         store.row_of("zzz")
-    with pytest.raises(BundleError, match="expected uint64\\[4\\]"):
-        PassageStore.open(data, offsets, count=3)
+    with pytest.raises(UserInputError, match="out of range"):
+        store.get(3)
+    with pytest.raises(BundleError, match="expected uint64\\[5\\]"):
+        PassageStore.open(data, offsets, count=4)
+    with pytest.raises(BundleError, match="missing"):
+        PassageStore.open(tmp_path / "nope.bin", offsets, count=3)
     data.write_bytes(data.read_bytes() + b"junk")
     with pytest.raises(BundleError, match="offsets do not cover"):
-        PassageStore.open(data, offsets, count=2)
+        PassageStore.open(data, offsets, count=3)
+
+
+def test_store_write_failure_keeps_the_old_store(tmp_path):
+    data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
+    write_passage_store(data, offsets, [PassageRecord("a", "", "old")])
+
+    def broken():
+        yield PassageRecord("b", "", "new")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_passage_store(data, offsets, broken())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "offsets.npy"]
+    assert PassageStore.open(data, offsets, count=1).get(0).text == "old"
+
+
+def test_corrupted_record_is_a_bundle_error(tmp_path):
+    data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
+    write_passage_store(data, offsets, [PassageRecord("a", "", "x"), PassageRecord("b", "", "y")])
+    blob = bytearray(data.read_bytes())
+    blob[1] = ord("!")
+    data.write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match="passage record 0 is corrupted"):
+        PassageStore.open(data, offsets, count=2).get(0)
+
+
+def _build(records, encoder, root, **kw):
+    return build_index(records, encoder, index_path=root / "v.usearch", data_path=root / "d.bin",
+                       offsets_path=root / "o.npy", progress=False, **kw)
+
+
+def _manifest(built, expansion_search=64):
+    return SimpleNamespace(
+        index=IndexSpec("v.usearch", built.metric, built.dtype, built.ndim, built.count, built.connectivity,
+                        expansion_search),
+        passages=PassagesSpec("d.bin", "o.npy", built.count))
 
 
 def test_index_finds_an_exact_passage(encoder, tmp_path):
-    from engine.retrieve import Retriever
-    from usearch.index import Index
     records = [PassageRecord(f"p{i}", "", t) for i, t in enumerate(TEXTS) if t]
-    built = build_index(records, encoder, index_path=tmp_path / "v.usearch", data_path=tmp_path / "d.bin",
-                        offsets_path=tmp_path / "o.npy", dtype="f32", progress=False)
-    assert built.count == len(records)
-    index = Index.restore(str(tmp_path / "v.usearch"), view=True)
-    retriever = Retriever(index, PassageStore.open(tmp_path / "d.bin", tmp_path / "o.npy", count=len(records)), encoder)
+    built = _build(iter(records), encoder, tmp_path, dtype="f32")     # a one-shot iterator is fine
+    assert (built.count, built.ndim, built.dtype, built.metric) == (len(records), encoder.dim, "f32", "cos")
+    assert not list(tmp_path.glob("*.tmp*"))
+    retriever = Retriever.open(tmp_path, _manifest(built), encoder)
     hits = retriever.retrieve("json parses documents", k=3)
-    assert hits[0].id == "p2" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[0].id == "p2" and hits[0].row == 2 and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert len(retriever.retrieve("anything", k=100)) == len(records)
+    assert retriever.retrieve("anything", k=0) == []
     batch = retriever.search(encoder.embed_all(["gil", "lists are mutable"]), k=1)
     assert [h[0].id for h in batch] == ["p6", "p0"]
+    with pytest.raises(UserInputError, match="query vectors must be"):
+        retriever.search(encoder.embed_all(["gil"])[0], k=1)
     with pytest.raises(UserInputError, match="index dtype"):
         build_index(records, encoder, index_path=tmp_path / "x", data_path=tmp_path / "y", offsets_path=tmp_path / "z",
                     dtype="f8")
+
+
+def test_titles_are_embedded_with_the_text(encoder, tmp_path):
+    records = [PassageRecord("a", "Lists", "are mutable"), PassageRecord("b", "", "json parses documents")]
+    built = _build(records, encoder, tmp_path, dtype="f16")
+    hit = Retriever.open(tmp_path, _manifest(built), encoder).retrieve("Lists\nare mutable", k=1)[0]
+    assert (hit.id, hit.title, hit.text) == ("a", "Lists", "are mutable")
+    assert hit.score == pytest.approx(1.0, abs=1e-2)                  # f16 storage
+
+
+def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
+    built = _build([PassageRecord(f"p{i}", "", t) for i, t in enumerate(TEXTS)], encoder, tmp_path, dtype="i8")
+    retriever = Retriever.open(tmp_path, _manifest(built, expansion_search=77), encoder)
+    assert retriever.index.expansion_search == 77
+    with pytest.raises(RuntimeError, match="immutable"):   # a view of the file, not a loaded copy
+        retriever.index.add(99, np.ones(encoder.dim, dtype=np.float32))
+    wrong = _manifest(built)
+    wrong.index = IndexSpec("v.usearch", "cos", "i8", built.ndim, built.count + 1, 16, 64)
+    with pytest.raises(BundleError, match="manifest says 8 of"):
+        Retriever.open(tmp_path, wrong, encoder)
+    wrong.index = IndexSpec("missing.usearch", "cos", "i8", built.ndim, built.count, 16, 64)
+    with pytest.raises(BundleError, match="not a readable USearch index"):
+        Retriever.open(tmp_path, wrong, encoder)
+    (tmp_path / "v.usearch").write_bytes(b"garbage" * 100)
+    with pytest.raises(BundleError, match="not a readable USearch index"):
+        Retriever.open(tmp_path, _manifest(built), encoder)
 
 
 def test_cache_builds_once_and_never_exposes_a_failed_build(tmp_path, monkeypatch):
