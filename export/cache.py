@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 _DONE = ".complete"
+_MEMO_MIN_BYTES = 16 << 20
 
 
 def cache_root() -> Path:
@@ -24,8 +25,10 @@ def cache_root() -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) so a 500 MB file is hashed once."""
+    """sha256 of a file; a big one's is remembered by (path, size, mtime) so it is hashed once."""
     st = path.stat()
+    if st.st_size < _MEMO_MIN_BYTES:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     memo_path = cache_root() / "hashes.json"
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     try:
@@ -38,6 +41,8 @@ def _file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
+    # Entries of deleted files (temp dirs, replaced checkpoints) would otherwise pile up.
+    memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}
     memo[ident] = h.hexdigest()
     memo_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo_path.with_name(f".hashes.{os.getpid()}.tmp")
@@ -75,12 +80,13 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         (tmp / _DONE).touch()
-        shutil.rmtree(final, ignore_errors=True)   # an incomplete leftover without the marker
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / _DONE).exists():       # another process won the race if it is complete
-                raise
+        if not (final / _DONE).exists():          # else another process finished first: keep theirs
+            shutil.rmtree(final, ignore_errors=True)   # a leftover without the marker is never trusted
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / _DONE).exists():   # lost a race to a complete entry: fine
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

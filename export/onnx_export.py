@@ -1,7 +1,7 @@
 """PyTorch checkpoints -> ONNX graphs in the shapes the engine's contract names."""
 from __future__ import annotations
 
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +9,7 @@ from engine.errors import RagrtError
 from engine.manifest import GeneratorIO
 
 INT64_MAX = 2**63 - 1
+PROTOBUF_LIMIT = 2**31 - 1         # bytes; a bigger graph must keep its weights in an external file
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,19 @@ class GeneratorExport:
     pad_token_id: int
     max_position_embeddings: int
     chat_template: str | None
+    bos_token: str | None          # what a prompt starts with, if the chat template or tokenizer adds one
 
 
 def export_encoder(checkpoint: Path, out_dir: Path, *, max_length: int = 256) -> EncoderExport:
     """Encoder + mean pooling + L2 norm in one graph: the engine gets finished embeddings."""
     import torch
-    from tokenizers import Tokenizer
     from transformers import AutoModel
 
     # Eager attention: the SDPA path drops an all-ones mask while tracing and bakes that in.
     model = AutoModel.from_pretrained(checkpoint, attn_implementation="eager")
+    if max_length > model.config.max_position_embeddings:
+        raise RagrtError(f"encoder max_length {max_length} exceeds the model's "
+                         f"{model.config.max_position_embeddings} positions")
 
     class Pooled(torch.nn.Module):
         def __init__(self, encoder):
@@ -65,30 +69,47 @@ def export_encoder(checkpoint: Path, out_dir: Path, *, max_length: int = 256) ->
     torch.onnx.export(wrapper, (ids % model.config.vocab_size, mask), str(out_dir / "model.onnx"), dynamo=False,
                       input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                       dynamic_axes=axes, opset_version=17)
-    tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tok = _backend_tokenizer(checkpoint)
     tok.no_padding()               # the engine pads each batch to its own longest row
     tok.enable_truncation(max_length)
     tok.save(str(out_dir / "tokenizer.json"))
     return EncoderExport(out_dir / "model.onnx", out_dir / "tokenizer.json", model.config.hidden_size, max_length)
 
 
+def _backend_tokenizer(checkpoint: Path):
+    """The checkpoint's tokenizers.Tokenizer: its tokenizer.json, else converted from vocab files."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    if (checkpoint / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    if not hf.is_fast:
+        raise RagrtError(f"{checkpoint}: no tokenizer.json and no fast tokenizer to convert it from")
+    return Tokenizer.from_str(hf.backend_tokenizer.to_str())
+
+
 def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     """optimum's decoder-with-past export, plus a `num_logits` input (see `add_num_logits`)."""
     import onnx
     from optimum.exporters.onnx import main_export
+    from tokenizers import Tokenizer
     from transformers import AutoConfig, AutoTokenizer
 
-    tmp = out_dir / "optimum"
-    main_export(str(checkpoint), output=str(tmp), task="text-generation-with-past", do_validation=False)
-    model = onnx.load(str(tmp / "model.onnx"))
-    add_num_logits(model, GeneratorIO())
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_dir / "model.onnx"))
-    shutil.rmtree(tmp)
+    with tempfile.TemporaryDirectory(prefix=".optimum.", dir=out_dir) as tmp:
+        main_export(str(checkpoint), output=tmp, task="text-generation-with-past", do_validation=False)
+        model = onnx.load(str(Path(tmp) / "model.onnx"))     # pulls in model.onnx_data if optimum wrote one
+        add_num_logits(model, GeneratorIO())
+        big = model.ByteSize() > PROTOBUF_LIMIT
+        onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
 
     config = AutoConfig.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    # The engine budgets prompt tokens itself; a truncation setting would cut prompts silently.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    backend.save(str(out_dir / "tokenizer.json"))
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     # Chat models end a turn with <|im_end|> even when the config names another EOS.
@@ -99,12 +120,27 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     heads = config.num_attention_heads
     return GeneratorExport(
         model=out_dir / "model.onnx", tokenizer=out_dir / "tokenizer.json",
-        num_layers=config.num_hidden_layers, num_kv_heads=getattr(config, "num_key_value_heads", heads),
+        num_layers=config.num_hidden_layers, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab_size=config.vocab_size, eos_token_ids=eos_ids,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else eos_ids[0],
         max_position_embeddings=config.max_position_embeddings,
-        chat_template=tokenizer.chat_template)
+        chat_template=tokenizer.chat_template, bos_token=_bos_token(tokenizer))
+
+
+def _bos_token(tokenizer) -> str | None:
+    """The BOS token if the chat template writes it or the tokenizer prepends it on encoding.
+
+    The engine encodes prompts without special tokens, so a BOS that only the tokenizer's
+    post-processor adds must be written into the prompt by whoever builds it.
+    """
+    bos = tokenizer.bos_token
+    if bos is None:
+        return None
+    if "bos_token" in str(tokenizer.chat_template or ""):
+        return bos
+    ids = tokenizer("x")["input_ids"]
+    return bos if ids and ids[0] == tokenizer.bos_token_id else None
 
 
 def add_num_logits(model, io: GeneratorIO) -> None:
@@ -112,13 +148,15 @@ def add_num_logits(model, io: GeneratorIO) -> None:
 
     Without it a 700-token prefill returns 700 x 49152 floats (137 MB) per row, when
     decoding needs one position and RAG-Sequence scoring needs a continuation's worth.
+    The Slice clamps, so a `num_logits` beyond the sequence (or 0, as -0 = 0) gives all positions.
     """
     from onnx import TensorProto, helper
 
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     head = producer.get(io.logits)
-    if head is None or head.op_type not in ("MatMul", "Gemm"):
+    # A MatMul on [batch, seq, hidden]; a Gemm would be 2-D, with no sequence axis to slice.
+    if head is None or head.op_type != "MatMul":
         raise RagrtError(f"cannot find the LM head producing {io.logits!r} in the exported graph")
     graph.input.append(helper.make_tensor_value_info(io.num_logits, TensorProto.INT64, [1]))
     graph.initializer.extend([helper.make_tensor("/ragrt/int64_max", TensorProto.INT64, [1], [INT64_MAX]),

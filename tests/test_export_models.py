@@ -1,0 +1,250 @@
+"""Export mechanics on tiny random models: the ONNX graphs compute what PyTorch computes, the
+`num_logits` rewrite, int8 quantization really happening, checkpoint checks, and the model cache."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from engine.errors import RagrtError
+from engine.manifest import GeneratorIO
+from export.cache import cached_dir, content_key
+from export.models import encoder_checkpoint, generator_checkpoint
+from export.onnx_export import export_encoder
+from export.quantize import op_counts, quantize_encoder, quantize_generator
+
+IO = GeneratorIO()
+
+
+def session(path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# --- encoder ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def encoder_export(tiny_encoder_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc")
+    exp = export_encoder(tiny_encoder_dir, out / "fp32", max_length=64)
+    report = quantize_encoder(exp.model, out / "int8" / "model.onnx")
+    return exp, report, out / "int8" / "model.onnx"
+
+
+def padded_batch(tokenizer_path, texts):
+    from tokenizers import Tokenizer
+    encs = Tokenizer.from_file(str(tokenizer_path)).encode_batch(texts)
+    width = max(len(e.ids) for e in encs)
+    ids = np.array([e.ids + [0] * (width - len(e.ids)) for e in encs], dtype=np.int64)
+    mask = np.array([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encs], dtype=np.int64)
+    return ids, mask
+
+
+ENCODER_TEXTS = ["lists are mutable", "the json module parses json documents and open returns a file object", "gil"]
+
+
+def torch_pooled(checkpoint, ids, mask):
+    import torch
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        m = torch.tensor(mask).unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
+
+
+def test_encoder_onnx_equals_pytorch_on_a_padded_batch(encoder_export, tiny_encoder_dir):
+    exp, _, _ = encoder_export
+    ids, mask = padded_batch(exp.tokenizer, ENCODER_TEXTS)
+    assert (mask == 0).any(), "the batch must include padding"
+    (emb,) = session(exp.model).run(["embedding"], {"input_ids": ids, "attention_mask": mask})
+    assert emb.shape == (3, exp.dim) == (3, 32)
+    np.testing.assert_allclose(emb, torch_pooled(tiny_encoder_dir, ids, mask), atol=1e-5)
+
+
+def test_encoder_tokenizer_truncates_and_leaves_padding_to_the_engine(encoder_export):
+    exp, _, _ = encoder_export
+    spec = json.loads(exp.tokenizer.read_text())
+    assert spec["padding"] is None
+    assert spec["truncation"]["max_length"] == exp.max_length == 64
+
+
+def test_int8_encoder_is_quantized_and_close(encoder_export):
+    exp, report, int8 = encoder_export
+    assert report.quantized_ops.get("MatMulInteger", 0) > 0 and report.bytes_after < report.bytes_before
+    ids, mask = padded_batch(exp.tokenizer, ENCODER_TEXTS)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    (ref,) = session(exp.model).run(["embedding"], feeds)
+    (got,) = session(int8).run(["embedding"], feeds)
+    assert (ref * got).sum(1).min() > 0.95
+
+
+# --- generator -------------------------------------------------------------------------------
+
+def run_generator(sess, exp, ids, mask, position_ids, num_logits, past=None):
+    """logits and the presents, as a list of (key, value) per layer."""
+    batch = ids.shape[0]
+    feeds = {IO.input_ids: ids, IO.attention_mask: mask, IO.position_ids: position_ids,
+             IO.num_logits: np.array([num_logits], dtype=np.int64)}
+    empty = np.zeros((batch, exp.num_kv_heads, 0, exp.head_dim), dtype=np.float32)
+    for layer in range(exp.num_layers):
+        k, v = past[layer] if past else (empty, empty)
+        feeds[IO.past_key.format(layer=layer)] = k
+        feeds[IO.past_value.format(layer=layer)] = v
+    names = [IO.logits] + [n.format(layer=i) for i in range(exp.num_layers) for n in (IO.present_key, IO.present_value)]
+    logits, *kv = sess.run(names, feeds)
+    return logits, list(zip(kv[0::2], kv[1::2]))
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_generator_onnx, tiny_generator_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    out, exp = tiny_generator_onnx
+    torch_model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float32).eval()
+    return session(exp.model), exp, torch_model
+
+
+@pytest.fixture(scope="module")
+def left_padded():
+    """Two prompts, the shorter one left-padded, with the positions a left-padded batch needs."""
+    rows = [[5, 17, 40, 99, 3], [8, 12, 60, 61, 62, 70, 71, 200]]
+    width = max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows], dtype=np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
+    return ids, mask, np.clip(mask.cumsum(1) - 1, 0, None)
+
+
+def torch_logits(torch_model, ids, mask, position_ids):
+    import torch
+    with torch.no_grad():
+        return torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                           position_ids=torch.tensor(position_ids)).logits.numpy()
+
+
+def test_generator_graph_names_and_metadata(generator, tiny_generator_dir):
+    from tiny import CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+    sess, exp, _ = generator
+    names = {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_outputs()}
+    for layer in range(exp.num_layers):
+        assert {n.format(layer=layer) for n in (IO.past_key, IO.past_value, IO.present_key, IO.present_value)} <= names
+    assert {IO.input_ids, IO.attention_mask, IO.position_ids, IO.num_logits, IO.logits} <= names
+    im_end = AutoTokenizer.from_pretrained(tiny_generator_dir).convert_tokens_to_ids("<|im_end|>")
+    assert (exp.num_layers, exp.num_kv_heads, exp.head_dim, exp.max_position_embeddings) == (2, 2, 16, 512)
+    assert exp.eos_token_ids == (im_end,) and exp.pad_token_id == im_end
+    assert exp.chat_template == CHAT_TEMPLATE and exp.bos_token is None
+    assert exp.tokenizer.is_file() and exp.vocab_size == len(AutoTokenizer.from_pretrained(tiny_generator_dir))
+
+
+def test_last_logits_of_a_left_padded_batch_equal_pytorch(generator, left_padded):
+    sess, exp, torch_model = generator
+    ids, mask, pos = left_padded
+    logits, _ = run_generator(sess, exp, ids, mask, pos, num_logits=1)
+    assert logits.shape == (2, 1, exp.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], torch_logits(torch_model, ids, mask, pos)[:, -1], atol=1e-4)
+
+
+def test_num_logits_covering_the_sequence_gives_every_position(generator, left_padded):
+    sess, exp, torch_model = generator
+    ids, mask, pos = left_padded
+    ref = torch_logits(torch_model, ids, mask, pos)
+    real = mask.astype(bool)           # a padded position's logits are meaningless in both
+    for n in (ids.shape[1], ids.shape[1] + 5, 3):
+        logits, _ = run_generator(sess, exp, ids, mask, pos, num_logits=n)
+        width = min(n, ids.shape[1])
+        assert logits.shape == (2, width, exp.vocab_size)
+        np.testing.assert_allclose(logits[real[:, -width:]], ref[:, -width:][real[:, -width:]], atol=1e-4)
+
+
+def test_a_step_with_past_equals_the_full_forward(generator, left_padded):
+    sess, exp, torch_model = generator
+    ids, mask, pos = left_padded
+    _, past = run_generator(sess, exp, ids, mask, pos, num_logits=1)
+    nxt = np.array([[33], [44]], dtype=np.int64)
+    full_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    step, present = run_generator(sess, exp, nxt, full_mask, pos[:, -1:] + 1, num_logits=1, past=past)
+    assert present[0][0].shape == (2, exp.num_kv_heads, ids.shape[1] + 1, exp.head_dim)
+    full_ids = np.concatenate([ids, nxt], axis=1)
+    ref = torch_logits(torch_model, full_ids, full_mask, np.clip(full_mask.cumsum(1) - 1, 0, None))
+    np.testing.assert_allclose(step[:, 0], ref[:, -1], atol=1e-4)
+
+
+def test_int8_generator_has_quantized_matmuls(generator, tmp_path):
+    sess, exp, _ = generator
+    report = quantize_generator(exp.model, tmp_path / "model.onnx")
+    assert op_counts(tmp_path / "model.onnx")["MatMulInteger"] == report.quantized_ops["MatMulInteger"] > 0
+    assert report.excluded == exp.num_layers          # the MLP down projections stay fp32
+    ids = np.array([[5, 17, 40]], dtype=np.int64)
+    logits, _ = run_generator(session(tmp_path / "model.onnx"), exp, ids, np.ones_like(ids), np.arange(3)[None], 1)
+    assert np.isfinite(logits).all()
+
+
+def test_quantizing_a_graph_without_matmuls_is_an_error(tmp_path):
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
+    with pytest.raises(RagrtError, match="no quantized MatMul"):
+        quantize_generator(tmp_path / "relu.onnx", tmp_path / "q.onnx")
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def test_checkpoint_checks(tiny_encoder_dir, tiny_generator_dir, tmp_path):
+    assert encoder_checkpoint(str(tiny_encoder_dir)) == tiny_encoder_dir
+    assert generator_checkpoint(tiny_generator_dir) == tiny_generator_dir
+    with pytest.raises(RagrtError, match="not supported for the encoder"):
+        encoder_checkpoint(tiny_generator_dir)
+    with pytest.raises(RagrtError, match="no such directory"):
+        generator_checkpoint(tmp_path / "missing")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(RagrtError, match="no model weights"):
+        generator_checkpoint(tmp_path)
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGRT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_cached_dir_builds_once(cache):
+    builds = []
+
+    def build(tmp):
+        builds.append(tmp)
+        (tmp / "out.txt").write_text("built")
+
+    first = cached_dir("thing", "k1", build)
+    assert first == cache / "thing" / "k1" and (first / "out.txt").read_text() == "built"
+    assert cached_dir("thing", "k1", build) == first and len(builds) == 1
+    assert [p.name for p in (cache / "thing").iterdir()] == ["k1"]       # no temp dir left over
+
+
+def test_a_failing_build_leaves_nothing(cache):
+    def build(tmp):
+        (tmp / "half.bin").write_bytes(b"x" * 100)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        cached_dir("thing", "k2", build)
+    assert list((cache / "thing").iterdir()) == []
+    assert (cached_dir("thing", "k2", lambda tmp: (tmp / "ok").touch()) / "ok").is_file()
+
+
+def test_content_key_follows_bytes_and_names(cache, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"one")
+    key = content_key(d, "v1")
+    assert content_key(d, "v1") == key and content_key(d, "v2") != key and content_key(d / "a.bin") != key
+    (d / "a.bin").write_bytes(b"two")
+    changed = content_key(d, "v1")
+    (d / "a.bin").rename(d / "b.bin")
+    assert len({key, changed, content_key(d, "v1")}) == 3
