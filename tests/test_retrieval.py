@@ -10,7 +10,6 @@ from engine.errors import BundleError, UserInputError
 from engine.manifest import IndexSpec, PassagesSpec
 from engine.retrieve import Retriever
 from engine.store import PassageRecord, PassageStore, write_passage_store
-from export.cache import cached_dir, content_key
 from export.index import build_index
 from export.onnx_export import export_encoder
 
@@ -163,34 +162,3 @@ def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
     (tmp_path / "v.usearch").write_bytes(b"garbage" * 100)
     with pytest.raises(BundleError, match="not a readable USearch index"):
         Retriever.open(tmp_path, _manifest(built), encoder)
-
-
-def test_cache_builds_once_and_never_exposes_a_failed_build(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAGRT_CACHE", str(tmp_path))
-    calls = []
-
-    def build(d):
-        calls.append(d)
-        (d / "x").write_text("built")
-
-    key = content_key("abc")
-    first = cached_dir("kind", key, build)
-    assert cached_dir("kind", key, build) == first and len(calls) == 1
-    assert (first / "x").read_text() == "built"
-
-    def failing(d):
-        (d / "partial").write_text("half")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        cached_dir("kind", content_key("other"), failing)
-    assert sorted(p.name for p in (tmp_path / "kind").iterdir()) == [key]
-
-
-def test_content_key_follows_content(tmp_path):
-    f = tmp_path / "w.bin"
-    f.write_bytes(b"one")
-    k1 = content_key(f, "v1")
-    assert content_key(f, "v1") == k1 and content_key(f, "v2") != k1
-    f.write_bytes(b"two")
-    assert content_key(f, "v1") != k1
