@@ -26,9 +26,11 @@ class KVState:
     def length(self) -> int:
         return self.mask.shape[1]
 
-    def select(self, rows: np.ndarray) -> "KVState":
-        """The state of a subset (or repetition) of rows: how RAG-Sequence reuses one prefill."""
-        return KVState(tuple(p[rows] for p in self.past), self.mask[rows], self.positions[rows])
+
+@dataclass(frozen=True)
+class RowStates:
+    """One unpadded KVState per row, for graphs whose rows are not independent in a batch."""
+    rows: tuple[KVState, ...]
 
 
 class Decoder:
@@ -43,6 +45,9 @@ class Decoder:
                                            for name in (io.present_key, io.present_value)]
         self.kv_dtype = np.dtype(spec.kv_dtype)
         self.pad_id = spec.pad_token_id
+        # Dynamic int8 quantizes activations with one scale per tensor, so in a batch every
+        # row (its padding too) changes every other row's numbers: such graphs run row by row.
+        self.row_by_row = not spec.batch_invariant
 
     def empty_state(self, batch: int) -> KVState:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -67,8 +72,11 @@ class Decoder:
         logits, *present = self.session.run(self.output_names, feed)
         return logits, KVState(tuple(present), mask, state.positions + new_mask.sum(axis=1))
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState | RowStates]:
         """Left-pads the prompts into one batch; returns last-position logits (B, V) and the state."""
+        if self.row_by_row and len(prompts) > 1:
+            logits, states = zip(*(self.prefill([p]) for p in prompts))
+            return np.concatenate(logits), RowStates(states)
         width = max(len(p) for p in prompts)
         tokens = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -78,8 +86,11 @@ class Decoder:
         logits, state = self.forward(self.empty_state(len(prompts)), tokens, mask)
         return logits[:, -1], state
 
-    def step(self, state: KVState, tokens: np.ndarray) -> tuple[np.ndarray, KVState]:
+    def step(self, state: KVState | RowStates, tokens: np.ndarray) -> tuple[np.ndarray, KVState | RowStates]:
         """Appends one token (B,) to every row; returns next-token logits (B, V)."""
+        if isinstance(state, RowStates):
+            logits, states = zip(*(self.step(s, tokens[i:i + 1]) for i, s in enumerate(state.rows)))
+            return np.concatenate(logits), RowStates(states)
         logits, state = self.forward(state, tokens[:, None], np.ones((len(tokens), 1), dtype=np.int64))
         return logits[:, -1], state
 
@@ -95,7 +106,7 @@ class Decoder:
             if i + 1 < max_new_tokens:
                 logits, state = self.step(state, np.array([token], dtype=np.int64))
 
-    def greedy_batch(self, logits: np.ndarray, state: KVState, max_new_tokens: int) -> list[list[int]]:
+    def greedy_batch(self, logits: np.ndarray, state: KVState | RowStates, max_new_tokens: int) -> list[list[int]]:
         """Greedy decoding of a prefilled batch of independent rows; each stops on its own EOS."""
         stop = np.array(sorted(self.spec.eos_token_ids))
         out: list[list[int]] = [[] for _ in range(len(logits))]
@@ -113,13 +124,16 @@ class Decoder:
                 logits, state = self.step(state, tokens)
         return out
 
-    def continuation_logprob(self, state: KVState, last_logits: np.ndarray,
+    def continuation_logprob(self, state: KVState | RowStates, last_logits: np.ndarray,
                              continuation: Sequence[int]) -> np.ndarray:
         """log p(continuation | each row's prefix), float64 (B,), reusing the prefix state.
 
         `last_logits` (B, V) are the logits that followed the prefix; the continuation's
         first token is scored with them, the rest with one forced forward pass.
         """
+        if isinstance(state, RowStates):
+            return np.concatenate([self.continuation_logprob(s, last_logits[i:i + 1], continuation)
+                                   for i, s in enumerate(state.rows)])
         cont = np.asarray(continuation, dtype=np.int64)
         batch = state.mask.shape[0]
         total = log_softmax(last_logits)[:, cont[0]]

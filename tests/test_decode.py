@@ -12,13 +12,15 @@ from export.pack import prompt_spec
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module")
-def decoder(tiny_generator_onnx):
+@pytest.fixture(scope="module", params=[True, False], ids=["batched", "row-by-row"])
+def decoder(tiny_generator_onnx, request):
+    """Both ways a batch can run: as one padded batch, or row by row (int8 bundles)."""
     out, exp = tiny_generator_onnx
     spec = GeneratorSpec(model="model.onnx", tokenizer="tokenizer.json", quantization="fp32",
                          num_layers=exp.num_layers, num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim,
                          vocab_size=exp.vocab_size, eos_token_ids=tuple(exp.eos_token_ids),
-                         pad_token_id=exp.pad_token_id, max_context=512, source=Source("tiny", ""))
+                         pad_token_id=exp.pad_token_id, max_context=512, source=Source("tiny", ""),
+                         batch_invariant=request.param)
     return Decoder(create_session(out / "model.onnx", SessionConfig(threads=1)), spec)
 
 

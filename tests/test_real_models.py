@@ -63,5 +63,6 @@ def test_answers_a_python_question_from_the_right_passage(faq_bundle):
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_rag_modes_on_real_models(faq_bundle, mode):
     ans = ask(faq_bundle, "How do I copy an object in Python?", "--mode", mode, "--k", "3", "--max-new-tokens", "24")
-    assert ans["answer"].strip()
+    # Garbage here once meant batched int8 rows were changing each other's activation scales.
+    assert "copy" in ans["answer"].lower(), ans["answer"]
     assert ans["log_prob"] < 0
