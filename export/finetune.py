@@ -225,9 +225,9 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
             n = embed(model, tok, neg_texts, grad=True) if neg_texts else None
             loss = contrastive_loss(q, p, n)
             loss.backward()
-            trainer.step(float(loss))
+            trainer.step(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if trainer.done():
                 break
         else:
@@ -333,7 +333,7 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
                     ids, labels = examples[i]
                     loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
                 (loss / len(batch)).backward()
-                total += float(loss) / len(batch)
+                total += loss.item() / len(batch)
             trainer.step(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
