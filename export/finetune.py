@@ -126,6 +126,11 @@ class Trainer:
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         self._restore_optimizer()
+        self.bar = None
+
+    def progress(self, total: int, desc: str) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="step", initial=self.state.step)
 
     def _opt_path(self) -> Path:
         return self.run / "checkpoint" / f"optimizer-{self.state.phase}.safetensors"
@@ -148,8 +153,16 @@ class Trainer:
         self.optimizer.zero_grad()
         self.state.step += 1
         self.state.losses.setdefault(self.state.phase, []).append(round(loss_value, 5))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss_value:.3f}")
         if self.state.step % self.cfg.checkpoint_every == 0:
             self.checkpoint()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.checkpoint()
 
     def checkpoint(self) -> None:
         """Weights and optimizer first, state.json last: a crash in between resumes from the older state."""
@@ -181,11 +194,6 @@ def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int
     return pos_rows + random.Random(seed).sample(others, min(len(others), max(size - len(pos_rows), 0)))
 
 
-def _progress(total: int, desc: str, initial: int):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="step", initial=initial)
-
-
 def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: list[QA] | None):
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -198,7 +206,7 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
     pool_index = {row: j for j, row in enumerate(pool)}
     texts = [passage_text(passages[r]) for r in pool]
     steps_per_epoch = -(-len(items) // cfg.batch_size)
-    bar = _progress(steps_per_epoch * cfg.epochs, "retriever", state.step)
+    trainer.progress(steps_per_epoch * cfg.epochs, "retriever")
     while state.epoch < cfg.epochs and not trainer.done():
         # Mined once per epoch and kept, so a run resumed mid-epoch trains on the same negatives.
         mined = run / "checkpoint" / f"negatives-{state.epoch}.json"
@@ -226,18 +234,15 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
             loss = contrastive_loss(q, p, n)
             loss.backward()
             trainer.step(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
             if trainer.done():
                 break
         else:
             state.epoch += 1
-    bar.close()
     if dev is not None:
         state.report["dev_recall@5_after"] = dev_recall(model, tok, dev, pool, passages)
         _say(f"dev recall@5 within a pool of {len(pool)} passages: "
              f"{state.report.get('dev_recall@5_before', float('nan')):.3f} -> {state.report['dev_recall@5_after']:.3f}")
-    trainer.checkpoint()
+    trainer.close()
     return model, tok
 
 
@@ -317,7 +322,7 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
     models = {"generator": model} | ({"encoder": encoder} if cfg.joint else {})
     trainer = Trainer(run, state, models, cfg.generator_lr, cfg)
     per_epoch = -(-len(items) // cfg.grad_accumulation)
-    bar = _progress(per_epoch * cfg.generator_epochs, "generator" + (" (joint)" if cfg.joint else ""), state.step)
+    trainer.progress(per_epoch * cfg.generator_epochs, "generator" + (" (joint)" if cfg.joint else ""))
     while state.epoch < cfg.generator_epochs and not trainer.done():
         order = list(range(len(items)))
         random.Random(cfg.seed * 1000 + 17 + state.epoch).shuffle(order)
@@ -335,14 +340,11 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
                 (loss / len(batch)).backward()
                 total += loss.item() / len(batch)
             trainer.step(total)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}")
             if trainer.done():
                 break
         else:
             state.epoch += 1
-    bar.close()
-    trainer.checkpoint()
+    trainer.close()
     return model, hf_tok
 
 
