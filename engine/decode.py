@@ -22,10 +22,6 @@ class KVState:
     mask: np.ndarray               # (B, T) int64, 0 on left padding
     positions: np.ndarray          # (B,) int64, position id of each row's next token
 
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
 
 @dataclass(frozen=True)
 class RowStates:
