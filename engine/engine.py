@@ -1,6 +1,7 @@
 """`Engine`: one opened bundle, answering questions. Everything invariant is settled in `open`."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ class Engine:
 
     def _k(self, k: int | None) -> int:
         k = self.manifest.rag.k if k is None else k
-        if not isinstance(k, int) or not 1 <= k <= MAX_K:
+        if not _is_int(k) or not 1 <= k <= MAX_K:
             raise UserInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         return k
 
@@ -106,15 +107,16 @@ class Engine:
         question = _check_question(question)
         k = self._k(k)
         mode = rag.mode if mode is None else mode
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         max_new = rag.max_new_tokens if max_new_tokens is None else max_new_tokens
         limit = self.manifest.generator.max_context // 2
-        if not isinstance(max_new, int) or not 1 <= max_new <= limit:
+        if not _is_int(max_new) or not 1 <= max_new <= limit:
             raise UserInputError(f"max_new_tokens must be an integer from 1 to {limit}, got {max_new!r}")
         temperature = rag.temperature if temperature is None else temperature
-        if not temperature > 0:
-            raise UserInputError(f"temperature must be > 0, got {temperature!r}")
+        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                and math.isfinite(temperature) and temperature > 0):
+            raise UserInputError(f"temperature must be a finite number > 0, got {temperature!r}")
 
         t0 = time.perf_counter()
         query = self.encoder.embed_all([question])
@@ -168,6 +170,10 @@ class AnswerStream:
             new_tokens=len(self._ids), prompt_tokens=run.prompt_tokens,
             timings_ms={k: round(v, 2) for k, v in timings.items()}, mode=self._mode,
             log_prob=run.log_prob[0] if run.log_prob else None, warnings=warnings)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_question(question: str) -> str:
