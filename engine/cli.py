@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="build a bundle from a corpus (needs ragrt[export])")
     e.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
     e.add_argument("--out", required=True, help="bundle directory to write (refused if it exists, unless --force)")
-    e.add_argument("--quantize", choices=["int8", "fp32"], default="int8")
+    e.add_argument("--quantize", choices=["int8", "int4", "fp32"], default="int8",
+                   help="int8: dynamic per-channel (default); int4: weight-only MatMulNBits, fastest decode, "
+                        "rows independent in a batch; fp32: no quantization")
     e.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16")
     e.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
     e.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")

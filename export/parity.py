@@ -71,6 +71,7 @@ class GreedyAgreement:
 class GeneratorParity:
     fp32: GreedyAgreement
     int8: GreedyAgreement
+    int4: GreedyAgreement
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,12 +34,13 @@ log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
 ENCODER_EXPORT_VERSION = "3"
-GENERATOR_EXPORT_VERSION = "2"
+GENERATOR_EXPORT_VERSION = "3"
+GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
-# Below this teacher-forced top-1 agreement with PyTorch, int8 output is judged broken
+# Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
 # (garbage int8 text, as plain QInt8 gives on AVX2, scores far lower).
-MIN_INT8_AGREEMENT = 0.8
+MIN_QUANT_AGREEMENT = 0.8
 
 
 @dataclass(frozen=True)
@@ -114,18 +115,19 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
 
 
 def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
-    """Cached: fp32/model.onnx, int8/model.onnx, tokenizer.json, meta.json (dims, prompt, parity)."""
+    """Cached: {fp32,int8,int4}/model.onnx, tokenizer.json, meta.json (dims, prompt, parity)."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     from .onnx_export import export_generator
     from .parity import GeneratorParity, onnx_agreement, parity_prompt_ids, torch_greedy
-    from .quantize import quantize_generator
+    from .quantize import quantize_generator, quantize_generator_int4
 
     def build(tmp: Path) -> None:
-        _say(f"exporting generator {checkpoint_name(checkpoint)} to ONNX (fp32 and int8), then checking parity")
+        _say(f"exporting generator {checkpoint_name(checkpoint)} to ONNX (fp32, int8, int4), then checking parity")
         exp = export_generator(checkpoint, tmp / "fp32")
         quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
+        quantize_generator_int4(tmp / "fp32" / "model.onnx", tmp / "int4" / "model.onnx")
         shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
         hf_tok = AutoTokenizer.from_pretrained(checkpoint)
         prompt = prompt_spec(exp.chat_template, lambda msgs: hf_tok.apply_chat_template(
@@ -141,8 +143,9 @@ def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
         prompts = parity_prompt_ids(builder, parity_prompts)
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
         parity = GeneratorParity(**{q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS,
-                                                      tok.decode) for q in ("fp32", "int8")})
-        for q, a in (("fp32", parity.fp32), ("int8", parity.int8)):
+                                                      tok.decode) for q in GENERATOR_VARIANTS})
+        for q in GENERATOR_VARIANTS:
+            a = getattr(parity, q)
             _say(f"generator {q} vs PyTorch, {a.prompts} prompts x {a.new_tokens} greedy tokens: exact {a.exact_match:.2f}, "
                  f"prefix {a.prefix_agreement:.2f}, teacher-forced top-1 {a.teacher_forced_top1:.3f}")
         _say(f"int8 sample answer: {parity.int8.sample!r}")
@@ -154,8 +157,8 @@ def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
 
 
 def _validate(cfg: ExportConfig) -> None:
-    if cfg.quantize not in ("int8", "fp32"):
-        raise UserInputError(f"--quantize must be int8 or fp32, got {cfg.quantize!r}")
+    if cfg.quantize not in GENERATOR_VARIANTS:
+        raise UserInputError(f"--quantize must be one of {', '.join(GENERATOR_VARIANTS)}, got {cfg.quantize!r}")
     if cfg.max_context < 256:
         raise UserInputError(f"--max-context must be at least 256, got {cfg.max_context}")
     if not 1 <= cfg.parity_prompts:
@@ -179,15 +182,17 @@ def run_export(cfg: ExportConfig) -> Path:
     enc_meta = json.loads((enc_dir / "meta.json").read_text())
     gen_meta = json.loads((gen_dir / "meta.json").read_text())
     q = cfg.quantize
-    int8_agreement = gen_meta["parity"]["int8"]["teacher_forced_top1"]
-    if q == "int8" and int8_agreement < MIN_INT8_AGREEMENT:
-        raise RagrtError(f"the int8 generator disagrees with PyTorch (teacher-forced top-1 agreement "
-                         f"{int8_agreement:.2f} < {MIN_INT8_AGREEMENT}); export with --quantize fp32")
+    agreement = gen_meta["parity"][q]["teacher_forced_top1"]
+    if q != "fp32" and agreement < MIN_QUANT_AGREEMENT:
+        raise RagrtError(f"the {q} generator disagrees with PyTorch (teacher-forced top-1 agreement "
+                         f"{agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --quantize fp32")
+    # int4 is a generator format; its bundle takes the int8 encoder.
+    enc_q = "fp32" if q == "fp32" else "int8"
 
     with staging_dir(Path(cfg.out), force=cfg.force) as tmp:
         for sub in ("encoder", "generator", "index", "passages"):
             (tmp / sub).mkdir()
-        shutil.copyfile(enc_dir / q / "model.onnx", tmp / "encoder" / "model.onnx")
+        shutil.copyfile(enc_dir / enc_q / "model.onnx", tmp / "encoder" / "model.onnx")
         shutil.copyfile(enc_dir / "tokenizer.json", tmp / "encoder" / "tokenizer.json")
         shutil.copyfile(gen_dir / q / "model.onnx", tmp / "generator" / "model.onnx")
         shutil.copyfile(gen_dir / "tokenizer.json", tmp / "generator" / "tokenizer.json")
@@ -211,7 +216,7 @@ def run_export(cfg: ExportConfig) -> Path:
             schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version=__version__, created_at=now(),
             files=file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
-                                max_length=enc_meta["max_length"], output="embedding", quantization=q, source=enc_source),
+                                max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
             generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source),
             prompt=PromptSpec(**gen_meta["prompt"]),
             index=IndexSpec(path="index/vectors.usearch", metric=built.metric, dtype=built.dtype, ndim=built.ndim,

@@ -248,3 +248,27 @@ def test_content_key_follows_bytes_and_names(cache, tmp_path):
     changed = content_key(d, "v1")
     (d / "a.bin").rename(d / "b.bin")
     assert len({key, changed, content_key(d, "v1")}) == 3
+
+
+def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, tmp_path):
+    """int4 exists so batches can run as batches: a row's logits must not depend on its neighbours."""
+    import numpy as np
+
+    from engine.decode import Decoder
+    from engine.manifest import GeneratorSpec, Source
+    from engine.session import SessionConfig, create_session
+    from export.quantize import op_counts, quantize_generator_int4
+
+    out, exp = tiny_generator_onnx
+    report = quantize_generator_int4(out / "model.onnx", tmp_path / "int4.onnx")
+    assert report.quantized_ops["MatMulNBits"] > 0
+    assert op_counts(tmp_path / "int4.onnx")["DynamicQuantizeLinear"] == 0
+    spec = GeneratorSpec(model="", tokenizer="", quantization="int4", num_layers=exp.num_layers,
+                         num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim, vocab_size=exp.vocab_size,
+                         eos_token_ids=tuple(exp.eos_token_ids), pad_token_id=exp.pad_token_id, max_context=512,
+                         source=Source("tiny", ""))
+    decoder = Decoder(create_session(tmp_path / "int4.onnx", SessionConfig(threads=1)), spec)
+    short, long = [5, 6, 7, 8], list(range(10, 40))
+    batch, _ = decoder.prefill([short, long])
+    alone, _ = decoder.prefill([short])
+    np.testing.assert_allclose(batch[0], alone[0], atol=1e-3)
