@@ -34,7 +34,7 @@ log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
 ENCODER_EXPORT_VERSION = "3"
-GENERATOR_EXPORT_VERSION = "3"
+GENERATOR_EXPORT_VERSION = "4"
 GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24

@@ -65,12 +65,14 @@ def quantize_generator(src: Path, dst: Path) -> QuantReport:
     return _quantize(src, dst, reduce_range=True, exclude=("/mlp/down_proj/",))
 
 
-def quantize_generator_int4(src: Path, dst: Path, *, block_size: int = 32) -> QuantReport:
-    """Weight-only int4 (MatMulNBits, symmetric blocks of 32) computing in fp32.
+def quantize_generator_int4(src: Path, dst: Path, *, block_size: int = 16) -> QuantReport:
+    """Weight-only int4 (MatMulNBits, symmetric blocks of 16) computing in fp32.
 
     Activations are not quantized, so a row's result does not depend on the other rows of its
     batch (dynamic int8 fails that), and decoding reads a quarter of the fp32 weight bytes.
     accuracy_level=1 keeps fp32 compute; level 4 (int8 activations) broke batch invariance.
+    Measured on SmolLM2 (teacher-forced top-1 vs PyTorch): blocks of 32 give 0.794, of 16
+    give 0.846, at the same decode speed.
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -66,3 +66,16 @@ def test_rag_modes_on_real_models(faq_bundle, mode):
     # Garbage here once meant batched int8 rows were changing each other's activation scales.
     assert "copy" in ans["answer"].lower(), ans["answer"]
     assert ans["log_prob"] < 0
+
+
+def test_int4_bundle_answers_in_batched_rag_token(faq_bundle, tmp_path):
+    """int4 graphs keep batch rows independent, so RAG-Token runs its k passages as one batch."""
+    from export.pipeline import ExportConfig, run_export
+    manifest = json.loads((faq_bundle / "manifest.json").read_text())
+    bundle = run_export(ExportConfig(corpus=Path(manifest["corpus"]["source"]), out=tmp_path / "int4",
+                                     quantize="int4"))
+    spec = json.loads((bundle / "manifest.json").read_text())
+    assert spec["generator"]["quantization"] == "int4" and spec["generator"]["batch_invariant"] is True
+    assert spec["parity"]["generator"]["int4"]["teacher_forced_top1"] >= 0.8
+    ans = ask(bundle, "How do I copy an object in Python?", "--mode", "token", "--k", "3", "--max-new-tokens", "24")
+    assert "copy" in ans["answer"].lower(), ans["answer"]
