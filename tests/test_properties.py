@@ -9,7 +9,8 @@ from engine.errors import CorpusError, RagrtError, UserInputError
 from engine.prompt import fill
 from export.corpus import Document, chunk_documents, read_documents
 
-EXAMPLES = settings(max_examples=1000, deadline=None,
+# derandomize: CI must see the same 1,000 examples every run, not a new draw that may fail once.
+EXAMPLES = settings(max_examples=1000, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -76,7 +77,7 @@ def test_engine_answers_or_refuses_any_string(engine, question):
         assert isinstance(ans.answer, str)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.integers(), st.none(), st.floats(allow_nan=True), st.text(max_size=3)))
 def test_engine_options_are_validated(engine, value):
     for option in ("k", "max_new_tokens", "temperature", "mode"):
