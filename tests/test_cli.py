@@ -63,3 +63,15 @@ def test_user_errors_are_one_line_with_exit_2(tiny_bundle, tmp_path):
     one_line_error(ragrt("export", "--corpus", bad, "--out", tmp_path / "b2"), "bad.jsonl:2")
     one_line_error(ragrt("export", "--corpus", tmp_path / "missing.jsonl", "--out", tmp_path / "b3"), "missing.jsonl")
     one_line_error(ragrt("export", "--corpus", bad, "--out", tiny_bundle), "already exists")
+
+
+def test_verify_catches_one_flipped_byte_in_every_file(tiny_bundle, tmp_path):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert len(manifest["files"]) >= 7
+    for rel in manifest["files"]:
+        copy = tmp_path / rel.replace("/", "_")
+        shutil.copytree(tiny_bundle, copy)
+        data = bytearray((copy / rel).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / rel).write_bytes(bytes(data))
+        one_line_error(ragrt("verify", copy), f"{rel}: sha256 does not match")
