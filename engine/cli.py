@@ -7,6 +7,7 @@ import logging
 import sys
 import textwrap
 
+from .atomic import atomic_write_text
 from .errors import RagrtError
 
 log = logging.getLogger("ragrt")
@@ -120,16 +121,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {group:10s} " + "  ".join(f"{k} {v:.3f}" if group != "latency_ms" else f"{k} {v:.0f}"
                                               for k, v in values.items()))
     if args.json:
-        _write_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
-
-
-def _write_atomic(path: str, text: str) -> None:
-    import os
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

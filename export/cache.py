@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from engine.atomic import atomic_write_text
+
 _DONE = ".complete"
 _MEMO_MIN_BYTES = 16 << 20
 
@@ -44,10 +46,7 @@ def _file_sha256(path: Path) -> str:
     # Entries of deleted files (temp dirs, replaced checkpoints) would otherwise pile up.
     memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}
     memo[ident] = h.hexdigest()
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f".hashes.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    atomic_write_text(memo_path, json.dumps(memo))
     return memo[ident]
 
 

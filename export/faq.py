@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.atomic import atomic_open
 
 from .pydocs import PYDOCS_SOURCES, _slug, clean_rst, clean_title, python_docs_documents, split_sections
 
@@ -79,13 +80,11 @@ def split_of(question: str) -> str:
 
 
 def _write_jsonl(path: Path, rows) -> int:
-    tmp = path.with_name(f".{path.name}.tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

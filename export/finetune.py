@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.atomic import atomic_write_text
 from engine.errors import CorpusError, UserInputError
 from engine.evaluate import QA, is_relevant, read_qa, token_f1
 from engine.prompt import PassageText, PromptBuilder
@@ -77,9 +78,7 @@ def _say(msg: str) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _validate(cfg: FinetuneConfig) -> None:
@@ -195,7 +194,6 @@ def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int
 
 
 def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: list[QA] | None):
-    import torch
     from transformers import AutoModel, AutoTokenizer
     resume = run / "checkpoint" / "encoder"
     model = AutoModel.from_pretrained(resume if resume.is_dir() else enc_ckpt)

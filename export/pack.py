@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from engine.atomic import atomic_write_text
 from engine.bundle import sha256_file
 from engine.errors import UserInputError
 from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec
@@ -61,9 +62,7 @@ def now() -> str:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    os.replace(tmp, root / MANIFEST_NAME)
+    atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
 
 
 @contextmanager

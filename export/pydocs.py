@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
+from engine.atomic import atomic_open
 from engine.errors import CorpusError
 
 from .corpus import Document
@@ -173,18 +174,11 @@ def python_docs_documents(source: Path = PYDOCS_SOURCES) -> Iterator[Document]:
 
 def write_python_docs_corpus(out: str | Path, source: Path = PYDOCS_SOURCES) -> int:
     """Writes the corpus as JSONL, atomically: a reader never sees half a file. Returns its size."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in python_docs_documents(source):
-                f.write(json.dumps({"id": doc.id, "title": doc.title, "text": doc.text}, ensure_ascii=False) + "\n")
-                n += 1
+    with atomic_open(out) as f:
+        for doc in python_docs_documents(source):
+            f.write(json.dumps({"id": doc.id, "title": doc.title, "text": doc.text}, ensure_ascii=False) + "\n")
+            n += 1
         if n == 0:
             raise CorpusError(f"{source}: no .rst.txt sources in it")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return n

@@ -96,3 +96,15 @@ def test_missing_bundle_and_manifest(tmp_path):
 def test_fill_is_one_pass():
     assert fill("{a}-{b}", a="{b}", b="x") == "{b}-x"
     assert fill("{unknown} {a}", a="1") == "{unknown} 1"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from engine.atomic import atomic_open, atomic_write_text
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target) as f:
+            f.write("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
