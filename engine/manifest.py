@@ -74,8 +74,8 @@ class GeneratorSpec:
     max_context: int               # prompt + new tokens never exceed this
     source: Source
     kv_dtype: str = "float32"
-    # False when rows of a batch change each other's results (dynamic int8 activation
-    # scales span the batch); the engine then runs such batches row by row.
+    # False when rows of a batch change each other's results (the dynamic int8 of older bundles:
+    # its activation scales span the batch); the engine then runs such batches row by row.
     batch_invariant: bool = True
     io: GeneratorIO = field(default_factory=GeneratorIO)
 
