@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .lookup import PromptLookup
 from .manifest import GeneratorSpec
 
 
@@ -27,6 +28,9 @@ class KVState:
 class RowStates:
     """One unpadded KVState per row, for graphs whose rows are not independent in a batch."""
     rows: tuple[KVState, ...]
+
+
+COMPACT_AFTER = 64          # masked-out cache positions tolerated before compacting
 
 
 class Decoder:
@@ -91,17 +95,44 @@ class Decoder:
         logits, state = self.forward(state, tokens[:, None], np.ones((len(tokens), 1), dtype=np.int64))
         return logits[:, -1], state
 
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> Iterator[int]:
-        """Yields greedy tokens until EOS or the limit; stopping the iteration stops the work."""
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int,
+               lookup: PromptLookup | None = None) -> Iterator[int]:
+        """Yields greedy tokens until EOS or the limit; stopping the iteration stops the work.
+
+        With `lookup`, each pass also checks the tokens it drafts and keeps those that match
+        greedy's own choice: the same tokens, in fewer passes.
+        """
         stop = set(self.spec.eos_token_ids)
         logits, state = self.prefill([prompt])                 # (1, V)
-        for i in range(max_new_tokens):
+        context = list(prompt)
+        emitted = 0
+        while emitted < max_new_tokens:
             token = int(logits[0].argmax())
             if token in stop:
                 return
             yield token
-            if i + 1 < max_new_tokens:
+            emitted += 1
+            context.append(token)
+            if emitted == max_new_tokens:
+                return
+            draft = lookup.propose(context)[:max_new_tokens - emitted] if lookup else []
+            if not draft:
                 logits, state = self.step(state, np.array([token], dtype=np.int64))
+                continue
+            run = np.array([[token, *draft]], dtype=np.int64)
+            all_logits, state = self.forward(state, run, np.ones_like(run), num_logits=run.shape[1])
+            choices = all_logits[0].argmax(axis=-1)            # greedy's pick after each run token
+            accepted = 0
+            while accepted < len(draft) and choices[accepted] == draft[accepted]:
+                accepted += 1
+            for t in draft[:accepted]:
+                if t in stop:
+                    return
+                yield int(t)
+            emitted += accepted
+            context.extend(draft[:accepted])
+            state = _forget_last(state, len(draft) - accepted)
+            logits = all_logits[:, accepted]
 
     def greedy_batch(self, logits: np.ndarray, state: KVState | RowStates, max_new_tokens: int) -> list[list[int]]:
         """Greedy decoding of a prefilled batch of independent rows; each stops on its own EOS."""
@@ -141,6 +172,24 @@ class Decoder:
             logp = log_softmax(logits)                                 # (B, L-1, V)
             total = total + np.take_along_axis(logp, cont[None, 1:, None], axis=2)[..., 0].sum(axis=1)
         return total
+
+
+def _forget_last(state: KVState, n: int) -> KVState:
+    """Drops the last n positions of a one-row state: rejected drafts.
+
+    Their keys and values stay in the cache, masked out like padding (copying the cache to
+    cut them would cost as much as a step); once the dead positions reach COMPACT_AFTER the
+    cache is rewritten without them.
+    """
+    if n == 0:
+        return state
+    mask = state.mask.copy()
+    mask[:, mask.shape[1] - n:] = 0
+    if (mask == 0).sum() >= COMPACT_AFTER:
+        keep = np.flatnonzero(mask[0])
+        return KVState(tuple(np.ascontiguousarray(p[:, :, keep]) for p in state.past), mask[:, keep],
+                       state.positions - n)
+    return KVState(state.past, mask, state.positions - n)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

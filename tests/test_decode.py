@@ -156,3 +156,46 @@ def test_passage_prior_is_a_softmax():
     p = passage_prior([0.5, 0.4], temperature=0.1)
     assert p.sum() == pytest.approx(1.0)
     assert p[0] / p[1] == pytest.approx(np.exp(1.0))
+
+
+class CountingSession:
+    """Counts forward passes through the wrapped onnxruntime session."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run(*args, **kwargs)
+
+
+@pytest.mark.parametrize("max_draft,compact_after", [(1, 64), (3, 64), (8, 64), (8, 2)])
+def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, compact_after, monkeypatch):
+    """Rejected drafts stay in the cache masked out, and are cut out at `COMPACT_AFTER`."""
+    import engine.decode
+    from engine.lookup import PromptLookup
+    monkeypatch.setattr(engine.decode, "COMPACT_AFTER", compact_after)
+    rng = np.random.default_rng(max_draft)
+    counting = CountingSession(decoder.session)
+    speculative = Decoder(counting, decoder.spec)
+    saved = 0
+    for _ in range(6):
+        # Repeated chunks give the lookup something to find; the random tiny model decides
+        # whether the drafts are right.
+        chunk = rng.integers(3, decoder.spec.vocab_size, 6).tolist()
+        prompt = chunk * 3 + rng.integers(3, decoder.spec.vocab_size, 4).tolist() + chunk[:3]
+        plain = list(decoder.greedy(prompt, 40))
+        counting.calls = 0
+        fast = list(speculative.greedy(prompt, 40, lookup=PromptLookup(max_draft=max_draft, min_ngram=1)))
+        assert fast == plain
+        saved += len(plain) - counting.calls
+    assert saved > 0          # some drafts were accepted, so some passes were saved
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    from engine.lookup import PromptLookup
+    lookup = PromptLookup(max_draft=3, max_ngram=2, min_ngram=1)
+    assert lookup.propose([1, 2, 3, 4, 5, 1, 2, 9, 9, 1, 2]) == [9, 9, 1]
+    assert lookup.propose([7, 8, 5, 6, 8]) == [5, 6, 8]          # bigram (6, 8) is new; unigram 8 matches
+    assert PromptLookup(min_ngram=2).propose([7, 8, 5, 6, 8]) == []
+    assert lookup.propose([4]) == []
