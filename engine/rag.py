@@ -1,6 +1,7 @@
 """The three ways to turn retrieved passages into an answer.
 
-- concat:   all k passages in one prompt, greedy decoding. Cheapest, and the default.
+- concat:   all k passages in one prompt, greedy decoding (with prompt-lookup drafts, see
+            lookup.py). Cheapest, and the default.
 - token:    RAG-Token. k prompts (one passage each) decode as one batch, and every step
             takes argmax_y sum_c P(c|q) p(y | q, c, y<t): the passages vote per token.
 - sequence: RAG-Sequence. Each passage proposes its greedy answer; every distinct answer a
@@ -16,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .decode import Decoder, log_softmax
+from .lookup import PromptLookup
 from .prompt import PassageText, PromptBuilder
 
 MODES = ("concat", "token", "sequence")
@@ -41,7 +43,10 @@ def start(mode: str, decoder: Decoder, builder: PromptBuilder, question: str,
           passages: Sequence[PassageText], prior: np.ndarray, max_new_tokens: int) -> Run:
     if mode == "concat":
         prompt = builder.build(question, passages)
-        return Run(decoder.greedy(prompt.ids, max_new_tokens), len(prompt.ids), prompt.truncated)
+        # Checking drafts runs several tokens in one pass; only a graph whose rows do not
+        # share quantization scales gives each of them the numbers a one-token step would.
+        lookup = PromptLookup() if decoder.spec.batch_invariant else None
+        return Run(decoder.greedy(prompt.ids, max_new_tokens, lookup), len(prompt.ids), prompt.truncated)
     prompts = [builder.build(question, [p]) for p in passages]
     ids = [p.ids for p in prompts]
     run = Run(iter(()), max(len(i) for i in ids), any(p.truncated for p in prompts))
