@@ -45,9 +45,8 @@ class Decoder:
                                            for name in (io.present_key, io.present_value)]
         self.kv_dtype = np.dtype(spec.kv_dtype)
         self.pad_id = spec.pad_token_id
-        # Dynamic int8 (the int8 of older bundles) quantizes activations with one scale
-        # per tensor, so in a batch every row, its padding too, changes every other row's
-        # numbers: such graphs run row by row.
+        # int8 graphs quantize activations in ways that depend on the batch shape, so a row's
+        # numbers change with its neighbours: such graphs run row by row.
         self.row_by_row = not spec.batch_invariant
 
     def empty_state(self, batch: int) -> KVState:

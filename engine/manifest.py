@@ -74,8 +74,9 @@ class GeneratorSpec:
     max_context: int               # prompt + new tokens never exceed this
     source: Source
     kv_dtype: str = "float32"
-    # False when rows of a batch change each other's results (the dynamic int8 of older bundles:
-    # its activation scales span the batch); the engine then runs such batches row by row.
+    # False when a row's results depend on what else runs in the same pass (int8 graphs: their
+    # activation quantization differs with the batch shape); the engine then runs batches row
+    # by row and does not check drafted tokens in one pass.
     batch_invariant: bool = True
     io: GeneratorIO = field(default_factory=GeneratorIO)
 

@@ -43,8 +43,8 @@ def start(mode: str, decoder: Decoder, builder: PromptBuilder, question: str,
           passages: Sequence[PassageText], prior: np.ndarray, max_new_tokens: int) -> Run:
     if mode == "concat":
         prompt = builder.build(question, passages)
-        # Checking drafts runs several tokens in one pass; only a graph whose rows do not
-        # share quantization scales gives each of them the numbers a one-token step would.
+        # Checking drafts runs several tokens in one pass; only a batch-invariant graph gives
+        # each of them the numbers a one-token step would, keeping the output plain greedy's.
         lookup = PromptLookup() if decoder.spec.batch_invariant else None
         return Run(decoder.greedy(prompt.ids, max_new_tokens, lookup), len(prompt.ids), prompt.truncated)
     prompts = [builder.build(question, [p]) for p in passages]

@@ -111,7 +111,7 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
         num_layers=meta["num_layers"], num_kv_heads=meta["num_kv_heads"], head_dim=meta["head_dim"],
         vocab_size=meta["vocab_size"], eos_token_ids=tuple(meta["eos_token_ids"]),
         pad_token_id=meta["pad_token_id"], max_context=min(max_context, meta["max_position_embeddings"]),
-        source=source)
+        source=source, batch_invariant=quantization != "int8")
 
 
 def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:

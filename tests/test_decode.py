@@ -14,7 +14,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module", params=[True, False], ids=["batched", "row-by-row"])
 def decoder(tiny_generator_onnx, request):
-    """Both ways a batch can run: as one padded batch, or row by row (older dynamic-int8 bundles)."""
+    """Both ways a batch can run: as one padded batch, or row by row (int8 bundles)."""
     out, exp = tiny_generator_onnx
     spec = GeneratorSpec(model="model.onnx", tokenizer="tokenizer.json", quantization="fp32",
                          num_layers=exp.num_layers, num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim,

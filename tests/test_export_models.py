@@ -250,22 +250,20 @@ def test_content_key_follows_bytes_and_names(cache, tmp_path):
     assert len({key, changed, content_key(d, "v1")}) == 3
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, tmp_path, quantization):
+def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, tmp_path):
     """Batches run as batches only if a row's logits do not depend on its neighbours."""
     import numpy as np
 
     from engine.decode import Decoder
     from engine.manifest import GeneratorSpec, Source
     from engine.session import SessionConfig, create_session
-    from export.quantize import op_counts, quantize_generator, quantize_generator_int4
+    from export.quantize import op_counts, quantize_generator_int4
 
     out, exp = tiny_generator_onnx
-    quantize = quantize_generator if quantization == "int8" else quantize_generator_int4
-    report = quantize(out / "model.onnx", tmp_path / "q.onnx")
+    report = quantize_generator_int4(out / "model.onnx", tmp_path / "q.onnx")
     assert report.quantized_ops["MatMulNBits"] > 0
     assert op_counts(tmp_path / "q.onnx")["DynamicQuantizeLinear"] == 0
-    spec = GeneratorSpec(model="", tokenizer="", quantization=quantization, num_layers=exp.num_layers,
+    spec = GeneratorSpec(model="", tokenizer="", quantization="int4", num_layers=exp.num_layers,
                          num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim, vocab_size=exp.vocab_size,
                          eos_token_ids=tuple(exp.eos_token_ids), pad_token_id=exp.pad_token_id, max_context=512,
                          source=Source("tiny", ""))
