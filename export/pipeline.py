@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.bundle import Bundle
+from engine.corpus import chunk_documents, read_documents
 from engine.encoder import TextEncoder
 from engine.errors import RagrtError, UserInputError
 from engine.manifest import (SCHEMA, SCHEMA_VERSION, EncoderSpec, GeneratorSpec, IndexSpec, Manifest,
@@ -25,7 +26,6 @@ from engine.session import SessionConfig
 from engine.store import PassageRecord
 
 from .cache import cached_dir, content_key
-from .corpus import chunk_documents, read_documents
 from .index import build_index
 from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from .pack import file_entries, library_versions, now, prompt_spec, staging_dir, write_manifest

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from engine.errors import CorpusError, RagrtError, UserInputError
 from engine.prompt import fill
-from export.corpus import Document, chunk_documents, read_documents
+from engine.corpus import Document, chunk_documents, read_documents
 
 # derandomize: CI must see the same 1,000 examples every run, not a new draw that may fail once.
 EXAMPLES = settings(max_examples=1000, deadline=None, derandomize=True,
