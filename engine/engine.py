@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from .bundle import Bundle
 from .decode import Decoder
 from .encoder import TextEncoder
+from .live import LiveRetriever
 from .errors import UserInputError
 from .manifest import Manifest
 from .prompt import PassageText, PromptBuilder
@@ -68,7 +69,7 @@ class Engine:
         self.bundle = bundle
         self.manifest = m
         self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
-        self.retriever = Retriever.open(bundle.root, m, self.encoder)
+        self.corpus = LiveRetriever(bundle, self.encoder)
         self.decoder = Decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
         self.tokenizer = Tokenizer.from_file(str(bundle.path(m.generator.tokenizer)))
         self.tokenizer.no_truncation()
@@ -77,6 +78,11 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False) -> "Engine":
         return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads))
+
+    @property
+    def retriever(self) -> Retriever:
+        """The current corpus generation's retriever: a new one after `ragrt index add` or `remove`."""
+        return self.corpus.get()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised embeddings (n, dim), float32."""
