@@ -8,7 +8,7 @@ are indistinguishable from exported ones.
 Ids: a passage is `<document id>#<n>`. Adding a document whose id the bundle already holds is an
 error naming the file and line (remove it first: an update is then explicit, never a silent
 overwrite). Removing takes passage ids or document ids (a document id removes all its passages);
-an id that is neither is an error, and nothing is removed.
+an id that is neither is an error, and nothing is removed; so is removing every passage.
 """
 from __future__ import annotations
 
@@ -85,12 +85,14 @@ def remove_ids(bundle_path: str | Path, ids_file: str | Path) -> UpdateResult:
                               f"({len(unknown)} unknown ids in all); nothing was removed")
         drop = {row for i, _ in wanted for row in rows[i]}
         keep = np.array([row for row in range(len(store)) if row not in drop], dtype=np.uint64)
+        if not len(keep):
+            # as export refuses an empty corpus: an engine without passages has nothing to answer from
+            raise CorpusError(f"{ids_file}: these ids are every passage in the bundle; nothing was removed")
         documents = len({document_id(ids[row]) for row in keep})
         old = _load_index(gen, view=True)
         index = _empty_index(gen.spec.index)
-        if len(keep):
-            # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
-            index.add(np.arange(len(keep), dtype=np.uint64), np.vstack(old.get(keep)))
+        # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
+        index.add(np.arange(len(keep), dtype=np.uint64), np.vstack(old.get(keep)))
         kept = (store.get(int(row)) for row in keep)
         return _publish(bundle, gen, index, kept, added=0, removed=len(drop), documents=documents)
 
