@@ -16,15 +16,19 @@ from .session import SessionConfig, create_session
 BUCKET_WINDOW = 8
 
 
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
+        raise BundleError(f"{path}: not a readable tokenizer ({e})") from None
+
+
 class TextEncoder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, max_length: int, dim: int,
                  session_config: SessionConfig = SessionConfig(), output: str = "embedding"):
         model_path = Path(model_path)
         self.session = create_session(model_path, session_config)
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
-            raise BundleError(f"{tokenizer_path}: not a readable tokenizer ({e})") from None
+        self.tokenizer = load_tokenizer(tokenizer_path)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
         self.dim = dim

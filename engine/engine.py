@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from .bundle import Bundle
 from .decode import Decoder
-from .encoder import TextEncoder
+from .encoder import TextEncoder, load_tokenizer
 from .live import LiveRetriever
 from .errors import UserInputError
 from .manifest import Manifest
@@ -71,7 +71,7 @@ class Engine:
         self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
         self.corpus = LiveRetriever(bundle, self.encoder)
         self.decoder = Decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
-        self.tokenizer = Tokenizer.from_file(str(bundle.path(m.generator.tokenizer)))
+        self.tokenizer = load_tokenizer(bundle.path(m.generator.tokenizer))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
 

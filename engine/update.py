@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from .bundle import Bundle
 from .corpus import chunk_documents, located_documents
-from .encoder import TextEncoder
+from .encoder import TextEncoder, load_tokenizer
 from .errors import BundleError, CorpusError
 from .generation import DATA_FILE, INDEX_FILE, OFFSETS_FILE, Generation, publish, remove_unused, staging, update_lock
 from .manifest import IndexSpec, PassagesSpec
@@ -55,7 +54,7 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
                                   "remove it first with `ragrt index remove`")
             docs.append(doc)
         m = bundle.manifest
-        tokenizer = Tokenizer.from_file(str(bundle.path(m.encoder.tokenizer)))
+        tokenizer = load_tokenizer(bundle.path(m.encoder.tokenizer))
         new = [PassageRecord(p.id, p.title, p.text) for p in
                chunk_documents(docs, tokenizer, max_tokens=m.chunking.max_tokens, overlap=m.chunking.overlap)]
         if not new:
