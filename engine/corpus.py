@@ -12,6 +12,7 @@ from tokenizers import Encoding, Tokenizer
 
 from .errors import CorpusError, UserInputError
 from .jsonl import iter_jsonl
+from .text import valid_unicode
 
 TEXT_SUFFIXES = (".rst.txt", ".txt", ".md", ".rst", ".html", ".htm")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -73,7 +74,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[Document, str]]:
             raise CorpusError(f'{where}: "text" must be a non-empty string')
         if not isinstance(title, str | None):
             raise CorpusError(f'{where}: "title" must be a string')
-        yield Document(str(doc_id), text, title or ""), where
+        yield Document(valid_unicode(str(doc_id)), valid_unicode(text), valid_unicode(title or "")), where
 
 
 def _read_directory(root: Path) -> Iterator[tuple[Document, str]]:

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 from .errors import BundleError, UserInputError
 from .manifest import EncoderSpec
 from .session import SessionConfig, create_session
+from .text import valid_unicode
 
 # Texts are sorted by length inside windows of this many batches, so a batch pads to a
 # similar length instead of to the longest text of the whole input.
@@ -65,7 +66,9 @@ class TextEncoder:
     def _embed(self, texts: Iterable[str], batch_size: int) -> Iterator[np.ndarray]:
         window: list[str] = []
         for text in texts:
-            window.append(text)
+            if not isinstance(text, str):
+                raise UserInputError(f"texts to embed must be strings, got {type(text).__name__}")
+            window.append(valid_unicode(text))
             if len(window) == batch_size * BUCKET_WINDOW:
                 yield from self._embed_window(window, batch_size)
                 window = []
