@@ -3,6 +3,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,41 @@ def test_an_open_engine_sees_updates_without_reopening(bundle, tmp_path):
     "".join(stream)
     assert [s.id for s in stream.answer.sources][0] == "lists#0"    # what it retrieved before the updates
     assert engine.corpus.generation.name == "gen-000003"
+
+
+def test_requests_running_across_updates_never_fail(bundle, tmp_path):
+    """Threads ask while the corpus changes under them: every answer comes whole from one generation."""
+    engine = Engine.open(bundle, threads=1)
+    states = [set(passages(bundle))]
+    stop = threading.Event()
+    answers, errors = [], []
+
+    def ask_until_stopped():
+        while not stop.is_set():
+            try:
+                answers.append({s.id for s in engine.ask("copy a list", k=50, max_new_tokens=2).sources})
+            except Exception as e:  # any failure at all is what this test looks for
+                errors.append(e)
+
+    threads = [threading.Thread(target=ask_until_stopped) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i, doc in enumerate(NEW_DOCS):
+            add_documents(bundle, write_jsonl(tmp_path / f"new{i}.jsonl", [doc]), threads=1)
+            states.append(set(passages(bundle)))
+        remove_ids(bundle, write_lines(tmp_path / "ids.txt", ["tuple", "gil"]))
+        states.append(set(passages(bundle)))
+        deadline = len(answers) + 4
+        while len(answers) < deadline and not errors:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert all(a in states for a in answers)
+    assert states[-1] in answers
 
 
 def write_lines(path: Path, lines) -> Path:
