@@ -13,8 +13,8 @@ from tokenizers import Tokenizer
 from .bundle import Bundle
 from .decode import Decoder
 from .encoder import TextEncoder, load_tokenizer
-from .live import LiveRetriever
 from .errors import UserInputError
+from .live import LiveRetriever
 from .manifest import Manifest
 from .prompt import PassageText, PromptBuilder
 from .rag import MODES, Run, passage_prior, start

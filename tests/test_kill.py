@@ -13,6 +13,7 @@ import pytest
 from engine.bundle import Bundle
 from engine.cli import main
 from engine.errors import CorpusError
+from engine.generation import CORPUS_DIR
 from engine.store import PassageStore
 from engine.update import add_documents
 
@@ -54,14 +55,18 @@ def test_kill_during_index_add(tiny_bundle, tmp_path, capsys):
     for run in range(RUNS):
         bundle = Path(shutil.copytree(tiny_bundle, tmp_path / f"run{run}"))
         proc = index_add(bundle, corpus)
-        # Spread over the whole run and a little past it, so some kills find it finished.
-        time.sleep(rng.uniform(0, 1.1 * duration))
+        # Spread over the whole run and past it: a run slowed by a busy machine still gets
+        # kills after its swap, and some kills find it finished.
+        time.sleep(rng.uniform(0, 1.3 * duration))
         proc.kill()
         proc.wait()
         assert main(["verify", str(bundle)]) == 0, f"run {run}: the bundle does not verify"
         ids = passage_ids(bundle)
         assert ids in (old, new), f"run {run}: {len(ids)} passages, neither the old {len(old)} nor the new {len(new)}"
         outcomes["new" if ids == new else "old"] += 1
+        # Evidence that the kill landed while the new generation was being written or swapped in.
+        staged = list((bundle / CORPUS_DIR).glob(".gen-*"))
+        outcomes["mid-write"] += bool(staged or (ids == old and (bundle / CORPUS_DIR / "gen-000002").exists()))
         # Whatever the kill left behind must not block the next update.
         if ids == old:
             add_documents(bundle, corpus, threads=1)
@@ -72,5 +77,6 @@ def test_kill_during_index_add(tiny_bundle, tmp_path, capsys):
         shutil.rmtree(bundle)
     assert outcomes["old"] and outcomes["new"], outcomes      # the kills landed before and after the swap
     with capsys.disabled():
-        print(f"\nkill test: {RUNS} runs, {outcomes['old']} old, {outcomes['new']} new; "
+        print(f"\nkill test: {RUNS} runs, {outcomes['old']} old, {outcomes['new']} new, "
+              f"{outcomes['mid-write']} killed while writing the new generation; "
               f"an uninterrupted index add takes {duration:.2f} s")
