@@ -155,6 +155,47 @@ def test_bad_updates_change_nothing(bundle, tmp_path):
     assert passages(bundle) == before and generations(bundle) == ["gen-000001"]
 
 
+def test_a_failure_at_any_step_leaves_the_old_corpus_or_the_new(bundle, tmp_path, monkeypatch):
+    """Fails the k-th fsync or rename of an update, for every k: the kill test's random moments, made exhaustive."""
+    import os
+    new_docs = write_jsonl(tmp_path / "new.jsonl", NEW_DOCS)
+    real = {"fsync": os.fsync, "replace": os.replace}
+    calls = []
+
+    def failing_at(k):
+        def wrap(name):
+            def call(*args):
+                calls.append(name)
+                if len(calls) == k:
+                    raise OSError(f"injected failure at {name} #{k}")
+                return real[name](*args)
+            return call
+        for name in real:
+            monkeypatch.setattr(os, name, wrap(name))
+
+    failing_at(0)
+    copy = Path(shutil.copytree(bundle, tmp_path / "count"))
+    add_documents(copy, new_docs, threads=1)
+    steps, old, new = len(calls), set(passages(bundle)), set(passages(copy))
+    assert steps >= 8, calls
+    seen = set()
+    for k in range(1, steps + 1):
+        calls.clear()
+        failing_at(k)
+        b = Path(shutil.copytree(bundle, tmp_path / f"k{k}"))
+        with pytest.raises(OSError, match="injected"):
+            add_documents(b, new_docs, threads=1)
+        monkeypatch.undo()
+        state = set(passages(b))
+        assert state in (old, new), k
+        seen.add("new" if state == new else "old")
+        Bundle.open(b, verify=True)
+        if state == old:                              # what the failed update left does not block a retry
+            add_documents(b, new_docs, threads=1)
+            assert set(passages(b)) == new
+    assert seen == {"old", "new"}     # the last fsync comes after the swap
+
+
 def test_one_update_at_a_time(bundle, tmp_path):
     with update_lock(bundle):
         with pytest.raises(UserInputError, match="another corpus update is running"):
