@@ -34,7 +34,7 @@ class Bundle:
                 raise BundleError(f"{root / rel}: used by the manifest but not listed in its files")
         manifest_sha256 = sha256_file(root / MANIFEST_NAME)
         generation = open_generation(root, manifest_sha256=manifest_sha256)
-        check_files(root, manifest.files, verify=verify)
+        check_files(root, manifest.files, verify=verify, bundle=root)
         return cls(root, manifest, manifest_sha256, generation)
 
     def path(self, rel: str) -> Path:

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from .atomic import atomic_write_text, fsync_dir, fsync_tree
 from .errors import BundleError, UserInputError
-from .integrity import check_files, file_entries, sha256_file
+from .integrity import check_files, check_inside, file_entries, sha256_file
 from .manifest import GENERATION_SCHEMA, GenerationSpec, IndexSpec, PassagesSpec
 
 CORPUS_DIR = "corpus"
@@ -108,6 +108,7 @@ def _open(bundle: Path, pointer: Pointer, manifest_sha256: str) -> Generation:
     path = root / GENERATION_FILE
     if not path.is_file():
         raise BundleError(f"{path}: missing; {POINTER} names a generation that is not there")
+    check_inside(path, bundle)
     if sha256_file(path) != pointer.sha256:
         raise BundleError(f"{path}: sha256 does not match {CORPUS_DIR}/{POINTER}; the bundle is corrupted")
     spec = GenerationSpec.from_json(path.read_text(encoding="utf-8"), where=str(path))
@@ -119,7 +120,7 @@ def _open(bundle: Path, pointer: Pointer, manifest_sha256: str) -> Generation:
     for rel in spec.referenced_paths():
         if rel not in spec.files:
             raise BundleError(f"{root / rel}: used by {GENERATION_FILE} but not listed in its files")
-    check_files(root, spec.files, verify=True)
+    check_files(root, spec.files, verify=True, bundle=bundle)
     return Generation(root, spec)
 
 

@@ -115,6 +115,18 @@ def test_the_json_files_are_checked_at_every_open(tmp_path):
         Bundle.open(tmp_path)
 
 
+@pytest.mark.parametrize("rel", ["encoder/model.onnx", "corpus/gen-000001", "corpus/gen-000001/d.bin"])
+def test_a_link_out_of_the_bundle_is_refused(tmp_path, rel):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    _write_bundle(bundle)
+    outside = tmp_path / "outside"
+    (bundle / rel).rename(outside)              # same bytes, so only where they live is wrong
+    (bundle / rel).symlink_to(outside)
+    with pytest.raises(BundleError, match="a link to .*outside(/generation.json)?, outside the bundle"):
+        Bundle.open(bundle)
+
+
 @pytest.mark.parametrize("pointer", ["gen-000001", "gen-000002 " + "0" * 64 + "\n", "../../x " + "0" * 64 + "\n"])
 def test_a_bad_pointer_is_refused(tmp_path, pointer):
     _write_bundle(tmp_path)
