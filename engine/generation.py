@@ -89,7 +89,7 @@ def open_generation(bundle: Path, *, manifest_sha256: str) -> Generation:
 
     Always hashed, unlike the models: USearch walks its graph without bounds checks, so a
     corrupted index body (header intact) crashes the process instead of raising. Hashing
-    runs at about 1 GB/s, some 60 ms for a 30,000-passage corpus.
+    runs at about 1 GB/s: 11 ms for a 6,369-passage corpus (9 MB) on the development machine.
     Retried when CURRENT moved on while we read: an update may have removed what it named.
     """
     bundle = Path(bundle)
@@ -130,7 +130,11 @@ def update_lock(bundle: Path) -> Iterator[None]:
     corpus = Path(bundle) / CORPUS_DIR
     if not corpus.is_dir():
         raise BundleError(f"{corpus}: missing; is {bundle} a ragrt bundle?")
-    with open(corpus / LOCK, "a") as f:
+    try:
+        f = open(corpus / LOCK, "a")
+    except OSError as e:
+        raise UserInputError(f"{corpus}: cannot update the corpus ({e.strerror})") from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,8 +172,9 @@ def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, in
 
 
 def remove_unused(bundle: Path) -> None:
-    """Removes what no reader can need: staging left by a killed update, generations newer than
-    CURRENT (renamed, then killed before the swap) and all but the newest older one."""
+    """Removes what no reader can need: staging and pointer temp files left by a killed update,
+    generations newer than CURRENT (renamed, then killed before the swap) and all but the newest
+    older one."""
     corpus = Path(bundle) / CORPUS_DIR
     current = read_pointer(bundle).number
     older = []
@@ -177,6 +182,8 @@ def remove_unused(bundle: Path) -> None:
         m = _GENERATION_DIR.fullmatch(p.name)
         if p.name.startswith(".gen-") and p.name.endswith(".tmp"):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{POINTER}.") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
         elif m and int(m[1]) > current:
             shutil.rmtree(p, ignore_errors=True)
         elif m and int(m[1]) < current:

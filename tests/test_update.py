@@ -204,15 +204,16 @@ def test_one_update_at_a_time(bundle, tmp_path):
 
 
 def test_leftovers_of_a_killed_update_are_removed(bundle, tmp_path):
-    """A staging dir (killed while writing) and a generation renamed but never swapped in."""
+    """A staging dir and a pointer temp file (killed while writing), a generation renamed but never swapped in."""
     corpus = bundle / CORPUS_DIR
     (corpus / ".gen-abc.tmp").mkdir()
     (corpus / ".gen-abc.tmp" / "vectors.usearch").write_bytes(b"half")
+    (corpus / ".CURRENT.123.tmp").write_text("gen-000002 ")
     shutil.copytree(corpus / "gen-000001", corpus / "gen-000002")
     assert set(passages(bundle)) == {"lists#0", "json#0", "gil#0", "files#0", "gen#0"}   # readers ignore both
     add_documents(bundle, write_jsonl(tmp_path / "new.jsonl", NEW_DOCS), threads=1)
     assert generations(bundle) == ["gen-000001", "gen-000002"]
-    assert not list(corpus.glob(".gen-*")) and "dict#0" in passages(bundle)
+    assert not list(corpus.glob(".*")) and "dict#0" in passages(bundle)
 
 
 def ragrt(*args):
