@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the whole new one, never half of one."""
+"""Atomic, durable file writes: readers see the old file or the whole new one, never half of one,
+even after a crash or power loss (the data is fsynced before the rename, the rename after it)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,10 @@ def atomic_open(path: str | Path) -> Iterator[IO[str]]:
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -24,3 +28,21 @@ def atomic_open(path: str | Path) -> Iterator[IO[str]]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flushes every file and directory under `root` (itself included) to disk, before `root` is renamed into use."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))

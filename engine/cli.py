@@ -23,6 +23,22 @@ EPILOG = textwrap.dedent("""\
       ragrt ask --bundle bundles/pydocs --mode token --json "What does a tuple hold?"
       ragrt info bundles/pydocs
       ragrt verify bundles/pydocs
+      ragrt index add --bundle bundles/pydocs --corpus new-docs.jsonl
+      ragrt index remove --bundle bundles/pydocs --ids retired-ids.txt
+    """)
+
+INDEX_EPILOG = textwrap.dedent("""\
+    Each update writes a new corpus generation and swaps it in with one rename: a crash
+    leaves the old corpus or the new one, and a running engine serves the new one from its
+    next request, without a restart.
+
+    examples:
+      ragrt index add --bundle bundles/pydocs --corpus new-docs.jsonl
+          new documents, chunked and embedded like the exported ones; a document id the
+          bundle already holds is an error (remove it first)
+      ragrt index remove --bundle bundles/pydocs --ids retired-ids.txt
+          one id a line: a passage id (doc#3) removes that passage, a document id all of its
+          passages; an unknown id is an error and nothing is removed
     """)
 
 
@@ -138,7 +154,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  encoder     {m.encoder.source.name}  {m.encoder.quantization}, dim {m.encoder.dim}")
     print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
           f"{m.generator.num_layers} layers, context {m.generator.max_context}")
-    print(f"  index       {m.index.count} passages, {m.index.dtype}, {m.index.metric}")
+    gen = bundle.generation.spec
+    print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.index.count} passages, "
+          f"{gen.index.dtype}, {gen.index.metric}")
     print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature}")
     for key, value in sorted(m.parity.items()):
         print(f"  parity      {key}: {json.dumps(value)[:200]}")
@@ -148,7 +166,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     bundle = Bundle.open(args.bundle, verify=True)
-    print(f"ok: {len(bundle.manifest.files)} files match their sha256 in {bundle.root}")
+    print(f"ok: {bundle.file_count()} files match their sha256 in {bundle.root} (corpus {bundle.generation.name})")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .update import add_documents, remove_ids
+    if args.action == "add":
+        r = add_documents(args.bundle, args.corpus, threads=args.threads)
+        done = f"added {r.added} passages"
+    else:
+        r = remove_ids(args.bundle, args.ids)
+        done = f"removed {r.removed} passages"
+    print(f"{done}; {args.bundle} now serves {r.generation}: {r.documents} documents, {r.passages} passages")
     return 0
 
 
@@ -234,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every bundle file against its sha256")
     v.add_argument("bundle")
     v.set_defaults(func=cmd_verify)
+
+    ix = sub.add_parser("index", help="add or remove documents in a bundle without re-exporting",
+                        epilog=INDEX_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ix_sub = ix.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ia = ix_sub.add_parser("add", help="chunk, embed and index new documents", epilog=INDEX_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ia.add_argument("--bundle", required=True)
+    ia.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory, as for export")
+    ia.add_argument("--threads", type=int, default=0, help="onnxruntime threads for embedding (0: all cores)")
+    ir = ix_sub.add_parser("remove", help="remove passages or whole documents by id", epilog=INDEX_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ir.add_argument("--bundle", required=True)
+    ir.add_argument("--ids", required=True, help="text file, one passage id or document id a line")
+    ix.set_defaults(func=cmd_index)
     return p
 
 

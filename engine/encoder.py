@@ -10,10 +10,18 @@ from tokenizers import Tokenizer
 from .errors import BundleError, UserInputError
 from .manifest import EncoderSpec
 from .session import SessionConfig, create_session
+from .text import valid_unicode
 
 # Texts are sorted by length inside windows of this many batches, so a batch pads to a
 # similar length instead of to the longest text of the whole input.
 BUCKET_WINDOW = 8
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
+        raise BundleError(f"{path}: not a readable tokenizer ({e})") from None
 
 
 class TextEncoder:
@@ -21,10 +29,7 @@ class TextEncoder:
                  session_config: SessionConfig = SessionConfig(), output: str = "embedding"):
         model_path = Path(model_path)
         self.session = create_session(model_path, session_config)
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
-            raise BundleError(f"{tokenizer_path}: not a readable tokenizer ({e})") from None
+        self.tokenizer = load_tokenizer(tokenizer_path)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
         self.dim = dim
@@ -61,7 +66,9 @@ class TextEncoder:
     def _embed(self, texts: Iterable[str], batch_size: int) -> Iterator[np.ndarray]:
         window: list[str] = []
         for text in texts:
-            window.append(text)
+            if not isinstance(text, str):
+                raise UserInputError(f"texts to embed must be strings, got {type(text).__name__}")
+            window.append(valid_unicode(text))
             if len(window) == batch_size * BUCKET_WINDOW:
                 yield from self._embed_window(window, batch_size)
                 window = []

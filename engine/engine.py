@@ -12,8 +12,9 @@ from tokenizers import Tokenizer
 
 from .bundle import Bundle
 from .decode import Decoder
-from .encoder import TextEncoder
+from .encoder import TextEncoder, load_tokenizer
 from .errors import UserInputError
+from .live import LiveRetriever
 from .manifest import Manifest
 from .prompt import PassageText, PromptBuilder
 from .rag import MODES, Run, passage_prior, start
@@ -68,15 +69,20 @@ class Engine:
         self.bundle = bundle
         self.manifest = m
         self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
-        self.retriever = Retriever.open(bundle.root, m, self.encoder)
+        self.corpus = LiveRetriever(bundle, self.encoder)
         self.decoder = Decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
-        self.tokenizer = Tokenizer.from_file(str(bundle.path(m.generator.tokenizer)))
+        self.tokenizer = load_tokenizer(bundle.path(m.generator.tokenizer))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False) -> "Engine":
         return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads))
+
+    @property
+    def retriever(self) -> Retriever:
+        """The current corpus generation's retriever: a new one after `ragrt index add` or `remove`."""
+        return self.corpus.get()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised embeddings (n, dim), float32."""

@@ -17,7 +17,10 @@ from typing import Any
 from .errors import BundleError
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 moved the index and the passage store into corpus generations (engine/generation.py).
+FIRST_READABLE_VERSION = 2
+GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -96,6 +99,13 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class ChunkingSpec:
+    """How documents became passages; `ragrt index add` chunks new documents the same way."""
+    max_tokens: int                # encoder tokens per passage
+    overlap: int                   # tokens shared by consecutive passages of a document
+
+
+@dataclass(frozen=True)
 class IndexSpec:
     path: str
     metric: str                    # "cos"
@@ -131,8 +141,7 @@ class Manifest:
     encoder: EncoderSpec
     generator: GeneratorSpec
     prompt: PromptSpec
-    index: IndexSpec
-    passages: PassagesSpec
+    chunking: ChunkingSpec
     rag: RagDefaults = field(default_factory=RagDefaults)
     corpus: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
@@ -154,14 +163,51 @@ class Manifest:
             raise BundleError(
                 f"{where}: bundle schema_version {version!r} is newer than this ragrt reads "
                 f"({SCHEMA_VERSION}); upgrade ragrt")
+        if version < FIRST_READABLE_VERSION:
+            raise BundleError(f"{where}: bundle schema_version {version} predates corpus generations; "
+                              f"rebuild it with `ragrt export --force`")
         manifest = _build(cls, raw, where)
         for path in manifest.referenced_paths() + list(manifest.files):
             check_relative(path, where)
         return manifest
 
     def referenced_paths(self) -> list[str]:
-        return [self.encoder.model, self.encoder.tokenizer, self.generator.model,
-                self.generator.tokenizer, self.index.path, self.passages.data, self.passages.offsets]
+        return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer]
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """`generation.json`: one immutable version of the corpus (index + passage store). Paths are
+    relative to its generation directory."""
+    schema: str
+    number: int
+    created_at: str
+    # The manifest's sha256: the vectors mean something only with the encoder that made them,
+    # and this seals manifest.json, which lists no checksum of itself.
+    manifest_sha256: str
+    files: dict[str, FileEntry]
+    index: IndexSpec
+    passages: PassagesSpec
+    documents: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> "GenerationSpec":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(raw, dict) or raw.get("schema") != GENERATION_SCHEMA:
+            raise BundleError(f"{where}: not a ragrt corpus generation (schema is not {GENERATION_SCHEMA!r})")
+        spec = _build(cls, raw, where)
+        for path in spec.referenced_paths() + list(spec.files):
+            check_relative(path, where)
+        return spec
+
+    def referenced_paths(self) -> list[str]:
+        return [self.index.path, self.passages.data, self.passages.offsets]
 
 
 def check_relative(path: str, where: str = MANIFEST_NAME) -> None:

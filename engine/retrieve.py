@@ -8,7 +8,7 @@ import numpy as np
 
 from .encoder import TextEncoder
 from .errors import BundleError, UserInputError
-from .manifest import Manifest
+from .manifest import IndexSpec, PassagesSpec
 from .store import PassageStore
 
 
@@ -28,10 +28,10 @@ class Retriever:
         self.encoder = encoder
 
     @classmethod
-    def open(cls, bundle_root: Path, manifest: Manifest, encoder: TextEncoder) -> "Retriever":
+    def open(cls, root: Path, spec: IndexSpec, passages: PassagesSpec, encoder: TextEncoder) -> "Retriever":
+        """`root` is the directory the specs' paths are relative to: a corpus generation."""
         from usearch.index import Index
-        spec = manifest.index
-        path = bundle_root / spec.path
+        path = root / spec.path
         try:
             # view=True memory-maps the file: the index costs page cache, not process memory.
             index = Index.restore(str(path), view=True)
@@ -47,10 +47,9 @@ class Retriever:
             raise BundleError(f"{path}: index holds {len(index)} vectors of {index.ndim} dims, "
                               f"manifest says {spec.count} of {spec.ndim}")
         index.expansion_search = spec.expansion_search
-        store = PassageStore.open(bundle_root / manifest.passages.data, bundle_root / manifest.passages.offsets,
-                                  count=manifest.passages.count)
+        store = PassageStore.open(root / passages.data, root / passages.offsets, count=passages.count)
         if len(store) != spec.count:
-            raise BundleError(f"{bundle_root}: the index holds {spec.count} passages but the store {len(store)}")
+            raise BundleError(f"{root}: the index holds {spec.count} passages but the store {len(store)}")
         return cls(index, store, encoder)
 
     def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:

@@ -47,6 +47,15 @@ def write_passage_store(data_path: Path, offsets_path: Path, records: Iterable[P
     return len(offsets) - 1
 
 
+def passage_text(p: PassageRecord) -> str:
+    """What gets embedded for a passage (queries are embedded as they are).
+
+    The title is included because it carries the section a chunk came from, which its text
+    often lacks. Export, `ragrt index add` and fine-tuning all embed passages through this.
+    """
+    return f"{p.title}\n{p.text}" if p.title else p.text
+
+
 class PassageStore:
     """Reads are slices of a read-only mmap, so one store can serve many threads."""
 

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from engine.atomic import atomic_write_text
+from engine.corpus import chunk_documents, read_documents
 from engine.errors import CorpusError, UserInputError
 from engine.evaluate import QA, is_relevant, read_qa, token_f1
 from engine.prompt import PassageText, PromptBuilder
-from engine.store import PassageRecord
+from engine.store import PassageRecord, passage_text
 
 from .contrastive import contrastive_loss, embed, mine_hard_negatives
-from .corpus import chunk_documents, read_documents
-from .index import passage_text
 from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from .pack import prompt_spec
 from .sft import rag_marginal_nll, sequence_logprobs, sft_example

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.encoder import TextEncoder
 from engine.errors import UserInputError
-from engine.store import PassageRecord, write_passage_store
+from engine.store import PassageRecord, passage_text, write_passage_store
 
 DTYPES = ("f16", "i8", "f32")
 
@@ -26,15 +26,6 @@ class IndexBuild:
     expansion_search: int
     seconds_embed: float
     seconds_index: float
-
-
-def passage_text(p: PassageRecord) -> str:
-    """What gets embedded for a passage (queries are embedded as they are).
-
-    The title is included because it carries the section a chunk came from, which its text
-    often lacks. Fine-tuning embeds passages through this too, so training sees what the index holds.
-    """
-    return f"{p.title}\n{p.text}" if p.title else p.text
 
 
 def build_index(passages: Iterable[PassageRecord] | Sequence[PassageRecord], encoder: TextEncoder, *,

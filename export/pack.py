@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.atomic import atomic_write_text
-from engine.bundle import sha256_file
+from engine.generation import CORPUS_DIR
+from engine.integrity import file_entries
 from engine.errors import UserInputError
 from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec
 
@@ -52,9 +53,10 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def file_entries(root: Path) -> dict[str, FileEntry]:
-    return {p.relative_to(root).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+def model_file_entries(root: Path) -> dict[str, FileEntry]:
+    """The manifest's files: everything but itself and the corpus, whose generations list their own."""
+    return file_entries(root, [p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+                               and p.relative_to(root).parts[0] != CORPUS_DIR])
 
 
 def now() -> str:

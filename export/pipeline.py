@@ -16,19 +16,21 @@ from pathlib import Path
 
 from engine import __version__
 from engine.bundle import Bundle
+from engine.corpus import chunk_documents, read_documents
 from engine.encoder import TextEncoder
 from engine.errors import RagrtError, UserInputError
-from engine.manifest import (SCHEMA, SCHEMA_VERSION, EncoderSpec, GeneratorSpec, IndexSpec, Manifest,
-                             PassagesSpec, PromptSpec, RagDefaults, Source)
+from engine.generation import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
+from engine.integrity import sha256_file
+from engine.manifest import (MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorSpec,
+                             IndexSpec, Manifest, PassagesSpec, PromptSpec, RagDefaults, Source)
 from engine.prompt import PromptBuilder
 from engine.session import SessionConfig
 from engine.store import PassageRecord
 
 from .cache import cached_dir, content_key
-from .corpus import chunk_documents, read_documents
 from .index import build_index
 from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from .pack import file_entries, library_versions, now, prompt_spec, staging_dir, write_manifest
+from .pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -190,7 +192,7 @@ def run_export(cfg: ExportConfig) -> Path:
     enc_q = "fp32" if q == "fp32" else "int8"
 
     with staging_dir(Path(cfg.out), force=cfg.force) as tmp:
-        for sub in ("encoder", "generator", "index", "passages"):
+        for sub in ("encoder", "generator", CORPUS_DIR):
             (tmp / sub).mkdir()
         shutil.copyfile(enc_dir / enc_q / "model.onnx", tmp / "encoder" / "model.onnx")
         shutil.copyfile(enc_dir / "tokenizer.json", tmp / "encoder" / "tokenizer.json")
@@ -205,29 +207,33 @@ def run_export(cfg: ExportConfig) -> Path:
         _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens; embedding them with the exported encoder")
         encoder = TextEncoder(tmp / "encoder" / "model.onnx", tmp / "encoder" / "tokenizer.json",
                               max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
-        built = build_index(passages, encoder, index_path=tmp / "index" / "vectors.usearch",
-                            data_path=tmp / "passages" / "data.bin", offsets_path=tmp / "passages" / "offsets.npy",
-                            dtype=cfg.index_dtype)
-        _say(f"indexed {built.count} passages: embedding {built.seconds_embed:.1f} s, index {built.seconds_index:.1f} s")
 
         enc_source = Source(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
         gen_source = Source(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
         manifest = Manifest(
             schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version=__version__, created_at=now(),
-            files=file_entries(tmp),
+            files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
             generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source),
             prompt=PromptSpec(**gen_meta["prompt"]),
-            index=IndexSpec(path="index/vectors.usearch", metric=built.metric, dtype=built.dtype, ndim=built.ndim,
-                            count=built.count, connectivity=built.connectivity, expansion_search=built.expansion_search),
-            passages=PassagesSpec(data="passages/data.bin", offsets="passages/offsets.npy", count=built.count),
+            chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
             rag=RagDefaults(),
-            corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages),
-                    "chunk_tokens": cfg.chunk_tokens, "overlap": cfg.overlap},
+            corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages)},
             parity={"encoder": enc_meta["parity"], "generator": gen_meta["parity"], "used": q},
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)
+
+        with staging(tmp) as gen:
+            built = build_index(passages, encoder, index_path=gen / INDEX_FILE, data_path=gen / DATA_FILE,
+                                offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype)
+            _say(f"indexed {built.count} passages: embedding {built.seconds_embed:.1f} s, "
+                 f"index {built.seconds_index:.1f} s")
+            publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=len(docs),
+                    index=IndexSpec(path=INDEX_FILE, metric=built.metric, dtype=built.dtype, ndim=built.ndim,
+                                    count=built.count, connectivity=built.connectivity,
+                                    expansion_search=built.expansion_search),
+                    passages=PassagesSpec(data=DATA_FILE, offsets=OFFSETS_FILE, count=built.count))
         Bundle.open(tmp, verify=True)           # the reader must accept what the writer wrote
     return Path(cfg.out)

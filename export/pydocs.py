@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.atomic import atomic_open
+from engine.corpus import Document
 from engine.errors import CorpusError
-
-from .corpus import Document
 
 PYDOCS_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 SKIP = ("whatsnew/changelog",)    # a 3 MB list of commit messages, not documentation

@@ -65,13 +65,32 @@ def test_user_errors_are_one_line_with_exit_2(tiny_bundle, tmp_path):
     one_line_error(ragrt("export", "--corpus", bad, "--out", tiny_bundle), "already exists")
 
 
+def bundle_files(bundle: Path) -> list[str]:
+    return sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+
+
 def test_verify_catches_one_flipped_byte_in_every_file(tiny_bundle, tmp_path):
-    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert len(manifest["files"]) >= 7
-    for rel in manifest["files"]:
+    """Every file, the manifest and the corpus pointer included: through the CLI once, then at
+    the first, middle and last byte, flipped whole or by one bit, through Bundle.open."""
+    from engine.bundle import Bundle
+    from engine.errors import BundleError
+    files = bundle_files(tiny_bundle)
+    assert len(files) == 10, files
+    for rel in files:
         copy = tmp_path / rel.replace("/", "_")
         shutil.copytree(tiny_bundle, copy)
-        data = bytearray((copy / rel).read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        (copy / rel).write_bytes(bytes(data))
-        one_line_error(ragrt("verify", copy), f"{rel}: sha256 does not match")
+        original = (copy / rel).read_bytes()
+        for i, (pos, mask) in enumerate([(len(original) // 2, 0xFF), (0, 0x01), (0, 0xFF), (-1, 0x01), (-1, 0xFF),
+                                         (len(original) // 3, 0x01)]):
+            data = bytearray(original)
+            data[pos] ^= mask
+            (copy / rel).write_bytes(bytes(data))
+            if i == 0:
+                out = ragrt("verify", copy)
+                assert out.returncode == 2 and Path(rel).name in out.stderr, (rel, out.stderr)
+                one_line_error(out, "ragrt: error:")
+            else:
+                with pytest.raises(BundleError, match=Path(rel).name.replace(".", r"\.")):
+                    Bundle.open(copy, verify=True)
+        (copy / rel).write_bytes(original)
+        Bundle.open(copy, verify=True)

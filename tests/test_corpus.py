@@ -7,7 +7,7 @@ from tokenizers import Tokenizer
 
 from engine.errors import CorpusError, UserInputError
 from export import pydocs
-from export.corpus import Document, Passage, chunk_documents, read_documents
+from engine.corpus import Document, Passage, chunk_documents, read_documents
 from export.pydocs import PYDOCS_SOURCES, clean_rst, python_docs_documents, split_sections, write_python_docs_corpus
 
 

@@ -4,10 +4,12 @@ import pytest
 
 from engine.bundle import Bundle
 from engine.errors import BundleError
-from engine.manifest import (SCHEMA, SCHEMA_VERSION, EncoderSpec, FileEntry, GeneratorSpec, IndexSpec, Manifest,
-                             PassagesSpec, PromptSpec, Source, read_manifest)
+from engine.generation import CORPUS_DIR, POINTER, publish, staging
+from engine.integrity import sha256_file
+from engine.manifest import (SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, FileEntry, GeneratorSpec, IndexSpec,
+                             Manifest, PassagesSpec, PromptSpec, Source, read_manifest)
 from engine.prompt import fill
-from export.pack import file_entries, write_manifest
+from export.pack import model_file_entries, write_manifest
 
 
 def sample_manifest(files=None) -> Manifest:
@@ -18,8 +20,7 @@ def sample_manifest(files=None) -> Manifest:
         encoder=EncoderSpec("encoder/model.onnx", "encoder/tokenizer.json", 8, 32, "embedding", "fp32", src),
         generator=GeneratorSpec("generator/model.onnx", "generator/tokenizer.json", "fp32", 2, 1, 4, 16, (2,), 2, 64, src),
         prompt=PromptSpec("<s>{system}|{user}>", "sys", "{context}?{question}", "[{n}] {title} {text}"),
-        index=IndexSpec("index/vectors.usearch", "cos", "f16", 8, 3, 16, 64),
-        passages=PassagesSpec("passages/data.bin", "passages/offsets.npy", 3),
+        chunking=ChunkingSpec(128, 32),
     )
 
 
@@ -38,6 +39,9 @@ def test_newer_schema_is_refused():
     raw["schema_version"] = SCHEMA_VERSION + 1
     with pytest.raises(BundleError, match="newer than this ragrt reads"):
         Manifest.from_json(json.dumps(raw))
+    raw["schema_version"] = 1
+    with pytest.raises(BundleError, match="predates corpus generations; rebuild it"):
+        Manifest.from_json(json.dumps(raw))
 
 
 @pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "a/../../b", "C:\\x", ""])
@@ -54,8 +58,8 @@ def test_wrong_types_and_missing_fields_are_named():
     with pytest.raises(BundleError, match="num_layers: expected int"):
         Manifest.from_json(json.dumps(raw))
     raw["generator"]["num_layers"] = 2
-    del raw["index"]
-    with pytest.raises(BundleError, match="missing field 'index'"):
+    del raw["chunking"]
+    with pytest.raises(BundleError, match="missing field 'chunking'"):
         Manifest.from_json(json.dumps(raw))
     with pytest.raises(BundleError, match="not valid JSON"):
         Manifest.from_json("{")
@@ -65,24 +69,69 @@ def _write_bundle(root):
     for rel in sample_manifest().referenced_paths():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(rel.encode() * 3)
-    write_manifest(root, sample_manifest(file_entries(root)))
+    write_manifest(root, sample_manifest(model_file_entries(root)))
+    (root / CORPUS_DIR).mkdir()
+    with staging(root) as gen:
+        for name in ("v.usearch", "d.bin", "o.npy"):
+            (gen / name).write_bytes(name.encode() * 3)
+        publish(root, gen, number=1, manifest_sha256=sha256_file(root / "manifest.json"), documents=3,
+                index=IndexSpec("v.usearch", "cos", "f16", 8, 3, 16, 64), passages=PassagesSpec("d.bin", "o.npy", 3))
 
 
-def test_bundle_open_checks_sizes_and_verify_checks_hashes(tmp_path):
+@pytest.mark.parametrize("rel", ["encoder/model.onnx", "corpus/gen-000001/v.usearch"])
+def test_bundle_open_checks_sizes_and_verify_checks_hashes(tmp_path, rel):
     _write_bundle(tmp_path)
     Bundle.open(tmp_path, verify=True)
-    target = tmp_path / "index/vectors.usearch"
+    target = tmp_path / rel
     data = bytearray(target.read_bytes())
     data[5] ^= 0x01                     # same size, one bit flipped
     target.write_bytes(bytes(data))
-    Bundle.open(tmp_path)               # sizes still match
-    with pytest.raises(BundleError, match="vectors.usearch: sha256 does not match"):
+    if rel.startswith("corpus/"):       # the corpus is hashed at every open
+        with pytest.raises(BundleError, match=f"{rel}: sha256 does not match"):
+            Bundle.open(tmp_path)
+    else:
+        Bundle.open(tmp_path)           # sizes still match
+    with pytest.raises(BundleError, match=f"{rel}: sha256 does not match"):
         Bundle.open(tmp_path, verify=True)
     target.write_bytes(bytes(data[:-1]))
-    with pytest.raises(BundleError, match="vectors.usearch: size"):
+    with pytest.raises(BundleError, match=f"{rel}: size"):
         Bundle.open(tmp_path)
     target.unlink()
-    with pytest.raises(BundleError, match="vectors.usearch: missing"):
+    with pytest.raises(BundleError, match=f"{rel}: missing"):
+        Bundle.open(tmp_path)
+
+
+def test_the_json_files_are_checked_at_every_open(tmp_path):
+    _write_bundle(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"created_at": "2026', '"created_at": "2027'))   # still a valid manifest
+    with pytest.raises(BundleError, match="manifest.json: sha256 does not match the one .*generation.json"):
+        Bundle.open(tmp_path)
+    manifest.write_text(text)
+    generation = tmp_path / "corpus/gen-000001/generation.json"
+    generation.write_text(generation.read_text().replace('"documents": 3', '"documents": 4'))
+    with pytest.raises(BundleError, match="generation.json: sha256 does not match corpus/CURRENT"):
+        Bundle.open(tmp_path)
+
+
+@pytest.mark.parametrize("rel", ["encoder/model.onnx", "corpus/gen-000001", "corpus/gen-000001/d.bin"])
+def test_a_link_out_of_the_bundle_is_refused(tmp_path, rel):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    _write_bundle(bundle)
+    outside = tmp_path / "outside"
+    (bundle / rel).rename(outside)              # same bytes, so only where they live is wrong
+    (bundle / rel).symlink_to(outside)
+    with pytest.raises(BundleError, match="a link to .*outside(/generation.json)?, outside the bundle"):
+        Bundle.open(bundle)
+
+
+@pytest.mark.parametrize("pointer", ["gen-000001", "gen-000002 " + "0" * 64 + "\n", "../../x " + "0" * 64 + "\n"])
+def test_a_bad_pointer_is_refused(tmp_path, pointer):
+    _write_bundle(tmp_path)
+    (tmp_path / CORPUS_DIR / POINTER).write_text(pointer)
+    with pytest.raises(BundleError, match="CURRENT|gen-000002"):
         Bundle.open(tmp_path)
 
 

@@ -1,6 +1,4 @@
 import mmap
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -111,11 +109,10 @@ def _build(records, encoder, root, **kw):
                        offsets_path=root / "o.npy", progress=False, **kw)
 
 
-def _manifest(built, expansion_search=64):
-    return SimpleNamespace(
-        index=IndexSpec("v.usearch", built.metric, built.dtype, built.ndim, built.count, built.connectivity,
-                        expansion_search),
-        passages=PassagesSpec("d.bin", "o.npy", built.count))
+def _specs(built, expansion_search=64):
+    return (IndexSpec("v.usearch", built.metric, built.dtype, built.ndim, built.count, built.connectivity,
+                      expansion_search),
+            PassagesSpec("d.bin", "o.npy", built.count))
 
 
 def test_index_finds_an_exact_passage(encoder, tmp_path):
@@ -123,7 +120,7 @@ def test_index_finds_an_exact_passage(encoder, tmp_path):
     built = _build(iter(records), encoder, tmp_path, dtype="f32")     # a one-shot iterator is fine
     assert (built.count, built.ndim, built.dtype, built.metric) == (len(records), encoder.dim, "f32", "cos")
     assert not list(tmp_path.glob("*.tmp*"))
-    retriever = Retriever.open(tmp_path, _manifest(built), encoder)
+    retriever = Retriever.open(tmp_path, *_specs(built), encoder)
     hits = retriever.retrieve("json parses documents", k=3)
     assert hits[0].id == "p2" and hits[0].row == 2 and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -141,24 +138,24 @@ def test_index_finds_an_exact_passage(encoder, tmp_path):
 def test_titles_are_embedded_with_the_text(encoder, tmp_path):
     records = [PassageRecord("a", "Lists", "are mutable"), PassageRecord("b", "", "json parses documents")]
     built = _build(records, encoder, tmp_path, dtype="f16")
-    hit = Retriever.open(tmp_path, _manifest(built), encoder).retrieve("Lists\nare mutable", k=1)[0]
+    hit = Retriever.open(tmp_path, *_specs(built), encoder).retrieve("Lists\nare mutable", k=1)[0]
     assert (hit.id, hit.title, hit.text) == ("a", "Lists", "are mutable")
     assert hit.score == pytest.approx(1.0, abs=1e-2)                  # f16 storage
 
 
 def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
     built = _build([PassageRecord(f"p{i}", "", t) for i, t in enumerate(TEXTS)], encoder, tmp_path, dtype="i8")
-    retriever = Retriever.open(tmp_path, _manifest(built, expansion_search=77), encoder)
+    retriever = Retriever.open(tmp_path, *_specs(built, expansion_search=77), encoder)
     assert retriever.index.expansion_search == 77
     with pytest.raises(RuntimeError, match="immutable"):   # a view of the file, not a loaded copy
         retriever.index.add(99, np.ones(encoder.dim, dtype=np.float32))
-    wrong = _manifest(built)
-    wrong.index = IndexSpec("v.usearch", "cos", "i8", built.ndim, built.count + 1, 16, 64)
+    _, passages = _specs(built)
+    wrong = IndexSpec("v.usearch", "cos", "i8", built.ndim, built.count + 1, 16, 64)
     with pytest.raises(BundleError, match="manifest says 8 of"):
-        Retriever.open(tmp_path, wrong, encoder)
-    wrong.index = IndexSpec("missing.usearch", "cos", "i8", built.ndim, built.count, 16, 64)
+        Retriever.open(tmp_path, wrong, passages, encoder)
+    wrong = IndexSpec("missing.usearch", "cos", "i8", built.ndim, built.count, 16, 64)
     with pytest.raises(BundleError, match="not a readable USearch index"):
-        Retriever.open(tmp_path, wrong, encoder)
+        Retriever.open(tmp_path, wrong, passages, encoder)
     (tmp_path / "v.usearch").write_bytes(b"garbage" * 100)
     with pytest.raises(BundleError, match="not a readable USearch index"):
-        Retriever.open(tmp_path, _manifest(built), encoder)
+        Retriever.open(tmp_path, *_specs(built), encoder)

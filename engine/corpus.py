@@ -10,8 +10,9 @@ from typing import Callable, Iterable, Iterator
 
 from tokenizers import Encoding, Tokenizer
 
-from engine.errors import CorpusError, UserInputError
-from engine.jsonl import iter_jsonl
+from .errors import CorpusError, UserInputError
+from .jsonl import iter_jsonl
+from .text import valid_unicode
 
 TEXT_SUFFIXES = (".rst.txt", ".txt", ".md", ".rst", ".html", ".htm")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -34,6 +35,11 @@ class Passage:
 
 def read_documents(path: str | Path) -> Iterator[Document]:
     """Documents in file order; ids are checked unique. Path errors raise here, content errors while iterating."""
+    return (doc for doc, _ in located_documents(path))
+
+
+def located_documents(path: str | Path) -> Iterator[tuple[Document, str]]:
+    """(document, "file:line" or file path) pairs, so later checks can say where a document came from."""
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"{path}: no such file or directory")
@@ -44,13 +50,13 @@ def read_documents(path: str | Path) -> Iterator[Document]:
     raise CorpusError(f"{path}: a corpus is a .jsonl file or a directory of {', '.join(TEXT_SUFFIXES)} files")
 
 
-def _unique(path: Path, docs: Iterator[tuple[Document, str]]) -> Iterator[Document]:
+def _unique(path: Path, docs: Iterator[tuple[Document, str]]) -> Iterator[tuple[Document, str]]:
     seen: dict[str, str] = {}
     for doc, where in docs:
         if doc.id in seen:
             raise CorpusError(f"{where}: duplicate id {doc.id!r} (first seen at {seen[doc.id]})")
         seen[doc.id] = where
-        yield doc
+        yield doc, where
     if not seen:
         raise CorpusError(f"{path}: the corpus has no documents")
 
@@ -68,7 +74,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[Document, str]]:
             raise CorpusError(f'{where}: "text" must be a non-empty string')
         if not isinstance(title, str | None):
             raise CorpusError(f'{where}: "title" must be a string')
-        yield Document(str(doc_id), text, title or ""), where
+        yield Document(valid_unicode(str(doc_id)), valid_unicode(text), valid_unicode(title or "")), where
 
 
 def _read_directory(root: Path) -> Iterator[tuple[Document, str]]:
