@@ -85,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         corpus=args.corpus, out=args.out, quantize=args.quantize, index_dtype=args.index_dtype,
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
-        parity_prompts=args.parity_prompts)
+        parity_prompts=args.parity_prompts, graph=args.graph)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
     return 0
@@ -205,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
     e.add_argument("--out", required=True, help="bundle directory to write (refused if it exists, unless --force)")
     e.add_argument("--quantize", choices=["int8", "int4", "fp32"], default="int8",
-                   help="int8: dynamic per-channel (default); int4: weight-only MatMulNBits, fastest decode, "
-                        "rows independent in a batch; fp32: no quantization")
+                   help="int8: int8 weights in blocks of 32, closest to fp32 (default); int4: weight-only "
+                        "MatMulNBits, smallest, rows independent in a batch; fp32: no quantization")
+    e.add_argument("--graph", choices=["optimum", "fused"], default="optimum",
+                   help="generator graph: optimum's export (default), or onnxruntime-genai's builder graph "
+                        "with fused attention, rotary and norms (fp32 or int4; needs onnxruntime-genai)")
     e.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16")
     e.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
     e.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")

@@ -47,7 +47,8 @@ class Decoder:
         self.pad_id = spec.pad_token_id
         # int8 graphs quantize activations in ways that depend on the batch shape, so a row's
         # numbers change with its neighbours: such graphs run row by row.
-        self.row_by_row = not spec.batch_invariant
+        self.row_by_row = not spec.batch_invariant or spec.cache == "packed"
+        self.packed = spec.cache == "packed"
 
     def empty_state(self, batch: int) -> KVState:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -65,9 +66,10 @@ class Decoder:
         feed = {
             self.io.input_ids: tokens.astype(np.int64, copy=False),
             self.io.attention_mask: mask,
-            self.io.position_ids: positions.astype(np.int64),
             self.io.num_logits: np.array([num_logits], dtype=np.int64),
         }
+        if self.io.position_ids:
+            feed[self.io.position_ids] = positions.astype(np.int64)
         feed.update(zip(self.past_names, state.past))
         logits, *present = self.session.run(self.output_names, feed)
         return logits, KVState(tuple(present), mask, state.positions + new_mask.sum(axis=1))
@@ -130,7 +132,7 @@ class Decoder:
                 yield int(t)
             emitted += accepted
             context.extend(draft[:accepted])
-            state = _forget_last(state, len(draft) - accepted)
+            state = _forget_last(state, len(draft) - accepted, cut=self.packed)
             logits = all_logits[:, accepted]
 
     def greedy_batch(self, logits: np.ndarray, state: KVState | RowStates, max_new_tokens: int) -> list[list[int]]:
@@ -173,18 +175,18 @@ class Decoder:
         return total
 
 
-def _forget_last(state: KVState, n: int) -> KVState:
+def _forget_last(state: KVState, n: int, *, cut: bool) -> KVState:
     """Drops the last n positions of a one-row state: rejected drafts.
 
     Their keys and values stay in the cache, masked out like padding (copying the cache to
-    cut them would cost as much as a step); once the dead positions reach COMPACT_AFTER the
-    cache is rewritten without them.
+    cut them would cost as much as a step); once the dead positions reach COMPACT_AFTER, or
+    at once for a packed cache, the cache is rewritten without them.
     """
     if n == 0:
         return state
     mask = state.mask.copy()
     mask[:, mask.shape[1] - n:] = 0
-    if (mask == 0).sum() >= COMPACT_AFTER:
+    if cut or (mask == 0).sum() >= COMPACT_AFTER:
         keep = np.flatnonzero(mask[0])
         return KVState(tuple(np.ascontiguousarray(p[:, :, keep]) for p in state.past), mask[:, keep],
                        state.positions - n)

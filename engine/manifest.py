@@ -54,7 +54,7 @@ class GeneratorIO:
     """ONNX names; `{layer}` is replaced by the layer number."""
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
-    position_ids: str = "position_ids"
+    position_ids: str = "position_ids"  # "" when the graph derives positions from the mask (fused graphs)
     num_logits: str = "num_logits"     # int64 [1]: logits are returned for the last N positions only
     past_key: str = "past_key_values.{layer}.key"
     past_value: str = "past_key_values.{layer}.value"
@@ -81,6 +81,10 @@ class GeneratorSpec:
     # activation quantization differs with the batch shape); the engine then runs batches row
     # by row and does not check drafted tokens in one pass.
     batch_invariant: bool = True
+    # "masked": any 0/1 attention mask works (padding, masked-out positions) and positions
+    # are fed. "packed": fused attention (GroupQueryAttention) takes each row's cache as its
+    # first sum(mask) positions, so rows run unpadded and dropped positions must be cut out.
+    cache: str = "masked"
     io: GeneratorIO = field(default_factory=GeneratorIO)
 
 

@@ -92,8 +92,6 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     """optimum's decoder-with-past export, plus a `num_logits` input (see `add_num_logits`)."""
     import onnx
     from optimum.exporters.onnx import main_export
-    from tokenizers import Tokenizer
-    from transformers import AutoConfig, AutoTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".optimum.", dir=out_dir) as tmp:
@@ -102,6 +100,44 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
         add_num_logits(model, GeneratorIO())
         big = model.ByteSize() > PROTOBUF_LIMIT
         onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
+    return _describe_generator(checkpoint, out_dir)
+
+
+FUSED_PRECISIONS = ("fp32", "int4")
+
+
+def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
+    """onnxruntime-genai's builder graph (see genai_build.py) plus the `num_logits` input.
+
+    Its attention is GroupQueryAttention, which reads each row's cache as one unpadded run,
+    so the manifest marks it `cache: packed`. For int4 the builder quantizes in blocks of 32
+    with int8 compute.
+    """
+    import subprocess
+    import sys
+
+    import onnx
+    if precision not in FUSED_PRECISIONS:
+        raise RagrtError(f"the fused generator graph comes in {', '.join(FUSED_PRECISIONS)}, not {precision}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".builder.", dir=out_dir) as tmp:
+        cmd = [sys.executable, "-m", "export.genai_build", "-i", str(checkpoint), "-o", f"{tmp}/out",
+               "-p", precision, "-e", "cpu", "-c", f"{tmp}/cache"]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RagrtError(f"onnxruntime-genai's model builder failed on {checkpoint}: {tail[0]}")
+        model = onnx.load(f"{tmp}/out/model.onnx")
+        add_num_logits(model, GeneratorIO())
+        big = model.ByteSize() > PROTOBUF_LIMIT
+        onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
+    return _describe_generator(checkpoint, out_dir)
+
+
+def _describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
+    """Dimensions, stop tokens and chat template from the checkpoint; writes tokenizer.json."""
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -156,7 +192,7 @@ def add_num_logits(model, io: GeneratorIO) -> None:
     producer = {out: node for node in graph.node for out in node.output}
     head = producer.get(io.logits)
     # A MatMul on [batch, seq, hidden]; a Gemm would be 2-D, with no sequence axis to slice.
-    if head is None or head.op_type != "MatMul":
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
         raise RagrtError(f"cannot find the LM head producing {io.logits!r} in the exported graph")
     graph.input.append(helper.make_tensor_value_info(io.num_logits, TensorProto.INT64, [1]))
     graph.initializer.extend([helper.make_tensor("/ragrt/int64_max", TensorProto.INT64, [1], [INT64_MAX]),

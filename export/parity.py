@@ -7,7 +7,7 @@ is what tells a user whether the quantized model still says the same thing.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,16 +65,6 @@ class GreedyAgreement:
     prompts: int
     new_tokens: int
     sample: str                    # first prompt's answer, for a person to read
-
-
-@dataclass(frozen=True)
-class GeneratorParity:
-    fp32: GreedyAgreement
-    int8: GreedyAgreement
-    int4: GreedyAgreement
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.ndarray:

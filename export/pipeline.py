@@ -21,7 +21,7 @@ from engine.encoder import TextEncoder
 from engine.errors import RagrtError, UserInputError
 from engine.generation import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
 from engine.integrity import sha256_file
-from engine.manifest import (MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorSpec,
+from engine.manifest import (MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorIO, GeneratorSpec,
                              IndexSpec, Manifest, PassagesSpec, PromptSpec, RagDefaults, Source)
 from engine.prompt import PromptBuilder
 from engine.session import SessionConfig
@@ -38,6 +38,9 @@ log = logging.getLogger("ragrt.export")
 ENCODER_EXPORT_VERSION = "4"
 GENERATOR_EXPORT_VERSION = "5"
 GENERATOR_VARIANTS = ("fp32", "int8", "int4")
+# optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
+# (fused attention, rotary and norms), measured faster; see export/genai_build.py.
+GRAPH_VARIANTS = {"optimum": GENERATOR_VARIANTS, "fused": ("fp32", "int4")}
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -58,6 +61,7 @@ class ExportConfig:
     max_context: int = 2048
     force: bool = False
     parity_prompts: int = 20
+    graph: str = "optimum"
 
 
 def _say(msg: str) -> None:
@@ -107,29 +111,43 @@ def encoder_graphs(checkpoint: Path) -> Path:
     return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{ENCODER_EXPORT_VERSION}"), build)
 
 
-def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: Source) -> GeneratorSpec:
+def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: Source,
+                   graph: str = "optimum") -> GeneratorSpec:
+    fused = graph == "fused"
     return GeneratorSpec(
         model=model, tokenizer="generator/tokenizer.json", quantization=quantization,
         num_layers=meta["num_layers"], num_kv_heads=meta["num_kv_heads"], head_dim=meta["head_dim"],
         vocab_size=meta["vocab_size"], eos_token_ids=tuple(meta["eos_token_ids"]),
         pad_token_id=meta["pad_token_id"], max_context=min(max_context, meta["max_position_embeddings"]),
-        source=source, batch_invariant=quantization != "int8")
+        source=source,
+        # int8 compute (our int8; the builder's int4) gives a row different numbers in
+        # different batch shapes.
+        batch_invariant=quantization == "fp32" or (quantization == "int4" and not fused),
+        cache="packed" if fused else "masked",
+        io=GeneratorIO(position_ids="") if fused else GeneratorIO())
 
 
-def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
-    """Cached: {fp32,int8,int4}/model.onnx, tokenizer.json, meta.json (dims, prompt, parity)."""
+def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimum") -> Path:
+    """Cached: {variant}/model.onnx, tokenizer.json, meta.json (dims, prompt, parity), where the
+    variants are fp32, int8, int4 for optimum's graph and fp32, int4 for the fused one."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from .onnx_export import export_generator
-    from .parity import GeneratorParity, onnx_agreement, parity_prompt_ids, torch_greedy
+    from .onnx_export import FUSED_PRECISIONS, export_generator, export_generator_fused
+    from .parity import onnx_agreement, parity_prompt_ids, torch_greedy
     from .quantize import quantize_generator, quantize_generator_int4
+    variants = GRAPH_VARIANTS[graph]
 
     def build(tmp: Path) -> None:
-        _say(f"exporting generator {checkpoint_name(checkpoint)} to ONNX (fp32, int8, int4), then checking parity")
-        exp = export_generator(checkpoint, tmp / "fp32")
-        quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
-        quantize_generator_int4(tmp / "fp32" / "model.onnx", tmp / "int4" / "model.onnx")
+        _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph ({', '.join(variants)}), "
+             "then checking parity")
+        if graph == "fused":
+            exps = [export_generator_fused(checkpoint, tmp / q, q) for q in FUSED_PRECISIONS]
+            exp = exps[0]
+        else:
+            exp = export_generator(checkpoint, tmp / "fp32")
+            quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
+            quantize_generator_int4(tmp / "fp32" / "model.onnx", tmp / "int4" / "model.onnx")
         shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
         hf_tok = AutoTokenizer.from_pretrained(checkpoint)
         prompt = prompt_spec(exp.chat_template, lambda msgs: hf_tok.apply_chat_template(
@@ -137,30 +155,32 @@ def generator_graphs(checkpoint: Path, parity_prompts: int) -> Path:
         meta = {"num_layers": exp.num_layers, "num_kv_heads": exp.num_kv_heads, "head_dim": exp.head_dim,
                 "vocab_size": exp.vocab_size, "eos_token_ids": list(exp.eos_token_ids),
                 "pad_token_id": exp.pad_token_id, "max_position_embeddings": exp.max_position_embeddings,
-                "prompt": asdict(prompt)}
+                "prompt": asdict(prompt), "graph": graph}
         src = Source(checkpoint.name, "")
-        spec = generator_spec(meta, "", "fp32", 2048, src)
+        spec = generator_spec(meta, "", "fp32", 2048, src, graph)
         tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
         builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
         prompts = parity_prompt_ids(builder, parity_prompts)
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
-        parity = GeneratorParity(**{q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS,
-                                                      tok.decode) for q in GENERATOR_VARIANTS})
-        for q in GENERATOR_VARIANTS:
-            a = getattr(parity, q)
+        parity = {q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS, tok.decode)
+                  for q in variants}
+        for q, a in parity.items():
             _say(f"generator {q} vs PyTorch, {a.prompts} prompts x {a.new_tokens} greedy tokens: exact {a.exact_match:.2f}, "
                  f"prefix {a.prefix_agreement:.2f}, teacher-forced top-1 {a.teacher_forced_top1:.3f}")
-        _say(f"int8 sample answer: {parity.int8.sample!r}")
-        meta["parity"] = parity.to_dict()
+        _say(f"{variants[-1]} sample answer: {parity[variants[-1]].sample!r}")
+        meta["parity"] = {q: asdict(a) for q, a in parity.items()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     key = content_key(checkpoint, f"export-v{GENERATOR_EXPORT_VERSION}", f"parity-{parity_prompts}")
-    return cached_dir("generator-onnx", key, build)
+    return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused", key, build)
 
 
 def _validate(cfg: ExportConfig) -> None:
-    if cfg.quantize not in GENERATOR_VARIANTS:
-        raise UserInputError(f"--quantize must be one of {', '.join(GENERATOR_VARIANTS)}, got {cfg.quantize!r}")
+    if cfg.graph not in GRAPH_VARIANTS:
+        raise UserInputError(f"--graph must be one of {', '.join(GRAPH_VARIANTS)}, got {cfg.graph!r}")
+    if cfg.quantize not in GRAPH_VARIANTS[cfg.graph]:
+        raise UserInputError(f"--quantize for the {cfg.graph} graph must be one of "
+                             f"{', '.join(GRAPH_VARIANTS[cfg.graph])}, got {cfg.quantize!r}")
     if cfg.max_context < 256:
         raise UserInputError(f"--max-context must be at least 256, got {cfg.max_context}")
     if not 1 <= cfg.parity_prompts:
@@ -180,7 +200,7 @@ def run_export(cfg: ExportConfig) -> Path:
     with quiet_exporters():
         enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
         enc_dir = encoder_graphs(enc_ckpt)
-        gen_dir = generator_graphs(gen_ckpt, cfg.parity_prompts)
+        gen_dir = generator_graphs(gen_ckpt, cfg.parity_prompts, cfg.graph)
     enc_meta = json.loads((enc_dir / "meta.json").read_text())
     gen_meta = json.loads((gen_dir / "meta.json").read_text())
     q = cfg.quantize
@@ -215,7 +235,8 @@ def run_export(cfg: ExportConfig) -> Path:
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
-            generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source),
+            generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source,
+                                     cfg.graph),
             prompt=PromptSpec(**gen_meta["prompt"]),
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
             rag=RagDefaults(),

@@ -1,0 +1,73 @@
+"""The fused generator graph (onnxruntime-genai's builder, --graph fused) on the tiny llama:
+its fused attention reads an unpadded cache, and the decoder drives it to PyTorch's greedy tokens."""
+import numpy as np
+import pytest
+
+from engine.decode import Decoder
+from engine.lookup import PromptLookup
+from engine.session import SessionConfig, create_session
+from export.quantize import op_counts
+
+pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_generator_dir, tmp_path_factory):
+    """{precision: (model path, spec)}"""
+    from dataclasses import asdict
+
+    from engine.manifest import Source
+    from export.onnx_export import FUSED_PRECISIONS, export_generator_fused
+    from export.pipeline import generator_spec
+    out = tmp_path_factory.mktemp("fused")
+    graphs = {}
+    for q in FUSED_PRECISIONS:
+        exp = export_generator_fused(tiny_generator_dir, out / q, q)
+        meta = {k: v for k, v in asdict(exp).items() if k not in ("model", "tokenizer")}
+        graphs[q] = exp.model, generator_spec(meta, "", q, 512, Source("tiny", ""), "fused")
+    return graphs
+
+
+def test_fused_graph_ops(fused):
+    for q, (path, spec) in fused.items():
+        ops = op_counts(path)
+        assert ops["GroupQueryAttention"] == spec.num_layers
+        assert (ops["MatMulNBits"] > 0) == (q == "int4")
+        assert spec.cache == "packed" and spec.io.position_ids == ""
+
+
+def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):
+    from export.parity import torch_greedy
+    path, spec = fused["fp32"]
+    decoder = Decoder(create_session(path, SessionConfig(threads=1)), spec)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 17, 40)]
+    ref = torch_greedy(tiny_generator_dir, prompts, spec, 16)
+    assert [list(decoder.greedy(p, 16)) for p in prompts] == ref
+    # A batch runs row by row on a packed cache, with the same tokens.
+    logits, state = decoder.prefill(prompts)
+    assert decoder.greedy_batch(logits, state, 16) == ref
+
+
+def test_drafts_on_a_packed_cache_keep_greedy_output(fused):
+    path, spec = fused["fp32"]
+    decoder = Decoder(create_session(path, SessionConfig(threads=1)), spec)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        chunk = rng.integers(3, spec.vocab_size, 6).tolist()
+        prompt = chunk * 3 + chunk[:3]
+        plain = list(decoder.greedy(prompt, 30))
+        assert list(decoder.greedy(prompt, 30, PromptLookup(min_ngram=1))) == plain
+
+
+def test_fused_bundle_answers_in_every_mode(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
+    from engine import Engine
+    from export.pipeline import ExportConfig, run_export
+    out = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
+                                  generator=tiny_generator_dir, quantize="fp32", graph="fused",
+                                  parity_prompts=2, max_context=512))
+    engine = Engine.open(out, verify=True)
+    assert engine.manifest.generator.cache == "packed"
+    for mode in ("concat", "token", "sequence"):
+        answer = engine.ask("How do I copy a list?", k=3, mode=mode, max_new_tokens=6)
+        assert answer.new_tokens > 0 and answer.mode == mode
