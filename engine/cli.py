@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "MatMulNBits, smallest, rows independent in a batch; fp32: no quantization")
     e.add_argument("--graph", choices=["optimum", "fused"], default="optimum",
                    help="generator graph: optimum's export (default), or onnxruntime-genai's builder graph "
-                        "with fused attention, rotary and norms (fp32 or int4; needs onnxruntime-genai)")
+                        "with fused attention, rotary and norms (needs onnxruntime-genai)")
     e.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16")
     e.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
     e.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")

@@ -40,7 +40,8 @@ GENERATOR_EXPORT_VERSION = "5"
 GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
-GRAPH_VARIANTS = {"optimum": GENERATOR_VARIANTS, "fused": ("fp32", "int4")}
+GRAPH_VARIANTS = {"optimum": GENERATOR_VARIANTS, "fused": ("fp32", "int8", "int4")}
+FUSED_EXPORT_VERSION = "2"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -129,7 +130,7 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
 
 def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimum") -> Path:
     """Cached: {variant}/model.onnx, tokenizer.json, meta.json (dims, prompt, parity), where the
-    variants are fp32, int8, int4 for optimum's graph and fp32, int4 for the fused one."""
+    variants are fp32, int8, int4 for either graph."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -171,7 +172,10 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
         meta["parity"] = {q: asdict(a) for q, a in parity.items()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    key = content_key(checkpoint, f"export-v{GENERATOR_EXPORT_VERSION}", f"parity-{parity_prompts}")
+    if graph == "optimum":
+        key = content_key(checkpoint, f"export-v{GENERATOR_EXPORT_VERSION}", f"parity-{parity_prompts}")
+    else:
+        key = content_key(checkpoint, f"fused-v{FUSED_EXPORT_VERSION}", f"parity-{parity_prompts}")
     return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused", key, build)
 
 

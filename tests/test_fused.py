@@ -32,7 +32,7 @@ def test_fused_graph_ops(fused):
     for q, (path, spec) in fused.items():
         ops = op_counts(path)
         assert ops["GroupQueryAttention"] == spec.num_layers
-        assert (ops["MatMulNBits"] > 0) == (q == "int4")
+        assert (ops["MatMulNBits"] > 0) == (q != "fp32")
         assert spec.cache == "packed" and spec.io.position_ids == ""
 
 
