@@ -28,7 +28,7 @@ from .cache import cached_dir, content_key
 from .corpus import chunk_documents, read_documents
 from .index import build_index
 from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from .pack import file_entries, library_versions, now, prompt_spec, staging_dir, write_manifest
+from .pack import file_entries, library_versions, now, prompt_spec, staging_dir, with_tasks, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -218,7 +218,7 @@ def run_export(cfg: ExportConfig) -> Path:
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
             generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source),
-            prompt=PromptSpec(**gen_meta["prompt"]),
+            prompt=with_tasks(PromptSpec(**gen_meta["prompt"])),
             index=IndexSpec(path="index/vectors.usearch", metric=built.metric, dtype=built.dtype, ndim=built.ndim,
                             count=built.count, connectivity=built.connectivity, expansion_search=built.expansion_search),
             passages=PassagesSpec(data="passages/data.bin", offsets="passages/offsets.npy", count=built.count),
