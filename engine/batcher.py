@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -49,6 +49,34 @@ class _Row:
     cancelled: bool = False        # the reader stopped iterating
 
 
+class Tokens:
+    """One row's token ids as the worker decodes them. `close` (or dropping it) frees the row at
+    the next step; unlike a generator's close, it is safe from any thread, mid-`next` included."""
+
+    def __init__(self, row: _Row):
+        self._row = row
+        self._done = False
+
+    def __iter__(self) -> "Tokens":
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        item = self._row.out.get()
+        if item is _END or isinstance(item, BaseException):
+            self._done = True
+            if item is _END:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._row.cancelled = True
+
+    __del__ = close
+
+
 @dataclass(frozen=True)
 class BatcherStats:
     waiting: int
@@ -76,11 +104,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="ragrt-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, *, deadline_s: float) -> Iterator[int]:
-        """Queues one greedy generation; the iterator yields its tokens and raises its errors.
-
-        Stopping the iteration (break, close, garbage collection) drops the row at the next step.
-        """
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, *, deadline_s: float) -> "Tokens":
+        """Queues one greedy generation; iterate the result for its tokens (it raises the row's errors)."""
         row = _Row(list(prompt), max_new_tokens, time.monotonic() + deadline_s)
         with self._cond:
             if self._closing:
@@ -89,7 +114,7 @@ class Batcher:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
             self._waiting.append(row)
             self._cond.notify()
-        return self._tokens_of(row)
+        return Tokens(row)
 
     def stats(self) -> BatcherStats:
         with self._cond:
@@ -101,16 +126,6 @@ class Batcher:
             self._closing = True
             self._cond.notify()
         self._thread.join(timeout)
-
-    @staticmethod
-    def _tokens_of(row: _Row) -> Iterator[int]:
-        try:
-            while (item := row.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            row.cancelled = True
 
     def _loop(self) -> None:
         rows: list[_Row] = []

@@ -176,6 +176,15 @@ class AnswerStream:
         self._ids: list[int] = []
         self.answer: Answer | None = None
 
+    def close(self) -> None:
+        """Stops decoding; callable from another thread, for a server whose client went away."""
+        try:
+            getattr(self._run.tokens, "close", lambda: None)()
+        except ValueError:
+            # A plain generator cannot be closed while another thread is inside it; the
+            # batcher's token streams can, and every other mode stops at max_new_tokens.
+            pass
+
     def __iter__(self) -> Iterator[str]:
         emitted = ""
         t_start = time.perf_counter()
