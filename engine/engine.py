@@ -200,6 +200,10 @@ class AnswerStream:
             if len(text) > len(emitted):
                 piece, emitted = text[len(emitted):], text
                 yield piece
+        # Bytes that never completed a character still belong to the answer.
+        text = self._tokenizer.decode(self._ids)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
         t_end = time.perf_counter()
         t_first = t_first or t_end
         timings = dict(self._timings)
