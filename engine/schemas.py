@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_TEXT = 100_000
 MAX_TURNS = 100
 MAX_EMBED = 256
+# The engine refuses a question with nothing visible in it (empty, blank, control characters only).
+VISIBLE = r"[^\s\x00-\x1f\x7f]"
 
 
 class Strict(BaseModel):
@@ -22,7 +24,7 @@ class Turn(Strict):
 
 
 class AskRequest(Strict):
-    question: str = Field(max_length=MAX_TEXT)
+    question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
     k: Optional[int] = Field(None, ge=1, le=50, description="passages to retrieve (default: the bundle's)")
     mode: Optional[Literal["concat", "token", "sequence"]] = None
     max_new_tokens: Optional[int] = Field(None, ge=1, description="at most half the generator's context")
@@ -53,7 +55,7 @@ class AskResponse(BaseModel):
 
 
 class RetrieveRequest(Strict):
-    query: str = Field(max_length=MAX_TEXT)
+    query: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
     k: Optional[int] = Field(None, ge=1, le=50)
 
 

@@ -28,6 +28,7 @@ from . import __version__
 from .batcher import Batcher, Closed, DeadlineExceeded, QueueFull, batched_stream
 from .engine import Answer, AnswerStream, Engine
 from .errors import RagrtError, UserInputError
+from .manifest import read_manifest
 from .metrics import Metrics
 from .schemas import (AskRequest, AskResponse, ChatRequest, ChatResponse, EmbedRequest, EmbedResponse,
                       ErrorResponse, RetrieveRequest, RetrieveResponse)
@@ -138,6 +139,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
+        if exc.status_code == 400:     # FastAPI's answer to a body that is not UTF-8 JSON
+            return error(422, f"the request body is not valid JSON ({exc.detail})", "invalid_request_error")
         return error(exc.status_code, str(exc.detail), "http_error", getattr(exc, "headers", None))
 
     @app.exception_handler(RagrtError)
@@ -225,6 +228,23 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         vectors = await run_in_threadpool(engine.embed, req.texts)
         return {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1])}
 
+    def openapi() -> dict:
+        """FastAPI's document, plus what this bundle allows: its answer length and its tasks."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            manifest = engine.manifest if engine else read_manifest(Path(config.bundle))
+            limit = manifest.generator.max_context // 2
+            models = schema["components"]["schemas"]
+            models["AskRequest"]["properties"]["task"]["enum"] = ["qa", *sorted(manifest.prompt.tasks)]
+            for model, fields in (("AskRequest", ["max_new_tokens"]),
+                                  ("ChatRequest", ["max_tokens", "max_completion_tokens"])):
+                for name in fields:
+                    for option in models[model]["properties"][name]["anyOf"]:
+                        if option.get("type") == "integer":
+                            option["maximum"] = limit
+        return app.openapi_schema
+
+    app.openapi = openapi
     # The last one added runs first: every request is observed, the refused ones too.
     app.add_middleware(_Auth, key=api_key)
     app.add_middleware(_Observe, metrics=services.metrics, paths={r.path for r in app.routes})
