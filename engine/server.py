@@ -11,12 +11,14 @@ import hmac
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -338,6 +340,26 @@ class _Observe:
         finally:
             path = scope["path"] if scope["path"] in self.paths else "other"
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - t0)
+
+
+@contextmanager
+def background(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serves `app` from a thread of the calling process until the block ends; yields the base URL.
+
+    The socket is bound before uvicorn starts, so port 0 gives a free port no one else can take.
+    """
+    import uvicorn
+    sock = socket.socket()
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
 
 
 def app_from_env() -> FastAPI:
