@@ -59,7 +59,7 @@ class LoadResult:
     tokens_per_s: float
 
 
-def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: int,
+def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: int | None,
                 questions: list[str]) -> tuple[list[float], int, int, float]:
     """Latencies (s) of answered requests, error count, answer tokens, and the measured wall time."""
     latencies: list[float] = []
@@ -72,7 +72,9 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
         n = i
         with httpx.Client(timeout=600) as http:
             while time.monotonic() < stop_at:
-                body = {"question": questions[n % len(questions)], "max_new_tokens": max_new_tokens}
+                body = {"question": questions[n % len(questions)]}
+                if max_new_tokens is not None:
+                    body["max_new_tokens"] = max_new_tokens
                 n += clients
                 t0 = time.monotonic()
                 try:
@@ -96,7 +98,7 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
     return latencies, errors[0], tokens[0], time.monotonic() - start
 
 
-def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max_new_tokens: int,
+def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max_new_tokens: int | None,
             threads: int = 0, questions: list[str] = QUESTIONS, label: str = "") -> LoadResult:
     app = create_app(ServerConfig(bundle=bundle, max_batch=max_batch, max_queue=max(64, clients), threads=threads,
                                   timeout_s=600))
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", required=True)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load per run")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer limit (default: the bundle's)")
     p.add_argument("--max-batch", type=int, default=16, help="the batched run's batch size")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--json", default=None, help="write both results here")

@@ -88,12 +88,13 @@ class BatcherStats:
 class Batcher:
     """`submit` a prompt, iterate the token ids it returns. Thread-safe; `close` drains in-flight work."""
 
-    def __init__(self, decoder: Decoder, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, decoder: Decoder, *, max_batch: int = 8, max_queue: int = 64, prefill_tokens: int = 512):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.decoder = decoder
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens    # prompt tokens admitted per step, beyond the first prompt
         self._stop = set(decoder.spec.eos_token_ids)
         self._cond = threading.Condition()
         self._waiting: deque[_Row] = deque()
@@ -137,8 +138,12 @@ class Batcher:
                     if self._closing:
                         return
                     self._cond.wait()
-                new = []
-                while self._waiting and len(rows) + len(new) < self.max_batch:
+                new, budget = [], self.prefill_tokens
+                # Prefill is compute-bound: batching long prompts gains nothing and pads the shorter
+                # ones, so a step admits prompts up to a token budget (always at least one).
+                while self._waiting and len(rows) + len(new) < self.max_batch and (
+                        not new or len(self._waiting[0].prompt) <= budget):
+                    budget -= len(self._waiting[0].prompt)
                     new.append(self._waiting.popleft())
             try:
                 new = [r for r in new if self._still_wanted(r)]
