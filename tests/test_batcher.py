@@ -72,3 +72,18 @@ def test_full_queue_and_deadline(engine):
         list(expired)
     batcher.close(timeout=30)
     assert batcher.stats().active == 0
+
+
+def test_engine_is_safe_to_share_across_threads(engine):
+    alone = [engine.ask(q, max_new_tokens=10).answer for q in QUESTIONS]
+    got = [None] * len(QUESTIONS)
+
+    def client(i):
+        got[i] = engine.ask(QUESTIONS[i], max_new_tokens=10).answer
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
