@@ -60,7 +60,7 @@ class LoadResult:
 
 
 def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: int | None,
-                questions: list[str]) -> tuple[list[float], int, int, float]:
+                questions: list[str], k: int | None = None) -> tuple[list[float], int, int, float]:
     """Latencies (s) of answered requests, error count, answer tokens, and the measured wall time."""
     latencies: list[float] = []
     errors, tokens = [0], [0]
@@ -75,6 +75,8 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
                 body = {"question": questions[n % len(questions)]}
                 if max_new_tokens is not None:
                     body["max_new_tokens"] = max_new_tokens
+                if k is not None:
+                    body["k"] = k
                 n += clients
                 t0 = time.monotonic()
                 try:
@@ -99,7 +101,7 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
 
 
 def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max_new_tokens: int | None,
-            threads: int = 0, questions: list[str] = QUESTIONS, label: str = "") -> LoadResult:
+            threads: int = 0, questions: list[str] = QUESTIONS, label: str = "", k: int | None = None) -> LoadResult:
     app = create_app(ServerConfig(bundle=bundle, max_batch=max_batch, max_queue=max(64, clients), threads=threads,
                                   timeout_s=600))
     with background(app) as base:
@@ -111,7 +113,7 @@ def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max
         # One answer first, so neither run pays for onnxruntime's first-call setup.
         httpx.post(f"{base}/v1/ask", json={"question": questions[0], "max_new_tokens": 4}, timeout=600)
         lat, errors, tokens, wall = run_clients(base, clients=clients, duration_s=duration_s,
-                                                max_new_tokens=max_new_tokens, questions=questions)
+                                                max_new_tokens=max_new_tokens, questions=questions, k=k)
     ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
     return LoadResult(label or f"max_batch={max_batch}", max_batch, clients, round(wall, 1), len(lat) + errors,
                       errors, round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 99)), 1),
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load per run")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer limit (default: the bundle's)")
+    p.add_argument("--k", type=int, default=None, help="passages per prompt (default: the bundle's)")
     p.add_argument("--max-batch", type=int, default=16, help="the batched run's batch size")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--json", default=None, help="write both results here")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for label, batch in (("batched", args.max_batch), ("unbatched", 1)):
         r = measure(args.bundle, max_batch=batch, clients=args.clients, duration_s=args.duration,
-                    max_new_tokens=args.max_new_tokens, threads=args.threads, label=label)
+                    max_new_tokens=args.max_new_tokens, threads=args.threads, label=label, k=args.k)
         print(f"{r.label:10s} max_batch={r.max_batch:<3d} clients={r.clients} {r.duration_s:.0f} s: "
               f"{r.requests} requests, {r.errors} errors, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms, "
               f"{r.answers_per_s:.2f} answers/s, {r.tokens_per_s:.1f} tokens/s", flush=True)
