@@ -2,9 +2,9 @@
 answer 422 before any work starts. Strict: "5" is not an int, 1 is not a bool."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Bounds on what one request may make the server hold; the engine checks the bundle's own limits.
 MAX_TEXT = 100_000
@@ -12,6 +12,10 @@ MAX_TURNS = 100
 MAX_EMBED = 256
 # The engine refuses a question with nothing visible in it (empty, blank, control characters only).
 VISIBLE = r"[^\s\x00-\x1f\x7f]"
+
+
+# JSON Schema counts 5.0 as an integer, and some clients send one; "5" and true stay refused.
+Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 
 
 class Strict(BaseModel):
@@ -25,9 +29,9 @@ class Turn(Strict):
 
 class AskRequest(Strict):
     question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
-    k: Optional[int] = Field(None, ge=1, le=50, description="passages to retrieve (default: the bundle's)")
+    k: Optional[Int] = Field(None, ge=1, le=50, description="passages to retrieve (default: the bundle's)")
     mode: Optional[Literal["concat", "token", "sequence"]] = None
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="at most half the generator's context")
+    max_new_tokens: Optional[Int] = Field(None, ge=1, description="at most half the generator's context")
     temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="P(c|q) = softmax(score / T)")
     history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS,
                                 description="earlier turns, oldest first; folded into retrieval and the prompt")
@@ -56,7 +60,7 @@ class AskResponse(BaseModel):
 
 class RetrieveRequest(Strict):
     query: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
-    k: Optional[int] = Field(None, ge=1, le=50)
+    k: Optional[Int] = Field(None, ge=1, le=50)
 
 
 class Passage(BaseModel):
@@ -107,8 +111,8 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str = "ragrt"
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TURNS)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[Int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Int] = Field(None, ge=1)
     stream: bool = False
     n: Optional[Literal[1]] = None
     temperature: Optional[float] = None

@@ -195,3 +195,9 @@ def test_a_passed_deadline_answers_503(tiny_bundle, engine):
         assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded"
         events = sse_events(post(url, "/v1/ask", {"question": QUESTION, "stream": True}).text)
         assert events[-1][0] == "error" and "deadline" in events[-1][1]
+
+
+def test_an_integral_float_is_an_integer(base):
+    r = post(base, "/v1/retrieve", {"query": "json parsing", "k": 2.0})
+    assert r.status_code == 200 and len(r.json()["passages"]) == 2
+    assert post(base, "/v1/retrieve", {"query": "json parsing", "k": 2.5}).status_code == 422
