@@ -14,8 +14,14 @@ MAX_EMBED = 256
 VISIBLE = r"[^\s\x00-\x1f\x7f]"
 
 
-# JSON Schema counts 5.0 as an integer, and some clients send one; "5" and true stay refused.
-Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
+def _integral(value):
+    """JSON Schema counts 5.0 as an integer, and some clients send one; "5" and true stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(ge: int, le: int | None = None):
+    """A strict integer in [ge, le]; the bounds sit inside the type so the schema keeps them."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
 
 
 class Strict(BaseModel):
@@ -29,9 +35,9 @@ class Turn(Strict):
 
 class AskRequest(Strict):
     question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
-    k: Optional[Int] = Field(None, ge=1, le=50, description="passages to retrieve (default: the bundle's)")
+    k: Optional[Int(1, 50)] = Field(None, description="passages to retrieve (default: the bundle's)")
     mode: Optional[Literal["concat", "token", "sequence"]] = None
-    max_new_tokens: Optional[Int] = Field(None, ge=1, description="at most half the generator's context")
+    max_new_tokens: Optional[Int(1)] = Field(None, description="at most half the generator's context")
     temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="P(c|q) = softmax(score / T)")
     history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS,
                                 description="earlier turns, oldest first; folded into retrieval and the prompt")
@@ -60,7 +66,7 @@ class AskResponse(BaseModel):
 
 class RetrieveRequest(Strict):
     query: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
-    k: Optional[Int] = Field(None, ge=1, le=50)
+    k: Optional[Int(1, 50)] = None
 
 
 class Passage(BaseModel):
@@ -111,8 +117,8 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str = "ragrt"
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TURNS)
-    max_tokens: Optional[Int] = Field(None, ge=1)
-    max_completion_tokens: Optional[Int] = Field(None, ge=1)
+    max_tokens: Optional[Int(1)] = None
+    max_completion_tokens: Optional[Int(1)] = None
     stream: bool = False
     n: Optional[Literal[1]] = None
     temperature: Optional[float] = None
