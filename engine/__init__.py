@@ -8,6 +8,7 @@ except _metadata.PackageNotFoundError:  # running from a source checkout
 
 from .engine import Answer, AnswerStream, Engine, Source  # noqa: E402
 from .errors import BundleError, CorpusError, RagrtError, UserInputError  # noqa: E402
+from .prompt import Turn  # noqa: E402
 
-__all__ = ["Engine", "Answer", "AnswerStream", "Source", "RagrtError", "UserInputError", "CorpusError",
+__all__ = ["Engine", "Answer", "AnswerStream", "Source", "Turn", "RagrtError", "UserInputError", "CorpusError",
            "BundleError", "__version__"]

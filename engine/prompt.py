@@ -24,6 +24,13 @@ class PassageText:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One earlier message of a dialogue."""
+    role: str                      # "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
 class Prompt:
     ids: list[int]
     passages_used: int             # passages that fit, in whole or truncated
@@ -31,10 +38,13 @@ class Prompt:
 
 
 class PromptBuilder:
-    def __init__(self, spec: PromptSpec, tokenizer: Tokenizer, *, budget: int):
+    def __init__(self, spec: PromptSpec, tokenizer: Tokenizer, *, budget: int, task: str = "qa",
+                 history: Sequence[Turn] = ()):
         self.spec = spec
         self.tokenizer = tokenizer
         self.budget = budget       # prompt tokens allowed: max_context - max_new_tokens
+        self.task = spec.task(task)
+        self.history = tuple(history)
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -49,8 +59,8 @@ class PromptBuilder:
     def build(self, question: str, passages: Sequence[PassageText]) -> Prompt:
         """Passages are added in rank order while they fit; the last one that does not is cut."""
         def render(context: str, q: str) -> str:
-            user = fill(self.spec.user, context=context, question=q)
-            return fill(self.spec.chat, system=self.spec.system, user=user)
+            user = fill(self.task.user, context=context, question=q)
+            return fill(self.spec.chat, system=self.task.system, user=user)
 
         truncated = False
         overhead = self.count(render("", ""))
@@ -59,6 +69,11 @@ class PromptBuilder:
             # A question that eats the whole window would leave no room for evidence.
             question = self._cut(question, max(self.budget // 2 - overhead, 1))
             truncated = True
+        if self.history:
+            turns = self._recent_turns(self.budget // 2 - overhead - self.count(question))
+            truncated |= len(turns) < len(self.history)
+            if turns:
+                question = fill(self.spec.history, turns="\n".join(turns)) + question
         # Tokens merge differently across part boundaries; a small margin absorbs that.
         left = self.budget - self.count(render("", question)) - 8
         parts: list[str] = []
@@ -77,3 +92,18 @@ class PromptBuilder:
         text = render(self.spec.passage_separator.join(parts), question)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return Prompt(ids=ids, passages_used=len(parts), truncated=truncated)
+
+    def _recent_turns(self, room: int) -> list[str]:
+        """The latest turns that fit in `room` tokens with the history header, oldest first.
+
+        Dialogue and question share half the window, so the passages keep the other half.
+        """
+        room -= self.count(fill(self.spec.history, turns=""))
+        kept: list[str] = []
+        for turn in reversed(self.history):
+            line = fill(self.spec.turn, role=turn.role.capitalize(), text=turn.content)
+            room -= self.count(line) + 1
+            if room < 0:
+                break
+            kept.append(line)
+        return kept[::-1]

@@ -25,8 +25,9 @@ MODES = ("concat", "token", "sequence")
 
 def passage_prior(scores: Sequence[float], temperature: float) -> np.ndarray:
     """P(c|q) in float64."""
-    z = np.asarray(scores, dtype=np.float64) / temperature
-    z = np.exp(z - z.max())
+    s = np.asarray(scores, dtype=np.float64)
+    # Shifting before dividing keeps a tiny temperature from overflowing to inf - inf = NaN.
+    z = np.exp((s - s.max()) / temperature)
     return z / z.sum()
 
 

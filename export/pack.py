@@ -1,6 +1,7 @@
 """Writing a bundle: the prompt spec, the manifest with checksums, and the atomic rename."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -14,12 +15,19 @@ from engine.atomic import atomic_write_text
 from engine.generation import CORPUS_DIR
 from engine.integrity import file_entries
 from engine.errors import UserInputError
-from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec
+from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec, TaskPrompt
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using the context passages. "
                  "Answer briefly and precisely.")
 USER_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
 PASSAGE_TEMPLATE = "[{n}] {title}\n{text}"
+# Tasks beyond question answering; `ragrt ask --task NAME` and the server's "task" pick one.
+TASKS = {
+    "summarize": TaskPrompt(
+        system="You are a helpful assistant. Summarize what the context passages say about the topic, "
+               "in a few sentences, using only the passages.",
+        user="Context:\n{context}\n\nTopic: {question}\n\nSummary:"),
+}
 _SENTINEL_SYSTEM = "\x00SYSTEM\x00"
 _SENTINEL_USER = "\x00USER\x00"
 
@@ -39,6 +47,11 @@ def prompt_spec(chat_template: str | None, render) -> PromptSpec:
     else:
         chat = "{system}\n\n{user}\n\nAnswer:"
     return PromptSpec(chat=chat, system=SYSTEM_PROMPT, user=USER_TEMPLATE, passage=PASSAGE_TEMPLATE)
+
+
+def with_tasks(spec: PromptSpec) -> PromptSpec:
+    """The task prompts are model-independent, so they join here rather than in the cached model export."""
+    return dataclasses.replace(spec, tasks=dict(TASKS))
 
 
 def library_versions() -> dict[str, str]:

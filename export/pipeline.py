@@ -30,7 +30,7 @@ from engine.store import PassageRecord
 from .cache import cached_dir, content_key
 from .index import build_index
 from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from .pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, write_manifest
+from .pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, with_tasks, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -241,7 +241,7 @@ def run_export(cfg: ExportConfig) -> Path:
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
             generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source,
                                      cfg.graph),
-            prompt=PromptSpec(**gen_meta["prompt"]),
+            prompt=with_tasks(PromptSpec(**gen_meta["prompt"])),
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
             rag=RagDefaults(),
             corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages)},

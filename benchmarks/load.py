@@ -1,0 +1,149 @@
+"""Load test: N concurrent HTTP clients ask the server for D seconds, with micro-batching and without.
+
+    python benchmarks/load.py --bundle BUNDLE --clients 16 --duration 60 --json load.json
+
+Both runs use the same server code, bundle, questions, clients and duration; only
+`max_batch` differs (16 against 1, which decodes one answer at a time). Each client sends
+its next question as soon as its answer arrives. Reported: requests, errors (any non-200 or
+transport failure), latency p50/p99 and answers/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.atomic import atomic_write_text  # noqa: E402
+from engine.server import ServerConfig, background, create_app  # noqa: E402
+
+QUESTIONS = [
+    "How do I remove duplicates from a list while keeping the order?",
+    "How do I copy a list?",
+    "What is the difference between a list and a tuple?",
+    "How do I read a file line by line?",
+    "How can I sort a dictionary by value?",
+    "What does the global interpreter lock do?",
+    "How do I convert a string to a number?",
+    "Why are default argument values shared between calls?",
+    "How do I make a class iterable?",
+    "How do I check whether a key is in a dictionary?",
+    "What is a generator?",
+    "How do I format a float with two decimals?",
+    "How do I create a virtual environment?",
+    "What is the difference between is and ==?",
+    "How do I catch several exceptions in one except clause?",
+    "How do I parse JSON?",
+]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    label: str
+    max_batch: int
+    clients: int
+    duration_s: float
+    requests: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    answers_per_s: float
+    tokens_per_s: float
+
+
+def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: int | None,
+                questions: list[str], k: int | None = None) -> tuple[list[float], int, int, float]:
+    """Latencies (s) of answered requests, error count, answer tokens, and the measured wall time."""
+    latencies: list[float] = []
+    errors, tokens = [0], [0]
+    lock = threading.Lock()
+    start = time.monotonic()
+    stop_at = start + duration_s
+
+    def client(i: int) -> None:
+        n = i
+        with httpx.Client(timeout=600) as http:
+            while time.monotonic() < stop_at:
+                body = {"question": questions[n % len(questions)]}
+                if max_new_tokens is not None:
+                    body["max_new_tokens"] = max_new_tokens
+                if k is not None:
+                    body["k"] = k
+                n += clients
+                t0 = time.monotonic()
+                try:
+                    r = http.post(f"{base}/v1/ask", json=body)
+                    ok = r.status_code == 200
+                    new = r.json()["new_tokens"] if ok else 0
+                except httpx.HTTPError:
+                    ok, new = False, 0
+                with lock:
+                    if ok:
+                        latencies.append(time.monotonic() - t0)
+                        tokens[0] += new
+                    else:
+                        errors[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors[0], tokens[0], time.monotonic() - start
+
+
+def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max_new_tokens: int | None,
+            threads: int = 0, questions: list[str] = QUESTIONS, label: str = "", k: int | None = None) -> LoadResult:
+    app = create_app(ServerConfig(bundle=bundle, max_batch=max_batch, max_queue=max(64, clients), threads=threads,
+                                  timeout_s=600))
+    with background(app) as base:
+        deadline = time.monotonic() + 300
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not become ready")
+            time.sleep(0.1)
+        # One answer first, so neither run pays for onnxruntime's first-call setup.
+        httpx.post(f"{base}/v1/ask", json={"question": questions[0], "max_new_tokens": 4}, timeout=600)
+        lat, errors, tokens, wall = run_clients(base, clients=clients, duration_s=duration_s,
+                                                max_new_tokens=max_new_tokens, questions=questions, k=k)
+    ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
+    return LoadResult(label or f"max_batch={max_batch}", max_batch, clients, round(wall, 1), len(lat) + errors,
+                      errors, round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 99)), 1),
+                      round(len(lat) / wall, 3), round(tokens / wall, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load per run")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer limit (default: the bundle's)")
+    p.add_argument("--k", type=int, default=None, help="passages per prompt (default: the bundle's)")
+    p.add_argument("--max-batch", type=int, default=16, help="the batched run's batch size")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    p.add_argument("--json", default=None, help="write both results here")
+    args = p.parse_args(argv)
+    results = []
+    for label, batch in (("batched", args.max_batch), ("unbatched", 1)):
+        r = measure(args.bundle, max_batch=batch, clients=args.clients, duration_s=args.duration,
+                    max_new_tokens=args.max_new_tokens, threads=args.threads, label=label, k=args.k)
+        print(f"{r.label:10s} max_batch={r.max_batch:<3d} clients={r.clients} {r.duration_s:.0f} s: "
+              f"{r.requests} requests, {r.errors} errors, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms, "
+              f"{r.answers_per_s:.2f} answers/s, {r.tokens_per_s:.1f} tokens/s", flush=True)
+        results.append(r)
+    print(f"batching: {results[0].answers_per_s / max(results[1].answers_per_s, 1e-9):.2f}x the answers/s")
+    if args.json:
+        atomic_write_text(args.json, json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The server's request and response bodies. They are the OpenAPI document, and their checks
+answer 422 before any work starts. Strict: "5" is not an int, 1 is not a bool."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+# Bounds on what one request may make the server hold; the engine checks the bundle's own limits.
+MAX_TEXT = 100_000
+MAX_TURNS = 100
+MAX_EMBED = 256
+# The engine refuses a question with nothing visible in it (empty, blank, control characters only).
+VISIBLE = r"[^\s\x00-\x1f\x7f]"
+
+
+def _integral(value):
+    """JSON Schema counts 5.0 as an integer, and some clients send one; "5" and true stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(ge: int, le: int | None = None):
+    """A strict integer in [ge, le]; the bounds sit inside the type so the schema keeps them."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class Turn(Strict):
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT)
+
+
+class AskRequest(Strict):
+    question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
+    k: Optional[Int(1, 50)] = Field(None, description="passages to retrieve (default: the bundle's)")
+    mode: Optional[Literal["concat", "token", "sequence"]] = None
+    max_new_tokens: Optional[Int(1)] = Field(None, description="at most half the generator's context")
+    temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="P(c|q) = softmax(score / T)")
+    history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS,
+                                description="earlier turns, oldest first; folded into retrieval and the prompt")
+    task: str = Field("qa", max_length=64, description='"qa", or a task of the bundle\'s manifest ("summarize")')
+    stream: bool = Field(False, description="answer as server-sent events: `token` events, then one `answer`")
+
+
+class SourceOut(BaseModel):
+    id: str
+    title: str
+    score: float
+    prob: float
+    text: str
+
+
+class AskResponse(BaseModel):
+    answer: str
+    sources: list[SourceOut]
+    new_tokens: int
+    prompt_tokens: int
+    timings_ms: dict[str, float]
+    mode: str
+    log_prob: Optional[float] = None
+    warnings: list[str]
+
+
+class RetrieveRequest(Strict):
+    query: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
+    k: Optional[Int(1, 50)] = None
+
+
+class Passage(BaseModel):
+    id: str
+    title: str
+    text: str
+    score: float
+
+
+class RetrieveResponse(BaseModel):
+    passages: list[Passage]
+    timings_ms: dict[str, float]
+
+
+class EmbedRequest(Strict):
+    texts: list[str] = Field(min_length=1, max_length=MAX_EMBED)
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT)
+
+
+class ChatMessage(BaseModel):
+    # Clients send fields this server has no use for (name, tool_calls): they are ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request. Sampling options are accepted and ignored: decoding is greedy."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str = "ragrt"
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TURNS)
+    max_tokens: Optional[Int(1)] = None
+    max_completion_tokens: Optional[Int(1)] = None
+    stream: bool = False
+    n: Optional[Literal[1]] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    sources: list[SourceOut] = Field(description="ragrt's addition: the passages the answer drew on")

@@ -1,0 +1,89 @@
+"""The micro-batcher: answers decoded in a shared, changing batch equal answers decoded alone."""
+import threading
+import time
+
+import pytest
+
+from engine import Engine
+from engine.batcher import Batcher, DeadlineExceeded, QueueFull, batched_stream
+
+QUESTIONS = ["How do I copy a list?", "What is the GIL?", "How are JSON documents parsed?",
+             "What does open() return?", "What do generators yield?", "Is a list mutable?"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return Engine.open(tiny_bundle, threads=1)
+
+
+@pytest.mark.parametrize("row_by_row", [False, True], ids=["batched", "row-by-row"])
+def test_concurrent_answers_equal_answers_alone(engine, row_by_row, monkeypatch):
+    monkeypatch.setattr(engine.decoder, "row_by_row", row_by_row)
+    # Different limits make rows leave at different steps while others join.
+    limits = [3, 17, 9, 24, 5, 12]
+    alone = [engine.ask(q, max_new_tokens=n).answer for q, n in zip(QUESTIONS, limits)]
+    batcher = Batcher(engine.decoder, max_batch=4, max_queue=16)
+    got = [None] * len(QUESTIONS)
+
+    def client(i):
+        time.sleep(0.01 * i)
+        stream = batched_stream(engine, batcher, engine.prepare(QUESTIONS[i], max_new_tokens=limits[i]), deadline_s=60)
+        for _ in stream:
+            pass
+        got[i] = stream.answer.answer
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert got == alone
+    assert batcher.stats().tokens > 0
+
+
+class GatedDecoder:
+    """The real decoder, whose prefill waits for a gate: the test decides when the worker moves."""
+
+    def __init__(self, decoder):
+        self.decoder, self.gate = decoder, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def prefill(self, prompts):
+        self.gate.wait(30)
+        return self.decoder.prefill(prompts)
+
+
+def test_full_queue_and_deadline(engine):
+    gated = GatedDecoder(engine.decoder)
+    batcher = Batcher(gated, max_batch=1, max_queue=1)
+    prompt = engine.prepare("What is the GIL?").builder.build("What is the GIL?", []).ids
+    running = batcher.submit(prompt, 3, deadline_s=60)
+    while batcher.stats().waiting:                  # the worker took it and waits at the gate
+        time.sleep(0.01)
+    expired = batcher.submit(prompt, 3, deadline_s=0.0)
+    with pytest.raises(QueueFull, match="already waiting"):
+        batcher.submit(prompt, 3, deadline_s=60)
+    gated.gate.set()
+    assert len(list(running)) <= 3
+    with pytest.raises(DeadlineExceeded, match="waited in the queue"):
+        list(expired)
+    batcher.close(timeout=30)
+    assert batcher.stats().active == 0
+
+
+def test_engine_is_safe_to_share_across_threads(engine):
+    alone = [engine.ask(q, max_new_tokens=10).answer for q in QUESTIONS]
+    got = [None] * len(QUESTIONS)
+
+    def client(i):
+        got[i] = engine.ask(QUESTIONS[i], max_new_tokens=10).answer
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
