@@ -62,7 +62,8 @@ class NotReady(RagrtError):
 STATUS = {UserInputError: (422, "invalid_request_error"), QueueFull: (429, "queue_full"),
           DeadlineExceeded: (503, "deadline_exceeded"), Closed: (503, "shutting_down"), NotReady: (503, "not_ready")}
 ERRORS = {code: {"model": ErrorResponse, "description": kind}
-          for code, kind in [(401, "missing or wrong API key"), (422, "invalid request"), (429, "queue full"),
+          for code, kind in [(401, "missing or wrong API key"), (413, "request body too large"),
+                             (422, "invalid request"), (429, "queue full"),
                              (503, "not ready, shutting down, or deadline passed")]}
 
 
