@@ -1,6 +1,8 @@
-"""Starting the real server (uvicorn on a free loopback port) inside a test process."""
+"""Starting the real server (uvicorn on a free loopback port) inside a test process, and a
+decoder the tests can hold back."""
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -28,3 +30,17 @@ def wait_ready(base: str, *, headers: dict | None = None, timeout: float = 120) 
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{base} was not ready within {timeout} s")
+
+
+class GatedDecoder:
+    """The real decoder, whose prefill waits for a gate: the test decides when decoding starts."""
+
+    def __init__(self, decoder):
+        self.decoder, self.gate = decoder, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def prefill(self, prompts):
+        self.gate.wait(60)
+        return self.decoder.prefill(prompts)

@@ -6,6 +6,7 @@ import pytest
 
 from engine import Engine
 from engine.batcher import Batcher, DeadlineExceeded, QueueFull, batched_stream
+from serving import GatedDecoder
 
 QUESTIONS = ["How do I copy a list?", "What is the GIL?", "How are JSON documents parsed?",
              "What does open() return?", "What do generators yield?", "Is a list mutable?"]
@@ -40,20 +41,6 @@ def test_concurrent_answers_equal_answers_alone(engine, row_by_row, monkeypatch)
     batcher.close()
     assert got == alone
     assert batcher.stats().tokens > 0
-
-
-class GatedDecoder:
-    """The real decoder, whose prefill waits for a gate: the test decides when the worker moves."""
-
-    def __init__(self, decoder):
-        self.decoder, self.gate = decoder, threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.decoder, name)
-
-    def prefill(self, prompts):
-        self.gate.wait(30)
-        return self.decoder.prefill(prompts)
 
 
 def test_full_queue_and_deadline(engine):

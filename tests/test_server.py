@@ -10,7 +10,7 @@ import pytest
 
 from engine import Engine
 from engine.server import ServerConfig, create_app
-from serving import running_server
+from serving import GatedDecoder, running_server
 
 QUESTION = "How do I copy a list?"
 
@@ -158,20 +158,6 @@ def test_api_key(tiny_bundle, engine, tmp_path):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert post(url, "/v1/ask", {"question": QUESTION}, headers={"Authorization": "Bearer s3cre"}).status_code == 401
         assert post(url, "/v1/ask", {"question": QUESTION, "max_new_tokens": 2}, headers=good).status_code == 200
-
-
-class GatedDecoder:
-    """The real decoder, whose prefill waits for a gate: the test decides when decoding starts."""
-
-    def __init__(self, decoder):
-        self.decoder, self.gate = decoder, threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.decoder, name)
-
-    def prefill(self, prompts):
-        self.gate.wait(60)
-        return self.decoder.prefill(prompts)
 
 
 def test_a_full_queue_answers_429(tiny_bundle):
