@@ -46,7 +46,8 @@ class Decoder:
         self.kv_dtype = np.dtype(spec.kv_dtype)
         self.pad_id = spec.pad_token_id
         # int8 graphs quantize activations in ways that depend on the batch shape, so a row's
-        # numbers change with its neighbours: such graphs run row by row.
+        # numbers change with its neighbours; a packed cache cannot hold left padding. Both
+        # run batches row by row.
         self.row_by_row = not spec.batch_invariant or spec.cache == "packed"
         self.packed = spec.cache == "packed"
 

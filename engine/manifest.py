@@ -177,12 +177,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, *, where: str = MANIFEST_NAME) -> "Manifest":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
-            raise BundleError(f"{where}: not a ragrt bundle manifest (schema is not {SCHEMA!r})")
+        raw = _json_object(text, where, SCHEMA, "ragrt bundle manifest")
         version = raw.get("schema_version")
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise BundleError(
@@ -191,10 +186,7 @@ class Manifest:
         if version < FIRST_READABLE_VERSION:
             raise BundleError(f"{where}: bundle schema_version {version} predates corpus generations; "
                               f"rebuild it with `ragrt export --force`")
-        manifest = _build(cls, raw, where)
-        for path in manifest.referenced_paths() + list(manifest.files):
-            check_relative(path, where)
-        return manifest
+        return _checked(_build(cls, raw, where), where)
 
     def referenced_paths(self) -> list[str]:
         return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer]
@@ -220,19 +212,28 @@ class GenerationSpec:
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> "GenerationSpec":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(raw, dict) or raw.get("schema") != GENERATION_SCHEMA:
-            raise BundleError(f"{where}: not a ragrt corpus generation (schema is not {GENERATION_SCHEMA!r})")
-        spec = _build(cls, raw, where)
-        for path in spec.referenced_paths() + list(spec.files):
-            check_relative(path, where)
-        return spec
+        return _checked(_build(cls, _json_object(text, where, GENERATION_SCHEMA, "ragrt corpus generation"), where),
+                        where)
 
     def referenced_paths(self) -> list[str]:
         return [self.index.path, self.passages.data, self.passages.offsets]
+
+
+def _json_object(text: str, where: str, schema: str, kind: str) -> dict:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict) or raw.get("schema") != schema:
+        raise BundleError(f"{where}: not a {kind} (schema is not {schema!r})")
+    return raw
+
+
+def _checked(doc, where: str):
+    """`doc` (a Manifest or GenerationSpec) once none of its paths leaves the bundle."""
+    for path in doc.referenced_paths() + list(doc.files):
+        check_relative(path, where)
+    return doc
 
 
 def check_relative(path: str, where: str = MANIFEST_NAME) -> None:

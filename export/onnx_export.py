@@ -96,10 +96,8 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".optimum.", dir=out_dir) as tmp:
         main_export(str(checkpoint), output=tmp, task="text-generation-with-past", do_validation=False)
-        model = onnx.load(str(Path(tmp) / "model.onnx"))     # pulls in model.onnx_data if optimum wrote one
-        add_num_logits(model, GeneratorIO())
-        big = model.ByteSize() > PROTOBUF_LIMIT
-        onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
+        # onnx.load pulls in model.onnx_data if optimum wrote one
+        _save_with_num_logits(onnx.load(str(Path(tmp) / "model.onnx")), out_dir)
     return _describe_generator(checkpoint, out_dir)
 
 
@@ -131,11 +129,15 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RagrtError(f"onnxruntime-genai's model builder failed on {checkpoint}: {tail[0]}")
-        model = onnx.load(f"{tmp}/out/model.onnx")
-        add_num_logits(model, GeneratorIO())
-        big = model.ByteSize() > PROTOBUF_LIMIT
-        onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
+        _save_with_num_logits(onnx.load(f"{tmp}/out/model.onnx"), out_dir)
     return _describe_generator(checkpoint, out_dir)
+
+
+def _save_with_num_logits(model, out_dir: Path) -> None:
+    import onnx
+    add_num_logits(model, GeneratorIO())
+    big = model.ByteSize() > PROTOBUF_LIMIT
+    onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
 
 
 def _describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
