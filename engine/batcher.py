@@ -154,7 +154,7 @@ class Batcher:
                     if self.decoder.row_by_row and isinstance(new_state, KVState):
                         new_state = RowStates((new_state,))
                     logits = new_logits if not rows else np.concatenate([logits, new_logits])
-                    state = new_state if not rows else merge_states(state, new_state)
+                    state = new_state if not rows else self.decoder.merge(state, new_state)
                     rows += new
                     self._steps += 1
                 if not rows:
@@ -194,7 +194,7 @@ class Batcher:
         if not keep:
             return [], None, None
         if len(keep) < len(rows):
-            state = select_rows(state, keep)
+            state = self.decoder.select(state, keep)
         logits, state = self.decoder.step(state, tokens[keep])
         self._steps += 1
         return [rows[i] for i in keep], logits, state
@@ -206,31 +206,6 @@ class Batcher:
             row.out.put(DeadlineExceeded("the deadline passed while the request waited in the queue"))
             return False
         return True
-
-
-def merge_states(a: KVState | RowStates, b: KVState | RowStates) -> KVState | RowStates:
-    """Stacks two batches; the shorter one is left-padded (masked) so every row still ends in the last column."""
-    if isinstance(a, RowStates):
-        return RowStates(a.rows + b.rows)
-    width = max(a.mask.shape[1], b.mask.shape[1])
-
-    def pad(s: KVState) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-        extra = width - s.mask.shape[1]
-        return (tuple(np.pad(p, ((0, 0), (0, 0), (extra, 0), (0, 0))) for p in s.past),
-                np.pad(s.mask, ((0, 0), (extra, 0))))
-
-    (past_a, mask_a), (past_b, mask_b) = pad(a), pad(b)
-    return KVState(tuple(np.concatenate([x, y]) for x, y in zip(past_a, past_b)),
-                   np.concatenate([mask_a, mask_b]), np.concatenate([a.positions, b.positions]))
-
-
-def select_rows(state: KVState | RowStates, rows: Sequence[int]) -> KVState | RowStates:
-    """The given rows, without the leading columns that only departed rows used."""
-    if isinstance(state, RowStates):
-        return RowStates(tuple(state.rows[i] for i in rows))
-    mask = state.mask[rows]
-    first = int(mask.any(axis=0).argmax())
-    return KVState(tuple(p[rows, :, first:] for p in state.past), mask[:, first:], state.positions[rows])
 
 
 def batched_stream(engine, batcher: Batcher, prepared, *, deadline_s: float):

@@ -34,7 +34,11 @@ COMPACT_AFTER = 64          # masked-out cache positions tolerated before compac
 
 
 class Decoder:
+    layout = "masked"               # the GeneratorSpec.cache this class drives
+
     def __init__(self, session, spec: GeneratorSpec):
+        if spec.cache != self.layout:
+            raise ValueError(f"{type(self).__name__} drives '{self.layout}' caches, not '{spec.cache}'")
         io = spec.io
         self.session = session
         self.spec = spec
@@ -45,11 +49,10 @@ class Decoder:
                                            for name in (io.present_key, io.present_value)]
         self.kv_dtype = np.dtype(spec.kv_dtype)
         self.pad_id = spec.pad_token_id
+        self.prefix: tuple[tuple[int, ...], object] | None = None     # ids and their state
         # int8 graphs quantize activations in ways that depend on the batch shape, so a row's
-        # numbers change with its neighbours; a packed cache cannot hold left padding. Both
-        # run batches row by row.
-        self.row_by_row = not spec.batch_invariant or spec.cache == "packed"
-        self.packed = spec.cache == "packed"
+        # numbers change with its neighbours: their batches run row by row.
+        self.row_by_row = not spec.batch_invariant
 
     def empty_state(self, batch: int) -> KVState:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -75,8 +78,31 @@ class Decoder:
         logits, *present = self.session.run(self.output_names, feed)
         return logits, KVState(tuple(present), mask, state.positions + new_mask.sum(axis=1))
 
+    def cache_prefix(self, ids: Sequence[int]) -> None:
+        """Keeps the keys and values of `ids`, the start that prompts share (the fixed instruction),
+        so prefilling a prompt that starts with them computes only the rest.
+
+        Only for batch-invariant graphs: there a pass over the rest after the cached start gives
+        the numbers one pass over the whole prompt would.
+        """
+        self.prefix = None
+        if len(ids) > 1 and self.spec.batch_invariant:
+            _, state = self.prefill([ids])
+            self.prefix = (tuple(ids), state)
+
+    def _prefix_of(self, prompt: Sequence[int]):
+        """The cached prefix state if `prompt` starts with the cached ids and goes beyond them."""
+        if self.prefix is None:
+            return None
+        ids, state = self.prefix
+        return state if len(prompt) > len(ids) and tuple(prompt[:len(ids)]) == ids else None
+
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState | RowStates]:
         """Left-pads the prompts into one batch; returns last-position logits (B, V) and the state."""
+        if len(prompts) == 1 and (start := self._prefix_of(prompts[0])) is not None:
+            rest = np.asarray([prompts[0][start.positions[0]:]], dtype=np.int64)
+            logits, state = self.forward(start, rest, np.ones_like(rest))
+            return logits[:, -1], state
         if self.row_by_row and len(prompts) > 1:
             logits, states = zip(*(self.prefill([p]) for p in prompts))
             return np.concatenate(logits), RowStates(states)
@@ -133,7 +159,7 @@ class Decoder:
                 yield int(t)
             emitted += accepted
             context.extend(draft[:accepted])
-            state = _forget_last(state, len(draft) - accepted, cut=self.packed)
+            state = self.forget(state, len(draft) - accepted)
             logits = all_logits[:, accepted]
 
     def greedy_batch(self, logits: np.ndarray, state: KVState | RowStates, max_new_tokens: int) -> list[list[int]]:
@@ -165,7 +191,7 @@ class Decoder:
             return np.concatenate([self.continuation_logprob(s, last_logits[i:i + 1], continuation)
                                    for i, s in enumerate(state.rows)])
         cont = np.asarray(continuation, dtype=np.int64)
-        batch = state.mask.shape[0]
+        batch = len(last_logits)
         total = log_softmax(last_logits)[:, cont[0]]
         if len(cont) > 1:
             tokens = np.broadcast_to(cont[:-1], (batch, len(cont) - 1))
@@ -175,23 +201,53 @@ class Decoder:
             total = total + np.take_along_axis(logp, cont[None, 1:, None], axis=2)[..., 0].sum(axis=1)
         return total
 
+    def forget(self, state: KVState, n: int) -> KVState:
+        """Drops the last n positions of a one-row state: rejected drafts.
 
-def _forget_last(state: KVState, n: int, *, cut: bool) -> KVState:
-    """Drops the last n positions of a one-row state: rejected drafts.
+        Their keys and values stay in the cache, masked out like padding (copying the cache to
+        cut them would cost as much as a step); once the dead positions reach COMPACT_AFTER,
+        the cache is rewritten without them.
+        """
+        if n == 0:
+            return state
+        mask = state.mask.copy()
+        mask[:, mask.shape[1] - n:] = 0
+        if (mask == 0).sum() >= COMPACT_AFTER:
+            keep = np.flatnonzero(mask[0])
+            return KVState(tuple(np.ascontiguousarray(p[:, :, keep]) for p in state.past), mask[:, keep],
+                           state.positions - n)
+        return KVState(state.past, mask, state.positions - n)
 
-    Their keys and values stay in the cache, masked out like padding (copying the cache to
-    cut them would cost as much as a step); once the dead positions reach COMPACT_AFTER, or
-    at once for a packed cache, the cache is rewritten without them.
-    """
-    if n == 0:
-        return state
-    mask = state.mask.copy()
-    mask[:, mask.shape[1] - n:] = 0
-    if cut or (mask == 0).sum() >= COMPACT_AFTER:
-        keep = np.flatnonzero(mask[0])
-        return KVState(tuple(np.ascontiguousarray(p[:, :, keep]) for p in state.past), mask[:, keep],
-                       state.positions - n)
-    return KVState(state.past, mask, state.positions - n)
+    def merge(self, a: KVState | RowStates, b: KVState | RowStates) -> KVState | RowStates:
+        """Stacks two batches; the shorter one is left-padded (masked) so every row still ends in the last column."""
+        if isinstance(a, RowStates):
+            return RowStates(a.rows + (b.rows if isinstance(b, RowStates) else (b,)))
+        width = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad(s: KVState) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+            extra = width - s.mask.shape[1]
+            return (tuple(np.pad(p, ((0, 0), (0, 0), (extra, 0), (0, 0))) for p in s.past),
+                    np.pad(s.mask, ((0, 0), (extra, 0))))
+
+        (past_a, mask_a), (past_b, mask_b) = pad(a), pad(b)
+        return KVState(tuple(np.concatenate([x, y]) for x, y in zip(past_a, past_b)),
+                       np.concatenate([mask_a, mask_b]), np.concatenate([a.positions, b.positions]))
+
+    def select(self, state: KVState | RowStates, rows: Sequence[int]) -> KVState | RowStates:
+        """The given rows, without the leading columns that only departed rows used."""
+        if isinstance(state, RowStates):
+            return RowStates(tuple(state.rows[i] for i in rows))
+        mask = state.mask[rows]
+        first = int(mask.any(axis=0).argmax())
+        return KVState(tuple(p[rows, :, first:] for p in state.past), mask[:, first:], state.positions[rows])
+
+
+def open_decoder(session, spec: GeneratorSpec) -> Decoder:
+    """The decoder for the spec's cache layout."""
+    if spec.cache == "packed":
+        from .packed import PackedDecoder
+        return PackedDecoder(session, spec)
+    return Decoder(session, spec)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

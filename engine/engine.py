@@ -11,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .bundle import Bundle
-from .decode import Decoder
+from .decode import open_decoder
 from .encoder import TextEncoder, load_tokenizer
 from .errors import UserInputError
 from .live import LiveRetriever
@@ -72,10 +72,11 @@ class Engine:
         self.manifest = m
         self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
         self.corpus = LiveRetriever(bundle, self.encoder)
-        self.decoder = Decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
+        self.decoder = open_decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
         self.tokenizer = load_tokenizer(bundle.path(m.generator.tokenizer))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.decoder.cache_prefix(PromptBuilder(m.prompt, self.tokenizer, budget=m.generator.max_context).fixed_prefix())
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False) -> "Engine":

@@ -93,6 +93,17 @@ class PromptBuilder:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return Prompt(ids=ids, passages_used=len(parts), truncated=truncated)
 
+    def fixed_prefix(self) -> list[int]:
+        """Leading tokens that every prompt of this task starts with (system prompt, chat markup).
+
+        Found by building two prompts that share nothing but the templates; the last two
+        common tokens are dropped, as text after them may merge into them differently.
+        """
+        a = self.build("why?", [PassageText("a", "b")]).ids
+        b = self.build("Qu", [PassageText("Zz", "0")]).ids
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:max(n - 2, 0)]
+
     def _recent_turns(self, room: int) -> list[str]:
         """The latest turns that fit in `room` tokens with the history header, oldest first.
 

@@ -36,12 +36,12 @@ log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
 ENCODER_EXPORT_VERSION = "4"
-GENERATOR_EXPORT_VERSION = "5"
+GENERATOR_EXPORT_VERSION = "6"
 GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "2"
+FUSED_EXPORT_VERSION = "3"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -121,9 +121,9 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
         vocab_size=meta["vocab_size"], eos_token_ids=tuple(meta["eos_token_ids"]),
         pad_token_id=meta["pad_token_id"], max_context=min(max_context, meta["max_position_embeddings"]),
         source=source,
-        # int8 compute (our int8; the builder's int4) gives a row different numbers in
-        # different batch shapes.
-        batch_invariant=quantization == "fp32" or (quantization == "int4" and not fused),
+        # Measured by the parity check (absent while it runs): int8 compute can give a row
+        # different numbers in different batch shapes.
+        batch_invariant=bool(meta.get("parity", {}).get(quantization, {}).get("batch_invariant", False)),
         cache="packed" if fused else "masked",
         io=GeneratorIO(position_ids="") if fused else GeneratorIO())
 

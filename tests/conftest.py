@@ -30,6 +30,21 @@ def tiny_generator_onnx(tiny_generator_dir, tmp_path_factory):
     return out, export_generator(tiny_generator_dir, out)
 
 
+@pytest.fixture(scope="session")
+def tiny_fused_fp32(tiny_generator_dir, tmp_path_factory):
+    """(model.onnx path, GeneratorSpec) of the tiny llama as onnxruntime-genai's fused fp32 graph."""
+    pytest.importorskip("onnxruntime_genai")
+    from dataclasses import asdict, replace
+
+    from engine.manifest import Source
+    from export.onnx_export import export_generator_fused
+    from export.pipeline import generator_spec
+    exp = export_generator_fused(tiny_generator_dir, tmp_path_factory.mktemp("tiny-fused") / "fp32", "fp32")
+    meta = {k: v for k, v in asdict(exp).items() if k not in ("model", "tokenizer")}
+    # fp32 kernels round alike in every batch shape; the tests check that claim token by token.
+    return exp.model, replace(generator_spec(meta, "", "fp32", 512, Source("tiny", ""), "fused"), batch_invariant=True)
+
+
 TINY_CORPUS = [
     {"id": "lists", "title": "Lists", "text": "Use list.copy() or a slice a[:] to copy a list. Lists are mutable sequences."},
     {"id": "json", "title": "JSON", "text": "The json module parses JSON documents with json.loads and json.load."},

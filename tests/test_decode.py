@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.decode import Decoder
+from engine.decode import open_decoder
 from engine.manifest import GeneratorSpec, Source
 from engine.prompt import PassageText, PromptBuilder
 from engine.rag import passage_prior, start
@@ -12,16 +12,20 @@ from export.pack import prompt_spec
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["batched", "row-by-row"])
+@pytest.fixture(scope="module", params=["batched", "row-by-row", "packed"])
 def decoder(tiny_generator_onnx, request):
-    """Both ways a batch can run: as one padded batch, or row by row (int8 bundles)."""
+    """Every way a batch can run: as one left-padded batch, row by row (int8 bundles), or on a
+    packed cache (fused graphs: preallocated buffers, rows prefilled alone and stepped together)."""
+    if request.param == "packed":
+        path, spec = request.getfixturevalue("tiny_fused_fp32")
+        return open_decoder(create_session(path, SessionConfig(threads=1)), spec)
     out, exp = tiny_generator_onnx
     spec = GeneratorSpec(model="model.onnx", tokenizer="tokenizer.json", quantization="fp32",
                          num_layers=exp.num_layers, num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim,
                          vocab_size=exp.vocab_size, eos_token_ids=tuple(exp.eos_token_ids),
                          pad_token_id=exp.pad_token_id, max_context=512, source=Source("tiny", ""),
-                         batch_invariant=request.param)
-    return Decoder(create_session(out / "model.onnx", SessionConfig(threads=1)), spec)
+                         batch_invariant=request.param == "batched")
+    return open_decoder(create_session(out / "model.onnx", SessionConfig(threads=1)), spec)
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +105,10 @@ def test_left_padded_batch_equals_single_rows(decoder, builder):
 
 def test_stopping_the_stream_stops_decoding(decoder, builder):
     ids = builder.build(QUESTION, PASSAGES).ids
-    calls = []
-    original = decoder.session.run
-    decoder.session.run = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        for _ in decoder.greedy(ids, MAX_NEW):
-            break
-    finally:
-        decoder.session.run = original
-    assert len(calls) == 1
+    counting = open_decoder(CountingSession(decoder.session), decoder.spec)
+    for _ in counting.greedy(ids, MAX_NEW):
+        break
+    assert counting.session.calls == 1
 
 
 def test_rag_token_matches_float64_reference(decoder, builder):
@@ -168,6 +167,13 @@ class CountingSession:
         self.calls += 1
         return self.session.run(*args, **kwargs)
 
+    def run_with_iobinding(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run_with_iobinding(*args, **kwargs)
+
+    def io_binding(self):
+        return self.session.io_binding()
+
 
 @pytest.mark.parametrize("max_draft,compact_after", [(1, 64), (3, 64), (8, 64), (8, 2)])
 def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, compact_after, monkeypatch):
@@ -177,7 +183,7 @@ def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, c
     monkeypatch.setattr(engine.decode, "COMPACT_AFTER", compact_after)
     rng = np.random.default_rng(max_draft)
     counting = CountingSession(decoder.session)
-    speculative = Decoder(counting, decoder.spec)
+    speculative = open_decoder(counting, decoder.spec)
     saved = 0
     for _ in range(6):
         # Repeated chunks give the lookup something to find; the random tiny model decides
@@ -199,3 +205,40 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match():
     assert lookup.propose([7, 8, 5, 6, 8]) == [5, 6, 8]          # bigram (6, 8) is new; unigram 8 matches
     assert PromptLookup(min_ngram=2).propose([7, 8, 5, 6, 8]) == []
     assert lookup.propose([4]) == []
+
+
+def test_cached_prefix_keeps_greedy_output(decoder, builder):
+    """The fixed instruction's keys and values, computed once, stand in for its prefill."""
+    prefix = builder.fixed_prefix()
+    prompts = [builder.build(q, [p]).ids for q, p in zip(["Why?", QUESTION, "GIL?"], PASSAGES)]
+    assert len(prefix) > 4 and all(p[:len(prefix)] == prefix for p in prompts)
+    plain = [list(decoder.greedy(p, MAX_NEW)) for p in prompts]
+    counting = open_decoder(CountingSession(decoder.session), decoder.spec)
+    counting.cache_prefix(prefix)
+    assert (counting.prefix is not None) == decoder.spec.batch_invariant
+    assert [list(counting.greedy(p, MAX_NEW)) for p in prompts] == plain
+    logits, state = counting.prefill(prompts)
+    assert counting.greedy_batch(logits, state, MAX_NEW) == plain
+    assert list(counting.greedy(prefix[:3], MAX_NEW)) == list(decoder.greedy(prefix[:3], MAX_NEW))
+
+
+class ShapeNoiseSession(CountingSession):
+    """Rounds like a kernel that depends on the batch shape: logits move when rows share a pass."""
+
+    def run(self, names, feed):
+        out = self.session.run(names, feed)
+        ids = feed["input_ids"]
+        if ids.shape[0] > 1:
+            out[0] = out[0] + np.random.default_rng(ids.size).normal(0, 5, out[0].shape).astype(out[0].dtype)
+        return out
+
+
+def test_parity_measures_batch_invariance(decoder, builder):
+    from export.parity import batch_invariant
+    if decoder.spec.cache != "masked" or not decoder.spec.batch_invariant:
+        pytest.skip("one masked, batched decoder is enough to check the measurement")
+    prompts = [builder.build(q, [p]).ids for q, p in zip(["Why?", QUESTION, "GIL?"], PASSAGES)]
+    greedy = [list(decoder.greedy(p, MAX_NEW)) for p in prompts]
+    assert batch_invariant(decoder, prompts, greedy, MAX_NEW)
+    noisy = open_decoder(ShapeNoiseSession(decoder.session), decoder.spec)
+    assert not batch_invariant(noisy, prompts, greedy, MAX_NEW)

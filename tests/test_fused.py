@@ -3,7 +3,7 @@ its fused attention reads an unpadded cache, and the decoder drives it to PyTorc
 import numpy as np
 import pytest
 
-from engine.decode import Decoder
+from engine.decode import open_decoder
 from engine.lookup import PromptLookup
 from engine.session import SessionConfig, create_session
 from export.quantize import op_counts
@@ -39,19 +39,19 @@ def test_fused_graph_ops(fused):
 def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):
     from export.parity import torch_greedy
     path, spec = fused["fp32"]
-    decoder = Decoder(create_session(path, SessionConfig(threads=1)), spec)
+    decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 17, 40)]
     ref = torch_greedy(tiny_generator_dir, prompts, spec, 16)
     assert [list(decoder.greedy(p, 16)) for p in prompts] == ref
-    # A batch runs row by row on a packed cache, with the same tokens.
+    # A batch prefills row by row and steps together, with the same tokens.
     logits, state = decoder.prefill(prompts)
     assert decoder.greedy_batch(logits, state, 16) == ref
 
 
 def test_drafts_on_a_packed_cache_keep_greedy_output(fused):
     path, spec = fused["fp32"]
-    decoder = Decoder(create_session(path, SessionConfig(threads=1)), spec)
+    decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
     rng = np.random.default_rng(1)
     for _ in range(4):
         chunk = rng.integers(3, spec.vocab_size, 6).tolist()
@@ -71,3 +71,24 @@ def test_fused_bundle_answers_in_every_mode(tiny_corpus, tiny_encoder_dir, tiny_
     for mode in ("concat", "token", "sequence"):
         answer = engine.ask("How do I copy a list?", k=3, mode=mode, max_new_tokens=6)
         assert answer.new_tokens > 0 and answer.mode == mode
+
+
+@pytest.mark.parametrize("grow", [256, 16], ids=["roomy", "growing"])
+def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow, monkeypatch):
+    """The batcher merges new rows into free slots, moves rows down as others leave, and the
+    buffers grow mid-answer (capacity in steps of 16): every row still gets its greedy tokens."""
+    import engine.packed
+    from engine.batcher import Batcher
+    monkeypatch.setattr(engine.packed, "GROW", grow)
+    path, spec = tiny_fused_fp32
+    decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 40, 9, 70, 3, 22, 31)]
+    limits = [30, 4, 41, 12, 25, 7, 18]
+    alone = [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)]
+    batcher = Batcher(decoder, max_batch=3, max_queue=16)
+    # All queued at once: three start, and each one that finishes lets the next join.
+    streams = [batcher.submit(p, n, deadline_s=60) for p, n in zip(prompts, limits)]
+    got = [list(s) for s in streams]
+    batcher.close()
+    assert got == alone
