@@ -82,11 +82,11 @@ class Decoder:
         """Keeps the keys and values of `ids`, the start that prompts share (the fixed instruction),
         so prefilling a prompt that starts with them computes only the rest.
 
-        Only for batch-invariant graphs: there a pass over the rest after the cached start gives
-        the numbers one pass over the whole prompt would.
+        Only where the export measured it exact (`prefix_exact`): a pass over the rest after the
+        cached start must give the numbers one pass over the whole prompt would.
         """
         self.prefix = None
-        if len(ids) > 1 and self.spec.batch_invariant:
+        if len(ids) > 1 and self.spec.prefix_exact:
             _, state = self.prefill([ids])
             self.prefix = (tuple(ids), state)
 

@@ -77,10 +77,14 @@ class GeneratorSpec:
     max_context: int               # prompt + new tokens never exceed this
     source: Source
     kv_dtype: str = "float32"
-    # False when a row's results depend on what else runs in the same pass (int8 graphs: their
-    # activation quantization differs with the batch shape); the engine then runs batches row
-    # by row and does not check drafted tokens in one pass.
+    # Measured by the export's parity check: whether greedy tokens stay the same when rows
+    # share a pass (else batches run row by row), when a cached prompt start stands in for its
+    # prefill (else no prefix cache), and when drafts are checked several tokens per pass
+    # (else no prompt-lookup drafts). Kernels that round differently by shape (int8
+    # activations) can fail any of them.
     batch_invariant: bool = True
+    prefix_exact: bool = False
+    drafts_exact: bool = False
     # "masked": any 0/1 attention mask works (padding, masked-out positions) and positions
     # are fed. "packed": fused attention (GroupQueryAttention) takes each row's cache as its
     # first sum(mask) positions, so rows run unpadded and dropped positions must be cut out.

@@ -72,7 +72,8 @@ class PackedDecoder(Decoder):
 
     def __init__(self, session, spec: GeneratorSpec):
         super().__init__(session, spec)
-        self.row_by_row = False         # prefill is per row anyway; steps batch exactly
+        # Prefill runs row by row here whatever this says; it decides whether steps share a pass.
+        self.row_by_row = not spec.batch_invariant
 
     def empty_state(self, batch: int) -> PackedState:
         return PackedState(KVBuffers(self.spec, len(self.past_names), batch, GROW),
@@ -135,6 +136,9 @@ class PackedDecoder(Decoder):
 
     def step(self, state: PackedState, tokens: np.ndarray) -> tuple[np.ndarray, PackedState]:
         """One token (B,) per row, all rows in one pass over the slots they span."""
+        if self.row_by_row and len(state.slots) > 1:
+            logits, state = self.forward(state, tokens[:, None], np.ones((len(tokens), 1), dtype=np.int64))
+            return logits[:, -1], state
         buffers = state.buffers
         longest = int(state.lengths.max())
         buffers.reserve(buffers.slots, longest + 1, longest)

@@ -44,9 +44,9 @@ def start(mode: str, decoder: Decoder, builder: PromptBuilder, question: str,
           passages: Sequence[PassageText], prior: np.ndarray, max_new_tokens: int) -> Run:
     if mode == "concat":
         prompt = builder.build(question, passages)
-        # Checking drafts runs several tokens in one pass; only a batch-invariant graph gives
-        # each of them the numbers a one-token step would, keeping the output plain greedy's.
-        lookup = PromptLookup() if decoder.spec.batch_invariant else None
+        # Checking drafts runs several tokens in one pass; only where the export measured that
+        # exact do they get the numbers a one-token step would, keeping plain greedy's output.
+        lookup = PromptLookup() if decoder.spec.drafts_exact else None
         return Run(decoder.greedy(prompt.ids, max_new_tokens, lookup), len(prompt.ids), prompt.truncated)
     prompts = [builder.build(question, [p]) for p in passages]
     ids = [p.ids for p in prompts]

@@ -69,9 +69,11 @@ class GreedyAgreement:
     prompts: int
     new_tokens: int
     sample: str                    # first prompt's answer, for a person to read
-    # Greedy tokens unchanged with rows in one batch, a cached prompt start and drafts checked
-    # in one pass, on the first INVARIANCE_PROMPTS prompts: the engine uses those only if so.
+    # Greedy tokens unchanged (first INVARIANCE_PROMPTS prompts) with rows in one batch, after a
+    # cached prompt start, and with drafts checked in one pass: the engine uses each only if so.
     batch_invariant: bool = False
+    prefix_exact: bool = False
+    drafts_exact: bool = False
 
 
 def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.ndarray:
@@ -121,7 +123,7 @@ def onnx_agreement(model_path: Path, spec: GeneratorSpec, prompts: list[list[int
     One early flip makes the rest of a greedy answer differ, so prefix agreement alone
     calls a good int8 model broken; teacher forcing scores every position on its own.
     """
-    decoder = open_decoder(create_session(model_path, SessionConfig()), replace(spec, batch_invariant=True))
+    decoder = open_decoder(create_session(model_path, SessionConfig()), replace(spec, batch_invariant=True, prefix_exact=True, drafts_exact=True))
     greedy = [list(decoder.greedy(ids, new_tokens)) for ids in prompts]
     prefix, hits, total = [], 0, 0
     for ids, ref, out in zip(prompts, reference, greedy):
@@ -136,26 +138,26 @@ def onnx_agreement(model_path: Path, spec: GeneratorSpec, prompts: list[list[int
             total += len(ref)
     exact = float(np.mean([a == b for a, b in zip(reference, greedy)]))
     return GreedyAgreement(exact, float(np.mean(prefix)), hits / max(total, 1), len(prompts), new_tokens,
-                           decode(greedy[0]), batch_invariant(decoder, prompts[:INVARIANCE_PROMPTS], greedy, new_tokens))
+                           decode(greedy[0]), **exactness(decoder, prompts[:INVARIANCE_PROMPTS], greedy, new_tokens))
 
 
-def batch_invariant(decoder: Decoder, prompts: list[list[int]], greedy: list[list[int]], new_tokens: int) -> bool:
-    """Whether batching, a cached prefix and drafts leave `greedy` (each prompt decoded alone) as it is.
+def exactness(decoder: Decoder, prompts: list[list[int]], greedy: list[list[int]], new_tokens: int) -> dict[str, bool]:
+    """Whether batching, a cached prefix and drafts each leave `greedy` (prompts decoded alone) as it is.
 
-    They all run a row in passes of other shapes than a lone one-token step; a graph whose
-    kernels round differently by shape (int8 activations, say) changes some tokens.
+    Each runs a row in passes of other shapes than a lone one-token step; a graph whose
+    kernels round differently by shape (int8 activations, say) can change some tokens.
+    `decoder` must be built from a spec that claims all three.
     """
     greedy = greedy[:len(prompts)]
     logits, state = decoder.prefill(prompts)
-    if decoder.greedy_batch(logits, state, new_tokens) != greedy:
-        return False
-    if [list(decoder.greedy(p, new_tokens, PromptLookup())) for p in prompts] != greedy:
-        return False
+    batched = decoder.greedy_batch(logits, state, new_tokens) == greedy
+    drafted = [list(decoder.greedy(p, new_tokens, PromptLookup())) for p in prompts] == greedy
     decoder.cache_prefix(os.path.commonprefix(prompts)[:-2])
     try:
-        return [list(decoder.greedy(p, new_tokens)) for p in prompts] == greedy
+        prefixed = [list(decoder.greedy(p, new_tokens)) for p in prompts] == greedy
     finally:
         decoder.cache_prefix([])
+    return {"batch_invariant": batched, "prefix_exact": prefixed, "drafts_exact": drafted}
 
 
 def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:

@@ -41,7 +41,7 @@ GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "3"
+FUSED_EXPORT_VERSION = "4"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -122,8 +122,9 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
         pad_token_id=meta["pad_token_id"], max_context=min(max_context, meta["max_position_embeddings"]),
         source=source,
         # Measured by the parity check (absent while it runs): int8 compute can give a row
-        # different numbers in different batch shapes.
-        batch_invariant=bool(meta.get("parity", {}).get(quantization, {}).get("batch_invariant", False)),
+        # different numbers in different pass shapes.
+        **{flag: bool(meta.get("parity", {}).get(quantization, {}).get(flag, False))
+           for flag in ("batch_invariant", "prefix_exact", "drafts_exact")},
         cache="packed" if fused else "masked",
         io=GeneratorIO(position_ids="") if fused else GeneratorIO())
 

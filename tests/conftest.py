@@ -42,7 +42,8 @@ def tiny_fused_fp32(tiny_generator_dir, tmp_path_factory):
     exp = export_generator_fused(tiny_generator_dir, tmp_path_factory.mktemp("tiny-fused") / "fp32", "fp32")
     meta = {k: v for k, v in asdict(exp).items() if k not in ("model", "tokenizer")}
     # fp32 kernels round alike in every batch shape; the tests check that claim token by token.
-    return exp.model, replace(generator_spec(meta, "", "fp32", 512, Source("tiny", ""), "fused"), batch_invariant=True)
+    return exp.model, replace(generator_spec(meta, "", "fp32", 512, Source("tiny", ""), "fused"), batch_invariant=True,
+                                  prefix_exact=True, drafts_exact=True)
 
 
 TINY_CORPUS = [

@@ -24,7 +24,8 @@ def decoder(tiny_generator_onnx, request):
                          num_layers=exp.num_layers, num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim,
                          vocab_size=exp.vocab_size, eos_token_ids=tuple(exp.eos_token_ids),
                          pad_token_id=exp.pad_token_id, max_context=512, source=Source("tiny", ""),
-                         batch_invariant=request.param == "batched")
+                         batch_invariant=request.param == "batched", prefix_exact=request.param == "batched",
+                         drafts_exact=request.param == "batched")
     return open_decoder(create_session(out / "model.onnx", SessionConfig(threads=1)), spec)
 
 
@@ -215,7 +216,7 @@ def test_cached_prefix_keeps_greedy_output(decoder, builder):
     plain = [list(decoder.greedy(p, MAX_NEW)) for p in prompts]
     counting = open_decoder(CountingSession(decoder.session), decoder.spec)
     counting.cache_prefix(prefix)
-    assert (counting.prefix is not None) == decoder.spec.batch_invariant
+    assert (counting.prefix is not None) == decoder.spec.prefix_exact
     assert [list(counting.greedy(p, MAX_NEW)) for p in prompts] == plain
     logits, state = counting.prefill(prompts)
     assert counting.greedy_batch(logits, state, MAX_NEW) == plain
@@ -233,12 +234,13 @@ class ShapeNoiseSession(CountingSession):
         return out
 
 
-def test_parity_measures_batch_invariance(decoder, builder):
-    from export.parity import batch_invariant
+def test_parity_measures_exactness(decoder, builder):
+    from export.parity import exactness
     if decoder.spec.cache != "masked" or not decoder.spec.batch_invariant:
         pytest.skip("one masked, batched decoder is enough to check the measurement")
     prompts = [builder.build(q, [p]).ids for q, p in zip(["Why?", QUESTION, "GIL?"], PASSAGES)]
     greedy = [list(decoder.greedy(p, MAX_NEW)) for p in prompts]
-    assert batch_invariant(decoder, prompts, greedy, MAX_NEW)
+    assert exactness(decoder, prompts, greedy, MAX_NEW) == {
+        "batch_invariant": True, "prefix_exact": True, "drafts_exact": True}
     noisy = open_decoder(ShapeNoiseSession(decoder.session), decoder.spec)
-    assert not batch_invariant(noisy, prompts, greedy, MAX_NEW)
+    assert exactness(noisy, prompts, greedy, MAX_NEW)["batch_invariant"] is False

@@ -73,8 +73,9 @@ def test_fused_bundle_answers_in_every_mode(tiny_corpus, tiny_encoder_dir, tiny_
         assert answer.new_tokens > 0 and answer.mode == mode
 
 
-@pytest.mark.parametrize("grow", [256, 16], ids=["roomy", "growing"])
-def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow, monkeypatch):
+@pytest.mark.parametrize("grow,row_by_row", [(256, False), (16, False), (16, True)],
+                         ids=["roomy", "growing", "growing-row-by-row"])
+def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow, row_by_row, monkeypatch):
     """The batcher merges new rows into free slots, moves rows down as others leave, and the
     buffers grow mid-answer (capacity in steps of 16): every row still gets its greedy tokens."""
     import engine.packed
@@ -82,6 +83,7 @@ def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow
     monkeypatch.setattr(engine.packed, "GROW", grow)
     path, spec = tiny_fused_fp32
     decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
+    decoder.row_by_row = row_by_row
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 40, 9, 70, 3, 22, 31)]
     limits = [30, 4, 41, 12, 25, 7, 18]
