@@ -289,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=["int8", "int4", "fp32"], default="int8",
                    help="int8: int8 weights in blocks of 32, closest to fp32 (default); int4: weight-only "
                         "MatMulNBits, smallest, rows independent in a batch; fp32: no quantization")
-    e.add_argument("--graph", choices=["optimum", "fused"], default="optimum",
-                   help="generator graph: optimum's export (default), or onnxruntime-genai's builder graph "
-                        "with fused attention, rotary and norms (needs onnxruntime-genai)")
+    e.add_argument("--graph", choices=["optimum", "fused"], default="fused",
+                   help="generator graph: onnxruntime-genai's builder graph with fused attention, rotary and "
+                        "norms, decoded in place in preallocated KV buffers (default, measured fastest), or "
+                        "optimum's export (any attention mask)")
     e.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16")
     e.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
     e.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")

@@ -62,7 +62,7 @@ class ExportConfig:
     max_context: int = 2048
     force: bool = False
     parity_prompts: int = 20
-    graph: str = "optimum"
+    graph: str = "fused"
 
 
 def _say(msg: str) -> None:
