@@ -35,7 +35,7 @@ from .pack import library_versions, model_file_entries, now, prompt_spec, stagin
 log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
-ENCODER_EXPORT_VERSION = "4"
+ENCODER_EXPORT_VERSION = "5"
 GENERATOR_EXPORT_VERSION = "6"
 GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
@@ -226,8 +226,11 @@ def run_export(cfg: ExportConfig) -> Path:
                     for p in chunk_documents(docs, chunk_tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap)]
         if not passages:
             raise UserInputError(f"{cfg.corpus}: the corpus has no text to index")
-        _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens; embedding them with the exported encoder")
-        encoder = TextEncoder(tmp / "encoder" / "model.onnx", tmp / "encoder" / "tokenizer.json",
+        # The corpus is embedded once, here, so it gets the fp32 graph whatever the bundle ships:
+        # only queries go through the quantized one. On the FAQ dev split this kept every
+        # question's rank as fp32 had it, where int8 passages moved one (see quantize_encoder).
+        _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens; embedding them with the fp32 encoder")
+        encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
                               max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
 
         enc_source = Source(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
@@ -242,7 +245,8 @@ def run_export(cfg: ExportConfig) -> Path:
             prompt=with_tasks(PromptSpec(**gen_meta["prompt"])),
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
             rag=RagDefaults(),
-            corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages)},
+            corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages),
+                    "embedded_with": "fp32"},
             parity={"encoder": enc_meta["parity"], "generator": gen_meta["parity"], "used": q},
             versions=library_versions(),
         )

@@ -277,3 +277,23 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
     # Float summation order may differ between batch shapes (1e-6 here); dynamic int8's shared
     # activation scale moved logits enough to flip greedy tokens.
     np.testing.assert_allclose(step[0], alone_step[0], rtol=0, atol=1e-4)
+
+
+def test_int8_bundles_index_passages_embedded_in_fp32(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
+    """Only queries take the int8 encoder: the export embeds the corpus with the fp32 graph."""
+    from engine import Engine
+    from engine.encoder import TextEncoder
+    from engine.store import passage_text
+    from export.pipeline import ExportConfig, encoder_graphs, run_export
+    bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
+                                     generator=tiny_generator_dir, quantize="int8", index_dtype="f32",
+                                     parity_prompts=1, max_context=512))
+    engine = Engine.open(bundle)
+    assert engine.manifest.encoder.quantization == "int8" and engine.manifest.corpus["embedded_with"] == "fp32"
+    retriever = engine.retriever
+    texts = [passage_text(retriever.store.get(i)) for i in range(len(retriever.store))]
+    stored = np.asarray(retriever.index.get(np.arange(len(texts), dtype=np.uint64)), dtype=np.float32)
+    spec = engine.manifest.encoder
+    fp32 = TextEncoder(encoder_graphs(tiny_encoder_dir) / "fp32" / "model.onnx", bundle / spec.tokenizer,
+                       max_length=spec.max_length, dim=spec.dim)
+    assert np.abs(stored - fp32.embed_all(texts)).max() < 1e-5 < np.abs(stored - engine.embed(texts)).max()
