@@ -35,11 +35,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = str(args.data / "corpus.jsonl")
-    bundles = {
-        "base-int8": [],
+    bundles = {     # the two fine-tuned bundles share their passage embeddings (the export's cache)
         "finetuned-int8": ["--encoder", str(args.run / "encoder"), "--generator", str(args.run / "generator")],
         "finetuned-fp32": ["--encoder", str(args.run / "encoder"), "--generator", str(args.run / "generator"),
                            "--quantize", "fp32"],
+        "base-int8": [],
     }
     for name, extra in bundles.items():
         if not (args.work / name / "manifest.json").exists():

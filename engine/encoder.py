@@ -33,6 +33,7 @@ class TextEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
         self.dim = dim
+        self.max_length = max_length
         self.output = output
         inputs = {i.name for i in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - inputs

@@ -5,7 +5,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -24,23 +24,13 @@ class IndexBuild:
     metric: str
     connectivity: int
     expansion_search: int
-    seconds_embed: float
     seconds_index: float
 
 
-def build_index(passages: Iterable[PassageRecord] | Sequence[PassageRecord], encoder: TextEncoder, *,
-                index_path: Path, data_path: Path, offsets_path: Path, dtype: str = "f16",
-                connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 128, batch_size: int = 32,
-                progress: bool = True) -> IndexBuild:
-    """Embeds through the engine's own TextEncoder, so passages and queries share one code path."""
+def embed_passages(passages: Sequence[PassageRecord], encoder: TextEncoder, *, batch_size: int = 32,
+                   progress: bool = True) -> np.ndarray:
+    """(n, dim) float32, through the engine's own TextEncoder, so passages and queries share one code path."""
     from tqdm import tqdm
-    from usearch.index import Index
-    if dtype not in DTYPES:
-        raise UserInputError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    # Read twice (embedding, then the store), so a one-shot iterator is materialised first.
-    passages = passages if isinstance(passages, Sequence) else list(passages)
-    index_path = Path(index_path)
-    t0 = time.perf_counter()
     vectors = np.empty((len(passages), encoder.dim), dtype=np.float32)
     row = 0
     with tqdm(total=len(passages), desc="embedding passages", unit="passage", disable=not progress) as bar:
@@ -48,8 +38,46 @@ def build_index(passages: Iterable[PassageRecord] | Sequence[PassageRecord], enc
             vectors[row:row + len(batch)] = batch
             row += len(batch)
             bar.update(len(batch))
+    return vectors
+
+
+def cached_embeddings(passages: Sequence[PassageRecord], encoder: TextEncoder, model_key: str,
+                      progress: bool = True) -> tuple[np.ndarray, float]:
+    """`embed_passages`, kept in the user cache under the encoder graph's and the passages' content,
+    so exporting the same corpus again (another --quantize or --graph) skips the embedding.
+    Returns the vectors and the seconds spent embedding (0 on a hit)."""
+    import hashlib
+
+    from .cache import cached_dir, content_key
+    digest = hashlib.sha256()
+    for p in passages:
+        digest.update(passage_text(p).encode("utf-8", "surrogatepass") + b"\0")
+    spent = [0.0]
+
+    def build(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        np.save(tmp / "vectors.npy", embed_passages(passages, encoder, progress=progress))
+        spent[0] = time.perf_counter() - t0
+
+    entry = cached_dir("embeddings", content_key(model_key, digest.hexdigest(), f"max_length-{encoder.max_length}"), build)
+    vectors = np.load(entry / "vectors.npy")
+    if vectors.shape != (len(passages), encoder.dim):
+        raise UserInputError(f"{entry}: cached embeddings have shape {vectors.shape}; delete that directory")
+    return vectors, spent[0]
+
+
+def build_index(passages: Sequence[PassageRecord], vectors: np.ndarray, *,
+                index_path: Path, data_path: Path, offsets_path: Path, dtype: str = "f16",
+                connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 128,
+                progress: bool = True) -> IndexBuild:
+    """The USearch index of `vectors` (row i is passage i) and the passage store."""
+    from usearch.index import Index
+    if dtype not in DTYPES:
+        raise UserInputError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    index_path = Path(index_path)
     t1 = time.perf_counter()
-    index = Index(ndim=encoder.dim, metric="cos", dtype=dtype, connectivity=connectivity,
+    ndim = vectors.shape[1]
+    index = Index(ndim=ndim, metric="cos", dtype=dtype, connectivity=connectivity,
                   expansion_add=expansion_add, expansion_search=expansion_search)
     if len(passages):
         index.add(np.arange(len(passages), dtype=np.uint64), vectors, log="building index" if progress else False)
@@ -61,4 +89,4 @@ def build_index(passages: Iterable[PassageRecord] | Sequence[PassageRecord], enc
         tmp.unlink(missing_ok=True)
     t2 = time.perf_counter()
     write_passage_store(data_path, offsets_path, passages)
-    return IndexBuild(len(passages), encoder.dim, dtype, "cos", connectivity, expansion_search, t1 - t0, t2 - t1)
+    return IndexBuild(len(passages), ndim, dtype, "cos", connectivity, expansion_search, t2 - t1)

@@ -28,7 +28,7 @@ from engine.session import SessionConfig
 from engine.store import PassageRecord
 
 from .cache import cached_dir, content_key
-from .index import build_index
+from .index import build_index, cached_embeddings
 from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from .pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, with_tasks, write_manifest
 
@@ -252,11 +252,12 @@ def run_export(cfg: ExportConfig) -> Path:
         )
         write_manifest(tmp, manifest)
 
+        vectors, seconds = cached_embeddings(passages, encoder, content_key(enc_dir / "fp32" / "model.onnx"))
         with staging(tmp) as gen:
-            built = build_index(passages, encoder, index_path=gen / INDEX_FILE, data_path=gen / DATA_FILE,
+            built = build_index(passages, vectors, index_path=gen / INDEX_FILE, data_path=gen / DATA_FILE,
                                 offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype)
-            _say(f"indexed {built.count} passages: embedding {built.seconds_embed:.1f} s, "
-                 f"index {built.seconds_index:.1f} s")
+            _say(f"indexed {built.count} passages: embedding {seconds:.1f} s"
+                 f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
             publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=len(docs),
                     index=IndexSpec(path=INDEX_FILE, metric=built.metric, dtype=built.dtype, ndim=built.ndim,
                                     count=built.count, connectivity=built.connectivity,

@@ -8,7 +8,7 @@ from engine.errors import BundleError, UserInputError
 from engine.manifest import IndexSpec, PassagesSpec
 from engine.retrieve import Retriever
 from engine.store import PassageRecord, PassageStore, write_passage_store
-from export.index import build_index
+from export.index import build_index, embed_passages
 from export.onnx_export import export_encoder
 
 TEXTS = ["lists are mutable", "a tuple is immutable", "json parses documents", "",
@@ -105,8 +105,9 @@ def test_corrupted_record_is_a_bundle_error(tmp_path):
 
 
 def _build(records, encoder, root, **kw):
-    return build_index(records, encoder, index_path=root / "v.usearch", data_path=root / "d.bin",
-                       offsets_path=root / "o.npy", progress=False, **kw)
+    records = list(records)
+    return build_index(records, embed_passages(records, encoder, progress=False), index_path=root / "v.usearch",
+                       data_path=root / "d.bin", offsets_path=root / "o.npy", progress=False, **kw)
 
 
 def _specs(built, expansion_search=64):
@@ -131,7 +132,7 @@ def test_index_finds_an_exact_passage(encoder, tmp_path):
     with pytest.raises(UserInputError, match="query vectors must be"):
         retriever.search(encoder.embed_all(["gil"])[0], k=1)
     with pytest.raises(UserInputError, match="index dtype"):
-        build_index(records, encoder, index_path=tmp_path / "x", data_path=tmp_path / "y", offsets_path=tmp_path / "z",
+        build_index(records, np.zeros((len(records), 8), np.float32), index_path=tmp_path / "x", data_path=tmp_path / "y", offsets_path=tmp_path / "z",
                     dtype="f8")
 
 
@@ -159,3 +160,18 @@ def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
     (tmp_path / "v.usearch").write_bytes(b"garbage" * 100)
     with pytest.raises(BundleError, match="not a readable USearch index"):
         Retriever.open(tmp_path, *_specs(built), encoder)
+
+
+def test_passage_embeddings_are_cached_by_encoder_and_content(encoder, monkeypatch, tmp_path):
+    from export.index import cached_embeddings
+    monkeypatch.setenv("RAGRT_CACHE", str(tmp_path))
+    records = [PassageRecord("a", "Lists", "are mutable"), PassageRecord("b", "", "json parses documents")]
+    first, spent = cached_embeddings(records, encoder, "model-1", progress=False)
+    assert spent > 0
+    again, spent = cached_embeddings(records, encoder, "model-1", progress=False)
+    assert spent == 0 and np.array_equal(first, again)
+    _, spent = cached_embeddings(records, encoder, "model-2", progress=False)       # another encoder graph
+    assert spent > 0
+    edited = [records[0], PassageRecord("b", "", "json parses documents!")]
+    vectors, spent = cached_embeddings(edited, encoder, "model-1", progress=False)
+    assert spent > 0 and np.array_equal(vectors[0], first[0]) and not np.array_equal(vectors[1], first[1])
