@@ -303,7 +303,7 @@ def faiss_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], def
 # --- the run --------------------------------------------------------------------------------------
 
 def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base: int = 4000, n_queries: int = 1000,
-        threads: int = 2, engines=("numpy", "usearch", "faiss"), budget_s: float = 10.0, sweep=SWEEP,
+        threads: int = 2, engines=("numpy", "usearch", "faiss"), budget_s: float = 10.0, sweep=None,
         seed: int = 0) -> dict:
     limit_threads(threads)          # inherited by the spawned engine processes
     from engine.bundle import Bundle
@@ -335,7 +335,7 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
             with _tqdm(total=n, desc=f"ground truth ({n:,})", unit="vec") as bar:
                 save_npy(gt_path, exact_topk(vectors, np.load(q_path), K, bar=bar))
         row = {"n": n, "engines": {}}
-        efs = sorted(set(sweep) | {ix.expansion_search})
+        efs = sorted(set(sweep or SWEEP) | {ix.expansion_search})
         if "numpy" in engines:
             print(f"[retrieval {n:,}] numpy exact", file=sys.stderr, flush=True)
             r = in_subprocess(numpy_worker, str(v_path), str(q_path), str(gt_path), threads, budget_s)
@@ -388,7 +388,7 @@ def markdown(res: dict) -> str:
         ref = row["engines"].get("numpy exact", {}).get("qps_batch1")
         for name, r in row["engines"].items():
             m = r["memory"]
-            ratio = f"{r['qps_batch1'] / ref:.0f}×" if ref else "–"
+            ratio = _times(r['qps_batch1'] / ref) if ref else "–"
             share = f"{index_rss_mib(r) / r['file_mib']:.2f}" if r.get("file_mib") else "–"
             build = f"{r['build_s']:.0f}" if "build_s" in r else "–"
             lines.append(f"| {row['n']:,} | {name} | {r['recall_at_10']:.4f} | {r['qps_batch1']:.0f} | "
@@ -405,6 +405,10 @@ def markdown(res: dict) -> str:
                          for e in _efs(res)]
                 lines.append(f"| {row['n']:,} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _times(x: float) -> str:
+    return f"{x:.0f}×" if x >= 10 else f"{x:.2f}×"
 
 
 def _efs(res: dict) -> list[int]:
