@@ -34,6 +34,8 @@ ENCODER_RATIO = 3.0           # int8 encoder at batch 1 vs sentence-transformers
 RECALL = 0.97                 # usearch recall@10 at 1M vectors
 TARGET_SIZE = 1_000_000
 RSS_SHARE = 0.5               # "well below the file size": the index's RSS at most half the file
+RSS_CHECK = f"memory-mapped usearch index: process RSS well below the file size (<= {RSS_SHARE:g}x)"
+RSS_PRIVATE_CHECK = f"memory-mapped usearch index: private (anonymous) RSS well below the file size (<= {RSS_SHARE:g}x)"
 
 
 def run_generation(bundles: list[str], out: Path, runs: int, threads: int) -> dict:
@@ -96,14 +98,20 @@ def checks(res: dict) -> list[dict]:
                               f"reaching {RECALL}: {min(enough) if enough else 'none'}"})
         from retrieval import index_rss_mib
         rss = index_rss_mib(us)
-        out.append({"check": f"memory-mapped usearch RSS well below the index file size (<= {RSS_SHARE:g}x)",
-                    "value": round(rss / us["file_mib"], 3) if us["file_mib"] else None,
-                    "passed": bool(us["file_mib"]) and rss <= RSS_SHARE * us["file_mib"] and n >= TARGET_SIZE,
-                    "detail": f"index RSS {rss:.0f} MiB (after load and {ret['queries']} queries; process "
-                              f"{us['memory']['rss_mib']:.0f} MiB) vs file {us['file_mib']:.0f} MiB at {n:,}{at}"})
+        anon = us["memory"]["rss_anon_mib"] - us["memory_before_load"]["rss_anon_mib"]
+        file = us["file_mib"]
+        after_load = us["memory_after_load"]["rss_mib"] - us["memory_before_load"]["rss_mib"]
+        out.append({"check": RSS_CHECK, "value": round(rss / file, 3) if file else None,
+                    "passed": bool(file) and rss <= RSS_SHARE * file and n >= TARGET_SIZE,
+                    "detail": f"index RSS {rss:.0f} MiB after load and {ret['queries']} queries ({after_load:.0f} MiB "
+                              f"after load alone; process {us['memory']['rss_mib']:.0f} MiB) vs file {file:.0f} MiB "
+                              f"at {n:,}{at}; file-backed pages the queries touched count here"})
+        out.append({"check": RSS_PRIVATE_CHECK, "value": round(anon / file, 3) if file else None,
+                    "passed": bool(file) and anon <= RSS_SHARE * file and n >= TARGET_SIZE,
+                    "detail": f"anonymous (private) RSS the index added: {anon:.0f} MiB vs file {file:.0f} MiB; "
+                              f"the mapped file pages are page cache the kernel can drop{at}"})
     else:
-        for name in (f"usearch recall@10 >= {RECALL} at {TARGET_SIZE:,} vectors",
-                     f"memory-mapped usearch RSS well below the index file size (<= {RSS_SHARE:g}x)"):
+        for name in (f"usearch recall@10 >= {RECALL} at {TARGET_SIZE:,} vectors", RSS_CHECK, RSS_PRIVATE_CHECK):
             out.append({"check": name, "value": None, "passed": None, "detail": "not measured"})
     return out
 
@@ -228,7 +236,7 @@ def _save(fig, out: Path, name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", action="append", required=True, help="repeat for several bundles (generation)")
+    p.add_argument("--bundle", action="append", default=[], help="repeat for several bundles (generation)")
     p.add_argument("--out", default="benchmarks/results/suite", help="path prefix of the outputs")
     p.add_argument("--corpus", default=None, help="JSONL corpus for retrieval's real passages (default: the bundle's)")
     p.add_argument("--sizes", default=None, help="retrieval vector counts (default 100000,1000000; quick: 20000)")
@@ -245,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--st-model", default=None, help="sentence-transformers model (default: packaged MiniLM)")
     p.add_argument("--skip", default="", help=f"comma-separated steps to skip: {', '.join(STEPS)}")
     p.add_argument("--quick", action="store_true", help="small sizes and short runs")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: recompute the checks, markdown and plots from OUT.json")
     args = p.parse_args(argv)
     q = args.quick
     sizes = [int(s) for s in (args.sizes or ("20000" if q else "100000,1000000")).split(",")]
@@ -254,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown step(s) to skip: {', '.join(sorted(unknown))}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        return write(json.loads(out.with_name(out.name + ".json").read_text()), out)
+    if not args.bundle:
+        p.error("--bundle is required (unless --render)")
     bundle = args.bundle[0]
 
     import ask
@@ -288,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             print(res[name]["error"], file=sys.stderr, flush=True)
         print(f"== {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     res["seconds"] = time.time() - started
+    return write(res, out)
+
+
+def write(res: dict, out: Path) -> int:
     res["checks"] = checks(res)
     try:
         res["plots"] = plots(res, out)

@@ -42,7 +42,7 @@ def test_quick_suite_writes_json_markdown_plots_and_checks(tiny_bundle, tiny_enc
     assert all(lv["errors"] == 0 and lv["answers"] > 0 and lv["p50_ms"] <= lv["p99_ms"] for lv in res["ask"]["levels"])
 
     checks = {c["check"]: c for c in res["checks"]}
-    assert len(checks) == 3
+    assert len(checks) == 4
     enc_check = next(c for name, c in checks.items() if name.startswith("encoder"))
     assert enc_check["passed"] is False          # an fp32 encoder never passes the int8 criterion
     for c in checks.values():
@@ -63,12 +63,16 @@ def test_checks_are_computed_from_the_numbers():
     res = {"encoding": {"ratios": {"batch1_passages_per_s": 3.5, "batch1_questions_per_s": 3.1,
                                    "batch32_passages_per_s": 2.0}, "encoder": {"quantization": "int8"}},
            "retrieval": {"queries": 1000, "sizes": [{"n": 1_000_000, "engines": {"usearch view": usearch}}]}}
-    assert [c["passed"] for c in run.checks(res)] == [True, True, True]
+    usearch["memory"]["rss_anon_mib"], usearch["memory_before_load"]["rss_anon_mib"] = 60.0, 20.0
+    usearch["memory_after_load"] = {"rss_mib": 150.0}
+    assert [c["passed"] for c in run.checks(res)] == [True, True, True, True]
     res["encoding"]["ratios"]["batch1_questions_per_s"] = 2.9
     usearch["memory"]["rss_mib"] = 700.0
     usearch["recall_at_10"] = 0.96
-    assert [c["passed"] for c in run.checks(res)] == [False, False, False]
-    assert [c["passed"] for c in run.checks({"ask": {"error": "x"}})] == [None, None, None]
+    assert [c["passed"] for c in run.checks(res)] == [False, False, False, True]
+    usearch["memory"]["rss_anon_mib"] = 620.0
+    assert [c["passed"] for c in run.checks(res)] == [False, False, False, False]
+    assert [c["passed"] for c in run.checks({"ask": {"error": "x"}})] == [None] * 4
 
 
 def test_limits_arithmetic():
