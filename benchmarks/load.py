@@ -21,28 +21,12 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import QUESTIONS  # noqa: E402,F401  (QUESTIONS lived here; kept importable)
 from engine.atomic import atomic_write_text  # noqa: E402
 from engine.server import ServerConfig, background, create_app  # noqa: E402
 
-QUESTIONS = [
-    "How do I remove duplicates from a list while keeping the order?",
-    "How do I copy a list?",
-    "What is the difference between a list and a tuple?",
-    "How do I read a file line by line?",
-    "How can I sort a dictionary by value?",
-    "What does the global interpreter lock do?",
-    "How do I convert a string to a number?",
-    "Why are default argument values shared between calls?",
-    "How do I make a class iterable?",
-    "How do I check whether a key is in a dictionary?",
-    "What is a generator?",
-    "How do I format a float with two decimals?",
-    "How do I create a virtual environment?",
-    "What is the difference between is and ==?",
-    "How do I catch several exceptions in one except clause?",
-    "How do I parse JSON?",
-]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,132 @@
+"""Shared by the benchmark scripts: memory readings, one engine per subprocess, the cache, the machine."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Questions a user of the Python docs might ask; load.py and ask.py send them in turn.
+QUESTIONS = [
+    "How do I remove duplicates from a list while keeping the order?",
+    "How do I copy a list?",
+    "What is the difference between a list and a tuple?",
+    "How do I read a file line by line?",
+    "How can I sort a dictionary by value?",
+    "What does the global interpreter lock do?",
+    "How do I convert a string to a number?",
+    "Why are default argument values shared between calls?",
+    "How do I make a class iterable?",
+    "How do I check whether a key is in a dictionary?",
+    "What is a generator?",
+    "How do I format a float with two decimals?",
+    "How do I create a virtual environment?",
+    "What is the difference between is and ==?",
+    "How do I catch several exceptions in one except clause?",
+    "How do I parse JSON?",
+]
+
+CACHE = Path(os.environ.get("RAGRT_BENCH_CACHE", Path.home() / ".cache" / "ragrt" / "bench"))
+
+
+def memory() -> dict[str, float]:
+    """This process's memory in MiB, from /proc/self/status: resident now (all, anonymous, file-backed
+    pages such as memory-mapped files) and the peak (VmHWM, which is also `ru_maxrss`)."""
+    fields = {"VmRSS": "rss_mib", "RssAnon": "rss_anon_mib", "RssFile": "rss_file_mib", "VmHWM": "peak_rss_mib"}
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[fields[key]] = round(int(value.split()[0]) / 1024, 1)      # kB
+    except OSError:                # not Linux: the peak is all getrusage gives
+        out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def in_subprocess(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a fresh interpreter (spawned, not forked), so its peak RSS is its own.
+
+    `fn` must be importable (a module-level function) and its arguments and result picklable.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def limit_threads(threads: int) -> None:
+    """Before numpy is imported: BLAS and OpenMP use `threads` threads."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def atomic_path(path: Path) -> Path:
+    """A temp name beside `path` (same directory, so the rename is atomic); the caller renames it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_npy(path: Path, array) -> None:
+    import numpy as np
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_json(path: Path, obj) -> None:
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def machine() -> dict:
+    """CPU model, cores, flags that matter for the kernels, clock and memory."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        first = cpuinfo.split("\n\n")[0]
+        kv = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
+        flags = set(kv.get("flags", "").split())
+        info.update(cpu=kv.get("model name"), family=kv.get("cpu family"), model=kv.get("model"),
+                    mhz=float(kv.get("cpu MHz", "nan")),
+                    simd=[f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni")
+                          if f in flags])
+        mem = Path("/proc/meminfo").read_text().split("\n")[0]
+        info["memory_gib"] = round(int(mem.split()[1]) / 2**20, 1)
+    except OSError:
+        info["cpu"] = platform.processor() or platform.machine()
+    try:
+        info["lscpu_max_mhz"] = next((float(line.split(":")[1]) for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+            if line.startswith("CPU max MHz")), None)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
