@@ -335,7 +335,9 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
             with _tqdm(total=n, desc=f"ground truth ({n:,})", unit="vec") as bar:
                 save_npy(gt_path, exact_topk(vectors, np.load(q_path), K, bar=bar))
         row = {"n": n, "engines": {}}
-        efs = sorted(set(sweep or SWEEP) | {ix.expansion_search})
+        from engine.retrieve import search_breadth
+        ef = search_breadth(n, ix.expansion_search)     # what the engine uses for an index this big
+        efs = sorted(set(sweep or SWEEP) | {ef})
         if "numpy" in engines:
             print(f"[retrieval {n:,}] numpy exact", file=sys.stderr, flush=True)
             r = in_subprocess(numpy_worker, str(v_path), str(q_path), str(gt_path), threads, budget_s)
@@ -349,7 +351,7 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
                 save_json(meta, in_subprocess(usearch_build, str(v_path), str(path), ix.dtype, ix.connectivity,
                                               expansion_add, ix.expansion_search, threads))
             print(f"[retrieval {n:,}] usearch view", file=sys.stderr, flush=True)
-            r = in_subprocess(usearch_worker, str(path), str(q_path), str(gt_path), efs, ix.expansion_search,
+            r = in_subprocess(usearch_worker, str(path), str(q_path), str(gt_path), efs, ef,
                               threads, budget_s)
             r.update(json.loads(meta.read_text()), file_mib=round(path.stat().st_size / 2**20, 1))
             row["engines"]["usearch view"] = r
@@ -361,7 +363,7 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
                 save_json(meta, in_subprocess(faiss_build, str(v_path), str(path), ix.connectivity, expansion_add,
                                               threads))
             print(f"[retrieval {n:,}] faiss HNSW", file=sys.stderr, flush=True)
-            r = in_subprocess(faiss_worker, str(path), str(q_path), str(gt_path), efs, ix.expansion_search,
+            r = in_subprocess(faiss_worker, str(path), str(q_path), str(gt_path), efs, ef,
                               threads, budget_s)
             r.update(json.loads(meta.read_text()), file_mib=round(path.stat().st_size / 2**20, 1))
             row["engines"]["faiss HNSW"] = r

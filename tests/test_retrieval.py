@@ -175,3 +175,10 @@ def test_passage_embeddings_are_cached_by_encoder_and_content(encoder, monkeypat
     edited = [records[0], PassageRecord("b", "", "json parses documents!")]
     vectors, spent = cached_embeddings(edited, encoder, "model-1", progress=False)
     assert spent > 0 and np.array_equal(vectors[0], first[0]) and not np.array_equal(vectors[1], first[1])
+
+
+def test_search_breadth_widens_with_the_index():
+    from engine.retrieve import search_breadth
+    assert search_breadth(100_000, 128) == 128 and search_breadth(300_000, 128) == 256
+    assert search_breadth(1_000_000, 128) == 512 and search_breadth(50_000_000, 128) == 512
+    assert search_breadth(1_000_000, 1024) == 1024          # a manifest's wider value stands
