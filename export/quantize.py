@@ -57,7 +57,7 @@ def quantize_encoder(src: Path, dst: Path) -> QuantReport:
     int8 embedding table, min cosine 0.9985 and 3 questions changed rank; without the int8
     table 0.9994 and 2; with fp32 compute and no int8 table 0.9997 and 1, and none when only
     the queries take the int8 graph (the export embeds passages with fp32). The table is
-    most of the remaining size (47 MB of 58).
+    most of the remaining size (47 MB of 60).
     """
     _weight_only(src, dst, bits=8, block_size=32, accuracy_level=1)
     return _report(src, dst)
