@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUESTIONS, memory, save_json  # noqa: E402
+from common import QUESTIONS, memory, save_json, wait_ready  # noqa: E402
 
 
 def run(bundle_path: str, *, clients=(1, 4, 16), duration_s: float = 30.0, max_new_tokens: int = 32,
@@ -33,11 +32,7 @@ def run(bundle_path: str, *, clients=(1, 4, 16), duration_s: float = 30.0, max_n
                                   threads=threads, timeout_s=600))
     levels = []
     with background(app) as base:
-        deadline = time.monotonic() + 300
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not become ready")
-            time.sleep(0.1)
+        wait_ready(base)
         warm = httpx.post(f"{base}/v1/ask", json={"question": QUESTIONS[0], "max_new_tokens": max_new_tokens},
                           timeout=600).json()
         for c in clients:

@@ -130,3 +130,15 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def wait_ready(base: str, timeout_s: float = 300) -> None:
+    """Polls a ragrt server's /readyz until it answers 200."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{base}/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server did not become ready")
+        time.sleep(0.1)

@@ -572,22 +572,8 @@ def plot(results: dict, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from engine.atomic import fsync_dir
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from engine.atomic import atomic_write_bytes
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def machine() -> str:

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import QUESTIONS  # noqa: E402,F401  (QUESTIONS lived here; kept importable)
+from common import QUESTIONS, wait_ready  # noqa: E402,F401  (QUESTIONS lived here; kept importable)
 from engine.atomic import atomic_write_text  # noqa: E402
 from engine.server import ServerConfig, background, create_app  # noqa: E402
 
@@ -89,11 +89,7 @@ def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max
     app = create_app(ServerConfig(bundle=bundle, max_batch=max_batch, max_queue=max(64, clients), threads=threads,
                                   timeout_s=600))
     with background(app) as base:
-        deadline = time.monotonic() + 300
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not become ready")
-            time.sleep(0.1)
+        wait_ready(base)
         # One answer first, so neither run pays for onnxruntime's first-call setup.
         httpx.post(f"{base}/v1/ask", json={"question": questions[0], "max_new_tokens": 4}, timeout=600)
         lat, errors, tokens, wall = run_clients(base, clients=clients, duration_s=duration_s,

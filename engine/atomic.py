@@ -9,13 +9,13 @@ from typing import IO, Iterator
 
 
 @contextmanager
-def atomic_open(path: str | Path) -> Iterator[IO[str]]:
-    """A text file to write; it replaces `path` by rename only if the block ends without error."""
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file to write ("w" text, "wb" bytes); it replaces `path` by rename only if the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, mode, encoding="utf-8" if "b" not in mode else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -28,6 +28,11 @@ def atomic_open(path: str | Path) -> Iterator[IO[str]]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def fsync_dir(path: Path) -> None:
