@@ -43,7 +43,8 @@ def embed_passages(passages: Sequence[PassageRecord], encoder: TextEncoder, *, b
 
 def cached_embeddings(passages: Sequence[PassageRecord], encoder: TextEncoder, model_key: str,
                       progress: bool = True) -> tuple[np.ndarray, float]:
-    """`embed_passages`, kept in the user cache under the encoder graph's and the passages' content,
+    """`embed_passages`, kept in the user cache under `model_key` (the encoder graph's and its
+    tokenizer's content) and the passages' content,
     so exporting the same corpus again (another --quantize or --graph) skips the embedding.
     Returns the vectors and the seconds spent embedding (0 on a hit)."""
     import hashlib

@@ -252,7 +252,9 @@ def run_export(cfg: ExportConfig) -> Path:
         )
         write_manifest(tmp, manifest)
 
-        vectors, seconds = cached_embeddings(passages, encoder, content_key(enc_dir / "fp32" / "model.onnx"))
+        # The key holds the tokenizer too: the same weights with another vocabulary embed differently.
+        vectors, seconds = cached_embeddings(passages, encoder, content_key(enc_dir / "fp32" / "model.onnx",
+                                                                            tmp / "encoder" / "tokenizer.json"))
         with staging(tmp) as gen:
             built = build_index(passages, vectors, index_path=gen / INDEX_FILE, data_path=gen / DATA_FILE,
                                 offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype)
