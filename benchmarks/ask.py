@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUESTIONS, memory, save_json, wait_ready  # noqa: E402
+from common import QUESTIONS, memory, report, wait_ready  # noqa: E402
 
 
 def run(bundle_path: str, *, clients=(1, 4, 16), duration_s: float = 30.0, max_new_tokens: int = 32,
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     res = run(args.bundle, clients=[int(c) for c in args.clients.split(",")], duration_s=args.duration,
               max_new_tokens=args.max_new_tokens, threads=args.threads, max_batch=args.max_batch, k=args.k)
-    print(markdown(res))
-    if args.json:
-        save_json(Path(args.json), res)
-    return 0
+    return report(res, markdown, args.json)
 
 
 if __name__ == "__main__":

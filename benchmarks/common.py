@@ -142,3 +142,11 @@ def wait_ready(base: str, timeout_s: float = 300) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the server did not become ready")
         time.sleep(0.1)
+
+
+def report(res: dict, markdown, json_path: str | None) -> int:
+    """A step's command-line ending: its table on stdout, its numbers in --json."""
+    print(markdown(res))
+    if json_path:
+        save_json(Path(json_path), res)
+    return 0

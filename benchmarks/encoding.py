@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUESTIONS, in_subprocess, limit_threads, memory, save_json  # noqa: E402
+from common import QUESTIONS, in_subprocess, limit_threads, memory, report  # noqa: E402
 
 
 def _rate(fn, texts: list[str], per_call: int, min_s: float) -> float:
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     res = run(args.bundle, n_texts=args.texts, threads=args.threads, min_s=args.min_seconds, st_model=args.st_model)
-    print(markdown(res))
-    if args.json:
-        save_json(Path(args.json), res)
-    return 0
+    return report(res, markdown, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save_json  # noqa: E402
+from common import machine, report  # noqa: E402
 
 # SmolLM2-135M(-Instruct)'s config.json, the packaged generator.
 SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -146,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     res = run(threads=args.threads, gib=args.gib, prompt_tokens=args.prompt_tokens)
-    print(markdown(res))
-    if args.json:
-        save_json(Path(args.json), res)
-    return 0
+    return report(res, markdown, args.json)
 
 
 if __name__ == "__main__":

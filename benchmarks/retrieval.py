@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, atomic_path, digest, in_subprocess, limit_threads, memory, save_json, save_npy  # noqa: E402
+from common import CACHE, atomic_path, digest, in_subprocess, limit_threads, memory, report, save_json, save_npy  # noqa: E402
 
 RECIPE = "v1: convex combination of 2-3 real embeddings, Dirichlet(1) weights, + N(0, (NOISE^2)/d) noise, L2-normalised"
 NOISE = 0.05
@@ -432,10 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     res = run(args.bundle, corpus=args.corpus, sizes=[int(s) for s in args.sizes.split(",")], n_base=args.base,
               n_queries=args.queries, threads=args.threads, engines=args.engines.split(","), budget_s=args.budget)
-    print(markdown(res))
-    if args.json:
-        save_json(Path(args.json), res)
-    return 0
+    return report(res, markdown, args.json)
 
 
 if __name__ == "__main__":
