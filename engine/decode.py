@@ -221,7 +221,7 @@ class Decoder:
     def merge(self, a: KVState | RowStates, b: KVState | RowStates) -> KVState | RowStates:
         """Stacks two batches; the shorter one is left-padded (masked) so every row still ends in the last column."""
         if isinstance(a, RowStates):
-            return RowStates(a.rows + (b.rows if isinstance(b, RowStates) else (b,)))
+            return RowStates(a.rows + b.rows)
         width = max(a.mask.shape[1], b.mask.shape[1])
 
         def pad(s: KVState) -> tuple[tuple[np.ndarray, ...], np.ndarray]:

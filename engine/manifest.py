@@ -87,7 +87,8 @@ class GeneratorSpec:
     drafts_exact: bool = False
     # "masked": any 0/1 attention mask works (padding, masked-out positions) and positions
     # are fed. "packed": fused attention (GroupQueryAttention) takes each row's cache as its
-    # first sum(mask) positions, so rows run unpadded and dropped positions must be cut out.
+    # first sum(mask) positions, so rows run unpadded and prefill one at a time; the engine
+    # binds each past to its present so the keys and values are written in place.
     cache: str = "masked"
     io: GeneratorIO = field(default_factory=GeneratorIO)
 

@@ -28,7 +28,6 @@ class KVBuffers:
     def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int):
         self.shape = (spec.num_kv_heads, spec.head_dim)
         self.dtype = np.dtype(spec.kv_dtype)
-        self.count = count
         # np.zeros maps untouched pages lazily, so unused capacity costs address space, not RSS.
         self.arrays = [self._alloc(slots, _round_up(capacity)) for _ in range(count)]
         self.bindings: dict[tuple[int, int], object] = {}
@@ -75,8 +74,8 @@ class PackedDecoder(Decoder):
         # Prefill runs row by row here whatever this says; it decides whether steps share a pass.
         self.row_by_row = not spec.batch_invariant
 
-    def empty_state(self, batch: int) -> PackedState:
-        return PackedState(KVBuffers(self.spec, len(self.past_names), batch, GROW),
+    def empty_state(self, batch: int, capacity: int = GROW) -> PackedState:
+        return PackedState(KVBuffers(self.spec, len(self.past_names), batch, capacity),
                            np.arange(batch), np.zeros(batch, dtype=np.int64))
 
     def _binding(self, buffers: KVBuffers, start: int, stop: int):
@@ -118,9 +117,8 @@ class PackedDecoder(Decoder):
         return np.concatenate(logits), PackedState(buffers, state.slots, state.lengths + width)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, PackedState]:
-        state = self.empty_state(len(prompts))
+        state = self.empty_state(len(prompts), max(len(p) for p in prompts) + GROW)
         buffers = state.buffers
-        buffers.reserve(len(prompts), max(len(p) for p in prompts) + GROW, 0)
         logits = []
         for row, prompt in enumerate(prompts):
             done = 0
