@@ -41,7 +41,7 @@ GENERATOR_VARIANTS = ("fp32", "int8", "int4")
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "4"
+FUSED_EXPORT_VERSION = "6"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -135,15 +135,17 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from .onnx_export import export_generator, export_generator_fused
+    from .onnx_export import FUSED_PRECISIONS, export_generator, export_generator_fused
     from .parity import onnx_agreement, parity_prompt_ids, torch_greedy
     from .quantize import quantize_generator, quantize_generator_int4
+    from .rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
 
     def build(tmp: Path) -> None:
         _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph "
              f"({', '.join(GENERATOR_VARIANTS)}), then checking parity")
         if graph == "fused":
-            exp, *_ = [export_generator_fused(checkpoint, tmp / q, q) for q in GENERATOR_VARIANTS]
+            # int8 is ours (rowquant.py), made from the fp32 graph once the prompt is known.
+            exp, *_ = [export_generator_fused(checkpoint, tmp / q, q) for q in FUSED_PRECISIONS]
         else:
             exp = export_generator(checkpoint, tmp / "fp32")
             quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
@@ -161,6 +163,9 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
         tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
         builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
         prompts = parity_prompt_ids(builder, parity_prompts)
+        if graph == "fused":
+            quantize_rows(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx",
+                          calibration_feeds(calibration_prompt_ids(builder), spec))
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
         parity = {q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS, tok.decode)
                   for q in GENERATOR_VARIANTS}

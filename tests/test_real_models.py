@@ -62,10 +62,26 @@ def test_answers_a_python_question_from_the_right_passage(faq_bundle):
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_rag_modes_on_real_models(faq_bundle, mode):
-    ans = ask(faq_bundle, "How do I copy an object in Python?", "--mode", mode, "--k", "3", "--max-new-tokens", "24")
-    # Garbage here once meant batched int8 rows were changing each other's activation scales.
-    assert "copy" in ans["answer"].lower(), ans["answer"]
+    # The question is one that base SmolLM2 answers in token mode even in fp32: on "How do I
+    # copy an object?" its fp32 RAG-Token answer is "1. Python\n2. Syntax\n\nQuestion: ...".
+    ans = ask(faq_bundle, "How do I convert a string to a number?", "--mode", mode, "--k", "3", "--max-new-tokens", "24")
+    assert "int(" in ans["answer"], ans["answer"]
     assert ans["log_prob"] < 0
+
+
+def test_rag_token_rows_do_not_change_each_other(faq_bundle):
+    """RAG-Token decodes its k passages as one batch; each row must get the tokens it gets alone.
+
+    Garbage in token mode once meant batched int8 rows were changing each other's activation scales.
+    """
+    from engine import Engine
+    engine = Engine.open(faq_bundle, threads=2)
+    assert engine.manifest.generator.batch_invariant
+    question = "How do I copy an object in Python?"
+    batched = engine.ask(question, mode="token", k=3, max_new_tokens=16)
+    engine.decoder.row_by_row = True
+    alone = engine.ask(question, mode="token", k=3, max_new_tokens=16)
+    assert batched.answer == alone.answer and batched.log_prob == pytest.approx(alone.log_prob, abs=1e-4)
 
 
 def test_int4_bundle_answers_in_batched_rag_token(faq_bundle, tmp_path):
