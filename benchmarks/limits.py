@@ -29,10 +29,10 @@ from common import machine, report  # noqa: E402
 SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
                 "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
 
-# Bytes per weight as the fused bundle stores them. int8: one fp32 scale per output column
-# (export/rowquant.py), a rounding error here. int4: MatMulNBits, one fp32 scale per block of
-# 16 (symmetric: no zero points).
-PRECISIONS = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 16}
+# Bytes per weight as the bundle stores them: MatMulNBits keeps one fp32 scale per block
+# (symmetric: no zero points). int8 in blocks of 32, int4 in blocks of 16 (export/quantize.py);
+# w8a8 one fp32 scale per output column (export/rowquant.py), a rounding error here.
+PRECISIONS = {"fp32": 4.0, "int8": 1 + 4 / 32, "w8a8": 1.0, "int4": 0.5 + 4 / 16}
 
 
 def parameters(cfg: dict = SMOLLM2_135M) -> dict:

@@ -102,17 +102,16 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 
 
 # Builder options per precision. Measured on SmolLM2 (teacher-forced top-1 vs PyTorch, 20
-# prompts): int4 0.773 in the builder's default blocks of 32, 0.812 in blocks of 16. The
-# builder's int8 (0.965) is not used: its prefill ran no faster than fp32 (see rowquant.py).
-FUSED_PRECISIONS = {"fp32": (), "int4": ("block_size=16",)}
+# prompts): int8 0.965; int4 0.773 in the builder's default blocks of 32, 0.812 in blocks of 16.
+FUSED_PRECISIONS = {"fp32": (), "int8": (), "int4": ("block_size=16",)}
 
 
 def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
     """onnxruntime-genai's builder graph (see genai_build.py) plus the `num_logits` input.
 
     Its attention is GroupQueryAttention, which reads each row's cache as one unpadded run,
-    so the manifest marks it `cache: packed`. int4 is weight-only MatMulNBits with int8
-    compute; the fused int8 graph is made from fp32 by rowquant.py.
+    so the manifest marks it `cache: packed`. int8 and int4 are weight-only MatMulNBits with
+    int8 compute.
     """
     import subprocess
     import sys

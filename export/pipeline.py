@@ -37,11 +37,12 @@ log = logging.getLogger("ragrt.export")
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
 ENCODER_EXPORT_VERSION = "5"
 GENERATOR_EXPORT_VERSION = "6"
-GENERATOR_VARIANTS = ("fp32", "int8", "int4")
+# w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused graph.
+GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4"), "optimum": ("fp32", "int8", "int4")}
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "6"
+FUSED_EXPORT_VERSION = "7"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -131,7 +132,7 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
 
 def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimum") -> Path:
     """Cached: {variant}/model.onnx, tokenizer.json, meta.json (dims, prompt, parity), where the
-    variants are fp32, int8, int4 for either graph."""
+    variants are GENERATOR_VARIANTS[graph]."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -142,9 +143,8 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
 
     def build(tmp: Path) -> None:
         _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph "
-             f"({', '.join(GENERATOR_VARIANTS)}), then checking parity")
+             f"({', '.join(GENERATOR_VARIANTS[graph])}), then checking parity")
         if graph == "fused":
-            # int8 is ours (rowquant.py), made from the fp32 graph once the prompt is known.
             exp, *_ = [export_generator_fused(checkpoint, tmp / q, q) for q in FUSED_PRECISIONS]
         else:
             exp = export_generator(checkpoint, tmp / "fp32")
@@ -164,11 +164,11 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
         builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
         prompts = parity_prompt_ids(builder, parity_prompts)
         if graph == "fused":
-            quantize_rows(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx",
+            quantize_rows(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx",
                           calibration_feeds(calibration_prompt_ids(builder), spec))
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
         parity = {q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS, tok.decode)
-                  for q in GENERATOR_VARIANTS}
+                  for q in GENERATOR_VARIANTS[graph]}
         for q, a in parity.items():
             _say(f"generator {q} vs PyTorch, {a.prompts} prompts x {a.new_tokens} greedy tokens: exact {a.exact_match:.2f}, "
                  f"prefix {a.prefix_agreement:.2f}, teacher-forced top-1 {a.teacher_forced_top1:.3f}")
@@ -186,8 +186,9 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
 def _validate(cfg: ExportConfig) -> None:
     if cfg.graph not in GRAPHS:
         raise UserInputError(f"--graph must be one of {', '.join(GRAPHS)}, got {cfg.graph!r}")
-    if cfg.quantize not in GENERATOR_VARIANTS:
-        raise UserInputError(f"--quantize must be one of {', '.join(GENERATOR_VARIANTS)}, got {cfg.quantize!r}")
+    if cfg.quantize not in GENERATOR_VARIANTS[cfg.graph]:
+        raise UserInputError(f"--quantize must be one of {', '.join(GENERATOR_VARIANTS[cfg.graph])} "
+                             f"for --graph {cfg.graph}, got {cfg.quantize!r}")
     if cfg.max_context < 256:
         raise UserInputError(f"--max-context must be at least 256, got {cfg.max_context}")
     if not 1 <= cfg.parity_prompts:

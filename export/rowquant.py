@@ -1,4 +1,4 @@
-"""int8 MatMuls with one activation scale per row (per token), computed at run time.
+"""The w8a8 generator: int8 MatMuls with one activation scale per row (per token), computed at run time.
 
 Each weight MatMul x @ W of the fused fp32 decoder becomes
     x' = x / m                                   (SmoothQuant: m per input channel)
@@ -17,7 +17,8 @@ Measured on SmolLM2-135M, on this machine (2 AVX-512 VNNI cores, 2 threads):
   0.96 ms. Time to first token of a 320-token prompt was 181-184 ms, against 300-308 ms for
   the builder's MatMulNBits int8 graph in the same run.
 - Quality, teacher-forced top-1 against PyTorch on the 20 parity prompts: 0.912 (the
-  builder's int8 scored 0.965, as did fp32 activations with these int8 weights). quantize_dynamic
+  builder's int8 scored 0.965, as did fp32 activations with these int8 weights). That is why
+  int8 (MatMulNBits) stays the default and this is an option. quantize_dynamic
   gave 0.71, with one scale for the whole activation tensor: a few tokens' large activations
   set every token's scale. Per-row scales without smoothing gave 0.91.
 - Why 7-bit activations: uint8 x int8 products summed in pairs must stay within int16,

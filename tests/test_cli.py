@@ -63,6 +63,8 @@ def test_user_errors_are_one_line_with_exit_2(tiny_bundle, tmp_path):
     one_line_error(ragrt("export", "--corpus", bad, "--out", tmp_path / "b2"), "bad.jsonl:2")
     one_line_error(ragrt("export", "--corpus", tmp_path / "missing.jsonl", "--out", tmp_path / "b3"), "missing.jsonl")
     one_line_error(ragrt("export", "--corpus", bad, "--out", tiny_bundle), "already exists")
+    one_line_error(ragrt("export", "--corpus", tmp_path / "missing.jsonl", "--out", tmp_path / "b4",
+                         "--quantize", "w8a8", "--graph", "optimum"), "for --graph optimum")
 
 
 def bundle_files(bundle: Path) -> list[str]:

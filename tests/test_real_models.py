@@ -60,12 +60,14 @@ def test_answers_a_python_question_from_the_right_passage(faq_bundle):
     assert "copy" in ans["answer"].lower(), ans["answer"]
 
 
-@pytest.mark.parametrize("mode", ["token", "sequence"])
-def test_rag_modes_on_real_models(faq_bundle, mode):
-    # The question is one that base SmolLM2 answers in token mode even in fp32: on "How do I
-    # copy an object?" its fp32 RAG-Token answer is "1. Python\n2. Syntax\n\nQuestion: ...".
-    ans = ask(faq_bundle, "How do I convert a string to a number?", "--mode", mode, "--k", "3", "--max-new-tokens", "24")
-    assert "int(" in ans["answer"], ans["answer"]
+@pytest.mark.parametrize("mode,question,expected", [
+    ("token", "How do I convert a string to a number?", "int("),
+    ("sequence", "How do I copy an object in Python?", "copy")])
+def test_rag_modes_on_real_models(faq_bundle, mode, question, expected):
+    # Questions that base SmolLM2 answers in that mode even in fp32. In token mode its fp32
+    # answer to "How do I copy an object?" is "1. Python\n2. Syntax\n\nQuestion: ...".
+    ans = ask(faq_bundle, question, "--mode", mode, "--k", "3", "--max-new-tokens", "24")
+    assert expected in ans["answer"], ans["answer"]
     assert ans["log_prob"] < 0
 
 

@@ -69,3 +69,16 @@ def test_a_rows_logits_do_not_depend_on_its_batch_or_pass(rowquant):
     assert all(np.array_equal(together[i].reshape(-1, spec.vocab_size)[-1], first[i]) for i in range(3))
     decoder.cache_prefix(prompts[1][:20])
     assert list(decoder.greedy(prompts[1], 12)) == alone[1]
+
+
+def test_w8a8_bundle_exports_and_answers(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
+    from engine import Engine
+    from export.pipeline import ExportConfig, run_export
+    out = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
+                                  generator=tiny_generator_dir, quantize="w8a8", parity_prompts=2, max_context=512))
+    engine = Engine.open(out, verify=True)
+    assert engine.manifest.generator.quantization == "w8a8"
+    assert op_counts(out / "generator" / "model.onnx")["MatMulInteger"] > 0
+    assert engine.manifest.generator.batch_invariant    # measured by the export, as the test above shows
+    for mode in ("concat", "token"):
+        assert engine.ask("How do I copy a list?", k=2, mode=mode, max_new_tokens=4).new_tokens > 0
