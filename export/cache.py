@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -75,7 +76,8 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     if (final / _DONE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    _remove_orphans(final.parent, key)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.{_builder_id()}.", dir=final.parent))
     try:
         build(tmp)
         (tmp / _DONE).touch()
@@ -89,3 +91,30 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _builder_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_orphans(parent: Path, key: str) -> None:
+    """Deletes build dirs of `key` left by a process of this host that no longer runs.
+
+    A killed export (SIGKILL skips the cleanup above) leaves one, often a gigabyte. A build
+    dir of another host, or of a process still running, is left alone.
+    """
+    host = socket.gethostname()
+    for path in parent.glob(f".{key}.{host}-*.*"):
+        pid = path.name[len(f".{key}.{host}-"):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                     # another user's process
+        return True
+    return True

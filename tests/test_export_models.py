@@ -1,6 +1,7 @@
 """Export mechanics on tiny random models: the ONNX graphs compute what PyTorch computes, the
 `num_logits` rewrite, int8 quantization really happening, checkpoint checks, and the model cache."""
 import json
+import os
 
 import numpy as np
 import onnx
@@ -236,6 +237,25 @@ def test_a_failing_build_leaves_nothing(cache):
         cached_dir("thing", "k2", build)
     assert list((cache / "thing").iterdir()) == []
     assert (cached_dir("thing", "k2", lambda tmp: (tmp / "ok").touch()) / "ok").is_file()
+
+
+def test_a_killed_builds_dir_is_removed_and_a_running_ones_kept(cache):
+    """SIGKILL skips the cleanup; the next build of the same entry deletes what is left."""
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    parent = cache / "thing"
+    killed = parent / f".k3.{host}-{dead}.abc"
+    running = parent / f".k3.{host}-{os.getpid()}.def"
+    elsewhere = parent / f".k3.otherhost-{dead}.ghi"
+    for d in (killed, running, elsewhere):
+        d.mkdir(parents=True)
+        (d / "model.onnx").write_bytes(b"x")
+    cached_dir("thing", "k3", lambda tmp: (tmp / "ok").touch())
+    assert not killed.exists() and running.exists() and elsewhere.exists()
 
 
 def test_content_key_follows_bytes_and_names(cache, tmp_path):
