@@ -9,8 +9,10 @@ import resource
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -77,30 +79,29 @@ def digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def atomic_path(path: Path) -> Path:
-    """A temp name beside `path` (same directory, so the rename is atomic); the caller renames it."""
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` (same directory, so the rename is atomic) for the block to
+    write; it replaces `path` only if the block ends without error, and is removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_npy(path: Path, array) -> None:
     import numpy as np
-    tmp = atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_json(path: Path, obj) -> None:
-    tmp = atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def machine() -> dict:

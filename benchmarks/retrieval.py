@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, atomic_path, digest, in_subprocess, limit_threads, memory, report, save_json, save_npy  # noqa: E402
+from common import CACHE, atomic_target, digest, in_subprocess, limit_threads, memory, report, save_json, save_npy  # noqa: E402
 
 RECIPE = "v1: convex combination of 2-3 real embeddings, Dirichlet(1) weights, + N(0, (NOISE^2)/d) noise, L2-normalised"
 NOISE = 0.05
@@ -117,8 +117,7 @@ def derived_path(base_key: str, n: int, seed: int) -> Path:
     path = CACHE / f"derived-{digest(base_key, n, seed, RECIPE, NOISE)}.npy"
     if not path.exists():
         base = np.load(CACHE / f"{base_key}.npy")
-        tmp = atomic_path(path)
-        try:
+        with atomic_target(path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, base.shape[1]))
             chunk = 65536
             with _tqdm(total=n, desc=f"deriving {n:,} vectors", unit="vec") as bar:
@@ -129,9 +128,6 @@ def derived_path(base_key: str, n: int, seed: int) -> Path:
                     bar.update(m)
             out.flush()
             del out
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -219,12 +215,8 @@ def usearch_build(vec_path: str, index_path: str, dtype: str, connectivity: int,
     index.add(np.arange(len(vectors), dtype=np.uint64), np.ascontiguousarray(vectors), threads=threads,
               log=f"usearch: indexing {len(vectors):,}")
     seconds = time.perf_counter() - t
-    tmp = atomic_path(Path(index_path))
-    try:
+    with atomic_target(Path(index_path)) as tmp:
         index.save(str(tmp))
-        tmp.replace(index_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"build_s": seconds, "peak_rss_mib": memory().get("peak_rss_mib")}
 
 
@@ -266,12 +258,8 @@ def faiss_build(vec_path: str, index_path: str, m: int, ef_construction: int, th
             index.add(np.ascontiguousarray(vectors[start:start + chunk]))
             bar.update(min(chunk, len(vectors) - start))
     seconds = time.perf_counter() - t
-    tmp = atomic_path(Path(index_path))
-    try:
+    with atomic_target(Path(index_path)) as tmp:
         faiss.write_index(index, str(tmp))
-        tmp.replace(index_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"build_s": seconds, "peak_rss_mib": memory().get("peak_rss_mib")}
 
 

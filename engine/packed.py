@@ -67,12 +67,8 @@ class PackedState:
 
 
 class PackedDecoder(Decoder):
+    """Prefill runs row by row whatever `row_by_row` says; it decides whether steps share a pass."""
     layout = "packed"
-
-    def __init__(self, session, spec: GeneratorSpec):
-        super().__init__(session, spec)
-        # Prefill runs row by row here whatever this says; it decides whether steps share a pass.
-        self.row_by_row = not spec.batch_invariant
 
     def empty_state(self, batch: int, capacity: int = GROW) -> PackedState:
         return PackedState(KVBuffers(self.spec, len(self.past_names), batch, capacity),
@@ -172,7 +168,8 @@ class PackedDecoder(Decoder):
     def merge(self, a: PackedState, b: PackedState) -> PackedState:
         """Copies b's rows into free slots of a's buffers."""
         buffers = a.buffers
-        free = [s for s in range(buffers.slots) if s not in set(a.slots.tolist())]
+        taken = set(a.slots.tolist())
+        free = [s for s in range(buffers.slots) if s not in taken]
         need = len(b.slots) - len(free)
         longest = int(max(a.lengths.max(), b.lengths.max()))
         buffers.reserve(buffers.slots + max(need, 0), longest + 1, int(a.lengths.max()))
