@@ -30,9 +30,10 @@ SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_head
                 "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
 
 # Bytes per weight as the bundle stores them: MatMulNBits keeps one fp32 scale per block
-# (symmetric: no zero points). int8 in blocks of 32, int4 in blocks of 16 (export/quantize.py);
-# w8a8 one fp32 scale per output column (export/rowquant.py), a rounding error here.
-PRECISIONS = {"fp32": 4.0, "int8": 1 + 4 / 32, "w8a8": 1.0, "int4": 0.5 + 4 / 16}
+# (symmetric: no zero points). The fused graph's int8 and int4 come in blocks of 32
+# (export/onnx_export.py); w8a8 has one fp32 scale per output column (export/rowquant.py), a
+# rounding error here.
+PRECISIONS = {"fp32": 4.0, "int8": 1 + 4 / 32, "w8a8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 def parameters(cfg: dict = SMOLLM2_135M) -> dict:

@@ -37,12 +37,13 @@ log = logging.getLogger("ragrt.export")
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
 ENCODER_EXPORT_VERSION = "5"
 GENERATOR_EXPORT_VERSION = "6"
-# w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused graph.
+# w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
+# int4 from a checkpoint AWQ has rescaled (awq.py).
 GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4"), "optimum": ("fp32", "int8", "int4")}
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "7"
+FUSED_EXPORT_VERSION = "8"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -139,13 +140,14 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
     from .onnx_export import FUSED_PRECISIONS, export_generator, export_generator_fused
     from .parity import onnx_agreement, parity_prompt_ids, torch_greedy
     from .quantize import quantize_generator, quantize_generator_int4
+    from .awq import scale_checkpoint
     from .rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
 
     def build(tmp: Path) -> None:
         _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph "
              f"({', '.join(GENERATOR_VARIANTS[graph])}), then checking parity")
         if graph == "fused":
-            exp, *_ = [export_generator_fused(checkpoint, tmp / q, q) for q in FUSED_PRECISIONS]
+            exp, *_ = [export_generator_fused(checkpoint, tmp / q, q) for q in FUSED_PRECISIONS if q != "int4"]
         else:
             exp = export_generator(checkpoint, tmp / "fp32")
             quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
@@ -164,8 +166,14 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
         builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
         prompts = parity_prompt_ids(builder, parity_prompts)
         if graph == "fused":
-            quantize_rows(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx",
-                          calibration_feeds(calibration_prompt_ids(builder), spec))
+            calibration = calibration_prompt_ids(builder)
+            quantize_rows(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx", calibration_feeds(calibration, spec))
+            # int4 rounds a checkpoint whose input channels AWQ has rescaled (awq.py).
+            report = scale_checkpoint(checkpoint, tmp / "awq", calibration)
+            export_generator_fused(tmp / "awq", tmp / "int4", "int4")
+            shutil.rmtree(tmp / "awq")
+            _say(f"int4: AWQ scales from {report.tokens} calibration tokens cut the simulated int4 output "
+                 f"error to {report.error_ratio:.2f}x")
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
         parity = {q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS, tok.decode)
                   for q in GENERATOR_VARIANTS[graph]}

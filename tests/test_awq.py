@@ -1,0 +1,77 @@
+"""AWQ scaling before int4 (export/awq.py), on the tiny llama."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def salient(tiny_generator_dir, tmp_path_factory):
+    """The tiny llama with a few large activation channels, like a trained model's, and its
+    AWQ-scaled copy: (original dir, scaled dir, report, calibration prompts)."""
+    from export.awq import scale_checkpoint
+    model = _load(tiny_generator_dir)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[rng.choice(norm.weight.numel(), 3, replace=False)] *= 12.0
+    original = tmp_path_factory.mktemp("salient")
+    model.save_pretrained(original)
+    prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (40, 64, 25)]
+    scaled = tmp_path_factory.mktemp("awq")
+    return original, scaled, scale_checkpoint(original, scaled, prompts), prompts
+
+
+def _logits(model, prompts):
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([p])).logits[0] for p in prompts])
+
+
+def _int4(model):
+    """The model with every layer weight rounded as onnxruntime's int4 blocks of 32 round it."""
+    from export.awq import int4_blocks
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.copy_(int4_blocks(lin.weight))
+    return model
+
+
+def test_scaling_keeps_the_fp32_function(salient):
+    original, scaled, _, prompts = salient
+    a, b = _logits(_load(original), prompts), _logits(_load(scaled), prompts)
+    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+
+
+def test_scaling_lowers_the_int4_error(salient):
+    original, scaled, report, prompts = salient
+    reference = _logits(_load(original), prompts)
+    plain = float((_logits(_int4(_load(original)), prompts) - reference).norm())
+    awq = float((_logits(_int4(_load(scaled)), prompts) - reference).norm())
+    assert awq < 0.8 * plain
+    assert report.error_ratio < 0.8 and report.tokens == sum(len(p) for p in prompts)
+    assert any(a > 0 for a in report.alphas["qkv"] + report.alphas["gate_up"])
+
+
+def test_int4_blocks_round_as_onnxruntime_does():
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from export.awq import int4_blocks
+    rng = np.random.default_rng(1)
+    k, n, block = 96, 40, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)          # an ONNX MatMul weight (in, out)
+    packed = np.zeros((n, k // block, block // 2), np.uint8)
+    scales = np.zeros(n * (k // block), np.float32)
+    zero_points = np.zeros(n * ((k // block + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, w, scales, zero_points, block, n, k, True)
+    q = np.stack([packed & 0xF, packed >> 4], -1).reshape(n, k // block, block).astype(np.int32) - 8
+    ort = (q * scales.reshape(n, k // block, 1)).reshape(n, k)
+    ours = int4_blocks(torch.from_numpy(w.T.copy())).numpy()
+    np.testing.assert_allclose(ours, ort, rtol=0, atol=1e-6)
