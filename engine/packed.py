@@ -31,6 +31,16 @@ class KVBuffers:
         # np.zeros maps untouched pages lazily, so unused capacity costs address space, not RSS.
         self.arrays = [self._alloc(slots, _round_up(capacity)) for _ in range(count)]
         self.bindings: dict[tuple[int, int], object] = {}
+        self.logits: tuple[np.ndarray, object] | None = None
+
+    def logits_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, object]:
+        """A float32 array of this shape and the OrtValue that shares its memory; the last one
+        is kept, since steps ask for the same shape again and again."""
+        if self.logits is None or self.logits[0].shape != shape:
+            from onnxruntime import OrtValue
+            array = np.empty(shape, dtype=np.float32)
+            self.logits = array, OrtValue.ortvalue_from_numpy(array)
+        return self.logits
 
     @property
     def slots(self) -> int:
@@ -81,7 +91,6 @@ class PackedDecoder(Decoder):
         if io is None:
             from onnxruntime import OrtValue
             io = self.session.io_binding()
-            io.bind_output(self.io.logits)
             for name, out_name, array in zip(self.past_names, self.output_names[1:], buffers.arrays):
                 value = OrtValue.ortvalue_from_numpy(array[start:stop])   # a view: shares memory
                 io.bind_ortvalue_input(name, value)
@@ -95,9 +104,12 @@ class PackedDecoder(Decoder):
         io.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
         io.bind_cpu_input(self.io.attention_mask, mask)
         io.bind_cpu_input(self.io.num_logits, np.array([num_logits], dtype=np.int64))
-        io.bind_output(self.io.logits)          # unallocated again: its shape changes between runs
+        # Logits go to a buffer kept per shape: io.get_outputs() would wrap every bound output,
+        # the whole cache included, on each step.
+        out = buffers.logits_buffer((stop - start, num_logits, self.spec.vocab_size))
+        io.bind_ortvalue_output(self.io.logits, out[1])
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return out[0].copy()
 
     def forward(self, state: PackedState, tokens: np.ndarray, new_mask: np.ndarray,
                 num_logits: int = 1) -> tuple[np.ndarray, PackedState]:
