@@ -104,7 +104,7 @@ class PackedDecoder(Decoder):
         io.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
         io.bind_cpu_input(self.io.attention_mask, mask)
         io.bind_cpu_input(self.io.num_logits, np.array([num_logits], dtype=np.int64))
-        # Logits go to a buffer kept per shape: io.get_outputs() would wrap every bound output,
+        # Logits go to a kept buffer: io.get_outputs() would wrap every bound output,
         # the whole cache included, on each step.
         out = buffers.logits_buffer((stop - start, num_logits, self.spec.vocab_size))
         io.bind_ortvalue_output(self.io.logits, out[1])
