@@ -17,6 +17,7 @@ from typing import Callable
 from engine.atomic import atomic_write_text
 
 _DONE = ".complete"
+_LINEAGE = ".lineage"
 _MEMO_MIN_BYTES = 16 << 20
 
 
@@ -66,11 +67,15 @@ def content_key(*parts: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+def cached_dir(kind: str, key: str, build: Callable[[Path], None], lineage: str | None = None) -> Path:
     """`cache_root()/kind/key`, calling `build(tmp)` first if it is not there yet.
 
     The entry appears by one rename of a finished directory, so a crash or a failing build
     never leaves a half-built entry that a later run would trust.
+
+    `lineage` names what the entry is built from, without the recipe version that `key` also
+    covers. Once a new entry is in place, other entries of the same kind and lineage were made
+    by another recipe (an older ragrt): nothing reaches them again, so they are deleted.
     """
     final = cache_root() / kind / key
     if (final / _DONE).exists():
@@ -80,6 +85,8 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.{_builder_id()}.", dir=final.parent))
     try:
         build(tmp)
+        if lineage is not None:
+            (tmp / _LINEAGE).write_text(lineage)
         (tmp / _DONE).touch()
         if not (final / _DONE).exists():          # else another process finished first: keep theirs
             shutil.rmtree(final, ignore_errors=True)   # a leftover without the marker is never trusted
@@ -90,7 +97,21 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if lineage is not None:
+        _remove_superseded(final, lineage)
     return final
+
+
+def _remove_superseded(entry: Path, lineage: str) -> None:
+    for other in entry.parent.iterdir():
+        if other.name.startswith(".") or other == entry:
+            continue
+        try:
+            same = (other / _LINEAGE).read_text() == lineage
+        except OSError:                   # no lineage: an entry of a ragrt before lineages
+            continue
+        if same:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _builder_id() -> str:

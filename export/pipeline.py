@@ -111,7 +111,8 @@ def encoder_graphs(checkpoint: Path) -> Path:
         meta = {"dim": exp.dim, "max_length": exp.max_length, "parity": asdict(parity)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{ENCODER_EXPORT_VERSION}"), build)
+    return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{ENCODER_EXPORT_VERSION}"), build,
+                      lineage=content_key(checkpoint))
 
 
 def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: Source,
@@ -188,7 +189,8 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
         key = content_key(checkpoint, f"export-v{GENERATOR_EXPORT_VERSION}", f"parity-{parity_prompts}")
     else:
         key = content_key(checkpoint, f"fused-v{FUSED_EXPORT_VERSION}", f"parity-{parity_prompts}")
-    return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused", key, build)
+    return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused", key, build,
+                      lineage=content_key(checkpoint, f"parity-{parity_prompts}"))
 
 
 def _validate(cfg: ExportConfig) -> None:

@@ -258,6 +258,22 @@ def test_a_killed_builds_dir_is_removed_and_a_running_ones_kept(cache):
     assert not killed.exists() and running.exists() and elsewhere.exists()
 
 
+def test_a_new_recipes_entry_replaces_the_old_ones_of_its_lineage(cache):
+    """An export-version bump makes new keys; the entries of the old keys are never read again."""
+    def build(tmp):
+        (tmp / "model.onnx").write_bytes(b"x")
+
+    old = cached_dir("thing", "v1-of-a", build, lineage="a")
+    other = cached_dir("thing", "v1-of-b", build, lineage="b")
+    legacy = cache / "thing" / "from-before-lineages"          # complete, but no lineage recorded
+    legacy.mkdir()
+    (legacy / ".complete").touch()
+    new = cached_dir("thing", "v2-of-a", build, lineage="a")
+    assert (new / "model.onnx").is_file() and not old.exists()
+    assert other.exists() and legacy.exists()
+    assert cached_dir("thing", "v2-of-a", build, lineage="a") == new and new.exists()
+
+
 def test_content_key_follows_bytes_and_names(cache, tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
