@@ -34,11 +34,12 @@ class KVBuffers:
         self.logits: tuple[np.ndarray, object] | None = None
 
     def logits_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, object]:
-        """A float32 array of this shape and the OrtValue that shares its memory; the last one
-        is kept, since steps ask for the same shape again and again."""
+        """An array of this shape and the OrtValue that shares its memory; the last one is kept,
+        since steps ask for the same shape again and again. Logits come in the cache's float
+        type (float16 graphs compute in float16 throughout)."""
         if self.logits is None or self.logits[0].shape != shape:
             from onnxruntime import OrtValue
-            array = np.empty(shape, dtype=np.float32)
+            array = np.empty(shape, dtype=self.dtype)
             self.logits = array, OrtValue.ortvalue_from_numpy(array)
         return self.logits
 

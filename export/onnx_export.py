@@ -102,8 +102,10 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 
 
 # Builder options per precision. int4 keeps the builder's blocks of 32, the fast kernel's, and
-# gets its accuracy from AWQ scaling of the checkpoint beforehand (awq.py).
-FUSED_PRECISIONS = {"fp32": (), "int8": (), "int4": ()}
+# gets its accuracy from AWQ scaling of the checkpoint beforehand (awq.py). fp16 is the
+# builder's CUDA graph; onnxruntime's CPU provider runs it too (slower than fp32), which is how
+# its parity is measured on machines without a GPU.
+FUSED_PRECISIONS = {"fp32": (), "int8": (), "int4": (), "fp16": ()}
 
 
 def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
@@ -122,7 +124,7 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".builder.", dir=out_dir) as tmp:
         cmd = [sys.executable, "-m", "export.genai_build", "-i", str(checkpoint), "-o", f"{tmp}/out",
-               "-p", precision, "-e", "cpu", "-c", f"{tmp}/cache"]
+               "-p", precision, "-e", "cuda" if precision == "fp16" else "cpu", "-c", f"{tmp}/cache"]
         if FUSED_PRECISIONS[precision]:
             cmd += ["--extra_options", *FUSED_PRECISIONS[precision]]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])

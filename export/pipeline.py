@@ -39,11 +39,11 @@ ENCODER_EXPORT_VERSION = "5"
 GENERATOR_EXPORT_VERSION = "6"
 # w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
 # int4 from a checkpoint AWQ has rescaled (awq.py).
-GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4"), "optimum": ("fp32", "int8", "int4")}
+GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimum": ("fp32", "int8", "int4")}
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "8"
+FUSED_EXPORT_VERSION = "9"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -123,7 +123,7 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
         num_layers=meta["num_layers"], num_kv_heads=meta["num_kv_heads"], head_dim=meta["head_dim"],
         vocab_size=meta["vocab_size"], eos_token_ids=tuple(meta["eos_token_ids"]),
         pad_token_id=meta["pad_token_id"], max_context=min(max_context, meta["max_position_embeddings"]),
-        source=source,
+        source=source, kv_dtype="float16" if quantization == "fp16" else "float32",
         # Measured by the parity check (absent while it runs): int8 compute can give a row
         # different numbers in different pass shapes.
         **{flag: bool(meta.get("parity", {}).get(quantization, {}).get(flag, False))
@@ -176,7 +176,8 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
             _say(f"int4: AWQ scales from {report.tokens} calibration tokens cut the simulated int4 output "
                  f"error to {report.error_ratio:.2f}x")
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
-        parity = {q: onnx_agreement(tmp / q / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS, tok.decode)
+        parity = {q: onnx_agreement(tmp / q / "model.onnx", generator_spec(meta, "", q, 2048, src, graph), prompts, ref,
+                                    PARITY_NEW_TOKENS, tok.decode)
                   for q in GENERATOR_VARIANTS[graph]}
         for q, a in parity.items():
             _say(f"generator {q} vs PyTorch, {a.prompts} prompts x {a.new_tokens} greedy tokens: exact {a.exact_match:.2f}, "

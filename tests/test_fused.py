@@ -32,7 +32,7 @@ def test_fused_graph_ops(fused):
     for q, (path, spec) in fused.items():
         ops = op_counts(path)
         assert ops["GroupQueryAttention"] == spec.num_layers
-        assert (ops["MatMulNBits"] > 0) == (q != "fp32")
+        assert (ops["MatMulNBits"] > 0) == (q not in ("fp32", "fp16"))
         assert spec.cache == "packed" and spec.io.position_ids == ""
 
 
@@ -47,6 +47,24 @@ def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):
     # A batch prefills row by row and steps together, with the same tokens.
     logits, state = decoder.prefill(prompts)
     assert decoder.greedy_batch(logits, state, 16) == ref
+
+
+def test_fp16_graph_decodes_on_a_float16_cache_near_fp32(fused):
+    """The CUDA graph, run here by the CPU provider: float16 cache buffers and logits."""
+    import onnx
+    path, spec = fused["fp16"]
+    inputs = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(path), load_external_data=False).graph.input}
+    assert inputs["past_key_values.0.key"] == onnx.TensorProto.FLOAT16 and spec.kv_dtype == "float16"
+    half = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
+    full = open_decoder(create_session(fused["fp32"][0], SessionConfig(threads=1)), fused["fp32"][1])
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (9, 30)]
+    a, state = half.prefill(prompts)
+    b, _ = full.prefill(prompts)
+    assert a.dtype == np.float16
+    assert np.abs(a.astype(np.float32) - b).max() < 0.02 * np.abs(b).max()
+    # Rows stepped together get the tokens they get alone.
+    assert half.greedy_batch(a, state, 12) == [list(half.greedy(p, 12)) for p in prompts]
 
 
 def test_drafts_on_a_packed_cache_keep_greedy_output(fused):
