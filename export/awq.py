@@ -71,6 +71,13 @@ def _search(x, weights, mean, expand):
     return best[0], best[1], best[2], base
 
 
+def _divide_outputs(linear, s) -> None:
+    """linear's outputs over s: its weight rows, and its bias where it has one (Qwen2's v_proj)."""
+    linear.weight.div_(s[:, None])
+    if linear.bias is not None:
+        linear.bias.div_(s)
+
+
 def _calibration_inputs(model, prompts: list[list[int]]) -> dict[tuple[int, str], object]:
     """Per layer, the inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj."""
     import torch
@@ -124,11 +131,11 @@ def scale_checkpoint(checkpoint: Path, out: Path, prompts: list[list[int]]) -> A
                x_qkv.abs().mean(0), same, lambda s: layer.input_layernorm.weight.div_(s))
         yield ("o", x_o, [attn.o_proj.weight],
                x_o.abs().mean(0).reshape(kv_heads, group, head_dim).mean(1).reshape(-1), per_query_head,
-               lambda s: attn.v_proj.weight.div_(s[:, None]))
+               lambda s: _divide_outputs(attn.v_proj, s))
         yield ("gate_up", x_gu, [mlp.gate_proj.weight, mlp.up_proj.weight],
                x_gu.abs().mean(0), same, lambda s: layer.post_attention_layernorm.weight.div_(s))
         yield ("down", x_down, [mlp.down_proj.weight],
-               x_down.abs().mean(0), same, lambda s: mlp.up_proj.weight.div_(s[:, None]))
+               x_down.abs().mean(0), same, lambda s: _divide_outputs(mlp.up_proj, s))
 
     alphas: dict[str, list[float]] = {"qkv": [], "o": [], "gate_up": [], "down": []}
     scaled_err = base_err = 0.0

@@ -28,6 +28,26 @@ def salient(tiny_generator_dir, tmp_path_factory):
     return original, scaled, scale_checkpoint(original, scaled, prompts), prompts
 
 
+def test_scaling_keeps_the_function_of_projections_with_biases(tmp_path):
+    """Qwen2-style q/k/v biases and an MLP bias: dividing v's or up's outputs divides their bias too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export.awq import scale_checkpoint
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "biased")
+    prompts = [list(range(3, 40)), list(range(50, 90))]
+    scale_checkpoint(tmp_path / "biased", tmp_path / "scaled", prompts)
+    a, b = _logits(_load(tmp_path / "biased"), prompts), _logits(_load(tmp_path / "scaled"), prompts)
+    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+
+
 def _logits(model, prompts):
     with torch.no_grad():
         return torch.cat([model(torch.tensor([p])).logits[0] for p in prompts])
