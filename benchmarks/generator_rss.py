@@ -9,15 +9,11 @@ bundle: ru_maxrss is a process's peak, so one process measures one bundle.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import memory  # noqa: E402  (puts the repository on sys.path too)
 
 
 def main(argv=None) -> None:
@@ -29,7 +25,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import numpy as np
     import onnxruntime  # noqa: F401  (counted in the baseline)
-    baseline = peak_mb()
+    baseline = memory()["peak_rss_mib"]
     from engine.decode import open_decoder
     from engine.manifest import read_manifest
     from engine.session import SessionConfig, create_session
@@ -43,8 +39,8 @@ def main(argv=None) -> None:
     logits, state = decoder.prefill([prompt])
     for _ in range(args.new_tokens):
         logits, state = decoder.step(state, logits.argmax(-1))
-    print(f"{args.bundle} ({spec.quantization}): peak RSS {peak_mb():.0f} MB "
-          f"(import onnxruntime, numpy: {baseline:.0f} MB)")
+    print(f"{args.bundle} ({spec.quantization}): peak RSS {memory()['peak_rss_mib']:.0f} MB "
+          f"(of which the imports, before the session: {baseline:.0f} MB)")
 
 
 if __name__ == "__main__":
