@@ -8,9 +8,14 @@ copies nothing but its token ids and mask.
 
 Prompts are prefilled one row at a time into their slots (no padding); single-token steps
 run every slot in one pass, each row at its own length (right padding in the mask).
+
+On CUDA the buffers live in device memory (`DeviceKVBuffers`): a step binds slot windows by
+address, so the cache never crosses the bus; only token ids, the mask and the logits do.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,17 +23,17 @@ import numpy as np
 
 from .decode import Decoder
 from .manifest import GeneratorSpec
+from .slotcopy import slot_copy_model
 
 GROW = 256              # capacity is kept a multiple of this many positions
 
 
 class KVBuffers:
-    """Per-layer key/value arrays (slots, kv_heads, capacity, head_dim), grown by doubling."""
+    """Per-layer key/value arrays (slots, kv_heads, capacity, head_dim) in host memory, grown by doubling."""
 
     def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int):
         self.shape = (spec.num_kv_heads, spec.head_dim)
         self.dtype = np.dtype(spec.kv_dtype)
-        # np.zeros maps untouched pages lazily, so unused capacity costs address space, not RSS.
         self.arrays = [self._alloc(slots, _round_up(capacity)) for _ in range(count)]
         self.bindings: dict[tuple[int, int], object] = {}
         self.logits: tuple[np.ndarray, object] | None = None
@@ -51,23 +56,114 @@ class KVBuffers:
     def capacity(self) -> int:
         return self.arrays[0].shape[2]
 
-    def _alloc(self, slots: int, capacity: int) -> np.ndarray:
+    def _alloc(self, slots: int, capacity: int):
         heads, dim = self.shape
+        # np.zeros maps untouched pages lazily, so unused capacity costs address space, not RSS.
         return np.zeros((slots, heads, capacity, dim), dtype=self.dtype)
+
+    def bind(self, io, inputs: Sequence[str], outputs: Sequence[str], start: int, stop: int) -> None:
+        """Binds slots [start, stop) of each layer as that layer's past and as its present."""
+        from onnxruntime import OrtValue
+        for name, out_name, array in zip(inputs, outputs, self.arrays):
+            value = OrtValue.ortvalue_from_numpy(array[start:stop])   # a view: shares memory
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(out_name, value)
+
+    def copy_slot(self, target: int, source: "KVBuffers", slot: int, n: int) -> None:
+        """The first n positions of `source`'s slot into this buffer's `target` slot."""
+        for dst, src in zip(self.arrays, source.arrays):
+            dst[target, :, :n] = src[slot, :, :n]
 
     def reserve(self, slots: int, capacity: int, used: int) -> None:
         """Makes room for `slots` rows of `capacity` positions, keeping the first `used` of each."""
         if slots <= self.slots and capacity <= self.capacity:
             return
+        old = copy.copy(self)          # keeps the old arrays for copy_slot to read
         slots = max(slots, self.slots)
         capacity = _round_up(max(capacity, 2 * self.capacity if capacity > self.capacity else self.capacity))
-        grown = []
-        for old in self.arrays:
-            new = self._alloc(slots, capacity)
-            new[:old.shape[0], :, :used] = old[:, :, :used]
-            grown.append(new)
-        self.arrays = grown
+        self.arrays = [self._alloc(slots, capacity) for _ in self.arrays]
+        for slot in range(old.slots):
+            self.copy_slot(slot, old, slot, used)
         self.bindings.clear()       # they point into the old arrays
+
+
+class DeviceKVBuffers(KVBuffers):
+    """The same buffers in memory onnxruntime allocates on the session's device.
+
+    Python holds no view into device memory, so steps bind slot windows by address, and
+    slots are copied by a small graph (Slice, then Pad to the target capacity) run on the
+    same device: growing, prefix reuse and rows joining or leaving stay on the device too.
+    """
+
+    def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int, device: "KVDevice"):
+        self.device = device
+        super().__init__(spec, count, slots, capacity)
+
+    def _alloc(self, slots: int, capacity: int):
+        from onnxruntime import OrtValue
+        heads, dim = self.shape
+        shape = (slots, heads, capacity, dim)
+        value = OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device.name, self.device.id)
+        # Device memory comes uninitialised: zeros keep stale NaNs out of any kernel that
+        # reads past a row's length and masks what it read by multiplying.
+        value.update_inplace(np.zeros(shape, dtype=self.dtype))
+        return value
+
+    @property
+    def slots(self) -> int:
+        return self.arrays[0].shape()[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape()[2]
+
+    def _window(self, value, start: int, stop: int, capacity: int) -> tuple[tuple[int, ...], int]:
+        heads, dim = self.shape
+        per_slot = heads * capacity * dim * self.dtype.itemsize
+        return (stop - start, heads, capacity, dim), value.data_ptr() + start * per_slot
+
+    def bind(self, io, inputs: Sequence[str], outputs: Sequence[str], start: int, stop: int) -> None:
+        for name, out_name, value in zip(inputs, outputs, self.arrays):
+            shape, address = self._window(value, start, stop, self.capacity)
+            io.bind_input(name, self.device.name, self.device.id, self.dtype, shape, address)
+            io.bind_output(out_name, self.device.name, self.device.id, self.dtype, shape, address)
+
+    def copy_slot(self, target: int, source: KVBuffers, slot: int, n: int) -> None:
+        # The whole slot is copied, up to the smaller capacity: positions past n are never read.
+        kept = min(source.capacity, self.capacity)
+        copier = _copier(self.device, self.dtype.name)
+        io = copier.io_binding()
+        for name, value in (("starts", 0), ("ends", kept), ("axes", 2)):
+            io.bind_cpu_input(name, np.array([value], dtype=np.int64))
+        io.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, self.capacity - kept, 0], dtype=np.int64))
+        for dst, src in zip(self.arrays, source.arrays):
+            shape, address = source._window(src, slot, slot + 1, source.capacity)
+            io.bind_input("x", self.device.name, self.device.id, self.dtype, shape, address)
+            shape, address = self._window(dst, target, target + 1, self.capacity)
+            io.bind_output("y", self.device.name, self.device.id, self.dtype, shape, address)
+            copier.run_with_iobinding(io)
+
+
+@dataclass(frozen=True)
+class KVDevice:
+    """Where DeviceKVBuffers live: onnxruntime's device name ("cuda", or "cpu" in tests) and id."""
+    name: str
+    id: int = 0
+
+    @staticmethod
+    def of(session) -> "KVDevice | None":
+        """The device a session's cache belongs on; None for the CPU, where numpy arrays serve."""
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            return None
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return KVDevice("cuda", int(options.get("device_id", 0)))
+
+
+@functools.lru_cache(maxsize=None)
+def _copier(device: KVDevice, dtype: str):
+    from onnxruntime import InferenceSession
+    providers = ([("CUDAExecutionProvider", {"device_id": device.id})] if device.name == "cuda" else []) + ["CPUExecutionProvider"]
+    return InferenceSession(slot_copy_model(np.dtype(dtype)), providers=providers)
 
 
 @dataclass(frozen=True)
@@ -81,21 +177,23 @@ class PackedDecoder(Decoder):
     """Prefill runs row by row whatever `row_by_row` says; it decides whether steps share a pass."""
     layout = "packed"
 
+    def __init__(self, session, spec: GeneratorSpec):
+        super().__init__(session, spec)
+        self.kv_device = KVDevice.of(session)     # None: host numpy buffers
+
     def empty_state(self, batch: int, capacity: int = GROW) -> PackedState:
-        return PackedState(KVBuffers(self.spec, len(self.past_names), batch, capacity),
-                           np.arange(batch), np.zeros(batch, dtype=np.int64))
+        count = len(self.past_names)
+        buffers = (KVBuffers(self.spec, count, batch, capacity) if self.kv_device is None
+                   else DeviceKVBuffers(self.spec, count, batch, capacity, self.kv_device))
+        return PackedState(buffers, np.arange(batch), np.zeros(batch, dtype=np.int64))
 
     def _binding(self, buffers: KVBuffers, start: int, stop: int):
         """An IOBinding of slots [start, stop), each past bound as its own present."""
         key = (start, stop)
         io = buffers.bindings.get(key)
         if io is None:
-            from onnxruntime import OrtValue
             io = self.session.io_binding()
-            for name, out_name, array in zip(self.past_names, self.output_names[1:], buffers.arrays):
-                value = OrtValue.ortvalue_from_numpy(array[start:stop])   # a view: shares memory
-                io.bind_ortvalue_input(name, value)
-                io.bind_ortvalue_output(out_name, value)
+            buffers.bind(io, self.past_names, self.output_names[1:], start, stop)
             buffers.bindings[key] = io
         return io
 
@@ -133,8 +231,7 @@ class PackedDecoder(Decoder):
             done = 0
             if (start := self._prefix_of(prompt)) is not None:
                 done = int(start.lengths[0])
-                for dst, src in zip(buffers.arrays, start.buffers.arrays):
-                    dst[row, :, :done] = src[0, :, :done]
+                buffers.copy_slot(row, start.buffers, 0, done)
             tokens = np.asarray([prompt[done:]], dtype=np.int64)
             logits.append(self._run(buffers, row, row + 1, tokens,
                                     np.ones((1, len(prompt)), dtype=np.int64), 1)[:, -1])
@@ -167,14 +264,11 @@ class PackedDecoder(Decoder):
         """The given rows, moved down into the lowest slots so a step spans no empty ones."""
         rows = list(rows)
         slots, lengths = state.slots[rows].copy(), state.lengths[rows]
-        arrays = state.buffers.arrays
         for target in range(len(rows)):
             if target in slots:
                 continue
             row = int(slots.argmax())        # the highest slot moves into the lowest hole
-            n = int(lengths[row])
-            for a in arrays:
-                a[target, :, :n] = a[slots[row], :, :n]
+            state.buffers.copy_slot(target, state.buffers, int(slots[row]), int(lengths[row]))
             slots[row] = target
         return PackedState(state.buffers, slots, lengths)
 
@@ -189,8 +283,7 @@ class PackedDecoder(Decoder):
         free += list(range(buffers.slots - max(need, 0), buffers.slots))
         new_slots = np.array(sorted(free)[:len(b.slots)], dtype=np.int64)
         for target, source, n in zip(new_slots, b.slots, b.lengths):
-            for dst, src in zip(buffers.arrays, b.buffers.arrays):
-                dst[target, :, :n] = src[source, :, :n]
+            buffers.copy_slot(int(target), b.buffers, int(source), int(n))
         return PackedState(buffers, np.concatenate([a.slots, new_slots]), np.concatenate([a.lengths, b.lengths]))
 
 

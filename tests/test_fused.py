@@ -91,11 +91,14 @@ def test_fused_bundle_answers_in_every_mode(tiny_corpus, tiny_encoder_dir, tiny_
         assert answer.new_tokens > 0 and answer.mode == mode
 
 
-@pytest.mark.parametrize("grow,row_by_row", [(256, False), (16, False), (16, True)],
-                         ids=["roomy", "growing", "growing-row-by-row"])
-def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow, row_by_row, monkeypatch):
+@pytest.mark.parametrize("grow,row_by_row,on_device", [(256, False, False), (16, False, False), (16, True, False),
+                                                       (16, False, True)],
+                         ids=["roomy", "growing", "growing-row-by-row", "growing-device-buffers"])
+def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow, row_by_row, on_device, monkeypatch):
     """The batcher merges new rows into free slots, moves rows down as others leave, and the
-    buffers grow mid-answer (capacity in steps of 16): every row still gets its greedy tokens."""
+    buffers grow mid-answer (capacity in steps of 16): every row still gets its greedy tokens.
+    `on_device` runs the buffers CUDA uses (onnxruntime-allocated, bound by address, copied by
+    a graph) on the CPU provider; the tokens alone come from host arrays."""
     import engine.packed
     from engine.batcher import Batcher
     monkeypatch.setattr(engine.packed, "GROW", grow)
@@ -106,9 +109,55 @@ def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 40, 9, 70, 3, 22, 31)]
     limits = [30, 4, 41, 12, 25, 7, 18]
     alone = [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)]
+    if on_device:
+        decoder.kv_device = engine.packed.KVDevice("cpu")
+        decoder.cache_prefix(prompts[3][:20])       # copied into each row's slot on the device
+        assert [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)] == alone
     batcher = Batcher(decoder, max_batch=3, max_queue=16)
     # All queued at once: three start, and each one that finishes lets the next join.
     streams = [batcher.submit(p, n, deadline_s=60) for p, n in zip(prompts, limits)]
     got = [list(s) for s in streams]
     batcher.close()
     assert got == alone
+    if on_device:
+        assert isinstance(decoder.empty_state(1).buffers, engine.packed.DeviceKVBuffers)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_slot_copy_graph_is_valid_onnx_and_copies_a_slot(dtype):
+    """The hand-written ModelProto passes onnx's full check; it copies a slot into a buffer
+    of larger and of smaller capacity."""
+    import onnx
+    import onnxruntime as ort
+    from engine.slotcopy import slot_copy_model
+    model = slot_copy_model(np.dtype(dtype))
+    onnx.checker.check_model(onnx.load_from_string(model), full_check=True)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 4)).astype(dtype)
+    for capacity in (12, 5):
+        kept = min(8, capacity)
+        y, = session.run(None, {"x": x, "starts": np.array([0]), "ends": np.array([kept]), "axes": np.array([2]),
+                                "pads": np.array([0, 0, 0, 0, 0, 0, capacity - kept, 0])})
+        assert y.shape == (1, 3, capacity, 4) and y.dtype == np.dtype(dtype)
+        assert (y[:, :, :kept] == x[:, :, :kept]).all() and not y[:, :, kept:].any()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_keeps_the_cache_on_the_device_with_the_same_tokens(fused):
+    """On CUDA the cache lives in device memory; answers equal those of host-bound buffers,
+    which onnxruntime copies across the bus every step."""
+    import engine.packed
+    path, spec = fused["fp16"]
+    decoder = open_decoder(create_session(path, SessionConfig(device="cuda")), spec)
+    assert decoder.kv_device == engine.packed.KVDevice("cuda", 0)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (7, 33, 20)]
+    state = decoder.empty_state(1)
+    assert state.buffers.arrays[0].device_name().lower() == "cuda"
+    on_device = [list(decoder.greedy(p, 12)) for p in prompts]
+    logits, state = decoder.prefill(prompts)
+    batched = decoder.greedy_batch(logits, state, 12)
+    decoder.kv_device = None
+    assert [list(decoder.greedy(p, 12)) for p in prompts] == on_device
+    assert batched == on_device
