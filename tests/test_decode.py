@@ -175,6 +175,9 @@ class CountingSession:
     def io_binding(self):
         return self.session.io_binding()
 
+    def get_providers(self):
+        return self.session.get_providers()
+
 
 @pytest.mark.parametrize("max_draft,compact_after", [(1, 64), (3, 64), (8, 64), (8, 2)])
 def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, compact_after, monkeypatch):
