@@ -84,3 +84,13 @@ def test_limits_arithmetic():
     assert r["decode"]["fp32"]["ceiling_tok_s"] == pytest.approx(10e9 / (4 * p["read_per_token"]))
     assert r["decode"]["int4"]["ceiling_tok_s"] > r["decode"]["int8"]["ceiling_tok_s"] > r["decode"]["fp32"]["ceiling_tok_s"]
     assert r["ttft_floor_ms_fp32"] == pytest.approx(r["prefill_gflop"] / r["peak_gflop_s_fp32"] * 1e3)
+
+
+def test_step_profile_splits_kernel_time_by_operator(tiny_bundle):
+    from engine.manifest import read_manifest
+    from step_profile import profile
+    spec = read_manifest(tiny_bundle).generator
+    r = profile(tiny_bundle / spec.model, spec, context=12, steps=3, threads=1)
+    assert r["step_ms"] > 0 and r["context"] == 12
+    assert sum(r["kernel_share"].values()) == pytest.approx(1.0)
+    assert "MatMul" in "".join(r["kernel_share"])       # the graph's projections were profiled
