@@ -17,7 +17,8 @@ The tied LM head keeps its rows: scaling them would change the embedding table t
 Measured on SmolLM2-135M (20 parity prompts x 24 tokens, teacher-forced top-1 against
 PyTorch): 0.825 with this scaling in blocks of 32, against 0.773 without it and 0.812 for plain
 blocks of 16, which decoded about a third slower at batch 1. Clipping each block's range as
-AWQ also does scored 0.796 on these six calibration prompts, so it is left out.
+AWQ also does scored 0.796 on these six calibration prompts, so it is left out. The builder's
+rounding to nearest is then replaced by GPTQ's (gptq.py).
 """
 from __future__ import annotations
 

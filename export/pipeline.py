@@ -38,12 +38,12 @@ log = logging.getLogger("ragrt.export")
 ENCODER_EXPORT_VERSION = "5"
 GENERATOR_EXPORT_VERSION = "6"
 # w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
-# int4 from a checkpoint AWQ has rescaled (awq.py).
+# int4 from a checkpoint AWQ has rescaled (awq.py), rounded by GPTQ (gptq.py).
 GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimum": ("fp32", "int8", "int4")}
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "9"
+FUSED_EXPORT_VERSION = "10"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -142,6 +142,7 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
     from .parity import onnx_agreement, parity_prompt_ids, torch_greedy
     from .quantize import quantize_generator, quantize_generator_int4
     from .awq import scale_checkpoint
+    from .gptq import round_graph
     from .rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
 
     def build(tmp: Path) -> None:
@@ -169,12 +170,15 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
         if graph == "fused":
             calibration = calibration_prompt_ids(builder)
             quantize_rows(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx", calibration_feeds(calibration, spec))
-            # int4 rounds a checkpoint whose input channels AWQ has rescaled (awq.py).
+            # int4 rounds a checkpoint whose input channels AWQ has rescaled (awq.py), with
+            # GPTQ's error compensation (gptq.py) in place of rounding to nearest.
             report = scale_checkpoint(checkpoint, tmp / "awq", calibration)
             export_generator_fused(tmp / "awq", tmp / "int4", "int4")
+            rounded = round_graph(tmp / "awq", tmp / "int4" / "model.onnx", calibration)
             shutil.rmtree(tmp / "awq")
             _say(f"int4: AWQ scales from {report.tokens} calibration tokens cut the simulated int4 output "
-                 f"error to {report.error_ratio:.2f}x")
+                 f"error to {report.error_ratio:.2f}x; GPTQ rounding of {rounded.matrices} weights then left "
+                 f"{rounded.error_ratio:.2f}x the error of rounding to nearest")
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
         parity = {q: onnx_agreement(tmp / q / "model.onnx", generator_spec(meta, "", q, 2048, src, graph), prompts, ref,
                                     PARITY_NEW_TOKENS, tok.decode)
