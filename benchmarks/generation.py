@@ -5,7 +5,9 @@ chat prompt of --prompt-tokens tokens (the bundle's chat template around passage
 bundle's corpus, tokenized once with the bundle's tokenizer), --new-tokens greedy tokens with
 no EOS stop, --threads threads. Each engine runs in its own subprocess, one after the other,
 so engines never share memory and peak RSS is that subprocess's ru_maxrss (imports included).
-Each measurement is the median of --runs after one dropped warm-up run.
+Each measurement is the median of --runs after one dropped warm-up run. With --rounds R the
+whole sequence runs R times and each figure is the median over rounds (the JSON keeps every
+round), so a slow stretch of minutes on a shared machine falls on every engine alike.
 
     python benchmarks/generation.py --bundle B8 --bundle B4 [--engines ...] [--runs 5]
         [--json gen.json] [--markdown gen.md] [--plot gen.png]
@@ -516,7 +518,9 @@ def markdown(results: dict) -> str:
     lines = [
         f"Generation: {results['model']}, {results['prompt_tokens']}-token chat prompt, {results['new_tokens']} "
         f"greedy tokens (no EOS stop), {results['threads']} threads, median of {results['runs']} runs after a "
-        f"warm-up; one engine at a time, each in its own process. Machine: {results['machine']}.",
+        f"warm-up; one engine at a time, each in its own process"
+        + (f"; medians over {results['rounds']} rounds of every engine in turn" if results.get("rounds", 1) > 1 else "")
+        + f". Machine: {results['machine']}.",
         "",
         "Ratios: speed relative to the reference, higher is better (TTFT: reference time / this time).",
         "",
@@ -603,6 +607,9 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched measurement (the prompt repeated)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every engine in turn this many times and report medians over rounds: this "
+                         "machine's speed drifts over minutes, and rounds spread each engine across them")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per engine and phase")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--markdown", default=None, help="write the table here")
@@ -654,41 +661,52 @@ def main(argv=None) -> None:
         checkpoint = generator_checkpoint(args.checkpoint)
 
     results = {"machine": machine(), "threads": args.threads, "prompt_tokens": len(prompt),
-               "new_tokens": args.new_tokens, "batch": args.batch, "runs": args.runs,
+               "new_tokens": args.new_tokens, "batch": args.batch, "runs": args.runs, "rounds": args.rounds,
                "model": checkpoint_name(checkpoint) if checkpoint else "the bundle's generator",
                "checkpoint": str(checkpoint) if checkpoint else None,
                "prompt_ids": prompt, "engines": {}}
     print(f"prompt {len(prompt)} tokens, {args.new_tokens} greedy tokens, batch 1 and {args.batch}, "
-          f"{args.threads} threads, median of {args.runs}", flush=True)
-    reference = None
+          f"{args.threads} threads, median of {args.runs}"
+          + (f", {args.rounds} rounds of every engine in turn" if args.rounds > 1 else ""), flush=True)
+    specs, entries = {}, {}
     for eid, extra in chosen:
-        spec = {"engine": eid, "prompt": prompt, "eos": eos, "new_tokens": args.new_tokens, "threads": args.threads,
-                "runs": args.runs, "batch": args.batch, "checkpoint": str(checkpoint) if checkpoint else None,
-                **extra}
-        entry = {"id": eid, "label": extra.get("label") or PEERS[eid][0]}
-        t = time.perf_counter()
+        specs[eid] = {"engine": eid, "prompt": prompt, "eos": eos, "new_tokens": args.new_tokens,
+                      "threads": args.threads, "runs": args.runs, "batch": args.batch,
+                      "checkpoint": str(checkpoint) if checkpoint else None, **extra}
+        entries[eid] = {"id": eid, "label": extra.get("label") or PEERS[eid][0]}
         if not eid.startswith("ragrt"):
-            prepared = call_worker("prepare", spec, args.timeout)
+            prepared = call_worker("prepare", specs[eid], args.timeout)
             if "status" in prepared:
-                pkg = PEERS[eid][1]
                 if "not installed" in prepared["status"]:
-                    prepared["status"] += f"; pip install {pkg}"
-                entry.update(prepared)
-            spec["artefact"] = prepared.get("artefact")
-        if "status" not in entry:
-            measured = call_worker("measure", spec, args.timeout)
-            entry.update(measured)
-            entry.setdefault("status", "ok")
-        if entry["status"] == "ok":
-            if eid == BASELINE:
-                reference = entry["tokens"]
+                    prepared["status"] += f"; pip install {PEERS[eid][1]}"
+                entries[eid].update(prepared)
+            specs[eid]["artefact"] = prepared.get("artefact")
+    reference = None
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}", flush=True)
+        for eid, entry in entries.items():
+            if entry.get("status", "ok") != "ok":
+                if r == 0:
+                    print(f"  {entry['label']:52s} {entry['status']}", flush=True)
+                continue
+            t = time.perf_counter()
+            measured = call_worker("measure", specs[eid], args.timeout)
+            if "status" in measured:
+                entry.update(measured)
+                print(f"  {entry['label']:52s} {entry['status']}", flush=True)
+                continue
+            entry.setdefault("rounds", []).append(measured)
+            if eid == BASELINE and reference is None:
+                reference = measured["tokens"]
+            b8 = measured["decode_tok_s_b8"]
+            print(f"  {entry['label']:52s} TTFT {measured['ttft_ms']:7.0f} ms  b1 {measured['decode_tok_s_b1']:6.1f} tok/s  "
+                  f"b{args.batch} {f'{b8:6.1f}' if b8 is not None else '     -'} tok/s  "
+                  f"RSS {measured['peak_rss_mb']:5.0f} MB  ({time.perf_counter() - t:.0f} s)", flush=True)
+    for eid, entry in entries.items():
+        if entry.get("status", "ok") == "ok":
+            entry.update(combine_rounds(entry["rounds"]), status="ok")
             entry["greedy_match"] = _common_prefix(entry["tokens"], reference) if reference else None
-            b8 = entry["decode_tok_s_b8"]
-            print(f"  {entry['label']:52s} TTFT {entry['ttft_ms']:7.0f} ms  b1 {entry['decode_tok_s_b1']:6.1f} tok/s  "
-                  f"b{args.batch} {f'{b8:6.1f}' if b8 is not None else '     -'} tok/s  RSS {entry['peak_rss_mb']:5.0f} MB  "
-                  f"greedy={entry['greedy_match']}  ({time.perf_counter() - t:.0f} s)", flush=True)
-        else:
-            print(f"  {entry['label']:52s} {entry['status']}", flush=True)
         results["engines"][eid] = entry
 
     ratios(results)
@@ -704,6 +722,18 @@ def main(argv=None) -> None:
             plot(results, args.plot)
         except ImportError as e:
             print(f"no plot: {e} (pip install matplotlib)", file=sys.stderr)
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """An engine's figures over rounds: medians of the timings, the largest peak RSS, the
+    first round's tokens (greedy decoding repeats them)."""
+    import statistics
+    out = dict(rounds[0])
+    for key in ("ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8", "ttft_ms_b8", "load_rss_mb"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    return out
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

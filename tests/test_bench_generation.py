@@ -47,3 +47,18 @@ def test_a_failing_engine_is_reported_not_raised():
     result = generation.call_worker("prepare", {"engine": "no-such-engine", "checkpoint": "/nonexistent",
                                                 "threads": 1}, timeout=120)
     assert result["status"].startswith("not available: prepare failed: ValueError: unknown engine")
+
+
+def test_rounds_report_medians_and_keep_every_round(tiny_bundle, tmp_path):
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, str(SCRIPT), "--bundle", str(tiny_bundle), "--engines", "ragrt", "--prompt-tokens", "48",
+           "--new-tokens", "4", "--batch", "2", "--runs", "1", "--rounds", "3", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("round ") == 3
+    r = json.loads(out.read_text())
+    e = r["engines"]["ragrt-fp32"]
+    assert r["rounds"] == 3 and len(e["rounds"]) == 3
+    for key in ("ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8"):
+        assert e[key] == sorted(x[key] for x in e["rounds"])[1]
+    assert e["peak_rss_mb"] == max(x["peak_rss_mb"] for x in e["rounds"])

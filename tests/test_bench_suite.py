@@ -94,3 +94,35 @@ def test_step_profile_splits_kernel_time_by_operator(tiny_bundle):
     assert r["step_ms"] > 0 and r["context"] == 12
     assert sum(r["kernel_share"].values()) == pytest.approx(1.0)
     assert "MatMul" in "".join(r["kernel_share"])       # the graph's projections were profiled
+
+
+def test_fidelity_scores_graphs_against_a_reference(tiny_bundle, tmp_path, capsys):
+    """A graph against itself: KL 0 and every top token the same; a copy with one weight
+    scaled is measurably further away. Bad QA lines name their line."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from engine.manifest import read_manifest
+    from fidelity import main
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "How do I copy a list?", "answer": "Use list.copy() or a[:]."}\n'
+                  '{"question": "What is a tuple?", "answer": "An immutable sequence."}\n')
+    own = tiny_bundle / read_manifest(tiny_bundle).generator.model
+    model = onnx.load(str(own))
+    weight = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1000)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(model, str(tmp_path / "perturbed.onnx"))
+    out = tmp_path / "fidelity.json"
+    main(["--bundle", str(tiny_bundle), "--qa", str(qa), "--reference", f"fp32={own}", "--graph", f"same={own}",
+          "--graph", f"perturbed={tmp_path / 'perturbed.onnx'}", "--answer-tokens", "8", "--threads", "1",
+          "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["questions"] == 2 and 2 <= r["answer_tokens"] <= 16
+    assert r["graphs"]["same"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-9)
+    assert r["graphs"]["same"]["top1_as_reference"] == 1.0 and r["graphs"]["same"]["answer_nll"] > 0
+    assert r["graphs"]["perturbed"]["kl_to_reference"] > 1e-4
+    assert "2 questions" in capsys.readouterr().out
+    qa.write_text('{"question": "How?"}\n')
+    with pytest.raises(SystemExit, match=r"qa.jsonl:1: needs string fields"):
+        main(["--bundle", str(tiny_bundle), "--qa", str(qa), "--reference", f"fp32={own}", "--graph", f"same={own}"])
