@@ -79,27 +79,33 @@ def _divide_outputs(linear, s) -> None:
         linear.bias.div_(s)
 
 
-def _calibration_inputs(model, prompts: list[list[int]]) -> dict[tuple[int, str], object]:
-    """Per layer, the inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj."""
+def visit_projection_inputs(model, prompts: list[list[int]], visit) -> None:
+    """Runs the prompts and calls visit((layer, kind), x) with each input x (tokens, channels)
+    of q_proj (= k, v: kind "qkv"), o_proj ("o"), gate_proj (= up: "gate_up") and down_proj."""
     import torch
-    caught: dict[tuple[int, str], list] = {}
 
-    def keep(key):
+    def hook_for(key):
         def hook(_module, inputs):
-            caught.setdefault(key, []).append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+            visit(key, inputs[0].reshape(-1, inputs[0].shape[-1]))
         return hook
 
     hooks = []
     for i, layer in enumerate(model.model.layers):
         for kind, module in (("qkv", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
                              ("gate_up", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
-            hooks.append(module.register_forward_pre_hook(keep((i, kind))))
+            hooks.append(module.register_forward_pre_hook(hook_for((i, kind))))
     try:
         for ids in prompts:
             model(torch.tensor([ids]))
     finally:
         for h in hooks:
             h.remove()
+
+
+def _calibration_inputs(model, prompts: list[list[int]]) -> dict[tuple[int, str], object]:
+    import torch
+    caught: dict[tuple[int, str], list] = {}
+    visit_projection_inputs(model, prompts, lambda key, x: caught.setdefault(key, []).append(x))
     return {k: torch.cat(v)[:MAX_TOKENS] for k, v in caught.items()}
 
 

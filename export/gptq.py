@@ -74,27 +74,14 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
 
 
 def _hessians(model, prompts: list[list[int]]) -> dict[tuple[int, str], object]:
-    """Per layer, XᵀX of the inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj."""
-    import torch
+    """XᵀX of each projection group's inputs (see awq.visit_projection_inputs), in float64."""
+    from .awq import visit_projection_inputs
     sums: dict[tuple[int, str], object] = {}
 
-    def keep(key):
-        def hook(_module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[key] = sums.get(key, 0) + x.T @ x
-        return hook
-
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        for kind, module in (("qkv", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
-                             ("gate_up", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
-            hooks.append(module.register_forward_pre_hook(keep((i, kind))))
-    try:
-        for ids in prompts:
-            model(torch.tensor([ids]))
-    finally:
-        for h in hooks:
-            h.remove()
+    def add(key, x):
+        x = x.double()
+        sums[key] = sums.get(key, 0) + x.T @ x
+    visit_projection_inputs(model, prompts, add)
     return sums
 
 
