@@ -1,9 +1,10 @@
 """Where a decode step's time goes: onnxruntime's own per-operator share of kernel time for
-one bundle's generator, stepping one row at several context lengths.
+one bundle's generator, stepping one row at several context lengths (or, with --prefill,
+prefilling prompts of those lengths: the time to first token).
 
-    python benchmarks/step_profile.py BUNDLE [--context 32 320 700] [--steps 40] [--threads 2]
+    python benchmarks/step_profile.py BUNDLE [--context 32 320 700] [--steps 40] [--threads 2] [--prefill]
 
-The engine's packed decoder drives the session (buffers bound in place, as in `ask`), so the
+The engine's decoder drives the session (buffers bound in place, as in `ask`), so the
 profile is of the real step. Profiling slows the kernels it watches too, so it gives each
 operator's share of kernel time, and a second, unprofiled session gives the time per step.
 """
@@ -22,13 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the repository on sys.path)
 
 
-def _timed_steps(session, spec, context: int, steps: int) -> float:
-    """Seconds per step after a `context`-token prompt (three untimed steps first)."""
+def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False) -> float:
+    """Seconds per step after a `context`-token prompt (three untimed steps first), or per
+    prefill of that prompt."""
     import numpy as np
     from engine.decode import open_decoder
     decoder = open_decoder(session, spec)
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, spec.vocab_size, context)]
     logits, state = decoder.prefill([prompt])
+    if prefill:
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.prefill([prompt])
+        return (time.perf_counter() - start) / steps
     for _ in range(3):
         logits, state = decoder.step(state, logits.argmax(-1))
     start = time.perf_counter()
@@ -37,19 +44,19 @@ def _timed_steps(session, spec, context: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def profile(model: Path, spec, context: int, steps: int, threads: int) -> dict:
+def profile(model: Path, spec, context: int, steps: int, threads: int, prefill: bool = False) -> dict:
     import onnxruntime as ort
     from engine.session import SessionConfig, create_session
-    wall = _timed_steps(create_session(model, SessionConfig("cpu", threads)), spec, context, steps)
+    wall = _timed_steps(create_session(model, SessionConfig("cpu", threads)), spec, context, steps, prefill)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "step")
         session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        _timed_steps(session, spec, context, steps)
+        _timed_steps(session, spec, context, steps, prefill)
         events = json.loads(Path(session.end_profiling()).read_text())
-    # Only the timed steps: the last `steps` runs of the profile.
+    # Only the timed passes: the last `steps` runs of the profile (a row prefills in one run).
     first = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-steps]["ts"]
     per_op: collections.Counter = collections.Counter()
     for e in events:
@@ -65,7 +72,8 @@ def main(argv=None) -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--context", type=int, nargs="+", default=[32, 320, 700],
                     help="prompt lengths to step after (default: 32 320 700)")
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per context length")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps (or prefills) per context length")
+    ap.add_argument("--prefill", action="store_true", help="profile prefilling the prompt instead of stepping after it")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     from engine.errors import RagrtError
@@ -76,9 +84,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.bundle} ({spec.quantization}, {args.threads} threads):")
     for n in args.context:
-        r = profile(args.bundle / spec.model, spec, n, args.steps, args.threads)
+        r = profile(args.bundle / spec.model, spec, n, args.steps, args.threads, args.prefill)
         top = ", ".join(f"{op} {share:.0%}" for op, share in list(r["kernel_share"].items())[:4])
-        print(f"  context {n:5d}: {r['step_ms']:.2f} ms per step; kernel time: {top}", flush=True)
+        what = "per prefill" if args.prefill else "per step"
+        print(f"  context {n:5d}: {r['step_ms']:.2f} ms {what}; kernel time: {top}", flush=True)
 
 
 if __name__ == "__main__":
