@@ -43,7 +43,7 @@ GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimu
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "10"
+FUSED_EXPORT_VERSION = "11"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken

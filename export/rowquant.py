@@ -21,6 +21,9 @@ Measured on SmolLM2-135M, on this machine (2 AVX-512 VNNI cores, 2 threads):
   int8 (MatMulNBits) stays the default and this is an option. quantize_dynamic
   gave 0.71, with one scale for the whole activation tensor: a few tokens' large activations
   set every token's scale. Per-row scales without smoothing gave 0.91.
+- Quantizing the rows with QuantizeLinear (one block per row) instead of Div, Round, Add and
+  Cast gave bit-identical logits and greedy tokens and cut the time to first token of the
+  320-token prompt from 222 to 205 ms (medians of 7 alternations in one process).
 - Why 7-bit activations: uint8 x int8 products summed in pairs must stay within int16,
   because CPUs without VNNI compute u8s8 with vpmaddubsw, which saturates there. 8-bit
   activations scored 0.935 but are not safe there. 7-bit weights instead (reduce_range)
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import RagrtError
 from engine.manifest import GeneratorSpec
 from engine.prompt import PassageText, PromptBuilder
 
@@ -183,6 +187,8 @@ def quantize_rows(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> N
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(src))
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 21:
+        raise RagrtError(f"{src}: w8a8 needs ONNX opset 21 or later (blocked QuantizeLinear)")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     smooth = _smoothing(model, activation_ranges(model, feeds))
@@ -192,12 +198,12 @@ def quantize_rows(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> N
         inits[gamma].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[gamma]) / m, gamma))
     added = [numpy_helper.from_array(np.array(v, dtype=d), n) for n, v, d in (
         ("/rowq/axes", [-1], np.int64), ("/rowq/eps", 1e-12, np.float32), ("/rowq/max", float(ACT_MAX), np.float32),
-        ("/rowq/shift", float(ZERO_POINT), np.float32), ("/rowq/zp", ZERO_POINT, np.uint8))]
+        ("/rowq/zp", ZERO_POINT, np.uint8))]
     rows: dict[str, tuple[str, str]] = {}        # activation -> (uint8 tensor, row scale)
     columns: dict[str, tuple[str, str]] = {}     # weight -> (int8 initializer, column scales)
     nodes = []
 
-    def quantized_rows(x: str) -> tuple[str, str]:
+    def quantized_rows(x: str, width: int) -> tuple[str, str]:
         if x in rows:
             return rows[x]
         p, source = f"/rowq{x}", x
@@ -205,15 +211,19 @@ def quantize_rows(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> N
             added.append(numpy_helper.from_array(1 / smooth[x], f"{p}/smooth"))
             nodes.append(helper.make_node("Mul", [x, f"{p}/smooth"], [f"{p}/smoothed"]))
             source = f"{p}/smoothed"
+        # QuantizeLinear with one block per row (opset 21) rounds, shifts and saturates in one
+        # kernel: bit-identical to Div, Round, Add and Cast, and several times faster at prefill.
+        # Its zero point must have the scale's shape, hence ConstantOfShape.
         nodes.extend([
             helper.make_node("Abs", [source], [f"{p}/abs"]),
             helper.make_node("ReduceMax", [f"{p}/abs", "/rowq/axes"], [f"{p}/absmax"], keepdims=1),
             helper.make_node("Max", [f"{p}/absmax", "/rowq/eps"], [f"{p}/range"]),
             helper.make_node("Div", [f"{p}/range", "/rowq/max"], [f"{p}/scale"]),
-            helper.make_node("Div", [source, f"{p}/scale"], [f"{p}/scaled"]),
-            helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
-            helper.make_node("Add", [f"{p}/rounded", "/rowq/shift"], [f"{p}/shifted"]),
-            helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/q"], to=TensorProto.UINT8)])
+            helper.make_node("Shape", [f"{p}/scale"], [f"{p}/rows"]),
+            helper.make_node("ConstantOfShape", [f"{p}/rows"], [f"{p}/zp"],
+                             value=numpy_helper.from_array(np.array([ZERO_POINT], np.uint8))),
+            helper.make_node("QuantizeLinear", [source, f"{p}/scale", f"{p}/zp"], [f"{p}/q"],
+                             axis=-1, block_size=width)])
         rows[x] = f"{p}/q", f"{p}/scale"
         return rows[x]
 
@@ -232,7 +242,7 @@ def quantize_rows(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> N
             wq, ws = quantize_columns(weight)
             added += [numpy_helper.from_array(wq, f"{w}.int8"), numpy_helper.from_array(ws, f"{w}.scale")]
             columns[w] = f"{w}.int8", f"{w}.scale"
-        xq, xs = quantized_rows(x)
+        xq, xs = quantized_rows(x, int(inits[w].dims[0]))
         p, y = node.name, node.output[0]
         nodes.extend([
             helper.make_node("MatMulInteger", [xq, columns[w][0], "/rowq/zp"], [f"{p}/int32"], name=f"{p}/Integer"),
