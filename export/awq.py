@@ -49,9 +49,16 @@ def int4_blocks(w):
     out, n = w.shape
     pad = -n % BLOCK
     b = torch.nn.functional.pad(w, (0, pad)).reshape(out, -1, BLOCK)
-    m = torch.gather(b, -1, b.abs().argmax(-1, keepdim=True))
-    scale = torch.where(m == 0, torch.ones_like(m), m / -8.0)
+    scale = int4_scales(b)
     return (torch.clamp(torch.round(b / scale), -8, 7) * scale).reshape(out, -1)[:, :n]
+
+
+def int4_scales(blocks):
+    """onnxruntime's symmetric int4 scale of each block along the last axis (kept, size 1):
+    the block's value of largest magnitude maps to -8."""
+    import torch
+    m = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True))
+    return torch.where(m == 0, torch.ones_like(m), m / -8.0)
 
 
 def _error(x, weights, s) -> float:

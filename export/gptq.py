@@ -38,6 +38,8 @@ class GptqReport:
 def round_columns(w, h):
     """GPTQ of w (out, in) given h (in, in): int4 values (out, in) and scales (out, in/32)."""
     import torch
+
+    from .awq import int4_scales
     w = w.double().clone()
     h = h.double().clone()
     n = w.shape[1]
@@ -51,9 +53,7 @@ def round_columns(w, h):
     scales = torch.zeros(w.shape[0], n // BLOCK, dtype=w.dtype)
     for start in range(0, n, BLOCK):
         stop = start + BLOCK
-        block = w[:, start:stop]
-        m = torch.gather(block, 1, block.abs().argmax(1, keepdim=True))[:, 0]
-        s = torch.where(m == 0, torch.ones_like(m), m / -8.0)
+        s = int4_scales(w[:, start:stop])[:, 0]
         scales[:, start // BLOCK] = s
         errors = torch.zeros(w.shape[0], BLOCK, dtype=w.dtype)
         for j in range(start, stop):

@@ -103,9 +103,8 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 
 # Builder options per precision. int4 keeps the builder's blocks of 32, the fast kernel's, and
 # gets its accuracy from AWQ scaling of the checkpoint beforehand (awq.py) and GPTQ rounding of
-# the graph's weights afterwards (gptq.py). fp16 is the
-# builder's CUDA graph; onnxruntime's CPU provider runs it too (slower than fp32), which is how
-# its parity is measured on machines without a GPU.
+# the graph's weights afterwards (gptq.py). fp16 is the builder's CUDA graph; onnxruntime's CPU
+# provider runs it too (slower than fp32), which is how its parity is measured without a GPU.
 FUSED_PRECISIONS = {"fp32": (), "int8": (), "int4": (), "fp16": ()}
 
 
