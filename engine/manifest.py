@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from .errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2 moved the index and the passage store into corpus generations (engine/generation.py).
+# Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
+# in place of an attention mask, which a version-2 reader would still try to feed.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -51,9 +55,13 @@ class EncoderSpec:
 
 @dataclass(frozen=True)
 class GeneratorIO:
-    """ONNX names; `{layer}` is replaced by the layer number."""
+    """ONNX names; `{layer}` is replaced by the layer number. An empty name: no such input."""
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
+    # Packed graphs since schema 3: int32 [B] (each row's length after this pass, minus one)
+    # and an int32 scalar (the longest row's), the inputs GroupQueryAttention itself takes.
+    seqlens_k: str = ""
+    total_sequence_length: str = ""
     position_ids: str = "position_ids"  # "" when the graph derives positions from the mask (fused graphs)
     num_logits: str = "num_logits"     # int64 [1]: logits are returned for the last N positions only
     past_key: str = "past_key_values.{layer}.key"
@@ -61,6 +69,19 @@ class GeneratorIO:
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
     logits: str = "logits"
+
+    def length_feed(self, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """The inputs telling a packed graph that each row holds its first `lengths[b]`
+        positions once this pass has run: the lengths themselves, or a mask of ones."""
+        if self.seqlens_k:
+            return {self.seqlens_k: (lengths - 1).astype(np.int32),
+                    self.total_sequence_length: np.array(lengths.max(), dtype=np.int32)}
+        return {self.attention_mask: (np.arange(lengths.max())[None, :] < lengths[:, None]).astype(np.int64)}
+
+
+# How the fused export names a packed graph's inputs.
+PACKED_IO = GeneratorIO(attention_mask="", position_ids="", seqlens_k="seqlens_k",
+                        total_sequence_length="total_sequence_length")
 
 
 @dataclass(frozen=True)

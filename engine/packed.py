@@ -1,16 +1,16 @@
 """Decoding on a packed cache: fused attention reading and writing preallocated KV buffers in place.
 
 Fused graphs (GroupQueryAttention, `cache: packed`) take each row's cache as its first
-sum(mask) positions and, when a past and its present are bound to the same buffer, write
+`length` positions and, when a past and its present are bound to the same buffer, write
 the new keys and values straight into it. So the cache is allocated once per generation,
 as (slots, kv_heads, capacity, head_dim) per layer, and bound through IOBinding: a step
-copies nothing but its token ids and mask.
+copies nothing but its token ids and row lengths.
 
 Prompts are prefilled one row at a time into their slots (no padding); single-token steps
-run every slot in one pass, each row at its own length (right padding in the mask).
+run every slot in one pass, each row at its own length.
 
 On CUDA the buffers live in device memory (`DeviceKVBuffers`): a step binds slot windows by
-address, so the cache never crosses the bus; only token ids, the mask and the logits do.
+address, so the cache never crosses the bus; only token ids, lengths and the logits do.
 """
 from __future__ import annotations
 
@@ -197,11 +197,13 @@ class PackedDecoder(Decoder):
             buffers.bindings[key] = io
         return io
 
-    def _run(self, buffers: KVBuffers, start: int, stop: int, tokens: np.ndarray, mask: np.ndarray,
+    def _run(self, buffers: KVBuffers, start: int, stop: int, tokens: np.ndarray, lengths: np.ndarray,
              num_logits: int) -> np.ndarray:
+        """Runs `tokens` in slots [start, stop), which hold `lengths` positions each afterwards."""
         io = self._binding(buffers, start, stop)
         io.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
-        io.bind_cpu_input(self.io.attention_mask, mask)
+        for name, value in self.io.length_feed(lengths).items():
+            io.bind_cpu_input(name, value)
         io.bind_cpu_input(self.io.num_logits, np.array([num_logits], dtype=np.int64))
         # Logits go to a kept buffer: io.get_outputs() would wrap every bound output,
         # the whole cache included, on each step.
@@ -219,7 +221,7 @@ class PackedDecoder(Decoder):
         buffers = state.buffers
         buffers.reserve(buffers.slots, int(state.lengths.max()) + width, int(state.lengths.max()))
         logits = [self._run(buffers, int(slot), int(slot) + 1, tokens[row:row + 1],
-                            np.ones((1, int(state.lengths[row]) + width), dtype=np.int64), num_logits)
+                            state.lengths[row:row + 1] + width, num_logits)
                   for row, slot in enumerate(state.slots)]
         return np.concatenate(logits), PackedState(buffers, state.slots, state.lengths + width)
 
@@ -233,8 +235,7 @@ class PackedDecoder(Decoder):
                 done = int(start.lengths[0])
                 buffers.copy_slot(row, start.buffers, 0, done)
             tokens = np.asarray([prompt[done:]], dtype=np.int64)
-            logits.append(self._run(buffers, row, row + 1, tokens,
-                                    np.ones((1, len(prompt)), dtype=np.int64), 1)[:, -1])
+            logits.append(self._run(buffers, row, row + 1, tokens, np.array([len(prompt)]), 1)[:, -1])
         return np.concatenate(logits), PackedState(buffers, state.slots,
                                                    np.array([len(p) for p in prompts], dtype=np.int64))
 
@@ -249,11 +250,10 @@ class PackedDecoder(Decoder):
         start, stop = int(state.slots.min()), int(state.slots.max()) + 1
         # Slots in the span that hold no row of this state get a pad token at position 0.
         ids = np.full((stop - start, 1), self.pad_id, dtype=np.int64)
-        lengths = np.zeros(stop - start, dtype=np.int64)
+        lengths = np.ones(stop - start, dtype=np.int64)
         ids[state.slots - start, 0] = tokens
-        lengths[state.slots - start] = state.lengths
-        mask = (np.arange(longest + 1)[None, :] <= lengths[:, None]).astype(np.int64)
-        logits = self._run(buffers, start, stop, ids, mask, 1)[:, -1]
+        lengths[state.slots - start] = state.lengths + 1
+        logits = self._run(buffers, start, stop, ids, lengths, 1)[:, -1]
         return logits[state.slots - start], PackedState(buffers, state.slots, state.lengths + 1)
 
     def forget(self, state: PackedState, n: int) -> PackedState:

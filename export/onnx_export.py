@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import RagrtError
-from engine.manifest import GeneratorIO
+from engine.manifest import PACKED_IO, GeneratorIO
 
 INT64_MAX = 2**63 - 1
 PROTOBUF_LIMIT = 2**31 - 1         # bytes; a bigger graph must keep its weights in an external file
@@ -109,7 +109,8 @@ FUSED_PRECISIONS = {"fp32": (), "int8": (), "int4": (), "fp16": ()}
 
 
 def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
-    """onnxruntime-genai's builder graph (see genai_build.py) plus the `num_logits` input.
+    """onnxruntime-genai's builder graph (see genai_build.py), plus the `num_logits` input and
+    with row lengths in place of the attention mask (`use_length_inputs`).
 
     Its attention is GroupQueryAttention, which reads each row's cache as one unpadded run,
     so the manifest marks it `cache: packed`. int8 and int4 are weight-only MatMulNBits with
@@ -131,7 +132,9 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RagrtError(f"onnxruntime-genai's model builder failed on {checkpoint}: {tail[0]}")
-        _save_with_num_logits(onnx.load(f"{tmp}/out/model.onnx"), out_dir)
+        model = onnx.load(f"{tmp}/out/model.onnx")
+        use_length_inputs(model, PACKED_IO)
+        _save_with_num_logits(model, out_dir)
     return _describe_generator(checkpoint, out_dir)
 
 
@@ -185,6 +188,45 @@ def _bos_token(tokenizer) -> str | None:
         return bos
     ids = tokenizer("x")["input_ids"]
     return bos if ids and ids[0] == tokenizer.bos_token_id else None
+
+
+def use_length_inputs(model, io: GeneratorIO) -> None:
+    """Feeds every GroupQueryAttention its `seqlens_k` and `total_sequence_length` from graph
+    inputs named by `io`, dropping the builder's subgraph that derives them from the mask.
+
+    The mask grows by a column each step, so its shape changes on every call; with these
+    fixed-shape inputs instead, int4 decoding ran 2 to 4% faster on the development
+    machine (bit-identical logits), and six small nodes go.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    derived = {(node.input[5], node.input[6]) for node in attention}
+    if len(derived) != 1:
+        raise RagrtError(f"expected every GroupQueryAttention to share its length inputs, found {len(derived)} sets")
+    for node in attention:
+        node.input[5], node.input[6] = io.seqlens_k, io.total_sequence_length
+    _drop_unused_nodes(graph)
+    mask = GeneratorIO.attention_mask            # the builder's name for it
+    if any(mask in node.input for node in graph.node):
+        raise RagrtError(f"the graph still reads {mask!r} after taking lengths as inputs")
+    inputs = [i for i in graph.input if i.name != mask]
+    inputs[1:1] = [helper.make_tensor_value_info(io.seqlens_k, TensorProto.INT32, ["batch_size"]),
+                   helper.make_tensor_value_info(io.total_sequence_length, TensorProto.INT32, [])]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _drop_unused_nodes(graph) -> None:
+    needed = {out.name for out in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
 
 
 def add_num_logits(model, io: GeneratorIO) -> None:

@@ -21,8 +21,8 @@ from engine.encoder import TextEncoder
 from engine.errors import RagrtError, UserInputError
 from engine.generation import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
 from engine.integrity import sha256_file
-from engine.manifest import (MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorIO, GeneratorSpec,
-                             IndexSpec, Manifest, PassagesSpec, PromptSpec, RagDefaults, Source)
+from engine.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorIO,
+                             GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec, RagDefaults, Source)
 from engine.prompt import PromptBuilder
 from engine.session import SessionConfig
 from engine.store import PassageRecord
@@ -43,7 +43,7 @@ GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimu
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "11"
+FUSED_EXPORT_VERSION = "12"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -129,7 +129,7 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
         **{flag: bool(meta.get("parity", {}).get(quantization, {}).get(flag, False))
            for flag in ("batch_invariant", "prefix_exact", "drafts_exact")},
         cache="packed" if fused else "masked",
-        io=GeneratorIO(position_ids="") if fused else GeneratorIO())
+        io=PACKED_IO if fused else GeneratorIO())
 
 
 def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimum") -> Path:

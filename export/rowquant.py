@@ -82,8 +82,8 @@ def calibration_feeds(prompts: list[list[int]], spec: GeneratorSpec) -> list[dic
     feeds = []
     for ids in prompts:
         io, n = spec.io, len(ids)
-        feed = {io.input_ids: np.array([ids], np.int64), io.attention_mask: np.ones((1, n), np.int64),
-                io.num_logits: np.array([1], np.int64)}
+        feed = {io.input_ids: np.array([ids], np.int64), io.num_logits: np.array([1], np.int64),
+                **io.length_feed(np.array([n]))}
         if io.position_ids:
             feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)

@@ -1,6 +1,7 @@
 """The fused generator graph (onnxruntime-genai's builder, --graph fused) on the tiny llama:
 its fused attention reads an unpadded cache, and the decoder drives it to PyTorch's greedy tokens."""
 import numpy as np
+import onnx
 import pytest
 
 from engine.decode import open_decoder
@@ -34,6 +35,10 @@ def test_fused_graph_ops(fused):
         assert ops["GroupQueryAttention"] == spec.num_layers
         assert (ops["MatMulNBits"] > 0) == (q not in ("fp32", "fp16"))
         assert spec.cache == "packed" and spec.io.position_ids == ""
+        # Row lengths come in as GroupQueryAttention's own inputs, not derived from a mask.
+        inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+        assert {spec.io.seqlens_k, spec.io.total_sequence_length} <= inputs and "attention_mask" not in inputs
+        assert "ReduceSum" not in ops
 
 
 def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):

@@ -55,6 +55,7 @@ def test_round_graph_rewrites_every_layer_projection(tiny_generator_dir, tmp_pat
     from onnx import numpy_helper
 
     from export.gptq import GRAPH_WEIGHTS, round_graph
+    from engine.manifest import PACKED_IO
     from export.onnx_export import export_generator_fused
     graphs = {q: export_generator_fused(tiny_generator_dir, tmp_path / q, q).model for q in ("fp32", "int4")}
     shutil.copytree(tmp_path / "int4", tmp_path / "gptq")
@@ -75,7 +76,7 @@ def test_round_graph_rewrites_every_layer_projection(tiny_generator_dir, tmp_pat
 
     def logits(path):
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {"input_ids": held, "attention_mask": np.ones_like(held), "num_logits": np.array([40])}
+        feed = {"input_ids": held, "num_logits": np.array([40]), **PACKED_IO.length_feed(np.array([40]))}
         for i in s.get_inputs():
             if i.name.startswith("past"):
                 feed[i.name] = np.zeros((1, 2, 0, 16), np.float32)     # tiny.py: 2 kv heads of 16

@@ -1,12 +1,14 @@
 import json
 
+import numpy as np
 import pytest
 
 from engine.bundle import Bundle
 from engine.errors import BundleError
 from engine.generation import CORPUS_DIR, POINTER, publish, staging
 from engine.integrity import sha256_file
-from engine.manifest import (SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, FileEntry, GeneratorSpec, IndexSpec,
+from engine.manifest import (PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, FileEntry, GeneratorIO,
+                             GeneratorSpec, IndexSpec,
                              Manifest, PassagesSpec, PromptSpec, Source, read_manifest)
 from engine.prompt import fill
 from export.pack import model_file_entries, write_manifest
@@ -42,6 +44,24 @@ def test_newer_schema_is_refused():
     raw["schema_version"] = 1
     with pytest.raises(BundleError, match="predates corpus generations; rebuild it"):
         Manifest.from_json(json.dumps(raw))
+
+
+def test_row_lengths_reach_a_packed_graph_as_lengths_or_as_a_mask():
+    lengths = np.array([2, 4])
+    feed = PACKED_IO.length_feed(lengths)
+    assert feed["seqlens_k"].dtype == np.int32 and feed["seqlens_k"].tolist() == [1, 3]
+    assert feed["total_sequence_length"].shape == () and int(feed["total_sequence_length"]) == 4
+    # Version-2 packed bundles take the mask their graph derives the same two numbers from.
+    (mask,) = GeneratorIO().length_feed(lengths).values()
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_version_2_manifests_still_open():
+    raw = json.loads(sample_manifest().to_json())
+    raw["schema_version"] = 2
+    for key in ("seqlens_k", "total_sequence_length"):
+        del raw["generator"]["io"][key]
+    assert Manifest.from_json(json.dumps(raw)).generator.io == GeneratorIO()
 
 
 @pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "a/../../b", "C:\\x", ""])
