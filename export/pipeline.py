@@ -43,7 +43,7 @@ GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimu
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "12"
+FUSED_EXPORT_VERSION = "13"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -144,6 +144,7 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
     from .awq import scale_checkpoint
     from .gptq import round_graph
     from .rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
+    from .siblings import fuse_graph_file
 
     def build(tmp: Path) -> None:
         _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph "
@@ -179,6 +180,10 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
             _say(f"int4: AWQ scales from {report.tokens} calibration tokens cut the simulated int4 output "
                  f"error to {report.error_ratio:.2f}x; GPTQ rounding of {rounded.matrices} weights then left "
                  f"{rounded.error_ratio:.2f}x the error of rounding to nearest")
+            # Last, so AWQ, GPTQ and the w8a8 rewrite each see one MatMul per projection.
+            merged = {q: fuse_graph_file(tmp / q / "model.onnx") for q in GENERATOR_VARIANTS[graph]}
+            _say("merged sibling MatMuls (the MLP's gate and up projections): "
+                 + ", ".join(f"{q} {n}" for q, n in merged.items()))
         ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
         parity = {q: onnx_agreement(tmp / q / "model.onnx", generator_spec(meta, "", q, 2048, src, graph), prompts, ref,
                                     PARITY_NEW_TOKENS, tok.decode)

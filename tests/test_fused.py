@@ -72,6 +72,32 @@ def test_fp16_graph_decodes_on_a_float16_cache_near_fp32(fused):
     assert half.greedy_batch(a, state, 12) == [list(half.greedy(p, 12)) for p in prompts]
 
 
+@pytest.mark.parametrize("q", ["fp32", "int8", "int4", "fp16"])
+def test_merged_gate_and_up_projections_give_the_same_logits(fused, q, tmp_path):
+    import shutil
+
+    from export.siblings import fuse_graph_file
+    path, spec = fused[q]
+    merged = tmp_path / "model.onnx"
+    shutil.copyfile(path, merged)
+    assert fuse_graph_file(merged) == spec.num_layers
+    kind = "MatMulNBits" if q in ("int8", "int4") else "MatMul"
+    before, after = op_counts(path), op_counts(merged)
+    assert after[kind] == before[kind] - spec.num_layers and after["Split"] == spec.num_layers
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (7, 25)]
+
+    def run(graph):
+        decoder = open_decoder(create_session(graph, SessionConfig(threads=1)), spec)
+        logits, state = decoder.prefill(prompts)
+        out = [logits]
+        for _ in range(6):
+            logits, state = decoder.step(state, logits.argmax(-1))
+            out.append(logits)
+        return np.stack(out)
+    assert np.array_equal(run(path), run(merged))
+
+
 def test_drafts_on_a_packed_cache_keep_greedy_output(fused):
     path, spec = fused["fp32"]
     decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
