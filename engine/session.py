@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError, RagrtError
+from .hugepages import advise_new_regions, anonymous_regions
 
 log = logging.getLogger("ragrt")
 
@@ -22,6 +23,7 @@ def _ort():
 class SessionConfig:
     device: str = "auto"           # "auto" | "cpu" | "cuda"
     threads: int = 0               # intra-op threads; 0 lets onnxruntime use every core
+    huge_pages: bool = True        # back the session's weights with huge pages (see hugepages.py)
 
 
 def providers_for(device: str) -> list[str]:
@@ -46,10 +48,13 @@ def create_session(path: Path, config: SessionConfig):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     providers = providers_for(config.device)
+    before = anonymous_regions() if config.huge_pages else None
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for a bad file
         raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(e).splitlines()[0][:200]})") from None
+    if before is not None:
+        advise_new_regions(before)
     if providers[0] != "CPUExecutionProvider" and session.get_providers()[0] == "CPUExecutionProvider":
         log.warning("CUDA was requested for %s but onnxruntime fell back to the CPU", path.name)
     return session
