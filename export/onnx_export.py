@@ -207,7 +207,7 @@ def use_length_inputs(model, io: GeneratorIO) -> None:
         raise RagrtError(f"expected every GroupQueryAttention to share its length inputs, found {len(derived)} sets")
     for node in attention:
         node.input[5], node.input[6] = io.seqlens_k, io.total_sequence_length
-    _drop_unused_nodes(graph)
+    drop_unused(graph)
     mask = GeneratorIO.attention_mask            # the builder's name for it
     if any(mask in node.input for node in graph.node):
         raise RagrtError(f"the graph still reads {mask!r} after taking lengths as inputs")
@@ -218,7 +218,9 @@ def use_length_inputs(model, io: GeneratorIO) -> None:
     graph.input.extend(inputs)
 
 
-def _drop_unused_nodes(graph) -> None:
+def drop_unused(graph) -> None:
+    """Removes the nodes no graph output depends on, then the initializers no node reads.
+    The node list must be topologically sorted."""
     needed = {out.name for out in graph.output}
     kept = []
     for node in reversed(graph.node):
@@ -227,6 +229,10 @@ def _drop_unused_nodes(graph) -> None:
             needed.update(node.input)
     del graph.node[:]
     graph.node.extend(reversed(kept))
+    used = {name for node in graph.node for name in node.input}
+    initializers = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def add_num_logits(model, io: GeneratorIO) -> None:

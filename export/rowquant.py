@@ -39,6 +39,8 @@ from engine.errors import RagrtError
 from engine.manifest import GeneratorSpec
 from engine.prompt import PassageText, PromptBuilder
 
+from .onnx_export import drop_unused
+
 ACT_MAX = 63          # activations in zp +- 63
 ZERO_POINT = ACT_MAX + 1
 WEIGHT_MAX = 127
@@ -253,10 +255,8 @@ def quantize_rows(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> N
     nodes = _tie_embedding(nodes, columns, added)
     graph.ClearField("node")
     graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in list(graph.initializer) + added if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    graph.initializer.extend(added)
+    drop_unused(graph)          # the float weights the integer MatMuls replaced
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
 

@@ -2,7 +2,7 @@
 
 In the builder's decoder the MLP's gate and up projections both read the post-attention
 norm's output. As one MatMulNBits of twice the width, the activation is quantized once
-instead of twice and the kernel runs once per layer: int4 decoding ran 6% faster on the
+instead of twice and the kernel runs once per layer: int4 decoding ran 4.7% faster on the
 development machine (paired runs, 28 of 30 rounds faster), with bit-identical logits. Each
 output element is the same dot product over the same blocks, so nothing changes but the
 work around it.
@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+
+from .onnx_export import drop_unused
 
 MATMULS = ("MatMul", "MatMulNBits")
 
@@ -64,10 +66,7 @@ def fuse_sibling_matmuls(model) -> int:
         nodes = [m for n in graph.node if n.name not in dropped for m in replaced.get(n.name, [n])]
         del graph.node[:]
         graph.node.extend(nodes)
-        used = {x for n in graph.node for x in n.input}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        drop_unused(graph)          # the siblings' own weights
     return merged
 
 
