@@ -49,16 +49,24 @@ def test_a_failing_engine_is_reported_not_raised():
     assert result["status"].startswith("not available: prepare failed: ValueError: unknown engine")
 
 
-def test_rounds_report_medians_and_keep_every_round(tiny_bundle, tmp_path):
+def test_rounds_report_medians_keep_every_round_and_rotate_the_order(tiny_bundle, tiny_generator_dir, tmp_path):
     out = tmp_path / "gen.json"
-    cmd = [sys.executable, str(SCRIPT), "--bundle", str(tiny_bundle), "--engines", "ragrt", "--prompt-tokens", "48",
-           "--new-tokens", "4", "--batch", "2", "--runs", "1", "--rounds", "3", "--json", str(out)]
+    cmd = [sys.executable, str(SCRIPT), "--bundle", str(tiny_bundle), "--checkpoint", str(tiny_generator_dir),
+           "--engines", "ragrt,pytorch", "--prompt-tokens", "48", "--new-tokens", "4", "--batch", "2",
+           "--runs", "1", "--rounds", "3", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("round ") == 3
+    rounds = done.stdout.split("round ")[1:]
+    assert len(rounds) == 3
+    firsts = [next(line for line in chunk.splitlines()[1:] if line.strip()).split()[0] for chunk in rounds]
+    assert firsts[0] != firsts[1] and firsts[2] == firsts[0]   # each round starts one engine further on
+
     r = json.loads(out.read_text())
-    e = r["engines"]["ragrt-fp32"]
+    e, ref = r["engines"]["ragrt-fp32"], r["engines"]["pytorch"]
     assert r["rounds"] == 3 and len(e["rounds"]) == 3
     for key in ("ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8"):
         assert e[key] == sorted(x[key] for x in e["rounds"])[1]
     assert e["peak_rss_mb"] == max(x["peak_rss_mb"] for x in e["rounds"])
+    held = sum(x["decode_tok_s_b1"] >= 3 * y["decode_tok_s_b1"] for x, y in zip(e["rounds"], ref["rounds"]))
+    check = next(c for c in r["acceptance"] if c["check"].endswith("decode batch 1 >= 3x PyTorch"))
+    assert check["figures"].endswith(f"; held in {held} of 3 rounds")
