@@ -12,11 +12,10 @@ Anywhere else (another OS, THP `never`, no libc) this does nothing.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import sys
+
+from .madvise import libc_madvise
 
 log = logging.getLogger("ragrt")
 
@@ -62,18 +61,8 @@ def advise_new_regions(before: Regions) -> int:
     return advised
 
 
-@functools.cache
 def _madvise():
-    if not sys.platform.startswith("linux") or _thp_mode() == "never":
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
+    return None if _thp_mode() == "never" else libc_madvise()
 
 
 def _thp_mode() -> str:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .encoder import TextEncoder
 from .errors import BundleError, UserInputError
+from .madvise import advise_random
 from .manifest import IndexSpec, PassagesSpec
 from .store import PassageStore
 
@@ -59,6 +60,7 @@ class Retriever:
             raise BundleError(f"{path}: index holds {len(index)} vectors of {index.ndim} dims, "
                               f"manifest says {spec.count} of {spec.ndim}")
         index.expansion_search = search_breadth(len(index), spec.expansion_search)
+        advise_random(path)        # queries hop all over the file: readahead only evicts wanted pages
         store = PassageStore.open(root / passages.data, root / passages.offsets, count=passages.count)
         if len(store) != spec.count:
             raise BundleError(f"{root}: the index holds {spec.count} passages but the store {len(store)}")

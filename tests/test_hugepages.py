@@ -7,7 +7,7 @@ import pytest
 from engine import hugepages
 
 
-def _vm_flags(address: int) -> set[str]:
+def vm_flags(address: int) -> set[str]:
     with open("/proc/self/smaps") as smaps:
         inside = False
         for line in smaps:
@@ -30,7 +30,7 @@ def test_memory_mapped_after_the_snapshot_is_advised():
     advised = hugepages.advise_new_regions(before)
     assert advised >= 8 << 20
     address = ctypes.addressof(ctypes.c_char.from_buffer(later)) + (8 << 20)
-    assert "hg" in _vm_flags(address)                  # MADV_HUGEPAGE took
+    assert "hg" in vm_flags(address)                  # MADV_HUGEPAGE took
     assert later[:1] == b"y" and later[-1:] == b"y"    # collapsing keeps the contents
 
 

@@ -1,15 +1,19 @@
 import mmap
+import sys
+
 import numpy as np
 import pytest
 
 import engine.encoder
 from engine.encoder import TextEncoder
 from engine.errors import BundleError, UserInputError
+from engine.madvise import file_regions
 from engine.manifest import IndexSpec, PassagesSpec
 from engine.retrieve import Retriever
 from engine.store import PassageRecord, PassageStore, write_passage_store
 from export.index import build_index, embed_passages
 from export.onnx_export import export_encoder
+from test_hugepages import vm_flags
 
 TEXTS = ["lists are mutable", "a tuple is immutable", "json parses documents", "",
          "open returns a file object and a with statement closes it " * 5, "generators yield lazily", "gil"]
@@ -150,6 +154,9 @@ def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
     assert retriever.index.expansion_search == 77
     with pytest.raises(RuntimeError, match="immutable"):   # a view of the file, not a loaded copy
         retriever.index.add(99, np.ones(encoder.dim, dtype=np.float32))
+    if sys.platform.startswith("linux"):                   # read at random: no readahead (VmFlag rr)
+        assert file_regions(tmp_path / "v.usearch")
+        assert all("rr" in vm_flags(start) for start, _ in file_regions(tmp_path / "v.usearch"))
     _, passages = _specs(built)
     wrong = IndexSpec("v.usearch", "cos", "i8", built.ndim, built.count + 1, 16, 64)
     with pytest.raises(BundleError, match="manifest says 8 of"):
