@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from multiprocessing import get_context
@@ -43,9 +44,15 @@ CACHE = Path(os.environ.get("RAGRT_BENCH_CACHE", Path.home() / ".cache" / "ragrt
 
 def memory() -> dict[str, float]:
     """This process's memory in MiB, from /proc/self/status: resident now (all, anonymous, file-backed
-    pages such as memory-mapped files) and the peak (VmHWM, which is also `ru_maxrss`)."""
+    pages such as memory-mapped files) and the peak (VmHWM, which is also `ru_maxrss`); and, from
+    /proc/self/io, the MiB it has had read from storage (page faults on a memory map included)."""
     fields = {"VmRSS": "rss_mib", "RssAnon": "rss_anon_mib", "RssFile": "rss_file_mib", "VmHWM": "peak_rss_mib"}
     out: dict[str, float] = {}
+    try:
+        io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        out["disk_read_mib"] = round(int(io["read_bytes"]) / 2**20, 1)
+    except (OSError, KeyError, ValueError):
+        pass
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -56,6 +63,21 @@ def memory() -> dict[str, float]:
     return out
 
 
+def mapped_mib(path) -> float:
+    """MiB of `path` resident in this process through its memory maps (/proc/self/smaps; 0 elsewhere)."""
+    target, kib, inside = str(Path(path).resolve()), 0, False
+    try:
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split(maxsplit=5)
+            if len(head) > 1 and "-" in head[0] and ":" not in head[0]:      # a mapping's header line
+                inside = len(head) == 6 and head[5] == target
+            elif inside and head[0] == "Rss:":
+                kib += int(head[1])
+    except OSError:
+        pass
+    return round(kib / 1024, 1)
+
+
 def in_subprocess(fn, *args, **kwargs):
     """`fn(*args, **kwargs)` in a fresh interpreter (spawned, not forked), so its peak RSS is its own.
 
@@ -63,6 +85,72 @@ def in_subprocess(fn, *args, **kwargs):
     """
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+class CgroupError(RuntimeError):
+    pass
+
+
+@contextmanager
+def memory_cgroup(cap_mib: int) -> Iterator[Path]:
+    """A fresh memory cgroup whose processes may hold at most `cap_mib` MiB (page cache they bring
+    in included, swap excluded), removed afterwards. cgroup v2 where its memory controller is on,
+    else v1; needs a writable cgroup filesystem (root, or a delegated subtree)."""
+    name = f"ragrt-bench-{os.getpid()}"
+    v2 = [Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")]
+    root = next((r for r in v2 if "memory" in _read(r / "cgroup.controllers").split()), None)
+    limits = ["memory.max", "memory.swap.max"] if root else ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+    root = root or Path("/sys/fs/cgroup/memory")
+    group = root / name
+    try:
+        group.mkdir()
+    except OSError as e:
+        raise CgroupError(f"cannot create a memory cgroup under {root} ({e.strerror}); "
+                          "--memory-cap needs root or a delegated cgroup") from None
+    try:
+        (group / limits[0]).write_text(str(cap_mib * 2**20))
+        if (group / limits[1]).exists():               # no swapping past the cap
+            (group / limits[1]).write_text("0" if limits[1] == "memory.swap.max" else str(cap_mib * 2**20))
+        yield group
+    finally:
+        for _ in range(50):                            # the worker may still be exiting
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def oom_kills(group: Path) -> int:
+    """How many processes the kernel killed in `group` for going over its cap."""
+    for f in ("memory.events", "memory.oom_control"):
+        for line in _read(group / f).splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    return 0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def in_cgroup(group: str, fn, *args):
+    """Runs in the worker: joins `group`, then returns `fn(*args)`."""
+    Path(group, "cgroup.procs").write_text(str(os.getpid()))
+    return fn(*args)
+
+
+def drop_page_cache(path: Path) -> None:
+    """Evicts `path`'s pages from the page cache, so whoever reads them next is charged for them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)                                   # dirty pages are not evicted
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def limit_threads(threads: int) -> None:
@@ -135,8 +223,6 @@ def machine() -> dict:
 
 def wait_ready(base: str, timeout_s: float = 300) -> None:
     """Polls a ragrt server's /readyz until it answers 200."""
-    import time
-
     import httpx
     deadline = time.monotonic() + timeout_s
     while httpx.get(f"{base}/readyz").status_code != 200:

@@ -14,7 +14,8 @@ exact search (cosine = dot product of unit vectors).
 Engines, each measured in its own spawned process (so its RSS is its own):
 - numpy exact: the vectors loaded in RAM (float32), one matmul + argpartition per query.
 - usearch view: built as export/index.py builds it (cos, the bundle's dtype, connectivity and
-  expansion), saved, then `Index.restore(path, view=True)`: memory-mapped, as the engine opens it.
+  expansion), saved, then `Index.restore(path, view=True)`: memory-mapped, as the engine opens it
+  (readahead off: engine/madvise.py).
 - faiss HNSW: IndexHNSWFlat, inner product, M = connectivity, efConstruction = expansion_add,
   efSearch = expansion_search (faiss's level 0 has 2M links, as usearch's has 2 x connectivity).
 
@@ -22,6 +23,13 @@ QPS "batch 1" sends queries one at a time; "batched" sends all of them in one ca
 `--threads` threads. RSS is read from /proc/self/status after loading and querying; for the
 memory-mapped view, file-backed pages (RssFile) are the index pages the queries touched.
 Derived vectors, ground truth and indexes are cached under ~/.cache/ragrt/bench.
+
+With --memory-cap MIB each engine's queries run in a memory cgroup of that size (root or a
+delegated cgroup needed), after the engine's data file is dropped from the page cache so the
+pages it reads are charged to the cap. A memory-mapped index then keeps only what fits, the
+kernel dropping clean pages and reading them again on demand (the MiB read from storage are
+reported); an
+engine that must hold its data privately is killed. The expansion_search sweep is skipped.
 """
 from __future__ import annotations
 
@@ -35,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, atomic_target, digest, in_subprocess, limit_threads, memory, report, save_json, save_npy  # noqa: E402
+from common import (CACHE, CgroupError, atomic_target, digest, drop_page_cache, in_cgroup, in_subprocess,  # noqa: E402
+                    limit_threads, mapped_mib, memory, memory_cgroup, oom_kills, report, save_json, save_npy)
+from concurrent.futures.process import BrokenProcessPool  # noqa: E402
 
 RECIPE = "v1: convex combination of 2-3 real embeddings, Dirichlet(1) weights, + N(0, (NOISE^2)/d) noise, L2-normalised"
 NOISE = 0.05
@@ -223,9 +233,12 @@ def usearch_build(vec_path: str, index_path: str, dtype: str, connectivity: int,
 def usearch_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], default_ef: int, threads: int,
                    budget_s: float) -> dict:
     from usearch.index import Index
+
+    from engine.madvise import advise_random
     queries, truth = np.load(q_path), np.load(gt_path)
     before = memory()
     index = Index.restore(index_path, view=True)
+    advise_random(index_path)                        # as engine/retrieve.py opens it
     loaded = memory()
 
     def one(q):
@@ -240,9 +253,11 @@ def usearch_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], d
     # The bundle's setting first, and the memory after it: what the engine's process would hold.
     runs = _search_runs(one, all_, set_ef, queries, truth, [default_ef], budget_s)
     after = memory()
+    index_mapped = mapped_mib(index_path)
     runs += _search_runs(one, all_, set_ef, queries, truth, [e for e in efs if e != default_ef], budget_s)
     return {**runs[0], "sweep": sorted(runs, key=lambda r: r["expansion_search"]), "memory_before_load": before,
-            "memory_after_load": loaded, "memory": after, "memory_after_sweep": memory()}
+            "memory_after_load": loaded, "memory": after, "index_mapped_mib": index_mapped,
+            "memory_after_sweep": memory()}
 
 
 def faiss_build(vec_path: str, index_path: str, m: int, ef_construction: int, threads: int) -> dict:
@@ -290,9 +305,24 @@ def faiss_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], def
 
 # --- the run --------------------------------------------------------------------------------------
 
+def query(worker, data: Path, *args, cap_mib: int | None = None) -> dict:
+    """`worker(*args)` in its own process; with `cap_mib`, inside a memory cgroup of that size, with
+    `data` (the file the worker reads) first dropped from the page cache."""
+    if cap_mib is None:
+        return in_subprocess(worker, *args)
+    drop_page_cache(data)
+    with memory_cgroup(cap_mib) as group:
+        try:
+            r = in_subprocess(in_cgroup, str(group), worker, *args)
+        except BrokenProcessPool:
+            kills = oom_kills(group)
+            return {"status": f"killed: over the {cap_mib} MiB memory cap" if kills else "the worker died"}
+    return {**r, "memory_cap_mib": cap_mib}
+
+
 def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base: int = 4000, n_queries: int = 1000,
         threads: int = 2, engines=("numpy", "usearch", "faiss"), budget_s: float = 10.0, sweep=None,
-        seed: int = 0) -> dict:
+        seed: int = 0, memory_cap_mib: int | None = None) -> dict:
     limit_threads(threads)          # inherited by the spawned engine processes
     from engine.bundle import Bundle
     from export.index import build_index
@@ -314,7 +344,7 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
     out = {"recipe": RECIPE.replace("NOISE", str(NOISE)), "base": {"source": source, "count": len(base),
            "dim": int(base.shape[1])}, "queries": n_queries, "k": K, "threads": threads,
            "bundle_index": {"dtype": ix.dtype, "connectivity": ix.connectivity, "expansion_add": expansion_add,
-                            "expansion_search": ix.expansion_search}, "sizes": []}
+                            "expansion_search": ix.expansion_search}, "memory_cap_mib": memory_cap_mib, "sizes": []}
     for n in sizes:
         v_path = derived_path(base_key, n, seed + 2)
         gt_path = CACHE / f"truth-{digest(v_path.name, q_path.name, K)}.npy"
@@ -325,10 +355,11 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
         row = {"n": n, "engines": {}}
         from engine.retrieve import search_breadth
         ef = search_breadth(n, ix.expansion_search)     # what the engine uses for an index this big
-        efs = sorted(set(sweep or SWEEP) | {ef})
+        efs = [ef] if memory_cap_mib else sorted(set(sweep or SWEEP) | {ef})
         if "numpy" in engines:
             print(f"[retrieval {n:,}] numpy exact", file=sys.stderr, flush=True)
-            r = in_subprocess(numpy_worker, str(v_path), str(q_path), str(gt_path), threads, budget_s)
+            r = query(numpy_worker, v_path, str(v_path), str(q_path), str(gt_path), threads, budget_s,
+                      cap_mib=memory_cap_mib)
             r["file_mib"] = round(v_path.stat().st_size / 2**20, 1)
             row["engines"]["numpy exact"] = r
         if "usearch" in engines:
@@ -339,8 +370,8 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
                 save_json(meta, in_subprocess(usearch_build, str(v_path), str(path), ix.dtype, ix.connectivity,
                                               expansion_add, ix.expansion_search, threads))
             print(f"[retrieval {n:,}] usearch view", file=sys.stderr, flush=True)
-            r = in_subprocess(usearch_worker, str(path), str(q_path), str(gt_path), efs, ef,
-                              threads, budget_s)
+            r = query(usearch_worker, path, str(path), str(q_path), str(gt_path), efs, ef, threads, budget_s,
+                      cap_mib=memory_cap_mib)
             r.update(json.loads(meta.read_text()), file_mib=round(path.stat().st_size / 2**20, 1))
             row["engines"]["usearch view"] = r
         if "faiss" in engines:
@@ -351,11 +382,14 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
                 save_json(meta, in_subprocess(faiss_build, str(v_path), str(path), ix.connectivity, expansion_add,
                                               threads))
             print(f"[retrieval {n:,}] faiss HNSW", file=sys.stderr, flush=True)
-            r = in_subprocess(faiss_worker, str(path), str(q_path), str(gt_path), efs, ef,
-                              threads, budget_s)
+            r = query(faiss_worker, path, str(path), str(q_path), str(gt_path), efs, ef, threads, budget_s,
+                      cap_mib=memory_cap_mib)
             r.update(json.loads(meta.read_text()), file_mib=round(path.stat().st_size / 2**20, 1))
             row["engines"]["faiss HNSW"] = r
         for name, r in row["engines"].items():
+            if "status" in r:
+                print(f"[retrieval {n:,}] {name}: {r['status']}", file=sys.stderr, flush=True)
+                continue
             print(f"[retrieval {n:,}] {name}: recall@10 {r['recall_at_10']:.4f}, {r['qps_batch1']:.0f} q/s one at "
                   f"a time, {r['qps_batched']:.0f} q/s batched, RSS {r['memory']['rss_mib']:.0f} MiB "
                   f"(file {r['file_mib']:.0f} MiB)", file=sys.stderr, flush=True)
@@ -371,19 +405,27 @@ def index_rss_mib(r: dict) -> float:
 def markdown(res: dict) -> str:
     lines = [f"Real-derived vectors ({res['base']['count']} real embeddings, {res['base']['source']}; "
              f"{res['recipe']}), {res['queries']} held-out queries, k={res['k']}, {res['threads']} threads. "
-             f"usearch and faiss at the bundle's settings: {res['bundle_index']}.", ""]
+             f"usearch and faiss at the bundle's settings: {res['bundle_index']}."
+             + (f" Each engine's queries in a memory cgroup capped at {cap} MiB, its data file dropped from the "
+                f"page cache first." if (cap := res.get("memory_cap_mib")) else ""), ""]
     lines += ["| vectors | engine | recall@10 | QPS batch 1 | QPS batched | vs numpy (batch 1) | build s | file MiB | "
-              "RSS MiB (anon + file) | index RSS / file |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "RSS MiB (anon + file) | index RSS / file | index file resident MiB | peak RSS MiB | MiB read from storage |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["sizes"]:
         ref = row["engines"].get("numpy exact", {}).get("qps_batch1")
         for name, r in row["engines"].items():
+            if "status" in r:
+                lines.append(f"| {row['n']:,} | {name} | {r['status']} |" + " |" * 10)
+                continue
             m = r["memory"]
             ratio = _times(r['qps_batch1'] / ref) if ref else "–"
             share = f"{index_rss_mib(r) / r['file_mib']:.2f}" if r.get("file_mib") else "–"
             build = f"{r['build_s']:.0f}" if "build_s" in r else "–"
             lines.append(f"| {row['n']:,} | {name} | {r['recall_at_10']:.4f} | {r['qps_batch1']:.0f} | "
                          f"{r['qps_batched']:.0f} | {ratio} | {build} | {r['file_mib']:.0f} | {m['rss_mib']:.0f} "
-                         f"({m.get('rss_anon_mib', 0):.0f} + {m.get('rss_file_mib', 0):.0f}) | {share} |")
+                         f"({m.get('rss_anon_mib', 0):.0f} + {m.get('rss_file_mib', 0):.0f}) | {share} | "
+                         f"{r.get('index_mapped_mib', '–')} | {m.get('peak_rss_mib', 0):.0f} | "
+                         f"{m.get('disk_read_mib', '–')} |")
     lines += ["", "expansion_search sweep (recall@10 / QPS batch 1):", "",
               "| vectors | engine | " + " | ".join(f"ef={e}" for e in _efs(res)) + " |",
               "|---|---|" + "---|" * len(_efs(res))]
@@ -416,10 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default="numpy,usearch,faiss")
     p.add_argument("--budget", type=float, default=10.0, help="seconds per batch-1 timing (numpy stops early)")
+    p.add_argument("--memory-cap", type=int, default=None, metavar="MIB",
+                   help="run each engine's queries in a memory cgroup of MIB MiB (needs root or a delegated "
+                        "cgroup), its data file dropped from the page cache first; skips the sweep")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    res = run(args.bundle, corpus=args.corpus, sizes=[int(s) for s in args.sizes.split(",")], n_base=args.base,
-              n_queries=args.queries, threads=args.threads, engines=args.engines.split(","), budget_s=args.budget)
+    try:
+        res = run(args.bundle, corpus=args.corpus, sizes=[int(s) for s in args.sizes.split(",")], n_base=args.base,
+                  n_queries=args.queries, threads=args.threads, engines=args.engines.split(","),
+                  budget_s=args.budget, memory_cap_mib=args.memory_cap)
+    except CgroupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return report(res, markdown, args.json)
 
 
