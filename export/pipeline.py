@@ -35,7 +35,7 @@ from .pack import library_versions, model_file_entries, now, prompt_spec, stagin
 log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
-ENCODER_EXPORT_VERSION = "5"
+ENCODER_EXPORT_VERSION = "6"
 GENERATOR_EXPORT_VERSION = "6"
 # w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
 # int4 from a checkpoint AWQ has rescaled (awq.py), rounded by GPTQ (gptq.py).
@@ -253,8 +253,8 @@ def run_export(cfg: ExportConfig) -> Path:
         if not passages:
             raise UserInputError(f"{cfg.corpus}: the corpus has no text to index")
         # The corpus is embedded once, here, so it gets the fp32 graph whatever the bundle ships:
-        # only queries go through the quantized one. On the FAQ dev split this kept every
-        # question's rank as fp32 had it, where int8 passages moved one (see quantize_encoder).
+        # only queries go through the quantized one, whose rounding then touches one side of
+        # each similarity instead of both (its effect on the FAQ splits: see quantize_encoder).
         _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens; embedding them with the fp32 encoder")
         encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
                               max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
