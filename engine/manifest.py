@@ -48,7 +48,7 @@ class EncoderSpec:
     dim: int
     max_length: int                # tokens; longer inputs are truncated
     output: str                    # pooled, L2-normalised embedding [batch, dim]
-    quantization: str              # "int8" | "fp32"
+    quantization: str              # "int8" | "w8a8" | "fp32"
     source: Source
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
@@ -88,7 +88,7 @@ PACKED_IO = GeneratorIO(attention_mask="", position_ids="", seqlens_k="seqlens_k
 class GeneratorSpec:
     model: str
     tokenizer: str
-    quantization: str              # "int8" | "fp32"
+    quantization: str              # "int8" | "w8a8" | "int4" | "fp32" | "fp16"
     num_layers: int
     num_kv_heads: int
     head_dim: int

@@ -35,7 +35,7 @@ from .pack import library_versions, model_file_entries, now, prompt_spec, stagin
 log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
-ENCODER_EXPORT_VERSION = "6"
+ENCODER_EXPORT_VERSION = "7"
 GENERATOR_EXPORT_VERSION = "6"
 # w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
 # int4 from a checkpoint AWQ has rescaled (awq.py), rounded by GPTQ (gptq.py).
@@ -93,21 +93,23 @@ def quiet_exporters():
 
 
 def encoder_graphs(checkpoint: Path) -> Path:
-    """Cached: fp32/model.onnx, int8/model.onnx, tokenizer.json, meta.json (dims and parity)."""
+    """Cached: {fp32,int8,w8a8}/model.onnx, tokenizer.json, meta.json (dims and parity)."""
     from .onnx_export import export_encoder
     from .parity import encoder_parity
-    from .quantize import quantize_encoder
+    from .quantize import quantize_encoder, quantize_encoder_w8a8
 
     def build(tmp: Path) -> None:
-        _say(f"exporting encoder {checkpoint_name(checkpoint)} to ONNX and int8")
+        _say(f"exporting encoder {checkpoint_name(checkpoint)} to ONNX, int8 and w8a8")
         exp = export_encoder(checkpoint, tmp / "fp32", max_length=ENCODER_MAX_LENGTH)
         quantize_encoder(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
+        quantize_encoder_w8a8(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx")
         shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
-        encoders = [TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length, dim=exp.dim)
-                    for q in ("fp32", "int8")]
-        parity = encoder_parity(checkpoint, *encoders, max_length=exp.max_length)
+        fp32, int8, w8a8 = [TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length,
+                                        dim=exp.dim) for q in ("fp32", "int8", "w8a8")]
+        parity = encoder_parity(checkpoint, fp32, int8, max_length=exp.max_length, w8a8=w8a8)
         _say(f"encoder parity vs PyTorch: cosine fp32 {parity.fp32_cosine_mean:.4f}, int8 mean "
-             f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}")
+             f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}, w8a8 mean "
+             f"{parity.w8a8_cosine_mean:.4f} / min {parity.w8a8_cosine_min:.4f}")
         meta = {"dim": exp.dim, "max_length": exp.max_length, "parity": asdict(parity)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -236,8 +238,8 @@ def run_export(cfg: ExportConfig) -> Path:
     if q != "fp32" and agreement < MIN_QUANT_AGREEMENT:
         raise RagrtError(f"the {q} generator disagrees with PyTorch (teacher-forced top-1 agreement "
                          f"{agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --quantize fp32")
-    # int4 is a generator format; its bundle takes the int8 encoder.
-    enc_q = "fp32" if q == "fp32" else "int8"
+    # int4 and fp16 are generator formats; their bundles take the int8 encoder.
+    enc_q = q if q in ("fp32", "w8a8") else "int8"
 
     with staging_dir(Path(cfg.out), force=cfg.force) as tmp:
         for sub in ("encoder", "generator", CORPUS_DIR):

@@ -13,7 +13,7 @@ from engine.manifest import GeneratorIO
 from export.cache import cached_dir, content_key
 from export.models import encoder_checkpoint, generator_checkpoint
 from export.onnx_export import export_encoder
-from export.quantize import op_counts, quantize_encoder, quantize_generator
+from export.quantize import op_counts, quantize_encoder, quantize_encoder_w8a8, quantize_generator
 
 IO = GeneratorIO()
 
@@ -32,6 +32,18 @@ def encoder_export(tiny_encoder_dir, tmp_path_factory):
     exp = export_encoder(tiny_encoder_dir, out / "fp32", max_length=64)
     report = quantize_encoder(exp.model, out / "int8" / "model.onnx")
     return exp, report, out / "int8" / "model.onnx"
+
+
+def test_w8a8_encoder_quantizes_weights_and_activations_and_stays_close(encoder_export, tmp_path):
+    exp, _, _ = encoder_export
+    report = quantize_encoder_w8a8(exp.model, tmp_path / "model.onnx")
+    assert report.quantized_ops["MatMulInteger"] > 0 and report.quantized_ops["DynamicQuantizeLinear"] > 0
+    assert report.matmul_after > 0                     # attention's activation x activation MatMuls stay fp32
+    ids, mask = padded_batch(exp.tokenizer, ENCODER_TEXTS)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    (ref,) = session(exp.model).run(["embedding"], feeds)
+    (got,) = session(tmp_path / "model.onnx").run(["embedding"], feeds)
+    assert (ref * got).sum(1).min() > 0.95
 
 
 def padded_batch(tokenizer_path, texts):
@@ -74,8 +86,7 @@ def test_encoder_tokenizer_truncates_and_leaves_padding_to_the_engine(encoder_ex
 
 def test_int8_encoder_is_quantized_and_close(encoder_export):
     exp, report, int8 = encoder_export
-    assert report.quantized_ops.get("MatMulInteger", 0) > 0 and report.bytes_after < report.bytes_before
-    assert report.matmul_after > 0                     # attention's activation x activation MatMuls stay fp32
+    assert report.quantized_ops.get("MatMulNBits", 0) > 0 and report.bytes_after < report.bytes_before
     ids, mask = padded_batch(exp.tokenizer, ENCODER_TEXTS)
     feeds = {"input_ids": ids, "attention_mask": mask}
     (ref,) = session(exp.model).run(["embedding"], feeds)
