@@ -113,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     pipeline = _export_module("pipeline")
     config = pipeline.ExportConfig(
-        corpus=args.corpus, out=args.out, quantize=args.quantize, index_dtype=args.index_dtype,
+        corpus=args.corpus, out=args.out, quantize=args.quantize, encoder_quantize=args.encoder_quantize,
+        index_dtype=args.index_dtype,
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
         parity_prompts=args.parity_prompts, graph=args.graph)
@@ -289,10 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=["int8", "w8a8", "int4", "fp32", "fp16"], default="int8",
                    help="int8: int8 weights in blocks of 32, closest to fp32 (default); w8a8 (--graph fused): "
                         "int8 weights and per-token int8 activations, first token 30-45%% sooner, "
-                        "further from fp32, and the encoder likewise (3x faster queries, rank-1 slightly "
-                        "less often as fp32's); int4: int4 weights (fused graph: blocks of 32, AWQ-scaled and "
+                        "further from fp32; int4: int4 weights (fused graph: blocks of 32, AWQ-scaled and "
                         "GPTQ-rounded), smallest and fastest at batch 1, furthest from fp32; fp32: no quantization; fp16 (--graph fused): "
                         "the CUDA graph, for --device cuda (it runs on CPU too, slower than fp32)")
+    e.add_argument("--encoder-quantize", choices=["int8", "w8a8", "fp32"], default=None,
+                   help="the query encoder (the corpus is always embedded in fp32): int8 weights computing "
+                        "in fp32, ranks as fp32's (default; fp32 with --quantize fp32); w8a8: int8 weights "
+                        "and activations, about 3.5x faster queries, a little less often fp32's top passage")
     e.add_argument("--graph", choices=["optimum", "fused"], default="fused",
                    help="generator graph: onnxruntime-genai's builder graph with fused attention, rotary and "
                         "norms, decoded in place in preallocated KV buffers (default, measured fastest), or "

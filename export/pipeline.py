@@ -36,6 +36,7 @@ log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
 ENCODER_EXPORT_VERSION = "7"
+ENCODER_VARIANTS = ("int8", "w8a8", "fp32")
 GENERATOR_EXPORT_VERSION = "6"
 # w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
 # int4 from a checkpoint AWQ has rescaled (awq.py), rounded by GPTQ (gptq.py).
@@ -56,6 +57,7 @@ class ExportConfig:
     corpus: Path
     out: Path
     quantize: str = "int8"
+    encoder_quantize: str | None = None    # None: fp32 when quantize is fp32, else int8
     index_dtype: str = "f16"
     encoder: Path | None = None
     generator: Path | None = None
@@ -208,6 +210,9 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
 def _validate(cfg: ExportConfig) -> None:
     if cfg.graph not in GRAPHS:
         raise UserInputError(f"--graph must be one of {', '.join(GRAPHS)}, got {cfg.graph!r}")
+    if cfg.encoder_quantize not in (None, *ENCODER_VARIANTS):
+        raise UserInputError(f"--encoder-quantize must be one of {', '.join(ENCODER_VARIANTS)}, "
+                             f"got {cfg.encoder_quantize!r}")
     if cfg.quantize not in GENERATOR_VARIANTS[cfg.graph]:
         raise UserInputError(f"--quantize must be one of {', '.join(GENERATOR_VARIANTS[cfg.graph])} "
                              f"for --graph {cfg.graph}, got {cfg.quantize!r}")
@@ -238,8 +243,7 @@ def run_export(cfg: ExportConfig) -> Path:
     if q != "fp32" and agreement < MIN_QUANT_AGREEMENT:
         raise RagrtError(f"the {q} generator disagrees with PyTorch (teacher-forced top-1 agreement "
                          f"{agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --quantize fp32")
-    # int4 and fp16 are generator formats; their bundles take the int8 encoder.
-    enc_q = q if q in ("fp32", "w8a8") else "int8"
+    enc_q = cfg.encoder_quantize or ("fp32" if q == "fp32" else "int8")
 
     with staging_dir(Path(cfg.out), force=cfg.force) as tmp:
         for sub in ("encoder", "generator", CORPUS_DIR):

@@ -78,7 +78,7 @@ def quantize_encoder_w8a8(src: Path, dst: Path) -> QuantReport:
     is found at rank 1 on each split (test 0.537 against 0.561, dev 0.444 against 0.472),
     where quantize_encoder's graph matches fp32 exactly; and in the real-model tests a
     different fifth passage turned base SmolLM2's answer to "How do I copy an object?" into
-    repeated lines. So this graph ships with `--quantize w8a8`, and int8 keeps the exact one.
+    repeated lines. So it is opt-in (`ragrt export --encoder-quantize w8a8`).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

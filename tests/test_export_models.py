@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engine.errors import RagrtError
+from engine.errors import RagrtError, UserInputError
 from engine.manifest import GeneratorIO
 from export.cache import cached_dir, content_key
 from export.models import encoder_checkpoint, generator_checkpoint
@@ -327,17 +327,21 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
     np.testing.assert_allclose(step[0], alone_step[0], rtol=0, atol=1e-4)
 
 
-def test_int8_bundles_index_passages_embedded_in_fp32(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
-    """Only queries take the int8 encoder: the export embeds the corpus with the fp32 graph."""
+@pytest.mark.parametrize("encoder_quantize,shipped,op", [(None, "int8", "MatMulNBits"),
+                                                       ("w8a8", "w8a8", "MatMulInteger")])
+def test_quantized_encoders_embed_queries_and_the_corpus_is_embedded_in_fp32(
+        encoder_quantize, shipped, op, tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
+    """Only queries take the quantized encoder: the export embeds the corpus with the fp32 graph."""
     from engine import Engine
     from engine.encoder import TextEncoder
     from engine.store import passage_text
     from export.pipeline import ExportConfig, encoder_graphs, run_export
     bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
                                      generator=tiny_generator_dir, quantize="int8", index_dtype="f32",
-                                     parity_prompts=1, max_context=512))
+                                     encoder_quantize=encoder_quantize, parity_prompts=1, max_context=512))
     engine = Engine.open(bundle)
-    assert engine.manifest.encoder.quantization == "int8" and engine.manifest.corpus["embedded_with"] == "fp32"
+    assert engine.manifest.encoder.quantization == shipped and engine.manifest.corpus["embedded_with"] == "fp32"
+    assert op_counts(bundle / engine.manifest.encoder.model)[op] > 0
     retriever = engine.retriever
     texts = [passage_text(retriever.store.get(i)) for i in range(len(retriever.store))]
     stored = np.asarray(retriever.index.get(np.arange(len(texts), dtype=np.uint64)), dtype=np.float32)
@@ -345,3 +349,10 @@ def test_int8_bundles_index_passages_embedded_in_fp32(tiny_corpus, tiny_encoder_
     fp32 = TextEncoder(encoder_graphs(tiny_encoder_dir) / "fp32" / "model.onnx", bundle / spec.tokenizer,
                        max_length=spec.max_length, dim=spec.dim)
     assert np.abs(stored - fp32.embed_all(texts)).max() < 1e-5 < np.abs(stored - engine.embed(texts)).max()
+
+
+def test_an_unknown_encoder_quantization_is_refused_before_any_model_work(tiny_corpus, tmp_path):
+    from export.pipeline import ExportConfig, run_export
+    with pytest.raises(UserInputError, match="--encoder-quantize must be one of int8, w8a8, fp32, got 'int4'"):
+        run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder_quantize="int4"))
+    assert not (tmp_path / "b").exists()
