@@ -28,8 +28,8 @@ With --memory-cap MIB each engine's queries run in a memory cgroup of that size 
 delegated cgroup needed), after the engine's data file is dropped from the page cache so the
 pages it reads are charged to the cap. A memory-mapped index then keeps only what fits, the
 kernel dropping clean pages and reading them again on demand (the MiB read from storage are
-reported); an
-engine that must hold its data privately is killed. The expansion_search sweep is skipped.
+reported); an engine that must hold its data privately is killed. The expansion_search sweep
+is skipped.
 """
 from __future__ import annotations
 

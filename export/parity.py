@@ -58,9 +58,9 @@ class EncoderParity:
     fp32_cosine_min: float
     int8_cosine_mean: float
     int8_cosine_min: float
+    w8a8_cosine_mean: float
+    w8a8_cosine_min: float
     texts: int
-    w8a8_cosine_mean: float | None = None
-    w8a8_cosine_min: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,13 @@ def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.
         return torch.nn.functional.normalize(emb, dim=-1).numpy()
 
 
-def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, max_length: int,
-                   w8a8: TextEncoder | None = None) -> EncoderParity:
+def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, w8a8: TextEncoder,
+                   max_length: int) -> EncoderParity:
     texts = [t for q, title, p in PARITY_PROMPTS for t in (q, f"{title}\n{p}")]
     ref = torch_embeddings(checkpoint, texts, max_length)
-    cos32 = (fp32.embed_all(texts) * ref).sum(1)
-    cos8 = (int8.embed_all(texts) * ref).sum(1)
-    w8 = (w8a8.embed_all(texts) * ref).sum(1) if w8a8 is not None else None
-    return EncoderParity(float(cos32.mean()), float(cos32.min()), float(cos8.mean()), float(cos8.min()), len(texts),
-                         *((float(w8.mean()), float(w8.min())) if w8 is not None else ()))
+    c32, c8, cw8 = ((enc.embed_all(texts) * ref).sum(1) for enc in (fp32, int8, w8a8))
+    return EncoderParity(float(c32.mean()), float(c32.min()), float(c8.mean()), float(c8.min()),
+                         float(cw8.mean()), float(cw8.min()), len(texts))
 
 
 def parity_prompt_ids(builder: PromptBuilder, n: int) -> list[list[int]]:

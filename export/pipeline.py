@@ -106,9 +106,9 @@ def encoder_graphs(checkpoint: Path) -> Path:
         quantize_encoder(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
         quantize_encoder_w8a8(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx")
         shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
-        fp32, int8, w8a8 = [TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length,
-                                        dim=exp.dim) for q in ("fp32", "int8", "w8a8")]
-        parity = encoder_parity(checkpoint, fp32, int8, max_length=exp.max_length, w8a8=w8a8)
+        encoders = [TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length, dim=exp.dim)
+                    for q in ("fp32", "int8", "w8a8")]
+        parity = encoder_parity(checkpoint, *encoders, max_length=exp.max_length)
         _say(f"encoder parity vs PyTorch: cosine fp32 {parity.fp32_cosine_mean:.4f}, int8 mean "
              f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}, w8a8 mean "
              f"{parity.w8a8_cosine_mean:.4f} / min {parity.w8a8_cosine_min:.4f}")
