@@ -28,7 +28,7 @@ demo: bundles/pydocs/manifest.json
 	$(BIN)/ragrt ask --bundle bundles/pydocs "$(QUESTION)"
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/pytest -q -ra
 
 clean:
 	rm -rf $(VENV) bundles data

@@ -26,7 +26,7 @@ def run(bundle_path: str, *, clients=(1, 4, 16), duration_s: float = 30.0, max_n
         threads: int = 2, max_batch: int = 16, k: int | None = None) -> dict:
     import httpx
 
-    from engine.server import ServerConfig, background, create_app
+    from ragrt.serve.app import ServerConfig, background, create_app
     from load import run_clients
     app = create_app(ServerConfig(bundle=bundle_path, max_batch=max_batch, max_queue=max(64, max(clients)),
                                   threads=threads, timeout_s=600))

@@ -43,9 +43,9 @@ def _rate(fn, texts: list[str], per_call: int, min_s: float) -> float:
 
 
 def ragrt_worker(bundle_path: str, passages: list[str], questions: list[str], threads: int, min_s: float) -> dict:
-    from engine.bundle import Bundle
-    from engine.encoder import TextEncoder
-    from engine.session import SessionConfig
+    from ragrt.bundle.reader import Bundle
+    from ragrt.retrieval.encoder import TextEncoder
+    from ragrt.runtime.sessions import SessionConfig
     before = memory()
     bundle = Bundle.open(bundle_path)
     enc = TextEncoder.from_spec(bundle.root, bundle.manifest.encoder, SessionConfig(device="cpu", threads=threads))
@@ -80,11 +80,11 @@ def _measure(embed, passages, questions, min_s, before) -> dict:
 
 def real_passages(bundle_path: str, n: int) -> tuple[list[str], dict]:
     """The first n passages of the bundle's store (cycled if it holds fewer), and the encoder's spec."""
-    from engine.bundle import Bundle
-    from engine.encoder import TextEncoder
-    from engine.live import LiveRetriever
-    from engine.session import SessionConfig
-    from engine.store import passage_text
+    from ragrt.bundle.reader import Bundle
+    from ragrt.retrieval.encoder import TextEncoder
+    from ragrt.retrieval.live import LiveRetriever
+    from ragrt.runtime.sessions import SessionConfig
+    from ragrt.retrieval.passages import passage_text
     bundle = Bundle.open(bundle_path)
     spec = bundle.manifest.encoder
     enc = TextEncoder.from_spec(bundle.root, spec, SessionConfig(device="cpu", threads=1))

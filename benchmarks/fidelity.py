@@ -32,8 +32,8 @@ def _named(text: str) -> tuple[str, Path]:
 
 def sequences(engine, qa_files: list[Path], answer_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reference answer ids) per question."""
-    from engine.errors import UserInputError
-    from engine.jsonl import iter_jsonl
+    from ragrt.errors import UserInputError
+    from ragrt.corpus.jsonl import iter_jsonl
     out = []
     for path in qa_files:
         for where, row in iter_jsonl(path):
@@ -48,8 +48,8 @@ def sequences(engine, qa_files: list[Path], answer_tokens: int) -> list[tuple[li
 def answer_log_probs(model: Path, spec, seqs, threads: int) -> list:
     """Per question, log-probabilities (answer tokens, vocab) of each answer position."""
     import numpy as np
-    from engine.decode import log_softmax, open_decoder
-    from engine.session import SessionConfig, create_session
+    from ragrt.decoding.decoder import log_softmax, open_decoder
+    from ragrt.runtime.sessions import SessionConfig, create_session
     decoder = open_decoder(create_session(model, SessionConfig("cpu", threads)), spec)
     out = []
     for prompt, answer in seqs:
@@ -79,8 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
-    from engine import Engine
-    from engine.errors import RagrtError
+    from ragrt import Engine
+    from ragrt.errors import RagrtError
     try:
         engine = Engine.open(args.bundle, device="cpu", threads=args.threads)
         seqs = sequences(engine, args.qa, args.answer_tokens)
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     except RagrtError as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
-        from engine.atomic import atomic_write_text
+        from ragrt.bundle.atomic import atomic_write_text
         atomic_write_text(args.json, json.dumps({"questions": len(seqs), "answer_tokens": tokens,
                                                  "reference": args.reference[0], "graphs": results}, indent=2))
 

@@ -86,8 +86,8 @@ RECIPE = "bench-v1"
 def build_prompt(bundle: str, prompt_tokens: int, threads: int) -> tuple[list[int], int]:
     """Exactly `prompt_tokens` ids if the passages allow (else the longest under it), and the
     bundle's EOS id. Passages are the bundle's first ones, repeated if the corpus is small."""
-    from engine import Engine
-    from engine.prompt import PassageText, PromptBuilder
+    from ragrt import Engine
+    from ragrt.decoding.prompt import PassageText, PromptBuilder
     engine = Engine.open(bundle, device="cpu", threads=threads)
     store = engine.retriever.store
     n = min(len(store), 64)
@@ -141,7 +141,7 @@ class Clock:
 
 def load_ragrt(spec: dict):
     import numpy as np
-    from engine import Engine
+    from ragrt import Engine
     decoder = Engine.open(spec["bundle"], device="cpu", threads=spec["threads"]).decoder
     prompt, n = spec["prompt"], spec["new_tokens"]
 
@@ -298,7 +298,7 @@ def kind_of(engine_id: str) -> str:
 
 def prepare(engine_id: str, checkpoint: Path) -> str | None:
     """The artefact path the engine loads (None for PyTorch, which loads the checkpoint)."""
-    from export.cache import cached_dir, content_key
+    from ragrt.export.cache import cached_dir, content_key
     key = None
 
     def cached(name: str, build) -> Path:
@@ -360,7 +360,7 @@ def _optimum_quantize(fp32: Path, out: Path, q: str) -> None:
 
 def _genai_build(checkpoint: Path, out: Path, q: str) -> None:
     # export/genai_build.py runs the builder under our transformers 4.57.
-    cmd = [sys.executable, "-m", "export.genai_build", "-i", str(checkpoint), "-o", str(out / "model"),
+    cmd = [sys.executable, "-m", "ragrt.export.onnx.genai_build", "-i", str(checkpoint), "-o", str(out / "model"),
            "-p", q, "-e", "cpu", "-c", str(out / "hf-cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
@@ -375,7 +375,7 @@ def _genai_build(checkpoint: Path, out: Path, q: str) -> None:
 
 def _packaged_gguf() -> Path:
     import importlib.util
-    from export.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE
+    from ragrt.export.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE
     # Never imported: the package's own imports pull in llama.cpp bindings.
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if not spec or not spec.submodule_search_locations:
@@ -584,7 +584,7 @@ def plot(results: dict, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    from engine.atomic import atomic_write_bytes
+    from ragrt.bundle.atomic import atomic_write_bytes
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -632,7 +632,7 @@ def parse_args(argv=None):
 
 def select(args) -> list[tuple[str, dict]]:
     """(engine id, worker spec) in run order: PyTorch first (the greedy reference), ragrt, peers."""
-    from engine.manifest import read_manifest
+    from ragrt.bundle.manifest import read_manifest
     wanted = [w.strip() for w in args.engines.split(",") if w.strip()] if args.engines != "all" else None
     unknown = [w for w in wanted or [] if w != "ragrt" and not w.startswith("ragrt-") and w not in PEERS]
     if unknown:
@@ -658,8 +658,8 @@ def main(argv=None) -> None:
     if args._worker:
         return worker(args)
 
-    from engine.atomic import atomic_write_text
-    from export.models import checkpoint_name, generator_checkpoint
+    from ragrt.bundle.atomic import atomic_write_text
+    from ragrt.export.models import checkpoint_name, generator_checkpoint
     prompt, eos = build_prompt(args.bundle[0], args.prompt_tokens, args.threads)
     if len(prompt) != args.prompt_tokens:
         print(f"note: the prompt is {len(prompt)} tokens, not {args.prompt_tokens}", file=sys.stderr)

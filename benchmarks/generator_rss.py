@@ -26,10 +26,10 @@ def main(argv=None) -> None:
     import numpy as np
     import onnxruntime  # noqa: F401  (counted in the baseline)
     baseline = memory()["peak_rss_mib"]
-    from engine.decode import open_decoder
-    from engine.manifest import read_manifest
-    from engine.session import SessionConfig, create_session
-    from engine.errors import RagrtError
+    from ragrt.decoding.decoder import open_decoder
+    from ragrt.bundle.manifest import read_manifest
+    from ragrt.runtime.sessions import SessionConfig, create_session
+    from ragrt.errors import RagrtError
     try:
         spec = read_manifest(args.bundle).generator
         decoder = open_decoder(create_session(args.bundle / spec.model, SessionConfig("cpu", args.threads)), spec)

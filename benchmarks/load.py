@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import QUESTIONS, wait_ready  # noqa: E402,F401  (QUESTIONS lived here; kept importable)
-from engine.atomic import atomic_write_text  # noqa: E402
-from engine.server import ServerConfig, background, create_app  # noqa: E402
+from ragrt.bundle.atomic import atomic_write_text  # noqa: E402
+from ragrt.serve.app import ServerConfig, background, create_app  # noqa: E402
 
 
 

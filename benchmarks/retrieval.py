@@ -62,19 +62,19 @@ def _tqdm(**kw):
 
 def base_texts(bundle, corpus: str | None, n_base: int, seed: int = 0) -> tuple[list[str], str]:
     """Real passage texts: chunked from `corpus` as the bundle chunks, or the bundle's own passages."""
-    from engine.store import PassageRecord, passage_text
+    from ragrt.retrieval.passages import PassageRecord, passage_text
     if corpus:
-        from engine.corpus import chunk_documents, read_documents
-        from engine.encoder import load_tokenizer
+        from ragrt.corpus.documents import chunk_documents, read_documents
+        from ragrt.retrieval.encoder import load_tokenizer
         tok = load_tokenizer(bundle.path(bundle.manifest.encoder.tokenizer))
         ch = bundle.manifest.chunking
         texts = [passage_text(PassageRecord(p.id, p.title, p.text)) for p in
                  chunk_documents(read_documents(corpus), tok, max_tokens=ch.max_tokens, overlap=ch.overlap)]
         source = f"{Path(corpus).name}: {len(texts)} passages"
     else:
-        from engine.encoder import TextEncoder
-        from engine.live import LiveRetriever
-        from engine.session import SessionConfig
+        from ragrt.retrieval.encoder import TextEncoder
+        from ragrt.retrieval.live import LiveRetriever
+        from ragrt.runtime.sessions import SessionConfig
         enc = TextEncoder.from_spec(bundle.root, bundle.manifest.encoder, SessionConfig(device="cpu", threads=1))
         store = LiveRetriever(bundle, enc).get().store
         texts = [passage_text(store.get(i)) for i in range(len(store))]
@@ -90,8 +90,8 @@ def base_vectors(bundle, texts: list[str], threads: int) -> np.ndarray:
     spec = bundle.manifest.encoder
     path = CACHE / f"base-{digest(spec.source.sha256, spec.quantization, bundle.manifest.files.get(spec.model), texts)}.npy"
     if not path.exists():
-        from engine.encoder import TextEncoder
-        from engine.session import SessionConfig
+        from ragrt.retrieval.encoder import TextEncoder
+        from ragrt.runtime.sessions import SessionConfig
         enc = TextEncoder.from_spec(bundle.root, spec, SessionConfig(device="cpu", threads=threads))
         out = np.empty((len(texts), spec.dim), np.float32)
         row = 0
@@ -234,7 +234,7 @@ def usearch_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], d
                    budget_s: float) -> dict:
     from usearch.index import Index
 
-    from engine.madvise import advise_random
+    from ragrt.runtime.madvise import advise_random
     queries, truth = np.load(q_path), np.load(gt_path)
     before = memory()
     index = Index.restore(index_path, view=True)
@@ -324,8 +324,8 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
         threads: int = 2, engines=("numpy", "usearch", "faiss"), budget_s: float = 10.0, sweep=None,
         seed: int = 0, memory_cap_mib: int | None = None) -> dict:
     limit_threads(threads)          # inherited by the spawned engine processes
-    from engine.bundle import Bundle
-    from export.index import build_index
+    from ragrt.bundle.reader import Bundle
+    from ragrt.export.index import build_index
     bundle = Bundle.open(bundle_path)
     ix = bundle.generation.spec.index
     expansion_add = inspect.signature(build_index).parameters["expansion_add"].default
@@ -353,7 +353,7 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
             with _tqdm(total=n, desc=f"ground truth ({n:,})", unit="vec") as bar:
                 save_npy(gt_path, exact_topk(vectors, np.load(q_path), K, bar=bar))
         row = {"n": n, "engines": {}}
-        from engine.retrieve import search_breadth
+        from ragrt.retrieval.retriever import search_breadth
         ef = search_breadth(n, ix.expansion_search)     # what the engine uses for an index this big
         efs = [ef] if memory_cap_mib else sorted(set(sweep or SWEEP) | {ef})
         if "numpy" in engines:

@@ -27,7 +27,7 @@ def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False)
     """Seconds per step after a `context`-token prompt (three untimed steps first), or per
     prefill of that prompt."""
     import numpy as np
-    from engine.decode import open_decoder
+    from ragrt.decoding.decoder import open_decoder
     decoder = open_decoder(session, spec)
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, spec.vocab_size, context)]
     logits, state = decoder.prefill([prompt])
@@ -46,7 +46,7 @@ def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False)
 
 def profile(model: Path, spec, context: int, steps: int, threads: int, prefill: bool = False) -> dict:
     import onnxruntime as ort
-    from engine.session import SessionConfig, create_session
+    from ragrt.runtime.sessions import SessionConfig, create_session
     wall = _timed_steps(create_session(model, SessionConfig("cpu", threads)), spec, context, steps, prefill)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill", action="store_true", help="profile prefilling the prompt instead of stepping after it")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from engine.errors import RagrtError
-    from engine.manifest import read_manifest
+    from ragrt.errors import RagrtError
+    from ragrt.bundle.manifest import read_manifest
     try:
         spec = read_manifest(args.bundle).generator
     except RagrtError as e:

@@ -20,7 +20,7 @@ METRICS = [("retrieval", "recall@1"), ("retrieval", "recall@5"), ("retrieval", "
 
 def ragrt(*args: str) -> None:
     print("$ ragrt " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "engine.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "ragrt", *args], check=True)
 
 
 def main() -> None:

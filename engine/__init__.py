@@ -6,9 +6,9 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source checkout
     __version__ = "0.1.0"
 
-from .engine import Answer, AnswerStream, Engine, Source  # noqa: E402
-from .errors import BundleError, CorpusError, RagrtError, UserInputError  # noqa: E402
-from .prompt import Turn  # noqa: E402
+from ragrt.engine import Answer, AnswerStream, Engine, Source  # noqa: E402
+from ragrt.errors import BundleError, CorpusError, RagrtError, UserInputError  # noqa: E402
+from ragrt.decoding.prompt import Turn  # noqa: E402
 
 __all__ = ["Engine", "Answer", "AnswerStream", "Source", "Turn", "RagrtError", "UserInputError", "CorpusError",
            "BundleError", "__version__"]

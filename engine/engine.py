@@ -10,16 +10,16 @@ from typing import Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from .bundle import Bundle
-from .decode import open_decoder
-from .encoder import TextEncoder, load_tokenizer
-from .errors import UserInputError
-from .live import LiveRetriever
-from .manifest import Manifest
-from .prompt import PassageText, PromptBuilder, Turn
-from .rag import MODES, Run, passage_prior, start
-from .retrieve import Hit, Retriever
-from .session import SessionConfig, create_session
+from ragrt.bundle.reader import Bundle
+from ragrt.decoding.decoder import open_decoder
+from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
+from ragrt.errors import UserInputError
+from ragrt.retrieval.live import LiveRetriever
+from ragrt.bundle.manifest import Manifest
+from ragrt.decoding.prompt import PassageText, PromptBuilder, Turn
+from ragrt.decoding.rag import MODES, Run, passage_prior, start
+from ragrt.retrieval.retriever import Hit, Retriever
+from ragrt.runtime.sessions import SessionConfig, create_session
 
 MAX_K = 50
 MAX_TURNS = 100

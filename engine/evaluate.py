@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CorpusError
-from .jsonl import iter_jsonl
+from ragrt.errors import CorpusError
+from ragrt.corpus.jsonl import iter_jsonl
 
 DEPTH = 10
 _PUNCT = set(string.punctuation)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from engine.atomic import atomic_write_text
+from ragrt.bundle.atomic import atomic_write_text
 
 _DONE = ".complete"
 _LINEAGE = ".lineage"

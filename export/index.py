@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.encoder import TextEncoder
-from engine.errors import UserInputError
-from engine.store import PassageRecord, passage_text, write_passage_store
+from ragrt.retrieval.encoder import TextEncoder
+from ragrt.errors import UserInputError
+from ragrt.retrieval.passages import PassageRecord, passage_text, write_passage_store
 
 DTYPES = ("f16", "i8", "f32")
 
@@ -49,7 +49,7 @@ def cached_embeddings(passages: Sequence[PassageRecord], encoder: TextEncoder, m
     Returns the vectors and the seconds spent embedding (0 on a hit)."""
     import hashlib
 
-    from .cache import cached_dir, content_key
+    from ragrt.export.cache import cached_dir, content_key
     digest = hashlib.sha256()
     for p in passages:
         digest.update(passage_text(p).encode("utf-8", "surrogatepass") + b"\0")

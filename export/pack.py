@@ -11,11 +11,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-from engine.atomic import atomic_write_text
-from engine.generation import CORPUS_DIR
-from engine.integrity import file_entries
-from engine.errors import UserInputError
-from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec, TaskPrompt
+from ragrt.bundle.atomic import atomic_write_text
+from ragrt.bundle.versions import CORPUS_DIR
+from ragrt.bundle.integrity import file_entries
+from ragrt.errors import UserInputError
+from ragrt.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec, TaskPrompt
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using the context passages. "
                  "Answer briefly and precisely.")

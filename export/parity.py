@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.decode import Decoder, open_decoder
-from engine.lookup import PromptLookup
-from engine.encoder import TextEncoder
-from engine.manifest import GeneratorSpec
-from engine.prompt import PassageText, PromptBuilder
-from engine.session import SessionConfig, create_session
+from ragrt.decoding.decoder import Decoder, open_decoder
+from ragrt.decoding.lookup import PromptLookup
+from ragrt.retrieval.encoder import TextEncoder
+from ragrt.bundle.manifest import GeneratorSpec
+from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.runtime.sessions import SessionConfig, create_session
 
 # (question, title, passage): short Python-docs style contexts, so the generator answers
 # the way it will in the product.

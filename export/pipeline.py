@@ -14,23 +14,23 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine import __version__
-from engine.bundle import Bundle
-from engine.corpus import chunk_documents, read_documents
-from engine.encoder import TextEncoder
-from engine.errors import RagrtError, UserInputError
-from engine.generation import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
-from engine.integrity import sha256_file
-from engine.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorIO,
+from ragrt import __version__
+from ragrt.bundle.reader import Bundle
+from ragrt.corpus.documents import chunk_documents, read_documents
+from ragrt.retrieval.encoder import TextEncoder
+from ragrt.errors import RagrtError, UserInputError
+from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
+from ragrt.bundle.integrity import sha256_file
+from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorIO,
                              GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec, RagDefaults, Source)
-from engine.prompt import PromptBuilder
-from engine.session import SessionConfig
-from engine.store import PassageRecord
+from ragrt.decoding.prompt import PromptBuilder
+from ragrt.runtime.sessions import SessionConfig
+from ragrt.retrieval.passages import PassageRecord
 
-from .cache import cached_dir, content_key
-from .index import build_index, cached_embeddings
-from .models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from .pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, with_tasks, write_manifest
+from ragrt.export.cache import cached_dir, content_key
+from ragrt.export.index import build_index, cached_embeddings
+from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
+from ragrt.export.pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, with_tasks, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -96,9 +96,9 @@ def quiet_exporters():
 
 def encoder_graphs(checkpoint: Path) -> Path:
     """Cached: {fp32,int8,w8a8}/model.onnx, tokenizer.json, meta.json (dims and parity)."""
-    from .onnx_export import export_encoder
-    from .parity import encoder_parity
-    from .quantize import quantize_encoder, quantize_encoder_w8a8
+    from ragrt.export.onnx.graphs import export_encoder
+    from ragrt.export.parity import encoder_parity
+    from ragrt.export.quant.quantize import quantize_encoder, quantize_encoder_w8a8
 
     def build(tmp: Path) -> None:
         _say(f"exporting encoder {checkpoint_name(checkpoint)} to ONNX, int8 and w8a8")
@@ -142,13 +142,13 @@ def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimu
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from .onnx_export import FUSED_PRECISIONS, export_generator, export_generator_fused
-    from .parity import onnx_agreement, parity_prompt_ids, torch_greedy
-    from .quantize import quantize_generator, quantize_generator_int4
-    from .awq import scale_checkpoint
-    from .gptq import round_graph
-    from .rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
-    from .siblings import fuse_graph_file
+    from ragrt.export.onnx.graphs import FUSED_PRECISIONS, export_generator, export_generator_fused
+    from ragrt.export.parity import onnx_agreement, parity_prompt_ids, torch_greedy
+    from ragrt.export.quant.quantize import quantize_generator, quantize_generator_int4
+    from ragrt.export.quant.awq import scale_checkpoint
+    from ragrt.export.quant.gptq import round_graph
+    from ragrt.export.quant.rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
+    from ragrt.export.quant.siblings import fuse_graph_file
 
     def build(tmp: Path) -> None:
         _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph "
@@ -227,7 +227,7 @@ def _validate(cfg: ExportConfig) -> None:
 def run_export(cfg: ExportConfig) -> Path:
     from tokenizers import Tokenizer
 
-    from .parity import PARITY_PROMPTS
+    from ragrt.export.parity import PARITY_PROMPTS
     _validate(cfg)
     cfg = ExportConfig(**{**asdict(cfg), "parity_prompts": min(cfg.parity_prompts, len(PARITY_PROMPTS))})
     docs = list(read_documents(cfg.corpus))     # a bad corpus fails here, before minutes of model work

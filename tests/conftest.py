@@ -25,7 +25,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator_onnx(tiny_generator_dir, tmp_path_factory):
     """(dir holding model.onnx and tokenizer.json, GeneratorExport)."""
-    from export.onnx_export import export_generator
+    from ragrt.export.onnx.graphs import export_generator
     out = tmp_path_factory.mktemp("tiny-generator-onnx")
     return out, export_generator(tiny_generator_dir, out)
 
@@ -36,9 +36,9 @@ def tiny_fused_fp32(tiny_generator_dir, tmp_path_factory):
     pytest.importorskip("onnxruntime_genai")
     from dataclasses import asdict, replace
 
-    from engine.manifest import Source
-    from export.onnx_export import export_generator_fused
-    from export.pipeline import generator_spec
+    from ragrt.bundle.manifest import Source
+    from ragrt.export.onnx.graphs import export_generator_fused
+    from ragrt.export.pipeline import generator_spec
     exp = export_generator_fused(tiny_generator_dir, tmp_path_factory.mktemp("tiny-fused") / "fp32", "fp32")
     meta = {k: v for k, v in asdict(exp).items() if k not in ("model", "tokenizer")}
     # fp32 kernels round alike in every batch shape; the tests check that claim token by token.
@@ -66,7 +66,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path_factory) -> Path:
     """A whole bundle from the tiny models, through the real export pipeline."""
-    from export.pipeline import ExportConfig, run_export
+    from ragrt.export.pipeline import ExportConfig, run_export
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return run_export(ExportConfig(corpus=tiny_corpus, out=out, encoder=tiny_encoder_dir, generator=tiny_generator_dir,
                                    quantize="fp32", parity_prompts=3, max_context=512))

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import httpx
 
-from engine.server import background
+from ragrt.serve.app import background
 
 
 @contextmanager

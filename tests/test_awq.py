@@ -14,7 +14,7 @@ def _load(path):
 def salient(tiny_generator_dir, tmp_path_factory):
     """The tiny llama with a few large activation channels, like a trained model's, and its
     AWQ-scaled copy: (original dir, scaled dir, report, calibration prompts)."""
-    from export.awq import scale_checkpoint
+    from ragrt.export.quant.awq import scale_checkpoint
     model = _load(tiny_generator_dir)
     rng = np.random.default_rng(0)
     with torch.no_grad():
@@ -32,7 +32,7 @@ def test_scaling_keeps_the_function_of_projections_with_biases(tmp_path):
     """Qwen2-style q/k/v biases and an MLP bias: dividing v's or up's outputs divides their bias too."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from export.awq import scale_checkpoint
+    from ragrt.export.quant.awq import scale_checkpoint
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
@@ -55,7 +55,7 @@ def _logits(model, prompts):
 
 def _int4(model):
     """The model with every layer weight rounded as onnxruntime's int4 blocks of 32 round it."""
-    from export.awq import int4_blocks
+    from ragrt.export.quant.awq import int4_blocks
     with torch.no_grad():
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
@@ -83,7 +83,7 @@ def test_scaling_lowers_the_int4_error(salient):
 def test_int4_blocks_round_as_onnxruntime_does():
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    from export.awq import int4_blocks
+    from ragrt.export.quant.awq import int4_blocks
     rng = np.random.default_rng(1)
     k, n, block = 96, 40, 32
     w = rng.standard_normal((k, n)).astype(np.float32)          # an ONNX MatMul weight (in, out)

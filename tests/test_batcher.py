@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from engine import Engine
-from engine.batcher import Batcher, DeadlineExceeded, QueueFull, batched_stream
+from ragrt import Engine
+from ragrt.serve.batcher import Batcher, DeadlineExceeded, QueueFull, batched_stream
 from serving import GatedDecoder
 
 QUESTIONS = ["How do I copy a list?", "What is the GIL?", "How are JSON documents parsed?",

@@ -87,7 +87,7 @@ def test_limits_arithmetic():
 
 
 def test_step_profile_splits_kernel_time_by_operator(tiny_bundle):
-    from engine.manifest import read_manifest
+    from ragrt.bundle.manifest import read_manifest
     from step_profile import profile
     spec = read_manifest(tiny_bundle).generator
     r = profile(tiny_bundle / spec.model, spec, context=12, steps=3, threads=1)
@@ -105,7 +105,7 @@ def test_fidelity_scores_graphs_against_a_reference(tiny_bundle, tmp_path, capsy
     import onnx
     from onnx import numpy_helper
 
-    from engine.manifest import read_manifest
+    from ragrt.bundle.manifest import read_manifest
     from fidelity import main
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "How do I copy a list?", "answer": "Use list.copy() or a[:]."}\n'

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ragrt(*args, check_rc=None):
-    out = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "ragrt", *map(str, args)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     if check_rc is not None:
         assert out.returncode == check_rc, out.stderr
@@ -74,8 +74,8 @@ def bundle_files(bundle: Path) -> list[str]:
 def test_verify_catches_one_flipped_byte_in_every_file(tiny_bundle, tmp_path):
     """Every file, the manifest and the corpus pointer included: through the CLI once, then at
     the first, middle and last byte, flipped whole or by one bit, through Bundle.open."""
-    from engine.bundle import Bundle
-    from engine.errors import BundleError
+    from ragrt.bundle.reader import Bundle
+    from ragrt.errors import BundleError
     files = bundle_files(tiny_bundle)
     assert len(files) == 10, files
     for rel in files:

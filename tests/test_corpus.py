@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from engine.errors import CorpusError, UserInputError
-from export import pydocs
-from engine.corpus import Document, Passage, chunk_documents, read_documents
-from export.pydocs import PYDOCS_SOURCES, clean_rst, python_docs_documents, split_sections, write_python_docs_corpus
+from ragrt.errors import CorpusError, UserInputError
+from ragrt.export.data import pydocs
+from ragrt.corpus.documents import Document, Passage, chunk_documents, read_documents
+from ragrt.export.data.pydocs import PYDOCS_SOURCES, clean_rst, python_docs_documents, split_sections, write_python_docs_corpus
 
 
 def write_jsonl(path, lines):

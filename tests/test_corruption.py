@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine
-from engine.bundle import Bundle
-from engine.errors import BundleError
+from ragrt import Engine
+from ragrt.bundle.reader import Bundle
+from ragrt.errors import BundleError
 
 KINDS = {
     "manifest.json": "manifest",

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from engine.decode import open_decoder
-from engine.manifest import GeneratorSpec, Source
-from engine.prompt import PassageText, PromptBuilder
-from engine.rag import passage_prior, start
-from engine.session import SessionConfig, create_session
-from export.pack import prompt_spec
+from ragrt.decoding.decoder import open_decoder
+from ragrt.bundle.manifest import GeneratorSpec, Source
+from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.rag import passage_prior, start
+from ragrt.runtime.sessions import SessionConfig, create_session
+from ragrt.export.pack import prompt_spec
 
 MAX_NEW = 12
 
@@ -182,9 +182,9 @@ class CountingSession:
 @pytest.mark.parametrize("max_draft,compact_after", [(1, 64), (3, 64), (8, 64), (8, 2)])
 def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, compact_after, monkeypatch):
     """Rejected drafts stay in the cache masked out, and are cut out at `COMPACT_AFTER`."""
-    import engine.decode
-    from engine.lookup import PromptLookup
-    monkeypatch.setattr(engine.decode, "COMPACT_AFTER", compact_after)
+    import ragrt.decoding.decoder as decoder_module
+    from ragrt.decoding.lookup import PromptLookup
+    monkeypatch.setattr(decoder_module, "COMPACT_AFTER", compact_after)
     rng = np.random.default_rng(max_draft)
     counting = CountingSession(decoder.session)
     speculative = open_decoder(counting, decoder.spec)
@@ -203,7 +203,7 @@ def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, c
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_match():
-    from engine.lookup import PromptLookup
+    from ragrt.decoding.lookup import PromptLookup
     lookup = PromptLookup(max_draft=3, max_ngram=2, min_ngram=1)
     assert lookup.propose([1, 2, 3, 4, 5, 1, 2, 9, 9, 1, 2]) == [9, 9, 1]
     assert lookup.propose([7, 8, 5, 6, 8]) == [5, 6, 8]          # bigram (6, 8) is new; unigram 8 matches
@@ -238,7 +238,7 @@ class ShapeNoiseSession(CountingSession):
 
 
 def test_parity_measures_exactness(decoder, builder):
-    from export.parity import exactness
+    from ragrt.export.parity import exactness
     if decoder.spec.cache != "masked" or not decoder.spec.batch_invariant:
         pytest.skip("one masked, batched decoder is enough to check the measurement")
     prompts = [builder.build(q, [p]).ids for q, p in zip(["Why?", QUESTION, "GIL?"], PASSAGES)]

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from engine.errors import CorpusError
-from engine.evaluate import QA, evaluate, exact_match, is_relevant, read_qa, rouge_l, token_f1
-from export.faq import faq_items, split_of, write_python_faq
+from ragrt.errors import CorpusError
+from ragrt.evaluate import QA, evaluate, exact_match, is_relevant, read_qa, rouge_l, token_f1
+from ragrt.export.data.faq import faq_items, split_of, write_python_faq
 
 
 def test_squad_metrics():
@@ -38,7 +38,7 @@ def test_read_qa_errors(tmp_path):
 
 
 def test_evaluate_on_the_tiny_bundle(tiny_bundle):
-    from engine import Engine
+    from ragrt import Engine
     engine = Engine.open(tiny_bundle)
     items = [QA("The json module parses JSON documents with json.loads and json.load.", "json", ("json",)),
              QA("Generators yield values lazily, one at a time, when iterated.", "lazily", ("gen#0",)),

@@ -8,12 +8,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engine.errors import RagrtError, UserInputError
-from engine.manifest import GeneratorIO
-from export.cache import cached_dir, content_key
-from export.models import encoder_checkpoint, generator_checkpoint
-from export.onnx_export import export_encoder
-from export.quantize import op_counts, quantize_encoder, quantize_encoder_w8a8, quantize_generator
+from ragrt.errors import RagrtError, UserInputError
+from ragrt.bundle.manifest import GeneratorIO
+from ragrt.export.cache import cached_dir, content_key
+from ragrt.export.models import encoder_checkpoint, generator_checkpoint
+from ragrt.export.onnx.graphs import export_encoder
+from ragrt.export.quant.quantize import op_counts, quantize_encoder, quantize_encoder_w8a8, quantize_generator
 
 IO = GeneratorIO()
 
@@ -302,10 +302,10 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
     """Batches run as batches only if a row's logits do not depend on its neighbours."""
     import numpy as np
 
-    from engine.decode import Decoder
-    from engine.manifest import GeneratorSpec, Source
-    from engine.session import SessionConfig, create_session
-    from export.quantize import op_counts, quantize_generator_int4
+    from ragrt.decoding.decoder import Decoder
+    from ragrt.bundle.manifest import GeneratorSpec, Source
+    from ragrt.runtime.sessions import SessionConfig, create_session
+    from ragrt.export.quant.quantize import op_counts, quantize_generator_int4
 
     out, exp = tiny_generator_onnx
     report = quantize_generator_int4(out / "model.onnx", tmp_path / "q.onnx")
@@ -332,10 +332,10 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
 def test_quantized_encoders_embed_queries_and_the_corpus_is_embedded_in_fp32(
         encoder_quantize, shipped, op, tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
     """Only queries take the quantized encoder: the export embeds the corpus with the fp32 graph."""
-    from engine import Engine
-    from engine.encoder import TextEncoder
-    from engine.store import passage_text
-    from export.pipeline import ExportConfig, encoder_graphs, run_export
+    from ragrt import Engine
+    from ragrt.retrieval.encoder import TextEncoder
+    from ragrt.retrieval.passages import passage_text
+    from ragrt.export.pipeline import ExportConfig, encoder_graphs, run_export
     bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
                                      generator=tiny_generator_dir, quantize="int8", index_dtype="f32",
                                      encoder_quantize=encoder_quantize, parity_prompts=1, max_context=512))
@@ -352,7 +352,7 @@ def test_quantized_encoders_embed_queries_and_the_corpus_is_embedded_in_fp32(
 
 
 def test_an_unknown_encoder_quantization_is_refused_before_any_model_work(tiny_corpus, tmp_path):
-    from export.pipeline import ExportConfig, run_export
+    from ragrt.export.pipeline import ExportConfig, run_export
     with pytest.raises(UserInputError, match="--encoder-quantize must be one of int8, w8a8, fp32, got 'int4'"):
         run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder_quantize="int4"))
     assert not (tmp_path / "b").exists()

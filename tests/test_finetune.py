@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import CorpusError
-from export.contrastive import SCALE, contrastive_loss, mine_hard_negatives
-from export.sft import IGNORE, rag_marginal_nll, sft_example
+from ragrt.errors import CorpusError
+from ragrt.export.train.contrastive import SCALE, contrastive_loss, mine_hard_negatives
+from ragrt.export.train.sft import IGNORE, rag_marginal_nll, sft_example
 
 QA_ROWS = [
     {"question": "How do I copy a list?", "answer": "Use list.copy() or a slice.", "positive_ids": ["lists"]},
@@ -35,8 +35,8 @@ def test_hard_negatives_exclude_positives_and_rank_by_score():
 def test_loss_mask_covers_the_answer_only(tiny_generator_dir):
     from transformers import AutoTokenizer
 
-    from engine.prompt import PassageText, PromptBuilder
-    from export.pack import prompt_spec
+    from ragrt.decoding.prompt import PassageText, PromptBuilder
+    from ragrt.export.pack import prompt_spec
     hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
     spec = prompt_spec(hf.chat_template, lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
     builder = PromptBuilder(spec, hf.backend_tokenizer, budget=400)
@@ -67,7 +67,7 @@ def qa_file(tmp_path):
 
 
 def _config(tiny_corpus, qa_file, out, tiny_encoder_dir, tiny_generator_dir, **kw):
-    from export.finetune import FinetuneConfig
+    from ragrt.export.train.finetune import FinetuneConfig
     base = FinetuneConfig(corpus=tiny_corpus, train=qa_file, out=out, encoder=tiny_encoder_dir,
                           generator=tiny_generator_dir, epochs=2, generator_epochs=1, batch_size=2, k=2,
                           grad_accumulation=2, checkpoint_every=1, pool_size=10, max_answer_tokens=8)
@@ -82,7 +82,7 @@ def _weights(path):
 @pytest.mark.parametrize("joint", [False, True])
 def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir,
                                                   tiny_generator_dir, monkeypatch, joint):
-    from export import finetune
+    from ragrt.export.train import finetune
     cfg = _config(tiny_corpus, qa_file, tmp_path / "a", tiny_encoder_dir, tiny_generator_dir, joint=joint)
     finetune.run_finetune(cfg)
 
@@ -116,8 +116,8 @@ def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_pat
 
 
 def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny_generator_dir):
-    from export.finetune import run_finetune
-    from export.pipeline import ExportConfig, run_export
+    from ragrt.export.train.finetune import run_finetune
+    from ragrt.export.pipeline import ExportConfig, run_export
     run = run_finetune(_config(tiny_corpus, qa_file, tmp_path / "run", tiny_encoder_dir, tiny_generator_dir,
                                lora=True, max_steps=2, dev=qa_file))
     report = json.loads((run / "finetune.json").read_text())["report"]
@@ -130,7 +130,7 @@ def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny
 
 
 def test_bad_training_data(tiny_corpus, tmp_path, tiny_encoder_dir, tiny_generator_dir):
-    from export.finetune import run_finetune
+    from ragrt.export.train.finetune import run_finetune
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": 3}\n')
     with pytest.raises(CorpusError, match="bad.jsonl:2"):

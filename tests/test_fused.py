@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import pytest
 
-from engine.decode import open_decoder
-from engine.lookup import PromptLookup
-from engine.session import SessionConfig, create_session
-from export.quantize import op_counts
+from ragrt.decoding.decoder import open_decoder
+from ragrt.decoding.lookup import PromptLookup
+from ragrt.runtime.sessions import SessionConfig, create_session
+from ragrt.export.quant.quantize import op_counts
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -17,9 +17,9 @@ def fused(tiny_generator_dir, tmp_path_factory):
     """{precision: (model path, spec)}"""
     from dataclasses import asdict
 
-    from engine.manifest import Source
-    from export.onnx_export import FUSED_PRECISIONS, export_generator_fused
-    from export.pipeline import generator_spec
+    from ragrt.bundle.manifest import Source
+    from ragrt.export.onnx.graphs import FUSED_PRECISIONS, export_generator_fused
+    from ragrt.export.pipeline import generator_spec
     out = tmp_path_factory.mktemp("fused")
     graphs = {}
     for q in FUSED_PRECISIONS:
@@ -42,7 +42,7 @@ def test_fused_graph_ops(fused):
 
 
 def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):
-    from export.parity import torch_greedy
+    from ragrt.export.parity import torch_greedy
     path, spec = fused["fp32"]
     decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
     rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def test_fp16_graph_decodes_on_a_float16_cache_near_fp32(fused):
 def test_merged_gate_and_up_projections_give_the_same_logits(fused, q, tmp_path):
     import shutil
 
-    from export.siblings import fuse_graph_file
+    from ragrt.export.quant.siblings import fuse_graph_file
     path, spec = fused[q]
     merged = tmp_path / "model.onnx"
     shutil.copyfile(path, merged)
@@ -110,8 +110,8 @@ def test_drafts_on_a_packed_cache_keep_greedy_output(fused):
 
 
 def test_fused_bundle_answers_in_every_mode(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
-    from engine import Engine
-    from export.pipeline import ExportConfig, run_export
+    from ragrt import Engine
+    from ragrt.export.pipeline import ExportConfig, run_export
     out = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
                                   generator=tiny_generator_dir, quantize="fp32", graph="fused",
                                   parity_prompts=2, max_context=512))
@@ -130,8 +130,8 @@ def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow
     buffers grow mid-answer (capacity in steps of 16): every row still gets its greedy tokens.
     `on_device` runs the buffers CUDA uses (onnxruntime-allocated, bound by address, copied by
     a graph) on the CPU provider; the tokens alone come from host arrays."""
-    import engine.packed
-    from engine.batcher import Batcher
+    import ragrt.decoding.packed as packed
+    from ragrt.serve.batcher import Batcher
     monkeypatch.setattr(engine.packed, "GROW", grow)
     path, spec = tiny_fused_fp32
     decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
@@ -141,7 +141,7 @@ def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow
     limits = [30, 4, 41, 12, 25, 7, 18]
     alone = [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)]
     if on_device:
-        decoder.kv_device = engine.packed.KVDevice("cpu")
+        decoder.kv_device = packed.KVDevice("cpu")
         decoder.cache_prefix(prompts[3][:20])       # copied into each row's slot on the device
         assert [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)] == alone
     batcher = Batcher(decoder, max_batch=3, max_queue=16)
@@ -151,7 +151,7 @@ def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow
     batcher.close()
     assert got == alone
     if on_device:
-        assert isinstance(decoder.empty_state(1).buffers, engine.packed.DeviceKVBuffers)
+        assert isinstance(decoder.empty_state(1).buffers, packed.DeviceKVBuffers)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -160,7 +160,7 @@ def test_slot_copy_graph_is_valid_onnx_and_copies_a_slot(dtype):
     of larger and of smaller capacity."""
     import onnx
     import onnxruntime as ort
-    from engine.slotcopy import slot_copy_model
+    from ragrt.decoding.slotcopy import slot_copy_model
     model = slot_copy_model(np.dtype(dtype))
     onnx.checker.check_model(onnx.load_from_string(model), full_check=True)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -178,10 +178,10 @@ def test_slot_copy_graph_is_valid_onnx_and_copies_a_slot(dtype):
 def test_cuda_keeps_the_cache_on_the_device_with_the_same_tokens(fused):
     """On CUDA the cache lives in device memory; answers equal those of host-bound buffers,
     which onnxruntime copies across the bus every step."""
-    import engine.packed
+    import ragrt.decoding.packed as packed
     path, spec = fused["fp16"]
     decoder = open_decoder(create_session(path, SessionConfig(device="cuda")), spec)
-    assert decoder.kv_device == engine.packed.KVDevice("cuda", 0)
+    assert decoder.kv_device == packed.KVDevice("cuda", 0)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (7, 33, 20)]
     state = decoder.empty_state(1)

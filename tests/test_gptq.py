@@ -17,8 +17,8 @@ def _correlated_inputs(rng, tokens, channels):
 
 
 def test_gptq_rounding_lowers_the_output_error_of_nearest_rounding():
-    from export.awq import int4_blocks
-    from export.gptq import _dequantize, round_columns
+    from ragrt.export.quant.awq import int4_blocks
+    from ragrt.export.quant.gptq import _dequantize, round_columns
     rng = np.random.default_rng(0)
     w = torch.from_numpy(rng.standard_normal((48, 128)))
     x_calib, x_held = _correlated_inputs(rng, 600, 128)
@@ -33,7 +33,7 @@ def test_gptq_rounding_lowers_the_output_error_of_nearest_rounding():
 def test_pack_int4_is_onnxruntime_matmulnbits_layout():
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    from export.gptq import pack_int4
+    from ragrt.export.quant.gptq import pack_int4
     rng = np.random.default_rng(1)
     k, n, block = 96, 40, 32
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -54,9 +54,9 @@ def test_round_graph_rewrites_every_layer_projection(tiny_generator_dir, tmp_pat
     import onnx
     from onnx import numpy_helper
 
-    from export.gptq import GRAPH_WEIGHTS, round_graph
-    from engine.manifest import PACKED_IO
-    from export.onnx_export import export_generator_fused
+    from ragrt.export.quant.gptq import GRAPH_WEIGHTS, round_graph
+    from ragrt.bundle.manifest import PACKED_IO
+    from ragrt.export.onnx.graphs import export_generator_fused
     graphs = {q: export_generator_fused(tiny_generator_dir, tmp_path / q, q).model for q in ("fp32", "int4")}
     shutil.copytree(tmp_path / "int4", tmp_path / "gptq")
     rng = np.random.default_rng(2)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from engine import hugepages
+from ragrt.runtime import hugepages
 
 
 def vm_flags(address: int) -> set[str]:

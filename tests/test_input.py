@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine
-from engine.corpus import read_documents
-from engine.errors import CorpusError
+from ragrt import Engine
+from ragrt.corpus.documents import read_documents
+from ragrt.errors import CorpusError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_nul_and_control_characters_are_dropped(engine):
 
 def test_invalid_utf8_on_the_command_line(tiny_bundle):
     def ask(question: bytes):
-        return subprocess.run([sys.executable.encode(), b"-m", b"engine.cli", b"ask", b"--bundle",
+        return subprocess.run([sys.executable.encode(), b"-m", b"ragrt", b"ask", b"--bundle",
                                str(tiny_bundle).encode(), b"--max-new-tokens", b"2", question],
                               cwd=ROOT, capture_output=True, timeout=300)
     assert ask(b"copy a \xff\xfe list?").returncode == 0

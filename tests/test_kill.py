@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.bundle import Bundle
-from engine.cli import main
-from engine.errors import CorpusError
-from engine.generation import CORPUS_DIR
-from engine.store import PassageStore
-from engine.update import add_documents
+from ragrt.bundle.reader import Bundle
+from ragrt.cli import main
+from ragrt.errors import CorpusError
+from ragrt.bundle.versions import CORPUS_DIR
+from ragrt.retrieval.passages import PassageStore
+from ragrt.corpus.update import add_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = 24
@@ -30,7 +30,7 @@ def passage_ids(bundle: Path) -> frozenset[str]:
 
 
 def index_add(bundle: Path, corpus: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "index", "add", "--bundle", str(bundle),
+    return subprocess.Popen([sys.executable, "-m", "ragrt", "index", "add", "--bundle", str(bundle),
                              "--corpus", str(corpus), "--threads", "1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

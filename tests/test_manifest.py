@@ -3,15 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from engine.bundle import Bundle
-from engine.errors import BundleError
-from engine.generation import CORPUS_DIR, POINTER, publish, staging
-from engine.integrity import sha256_file
-from engine.manifest import (PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, FileEntry, GeneratorIO,
+from ragrt.bundle.reader import Bundle
+from ragrt.errors import BundleError
+from ragrt.bundle.versions import CORPUS_DIR, POINTER, publish, staging
+from ragrt.bundle.integrity import sha256_file
+from ragrt.bundle.manifest import (PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, FileEntry, GeneratorIO,
                              GeneratorSpec, IndexSpec,
                              Manifest, PassagesSpec, PromptSpec, Source, read_manifest)
-from engine.prompt import fill
-from export.pack import model_file_entries, write_manifest
+from ragrt.decoding.prompt import fill
+from ragrt.export.pack import model_file_entries, write_manifest
 
 
 def sample_manifest(files=None) -> Manifest:
@@ -168,7 +168,7 @@ def test_fill_is_one_pass():
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from engine.atomic import atomic_open, atomic_write_text
+    from ragrt.bundle.atomic import atomic_open, atomic_write_text
     target = tmp_path / "f.txt"
     atomic_write_text(target, "old")
     with pytest.raises(RuntimeError):

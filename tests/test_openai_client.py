@@ -1,8 +1,8 @@
 """The official `openai` client, pointed at the server, gets completions and streams unchanged."""
 import pytest
 
-from engine import Engine
-from engine.server import ServerConfig, create_app
+from ragrt import Engine
+from ragrt.serve.app import ServerConfig, create_app
 from serving import running_server
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from engine.bundle import Bundle
-from engine.corpus import Document, chunk_documents, read_documents
-from engine.errors import BundleError, CorpusError, RagrtError, UserInputError
-from engine.generation import CORPUS_DIR, POINTER
-from engine.prompt import fill
-from engine.update import read_ids
+from ragrt.bundle.reader import Bundle
+from ragrt.corpus.documents import Document, chunk_documents, read_documents
+from ragrt.errors import BundleError, CorpusError, RagrtError, UserInputError
+from ragrt.bundle.versions import CORPUS_DIR, POINTER
+from ragrt.decoding.prompt import fill
+from ragrt.corpus.update import read_ids
 
 # derandomize: CI must see the same 1,000 examples every run, not a new draw that may fail once.
 EXAMPLES = settings(max_examples=1000, deadline=None, derandomize=True,
@@ -70,7 +70,7 @@ def test_fill_never_reexpands(a, b):
 
 @pytest.fixture(scope="module")
 def engine(tiny_bundle):
-    from engine import Engine
+    from ragrt import Engine
     return Engine.open(tiny_bundle, threads=1)
 
 

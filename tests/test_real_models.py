@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from export.pydocs import PYDOCS_SOURCES
+from ragrt.export.data.pydocs import PYDOCS_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def faq_bundle(tmp_path_factory) -> Path:
-    from export.pipeline import ExportConfig, run_export
-    from export.pydocs import write_python_docs_corpus
+    from ragrt.export.pipeline import ExportConfig, run_export
+    from ragrt.export.data.pydocs import write_python_docs_corpus
     work = tmp_path_factory.mktemp("real")
     source = work / "sources"
     (source / "faq").mkdir(parents=True)
@@ -37,7 +37,7 @@ def faq_bundle(tmp_path_factory) -> Path:
 
 
 def ask(bundle, question, *extra):
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "ask", "--bundle", str(bundle), "--json", *extra,
+    out = subprocess.run([sys.executable, "-m", "ragrt", "ask", "--bundle", str(bundle), "--json", *extra,
                           question], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -76,7 +76,7 @@ def test_rag_token_rows_do_not_change_each_other(faq_bundle):
 
     Garbage in token mode once meant batched int8 rows were changing each other's activation scales.
     """
-    from engine import Engine
+    from ragrt import Engine
     engine = Engine.open(faq_bundle, threads=2)
     assert engine.manifest.generator.batch_invariant
     question = "How do I copy an object in Python?"
@@ -92,7 +92,7 @@ def test_int4_bundle_answers_in_batched_rag_token(faq_bundle, tmp_path):
     The optimum graph's int4 (fp32 compute, teacher-forced 0.85): the fused graph's int4
     (int8 compute, 0.81) answered this question "1.1.1.1." in token mode.
     """
-    from export.pipeline import ExportConfig, run_export
+    from ragrt.export.pipeline import ExportConfig, run_export
     manifest = json.loads((faq_bundle / "manifest.json").read_text())
     bundle = run_export(ExportConfig(corpus=Path(manifest["corpus"]["source"]), out=tmp_path / "int4",
                                      quantize="int4", graph="optimum"))

@@ -4,15 +4,15 @@ import sys
 import numpy as np
 import pytest
 
-import engine.encoder
-from engine.encoder import TextEncoder
-from engine.errors import BundleError, UserInputError
-from engine.madvise import file_regions
-from engine.manifest import IndexSpec, PassagesSpec
-from engine.retrieve import Retriever
-from engine.store import PassageRecord, PassageStore, write_passage_store
-from export.index import build_index, embed_passages
-from export.onnx_export import export_encoder
+import ragrt.retrieval.encoder as encoder_module
+from ragrt.retrieval.encoder import TextEncoder
+from ragrt.errors import BundleError, UserInputError
+from ragrt.runtime.madvise import file_regions
+from ragrt.bundle.manifest import IndexSpec, PassagesSpec
+from ragrt.retrieval.retriever import Retriever
+from ragrt.retrieval.passages import PassageRecord, PassageStore, write_passage_store
+from ragrt.export.index import build_index, embed_passages
+from ragrt.export.onnx.graphs import export_encoder
 from test_hugepages import vm_flags
 
 TEXTS = ["lists are mutable", "a tuple is immutable", "json parses documents", "",
@@ -30,7 +30,7 @@ def encoder(exported):
 
 
 def test_onnx_embedding_equals_pytorch(encoder, tiny_encoder_dir):
-    from export.parity import torch_embeddings
+    from ragrt.export.parity import torch_embeddings
     np.testing.assert_allclose(encoder.embed_all(TEXTS), torch_embeddings(tiny_encoder_dir, TEXTS, 64), atol=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_bucketing_keeps_input_order(encoder, monkeypatch):
     np.testing.assert_allclose(np.concatenate(batches), one_by_one, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(one_by_one, axis=1), 1.0, atol=1e-5)
     # Windows of 4 texts: the sort must not carry rows across a window boundary.
-    monkeypatch.setattr(engine.encoder, "BUCKET_WINDOW", 2)
+    monkeypatch.setattr(encoder_module, "BUCKET_WINDOW", 2)
     np.testing.assert_allclose(encoder.embed_all(iter(TEXTS * 2), batch_size=2), np.tile(one_by_one, (2, 1)),
                                atol=1e-5)
 
@@ -170,7 +170,7 @@ def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
 
 
 def test_passage_embeddings_are_cached_by_encoder_and_content(encoder, monkeypatch, tmp_path):
-    from export.index import cached_embeddings
+    from ragrt.export.index import cached_embeddings
     monkeypatch.setenv("RAGRT_CACHE", str(tmp_path))
     records = [PassageRecord("a", "Lists", "are mutable"), PassageRecord("b", "", "json parses documents")]
     first, spent = cached_embeddings(records, encoder, "model-1", progress=False)
@@ -185,7 +185,7 @@ def test_passage_embeddings_are_cached_by_encoder_and_content(encoder, monkeypat
 
 
 def test_search_breadth_widens_with_the_index():
-    from engine.retrieve import search_breadth
+    from ragrt.retrieval.retriever import search_breadth
     assert search_breadth(100_000, 128) == 128 and search_breadth(300_000, 128) == 256
     assert search_breadth(1_000_000, 128) == 512 and search_breadth(50_000_000, 128) == 512
     assert search_breadth(1_000_000, 1024) == 1024          # a manifest's wider value stands

@@ -4,15 +4,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.decode import open_decoder
-from engine.session import SessionConfig, create_session
-from export.quantize import op_counts
+from ragrt.decoding.decoder import open_decoder
+from ragrt.runtime.sessions import SessionConfig, create_session
+from ragrt.export.quant.quantize import op_counts
 
 
 @pytest.fixture(scope="module")
 def rowquant(tiny_fused_fp32, tmp_path_factory):
     """(int8 path, fp32 path, spec)"""
-    from export.rowquant import calibration_feeds, quantize_rows
+    from ragrt.export.quant.rowquant import calibration_feeds, quantize_rows
     path, spec = tiny_fused_fp32
     rng = np.random.default_rng(0)
     feeds = calibration_feeds([rng.integers(3, spec.vocab_size, n).tolist() for n in (12, 30)], spec)
@@ -72,8 +72,8 @@ def test_a_rows_logits_do_not_depend_on_its_batch_or_pass(rowquant):
 
 
 def test_w8a8_bundle_exports_and_answers(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
-    from engine import Engine
-    from export.pipeline import ExportConfig, run_export
+    from ragrt import Engine
+    from ragrt.export.pipeline import ExportConfig, run_export
     out = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
                                   generator=tiny_generator_dir, quantize="w8a8", parity_prompts=2, max_context=512))
     engine = Engine.open(out, verify=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.server import ServerConfig, create_app
+from ragrt.serve.app import ServerConfig, create_app
 from serving import running_server
 
 pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_server(*args, log):
     """`ragrt serve` in its own process group, so cleanup reaches its worker processes too."""
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *map(str, args)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "ragrt", "serve", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
 
@@ -95,7 +95,7 @@ def test_workers_each_open_the_bundle_and_share_the_port(tiny_bundle, tmp_path):
 
 def test_serve_errors_are_one_line(tmp_path, tiny_bundle):
     def serve(*args):
-        return subprocess.run([sys.executable, "-m", "engine.cli", "serve", *map(str, args)], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "ragrt", "serve", *map(str, args)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
 
     for out, words in [(serve("--bundle", tmp_path / "nope"), "no such bundle directory"),

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from engine import Engine
-from engine.server import ServerConfig, create_app
+from ragrt import Engine
+from ragrt.serve.app import ServerConfig, create_app
 from serving import GatedDecoder, running_server
 
 QUESTION = "How do I copy a list?"

@@ -84,7 +84,7 @@ def test_soak(tiny_bundle, tmp_path):
     seconds = float(os.environ.get("RAGRT_SOAK_SECONDS", "120"))
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(tiny_bundle),
+    proc = subprocess.Popen([sys.executable, "-m", "ragrt", "serve", "--bundle", str(tiny_bundle),
                              "--port", str(port), "--threads", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

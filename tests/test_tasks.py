@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from engine import Engine, Turn, UserInputError
-from engine.prompt import PassageText, PromptBuilder
+from ragrt import Engine, Turn, UserInputError
+from ragrt.decoding.prompt import PassageText, PromptBuilder
 
 PASSAGES = [PassageText("Lists", "Use list.copy() or a slice to copy a list.")]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import Engine
-from engine.bundle import Bundle
-from engine.errors import CorpusError, UserInputError
-from engine.generation import CORPUS_DIR, update_lock
-from engine.store import PassageStore
-from engine.update import add_documents, remove_ids
+from ragrt import Engine
+from ragrt.bundle.reader import Bundle
+from ragrt.errors import CorpusError, UserInputError
+from ragrt.bundle.versions import CORPUS_DIR, update_lock
+from ragrt.retrieval.passages import PassageStore
+from ragrt.corpus.update import add_documents, remove_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_DOCS = [
@@ -47,7 +47,7 @@ def bundle(tiny_bundle, tmp_path) -> Path:
 
 def test_add_is_what_export_would_have_built(bundle, tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
     """Export of the old corpus plus `index add` of new documents == export of both at once."""
-    from export.pipeline import ExportConfig, run_export
+    from ragrt.export.pipeline import ExportConfig, run_export
     new = write_jsonl(tmp_path / "new.jsonl", NEW_DOCS)
     result = add_documents(bundle, new, threads=1)
     both = write_jsonl(tmp_path / "both.jsonl", [json.loads(line) for line in tiny_corpus.read_text().splitlines()]
@@ -217,7 +217,7 @@ def test_leftovers_of_a_killed_update_are_removed(bundle, tmp_path):
 
 
 def ragrt(*args):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ragrt", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -1,0 +1,315 @@
+"""The bundle manifest: the one contract between `export/` (writer) and `engine/` (reader).
+
+`docs/bundle.md` describes every field. Both sides use these dataclasses, so a field
+cannot be written under one name and read under another. Unknown keys are kept out of
+the dataclasses on purpose: a bundle from a newer *minor* writer still opens, while a
+newer `schema_version` is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ragrt.errors import BundleError, UserInputError
+
+SCHEMA = "ragrt.bundle"
+SCHEMA_VERSION = 3
+# Version 2 moved the index and the passage store into corpus generations (engine/generation.py).
+# Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
+# in place of an attention mask, which a version-2 reader would still try to feed.
+FIRST_READABLE_VERSION = 2
+GENERATION_SCHEMA = "ragrt.generation"
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model came from: a name a person recognises and the hash of its weights."""
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    model: str                     # ONNX graph, inputs (input_ids, attention_mask) -> output
+    tokenizer: str                 # tokenizers' tokenizer.json
+    dim: int
+    max_length: int                # tokens; longer inputs are truncated
+    output: str                    # pooled, L2-normalised embedding [batch, dim]
+    quantization: str              # "int8" | "w8a8" | "fp32"
+    source: Source
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class GeneratorIO:
+    """ONNX names; `{layer}` is replaced by the layer number. An empty name: no such input."""
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    # Packed graphs since schema 3: int32 [B] (each row's length after this pass, minus one)
+    # and an int32 scalar (the longest row's), the inputs GroupQueryAttention itself takes.
+    seqlens_k: str = ""
+    total_sequence_length: str = ""
+    position_ids: str = "position_ids"  # "" when the graph derives positions from the mask (fused graphs)
+    num_logits: str = "num_logits"     # int64 [1]: logits are returned for the last N positions only
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+    logits: str = "logits"
+
+    def length_feed(self, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """The inputs telling a packed graph that each row holds its first `lengths[b]`
+        positions once this pass has run: the lengths themselves, or a mask of ones."""
+        if self.seqlens_k:
+            return {self.seqlens_k: (lengths - 1).astype(np.int32),
+                    self.total_sequence_length: np.array(lengths.max(), dtype=np.int32)}
+        return {self.attention_mask: (np.arange(lengths.max())[None, :] < lengths[:, None]).astype(np.int64)}
+
+
+# How the fused export names a packed graph's inputs.
+PACKED_IO = GeneratorIO(attention_mask="", position_ids="", seqlens_k="seqlens_k",
+                        total_sequence_length="total_sequence_length")
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    model: str
+    tokenizer: str
+    quantization: str              # "int8" | "w8a8" | "int4" | "fp32" | "fp16"
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    max_context: int               # prompt + new tokens never exceed this
+    source: Source
+    kv_dtype: str = "float32"
+    # Measured by the export's parity check: whether greedy tokens stay the same when rows
+    # share a pass (else batches run row by row), when a cached prompt start stands in for its
+    # prefill (else no prefix cache), and when drafts are checked several tokens per pass
+    # (else no prompt-lookup drafts). Kernels that round differently by shape (int8
+    # activations) can fail any of them.
+    batch_invariant: bool = True
+    prefix_exact: bool = False
+    drafts_exact: bool = False
+    # "masked": any 0/1 attention mask works (padding, masked-out positions) and positions
+    # are fed. "packed": fused attention (GroupQueryAttention) takes each row's cache as its
+    # first sum(mask) positions, so rows run unpadded and prefill one at a time; the engine
+    # binds each past to its present so the keys and values are written in place.
+    cache: str = "masked"
+    io: GeneratorIO = field(default_factory=GeneratorIO)
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    system: str
+    user: str                      # holds {context} and {question} (the topic, for summarize)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Templates with `{name}` placeholders, filled in one pass (values are never re-expanded).
+
+    `chat` is the generator's chat template rendered once at export time, so the engine
+    needs no Jinja: it holds `{system}` and `{user}`. `system` and `user` are the question-
+    answering task; `tasks` holds the others (bundles written before tasks existed have none).
+    """
+    chat: str
+    system: str
+    user: str                      # holds {context} and {question}
+    passage: str                   # holds {n}, {title} and {text}
+    passage_separator: str = "\n\n"
+    tasks: dict[str, TaskPrompt] = field(default_factory=dict)
+    # Dialogue: earlier turns go in front of the question inside the user message, because
+    # the rendered chat template has one user slot.
+    history: str = "Earlier in this conversation:\n{turns}\n\n"
+    turn: str = "{role}: {text}"   # role is "User" or "Assistant"
+
+    def task(self, name: str) -> TaskPrompt:
+        if name == "qa":
+            return TaskPrompt(self.system, self.user)
+        if name not in self.tasks:
+            known = ", ".join(["qa", *sorted(self.tasks)])
+            raise UserInputError(f"task must be one of {known} for this bundle, got {name!r}"
+                                 + ("" if self.tasks else " (re-export the bundle for the other tasks)"))
+        return self.tasks[name]
+
+
+@dataclass(frozen=True)
+class ChunkingSpec:
+    """How documents became passages; `ragrt index add` chunks new documents the same way."""
+    max_tokens: int                # encoder tokens per passage
+    overlap: int                   # tokens shared by consecutive passages of a document
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    path: str
+    metric: str                    # "cos"
+    dtype: str                     # "f16" | "i8" | "f32"
+    ndim: int
+    count: int
+    connectivity: int
+    expansion_search: int
+
+
+@dataclass(frozen=True)
+class PassagesSpec:
+    data: str                      # concatenated UTF-8 JSON records {"id", "title", "text"}
+    offsets: str                   # .npy uint64 [count + 1]; record i is data[offsets[i]:offsets[i+1]]
+    count: int
+
+
+@dataclass(frozen=True)
+class RagDefaults:
+    k: int = 5
+    mode: str = "concat"           # "concat" | "token" | "sequence"
+    temperature: float = 0.05      # P(c|q) = softmax(cosine / temperature)
+    max_new_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema: str
+    schema_version: int
+    ragrt_version: str
+    created_at: str
+    files: dict[str, FileEntry]
+    encoder: EncoderSpec
+    generator: GeneratorSpec
+    prompt: PromptSpec
+    chunking: ChunkingSpec
+    rag: RagDefaults = field(default_factory=RagDefaults)
+    corpus: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = MANIFEST_NAME) -> "Manifest":
+        raw = _json_object(text, where, SCHEMA, "ragrt bundle manifest")
+        version = raw.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise BundleError(
+                f"{where}: bundle schema_version {version!r} is newer than this ragrt reads "
+                f"({SCHEMA_VERSION}); upgrade ragrt")
+        if version < FIRST_READABLE_VERSION:
+            raise BundleError(f"{where}: bundle schema_version {version} predates corpus generations; "
+                              f"rebuild it with `ragrt export --force`")
+        return _checked(_build(cls, raw, where), where)
+
+    def referenced_paths(self) -> list[str]:
+        return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer]
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """`generation.json`: one immutable version of the corpus (index + passage store). Paths are
+    relative to its generation directory."""
+    schema: str
+    number: int
+    created_at: str
+    # The manifest's sha256: the vectors mean something only with the encoder that made them,
+    # and this seals manifest.json, which lists no checksum of itself.
+    manifest_sha256: str
+    files: dict[str, FileEntry]
+    index: IndexSpec
+    passages: PassagesSpec
+    documents: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> "GenerationSpec":
+        return _checked(_build(cls, _json_object(text, where, GENERATION_SCHEMA, "ragrt corpus generation"), where),
+                        where)
+
+    def referenced_paths(self) -> list[str]:
+        return [self.index.path, self.passages.data, self.passages.offsets]
+
+
+def _json_object(text: str, where: str, schema: str, kind: str) -> dict:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict) or raw.get("schema") != schema:
+        raise BundleError(f"{where}: not a {kind} (schema is not {schema!r})")
+    return raw
+
+
+def _checked(doc, where: str):
+    """`doc` (a Manifest or GenerationSpec) once none of its paths leaves the bundle."""
+    for path in doc.referenced_paths() + list(doc.files):
+        check_relative(path, where)
+    return doc
+
+
+def check_relative(path: str, where: str = MANIFEST_NAME) -> None:
+    """A manifest may only name files inside its bundle."""
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or "\\" in path or ".." in p.parts or ":" in path:
+        raise BundleError(f"{where}: file path {path!r} points outside the bundle")
+
+
+def _build(tp: Any, raw: Any, where: str) -> Any:
+    """Builds dataclass `tp` from parsed JSON, checking types so a bad manifest fails here."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: expected an object for {tp.__name__}")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in raw:
+                kwargs[f.name] = _build(hints[f.name], raw[f.name], f"{where}:{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BundleError(f"{where}: missing field {f.name!r}")
+        return tp(**kwargs)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: expected an object")
+        return {str(k): _build(val_t, v, f"{where}.{k}") for k, v in raw.items()}
+    if origin is tuple:
+        (item_t, _) = typing.get_args(tp)
+        if not isinstance(raw, list):
+            raise BundleError(f"{where}: expected a list")
+        return tuple(_build(item_t, v, where) for v in raw)
+    if tp is Any:
+        return raw
+    if tp is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, tp) or (tp is int and isinstance(raw, bool)):
+        raise BundleError(f"{where}: expected {tp.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    path = Path(bundle) / MANIFEST_NAME
+    if not Path(bundle).is_dir():
+        raise BundleError(f"{bundle}: no such bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; is {bundle} a ragrt bundle?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: not UTF-8 text") from None
+    return Manifest.from_json(text, where=str(path))

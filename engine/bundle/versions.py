@@ -1,0 +1,192 @@
+"""Corpus generations: the index and the passage store, replaced as one unit by renaming a pointer.
+
+    corpus/CURRENT                    "gen-000002 <sha256 of its generation.json>\\n"
+    corpus/gen-000002/generation.json GenerationSpec: files, index, passages
+    corpus/gen-000002/...             the files it lists
+
+A generation directory is never modified once named `gen-*`. An update builds the next one in a
+temporary directory, fsyncs it, renames it to `gen-N`, then replaces CURRENT with `os.replace`: a
+process killed at any point leaves CURRENT naming either the old generation or the new one.
+The generation before the current one is kept until the next update, so a reader that read the
+pointer just before a swap still finds its files; readers that have files open keep them anyway
+(POSIX keeps unlinked files readable).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from ragrt.bundle.atomic import atomic_write_text, fsync_dir, fsync_tree
+from ragrt.errors import BundleError, UserInputError
+from ragrt.bundle.integrity import check_files, check_inside, file_entries, sha256_file
+from ragrt.bundle.manifest import GENERATION_SCHEMA, GenerationSpec, IndexSpec, PassagesSpec
+
+CORPUS_DIR = "corpus"
+POINTER = "CURRENT"
+LOCK = "LOCK"
+GENERATION_FILE = "generation.json"
+INDEX_FILE = "vectors.usearch"     # a generation's files; their names are recorded in generation.json
+DATA_FILE = "passages.bin"
+OFFSETS_FILE = "offsets.npy"
+_POINTER = re.compile(r"(gen-(\d{6})) ([0-9a-f]{64})\n")
+_GENERATION_DIR = re.compile(r"gen-(\d{6})")
+_OPEN_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Pointer:
+    name: str                      # gen-NNNNNN
+    number: int
+    sha256: str                    # of the generation's generation.json
+
+
+@dataclass(frozen=True)
+class Generation:
+    path: Path                     # the generation directory
+    spec: GenerationSpec
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+
+def read_pointer(bundle: Path) -> Pointer:
+    path = Path(bundle) / CORPUS_DIR / POINTER
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; the bundle has no corpus generation") from None
+    # The strict format makes CURRENT check itself: any changed byte breaks the pattern,
+    # names a generation that is not there, or gives a sha256 its generation.json fails.
+    m = _POINTER.fullmatch(raw.decode("ascii", errors="replace"))
+    if m is None:
+        raise BundleError(f"{path}: not a generation pointer ('gen-NNNNNN <sha256>'); the bundle is corrupted")
+    return Pointer(m[1], int(m[2]), m[3])
+
+
+def pointer_signature(bundle: Path) -> tuple[int, int, int] | None:
+    """Changes whenever CURRENT is replaced; a stat, cheap enough to call on every request."""
+    try:
+        st = os.stat(Path(bundle) / CORPUS_DIR / POINTER)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def open_generation(bundle: Path, *, manifest_sha256: str) -> Generation:
+    """The current generation, every file's sha256 checked.
+
+    Always hashed, unlike the models: USearch walks its graph without bounds checks, so a
+    corrupted index body (header intact) crashes the process instead of raising. Hashing
+    runs at about 1 GB/s: 11 ms for a 6,369-passage corpus (9 MB) on the development machine.
+    Retried when CURRENT moved on while we read: an update may have removed what it named.
+    """
+    bundle = Path(bundle)
+    for _ in range(_OPEN_ATTEMPTS):
+        pointer = read_pointer(bundle)
+        try:
+            return _open(bundle, pointer, manifest_sha256)
+        except BundleError:
+            if read_pointer(bundle) == pointer:
+                raise
+    raise BundleError(f"{bundle / CORPUS_DIR}: the corpus changed {_OPEN_ATTEMPTS} times while it was opened; retry")
+
+
+def _open(bundle: Path, pointer: Pointer, manifest_sha256: str) -> Generation:
+    root = bundle / CORPUS_DIR / pointer.name
+    path = root / GENERATION_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {POINTER} names a generation that is not there")
+    check_inside(path, bundle)
+    if sha256_file(path) != pointer.sha256:
+        raise BundleError(f"{path}: sha256 does not match {CORPUS_DIR}/{POINTER}; the bundle is corrupted")
+    spec = GenerationSpec.from_json(path.read_text(encoding="utf-8"), where=str(path))
+    if spec.number != pointer.number:
+        raise BundleError(f"{path}: says generation {spec.number}, {POINTER} says {pointer.number}")
+    if spec.manifest_sha256 != manifest_sha256:
+        raise BundleError(f"{bundle / 'manifest.json'}: sha256 does not match the one {path} was built with; "
+                          "the manifest was modified or the corpus belongs to another bundle")
+    for rel in spec.referenced_paths():
+        if rel not in spec.files:
+            raise BundleError(f"{root / rel}: used by {GENERATION_FILE} but not listed in its files")
+    check_files(root, spec.files, verify=True, bundle=bundle)
+    return Generation(root, spec)
+
+
+@contextmanager
+def update_lock(bundle: Path) -> Iterator[None]:
+    """One writer at a time; the kernel drops the lock when its holder dies, however it dies."""
+    corpus = Path(bundle) / CORPUS_DIR
+    if not corpus.is_dir():
+        raise BundleError(f"{corpus}: missing; is {bundle} a ragrt bundle?")
+    try:
+        f = open(corpus / LOCK, "a")
+    except OSError as e:
+        raise UserInputError(f"{corpus}: cannot update the corpus ({e.strerror})") from None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserInputError(f"{bundle}: another corpus update is running; retry when it ends") from None
+        yield
+
+
+@contextmanager
+def staging(bundle: Path) -> Iterator[Path]:
+    """A temporary directory inside corpus/ (same filesystem, so it renames), removed unless published."""
+    tmp = Path(tempfile.mkdtemp(prefix=".gen-", suffix=".tmp", dir=Path(bundle) / CORPUS_DIR))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, index: IndexSpec,
+            passages: PassagesSpec, documents: int) -> Generation:
+    """Seals `staged` as generation `number` and makes it current; the one swap readers can see."""
+    bundle = Path(bundle)
+    corpus = bundle / CORPUS_DIR
+    spec = GenerationSpec(
+        schema=GENERATION_SCHEMA, number=number, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        manifest_sha256=manifest_sha256, files=file_entries(staged, [p for p in staged.rglob("*") if p.is_file()]),
+        index=index, passages=passages, documents=documents)
+    (staged / GENERATION_FILE).write_text(spec.to_json(), encoding="utf-8")
+    fsync_tree(staged)
+    target = corpus / f"gen-{number:06d}"
+    os.replace(staged, target)       # fails on a non-empty target: gen-N is never overwritten
+    fsync_dir(corpus)
+    atomic_write_text(corpus / POINTER, f"{target.name} {sha256_file(target / GENERATION_FILE)}\n")
+    remove_unused(bundle)
+    return Generation(target, spec)
+
+
+def remove_unused(bundle: Path) -> None:
+    """Removes what no reader can need: staging and pointer temp files left by a killed update,
+    generations newer than CURRENT (renamed, then killed before the swap) and all but the newest
+    older one."""
+    corpus = Path(bundle) / CORPUS_DIR
+    current = read_pointer(bundle).number
+    older = []
+    for p in corpus.iterdir():
+        m = _GENERATION_DIR.fullmatch(p.name)
+        if p.name.startswith(".gen-") and p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{POINTER}.") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        elif m and int(m[1]) > current:
+            shutil.rmtree(p, ignore_errors=True)
+        elif m and int(m[1]) < current:
+            older.append(p)
+    for p in sorted(older)[:-1]:
+        shutil.rmtree(p, ignore_errors=True)

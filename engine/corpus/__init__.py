@@ -1,0 +1,1 @@
+"""Documents -> passages: reading JSONL or a folder of text, chunking, and `ragrt index add/remove`."""

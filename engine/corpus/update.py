@@ -1,0 +1,151 @@
+"""`ragrt index add` / `ragrt index remove`: a new corpus generation, without a re-export.
+
+Both copy the current generation's index and passage store into a staging directory, change the
+copy, and publish it (engine/generation.py): a crash leaves the old corpus or the new one. New
+documents are chunked with the bundle's chunking settings and embedded by its own encoder, so they
+are indistinguishable from exported ones.
+
+Ids: a passage is `<document id>#<n>`. Adding a document whose id the bundle already holds is an
+error naming the file and line (remove it first: an update is then explicit, never a silent
+overwrite). Removing takes passage ids or document ids (a document id removes all its passages);
+an id that is neither is an error, and nothing is removed; so is removing every passage.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ragrt.bundle.reader import Bundle
+from ragrt.corpus.documents import chunk_documents, located_documents
+from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
+from ragrt.errors import BundleError, CorpusError
+from ragrt.bundle.versions import DATA_FILE, INDEX_FILE, OFFSETS_FILE, Generation, publish, remove_unused, staging, update_lock
+from ragrt.bundle.manifest import IndexSpec, PassagesSpec
+from ragrt.runtime.sessions import SessionConfig
+from ragrt.retrieval.passages import PassageRecord, PassageStore, passage_text, write_passage_store
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    generation: str                # the new current generation
+    added: int                     # passages
+    removed: int                   # passages
+    passages: int                  # in the new generation
+    documents: int
+
+
+def document_id(passage_id: str) -> str:
+    return passage_id.rsplit("#", 1)[0]
+
+
+def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int = 0) -> UpdateResult:
+    with update_lock(Path(bundle_path)):
+        bundle, gen, store = _open(bundle_path)
+        have = {document_id(r.id) for r in _records(store)}
+        docs = []
+        for doc, where in located_documents(corpus):
+            if doc.id in have:
+                raise CorpusError(f"{where}: document {doc.id!r} is already in the bundle; "
+                                  "remove it first with `ragrt index remove`")
+            docs.append(doc)
+        m = bundle.manifest
+        tokenizer = load_tokenizer(bundle.path(m.encoder.tokenizer))
+        new = [PassageRecord(p.id, p.title, p.text) for p in
+               chunk_documents(docs, tokenizer, max_tokens=m.chunking.max_tokens, overlap=m.chunking.overlap)]
+        if not new:
+            raise CorpusError(f"{corpus}: the documents have no text to index")
+        encoder = TextEncoder.from_spec(bundle.root, m.encoder, SessionConfig(threads=threads))
+        vectors = encoder.embed_all([passage_text(p) for p in new])
+        index = _load_index(gen, view=False)          # a private, writable copy of the current graph
+        index.add(np.arange(len(store), len(store) + len(new), dtype=np.uint64), vectors)
+        return _publish(bundle, gen, index, chain(_records(store), new), added=len(new), removed=0,
+                        documents=len(have) + len(docs))
+
+
+def remove_ids(bundle_path: str | Path, ids_file: str | Path) -> UpdateResult:
+    wanted = read_ids(Path(ids_file))
+    with update_lock(Path(bundle_path)):
+        bundle, gen, store = _open(bundle_path)
+        ids = [r.id for r in _records(store)]
+        by_document: dict[str, list[int]] = {}
+        for row, pid in enumerate(ids):
+            by_document.setdefault(document_id(pid), []).append(row)
+        by_passage = {pid: [row] for row, pid in enumerate(ids)}     # a passage id wins over a document id
+        rows = {**by_document, **by_passage}
+        unknown = [(i, where) for i, where in wanted if i not in rows]
+        if unknown:
+            i, where = unknown[0]
+            raise CorpusError(f"{where}: no passage or document with id {i!r} in the bundle "
+                              f"({len(unknown)} unknown ids in all); nothing was removed")
+        drop = {row for i, _ in wanted for row in rows[i]}
+        keep = np.array([row for row in range(len(store)) if row not in drop], dtype=np.uint64)
+        if not len(keep):
+            # as export refuses an empty corpus: an engine without passages has nothing to answer from
+            raise CorpusError(f"{ids_file}: these ids are every passage in the bundle; nothing was removed")
+        documents = len({document_id(ids[row]) for row in keep})
+        old = _load_index(gen, view=True)
+        index = _empty_index(gen.spec.index)
+        # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
+        index.add(np.arange(len(keep), dtype=np.uint64), np.vstack(old.get(keep)))
+        kept = (store.get(int(row)) for row in keep)
+        return _publish(bundle, gen, index, kept, added=0, removed=len(drop), documents=documents)
+
+
+def read_ids(path: Path) -> list[tuple[str, str]]:
+    """(id, "file:line") for each non-blank line; surrounding whitespace is not part of an id."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    ids = []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CorpusError(f"{path}:{n}: not UTF-8 text") from None
+        if line:
+            ids.append((line, f"{path}:{n}"))
+    if not ids:
+        raise CorpusError(f"{path}: no ids in the file")
+    return ids
+
+
+def _open(bundle_path: str | Path) -> tuple[Bundle, Generation, PassageStore]:
+    bundle = Bundle.open(bundle_path)
+    remove_unused(bundle.root)       # what an update killed before its swap left behind
+    gen = bundle.generation
+    spec = gen.spec.passages
+    return bundle, gen, PassageStore.open(gen.file(spec.data), gen.file(spec.offsets), count=spec.count)
+
+
+def _records(store: PassageStore) -> Iterator[PassageRecord]:
+    return (store.get(row) for row in range(len(store)))
+
+
+def _load_index(gen: Generation, *, view: bool):
+    from usearch.index import Index
+    path = gen.file(gen.spec.index.path)
+    index = Index.restore(str(path), view=view)
+    if index is None:
+        raise BundleError(f"{path}: not a readable USearch index")
+    return index
+
+
+def _empty_index(spec: IndexSpec):
+    from usearch.index import Index
+    return Index(ndim=spec.ndim, metric=spec.metric, dtype=spec.dtype, connectivity=spec.connectivity,
+                 expansion_search=spec.expansion_search)
+
+
+def _publish(bundle: Bundle, gen: Generation, index, records: Iterator[PassageRecord], *,
+             added: int, removed: int, documents: int) -> UpdateResult:
+    with staging(bundle.root) as tmp:
+        index.save(str(tmp / INDEX_FILE))
+        count = write_passage_store(tmp / DATA_FILE, tmp / OFFSETS_FILE, records)
+        new = publish(bundle.root, tmp, number=gen.spec.number + 1, manifest_sha256=bundle.manifest_sha256,
+                      index=dataclasses.replace(gen.spec.index, path=INDEX_FILE, count=count),
+                      passages=PassagesSpec(DATA_FILE, OFFSETS_FILE, count), documents=documents)
+    return UpdateResult(new.name, added, removed, count, documents)

@@ -1,0 +1,120 @@
+"""Building the generator's prompt from the manifest's templates, within the context budget."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from tokenizers import Tokenizer
+
+from ragrt.bundle.manifest import PromptSpec
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def fill(template: str, **values: str) -> str:
+    """One-pass substitution: braces inside values (code, user text) are never expanded."""
+    return _FIELD.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template)
+
+
+@dataclass(frozen=True)
+class PassageText:
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier message of a dialogue."""
+    role: str                      # "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    passages_used: int             # passages that fit, in whole or truncated
+    truncated: bool                # a passage or the question was cut to fit
+
+
+class PromptBuilder:
+    def __init__(self, spec: PromptSpec, tokenizer: Tokenizer, *, budget: int, task: str = "qa",
+                 history: Sequence[Turn] = ()):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.budget = budget       # prompt tokens allowed: max_context - max_new_tokens
+        self.task = spec.task(task)
+        self.history = tuple(history)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _cut(self, text: str, tokens: int) -> str:
+        """The longest prefix of `text` that is at most `tokens` tokens long."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(enc.ids) <= tokens:
+            return text
+        return text[:enc.offsets[tokens][0]] if tokens > 0 else ""
+
+    def build(self, question: str, passages: Sequence[PassageText]) -> Prompt:
+        """Passages are added in rank order while they fit; the last one that does not is cut."""
+        def render(context: str, q: str) -> str:
+            user = fill(self.task.user, context=context, question=q)
+            return fill(self.spec.chat, system=self.task.system, user=user)
+
+        truncated = False
+        overhead = self.count(render("", ""))
+        q_tokens = self.count(question)
+        if overhead + q_tokens > self.budget // 2:
+            # A question that eats the whole window would leave no room for evidence.
+            question = self._cut(question, max(self.budget // 2 - overhead, 1))
+            truncated = True
+        if self.history:
+            turns = self._recent_turns(self.budget // 2 - overhead - self.count(question))
+            truncated |= len(turns) < len(self.history)
+            if turns:
+                question = fill(self.spec.history, turns="\n".join(turns)) + question
+        # Tokens merge differently across part boundaries; a small margin absorbs that.
+        left = self.budget - self.count(render("", question)) - 8
+        parts: list[str] = []
+        sep_tokens = self.count(self.spec.passage_separator)
+        for n, p in enumerate(passages, start=1):
+            block = fill(self.spec.passage, n=str(n), title=p.title, text=p.text)
+            cost = self.count(block) + (sep_tokens if parts else 0)
+            if cost > left:
+                room = left - (sep_tokens if parts else 0) - self.count(fill(self.spec.passage, n=str(n), title=p.title, text=""))
+                if room > 16:
+                    parts.append(fill(self.spec.passage, n=str(n), title=p.title, text=self._cut(p.text, room)))
+                truncated = True
+                break
+            parts.append(block)
+            left -= cost
+        text = render(self.spec.passage_separator.join(parts), question)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return Prompt(ids=ids, passages_used=len(parts), truncated=truncated)
+
+    def fixed_prefix(self) -> list[int]:
+        """Leading tokens that every prompt of this task starts with (system prompt, chat markup).
+
+        Found by building two prompts that share nothing but the templates; the last two
+        common tokens are dropped, as text after them may merge into them differently.
+        """
+        a = self.build("why?", [PassageText("a", "b")]).ids
+        b = self.build("Qu", [PassageText("Zz", "0")]).ids
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:max(n - 2, 0)]
+
+    def _recent_turns(self, room: int) -> list[str]:
+        """The latest turns that fit in `room` tokens with the history header, oldest first.
+
+        Dialogue and question share half the window, so the passages keep the other half.
+        """
+        room -= self.count(fill(self.spec.history, turns=""))
+        kept: list[str] = []
+        for turn in reversed(self.history):
+            line = fill(self.spec.turn, role=turn.role.capitalize(), text=turn.content)
+            room -= self.count(line) + 1
+            if room < 0:
+                break
+            kept.append(line)
+        return kept[::-1]

@@ -1,0 +1,89 @@
+"""`Retriever`: question -> top-k passages, through a memory-mapped USearch index."""
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ragrt.retrieval.encoder import TextEncoder
+from ragrt.errors import BundleError, UserInputError
+from ragrt.runtime.madvise import advise_random
+from ragrt.bundle.manifest import IndexSpec, PassagesSpec
+from ragrt.retrieval.passages import PassageStore
+
+
+def search_breadth(count: int, floor: int) -> int:
+    """expansion_search for an index of `count` vectors: the manifest's value, widened for big indexes.
+
+    HNSW keeps its recall only with a wider beam as the graph grows. On real-derived MiniLM
+    vectors (benchmarks/retrieval.py) 128 gave recall@10 0.992 at 100k but 0.913 at 1M, where
+    512 gave 0.976; this doubles from 128 at 256k vectors up to 512 at 1M.
+    """
+    return max(floor, min(512, 1 << max(0, math.ceil(math.log2(max(count, 1) / 2000)))))
+
+
+@dataclass(frozen=True)
+class Hit:
+    row: int
+    id: str
+    title: str
+    text: str
+    score: float                   # cosine similarity
+
+
+class Retriever:
+    def __init__(self, index, store: PassageStore, encoder: TextEncoder):
+        self.index = index
+        self.store = store
+        self.encoder = encoder
+
+    @classmethod
+    def open(cls, root: Path, spec: IndexSpec, passages: PassagesSpec, encoder: TextEncoder) -> "Retriever":
+        """`root` is the directory the specs' paths are relative to: a corpus generation."""
+        from usearch.index import Index
+        path = root / spec.path
+        try:
+            # view=True memory-maps the file: the index costs page cache, not process memory.
+            index = Index.restore(str(path), view=True)
+        except Exception as e:  # usearch raises plain RuntimeError/ValueError on a bad file
+            raise BundleError(f"{path}: not a readable USearch index ({e})") from None
+        if index is None:          # restore's answer for a missing or headerless file
+            raise BundleError(f"{path}: not a readable USearch index")
+        # Scores are 1 - distance, which is cosine similarity only under the cos metric.
+        metric = index.metric.name.lower()
+        if metric != "cos" or spec.metric != "cos":
+            raise BundleError(f"{path}: index metric is {metric!r}, manifest says {spec.metric!r}; ragrt needs 'cos'")
+        if index.ndim != spec.ndim or len(index) != spec.count:
+            raise BundleError(f"{path}: index holds {len(index)} vectors of {index.ndim} dims, "
+                              f"manifest says {spec.count} of {spec.ndim}")
+        index.expansion_search = search_breadth(len(index), spec.expansion_search)
+        advise_random(path)        # queries hop all over the file: readahead only evicts wanted pages
+        store = PassageStore.open(root / passages.data, root / passages.offsets, count=passages.count)
+        if len(store) != spec.count:
+            raise BundleError(f"{root}: the index holds {spec.count} passages but the store {len(store)}")
+        return cls(index, store, encoder)
+
+    def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k passages for each row of `query_vectors` (n, dim), best first; k is clipped to the store size."""
+        if not isinstance(k, (int, np.integer)) or k < 0:
+            raise UserInputError(f"k must be a non-negative integer, got {k!r}")
+        queries = np.asarray(query_vectors, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.ndim:
+            raise UserInputError(f"query vectors must be (n, {self.index.ndim}), got {tuple(queries.shape)}")
+        k = min(int(k), len(self.store))
+        if k == 0 or len(queries) == 0:
+            return [[] for _ in range(len(queries))]
+        matches = self.index.search(np.ascontiguousarray(queries), k)
+        # usearch answers one query with Matches and several with BatchMatches.
+        per_query = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
+        return [[self._hit(int(key), float(dist)) for key, dist in zip(m.keys, m.distances)] for m in per_query]
+
+    def retrieve(self, query: str, k: int) -> list[Hit]:
+        return self.search(self.encoder.embed_all([query]), k)[0]
+
+    def _hit(self, row: int, distance: float) -> Hit:
+        rec = self.store.get(row)
+        return Hit(row, rec.id, rec.title, rec.text, 1.0 - distance)   # usearch's cos distance is 1 - cosine

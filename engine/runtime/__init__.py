@@ -1,0 +1,1 @@
+"""The operating system and onnxruntime under the engine: sessions, huge pages and madvise."""

@@ -1,0 +1,221 @@
+"""Micro-batching: concurrent greedy generations share every decoder step.
+
+One worker thread owns the decode loop. Between steps it admits waiting requests (their
+prompts prefilled as one batch, then merged into the running batch) and drops the rows that
+finished, so a request never waits for a whole batch to end and a long answer never holds
+back a short one. Each row keeps its own stop condition: EOS, its token limit, its deadline,
+or its reader going away.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ragrt.decoding.decoder import Decoder, KVState, RowStates
+from ragrt.errors import RagrtError
+
+log = logging.getLogger("ragrt.batcher")
+
+
+class QueueFull(RagrtError):
+    """More requests are waiting than the queue holds; the server answers 429."""
+
+
+class DeadlineExceeded(RagrtError):
+    """A request's deadline passed before its answer was complete."""
+
+
+class Closed(RagrtError):
+    """The batcher is shutting down and takes no new requests."""
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class _Row:
+    prompt: Sequence[int]
+    max_new_tokens: int
+    deadline: float                # time.monotonic() seconds
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # token ids, then _END or an error
+    emitted: int = 0
+    cancelled: bool = False        # the reader stopped iterating
+
+
+class Tokens:
+    """One row's token ids as the worker decodes them. `close` (or dropping it) frees the row at
+    the next step; unlike a generator's close, it is safe from any thread, mid-`next` included."""
+
+    def __init__(self, row: _Row):
+        self._row = row
+        self._done = False
+
+    def __iter__(self) -> "Tokens":
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        item = self._row.out.get()
+        if item is _END or isinstance(item, BaseException):
+            self._done = True
+            if item is _END:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._row.cancelled = True
+
+    __del__ = close
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    waiting: int
+    active: int
+    tokens: int                    # generated since start
+    steps: int                     # decoder calls (prefills and steps) since start
+
+
+class Batcher:
+    """`submit` a prompt, iterate the token ids it returns. Thread-safe; `close` drains in-flight work."""
+
+    def __init__(self, decoder: Decoder, *, max_batch: int = 8, max_queue: int = 64, prefill_tokens: int = 512):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.decoder = decoder
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens    # prompt tokens admitted per step, beyond the first prompt
+        self._stop = set(decoder.spec.eos_token_ids)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Row] = deque()
+        self._active = 0
+        self._tokens = 0
+        self._steps = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="ragrt-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, *, deadline_s: float) -> "Tokens":
+        """Queues one greedy generation; iterate the result for its tokens (it raises the row's errors)."""
+        row = _Row(list(prompt), max_new_tokens, time.monotonic() + deadline_s)
+        with self._cond:
+            if self._closing:
+                raise Closed("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
+            self._waiting.append(row)
+            self._cond.notify()
+        return Tokens(row)
+
+    def stats(self) -> BatcherStats:
+        with self._cond:
+            return BatcherStats(len(self._waiting), self._active, self._tokens, self._steps)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Takes no new work; returns once every queued and running request has finished."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        rows: list[_Row] = []
+        logits: np.ndarray | None = None          # (len(rows), V): each row's next-token logits
+        state: KVState | RowStates | None = None
+        while True:
+            with self._cond:
+                while not rows and not self._waiting:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                new, budget = [], self.prefill_tokens
+                # Prefill is compute-bound: batching long prompts gains nothing and pads the shorter
+                # ones, so a step admits prompts up to a token budget (always at least one).
+                while self._waiting and len(rows) + len(new) < self.max_batch and (
+                        not new or len(self._waiting[0].prompt) <= budget):
+                    budget -= len(self._waiting[0].prompt)
+                    new.append(self._waiting.popleft())
+            try:
+                new = [r for r in new if self._still_wanted(r)]
+                with self._cond:
+                    self._active = len(rows) + len(new)
+                if new:
+                    new_logits, new_state = self.decoder.prefill([r.prompt for r in new])
+                    if self.decoder.row_by_row and isinstance(new_state, KVState):
+                        new_state = RowStates((new_state,))
+                    logits = new_logits if not rows else np.concatenate([logits, new_logits])
+                    state = new_state if not rows else self.decoder.merge(state, new_state)
+                    rows += new
+                    self._steps += 1
+                if not rows:
+                    continue
+                rows, logits, state = self._step(rows, logits, state)
+            except Exception as e:  # a failed decoder call fails the rows it carried, not the server
+                log.exception("decoding failed")
+                for r in rows + new:
+                    r.out.put(RagrtError(f"decoding failed: {type(e).__name__}: {e}"))
+                rows, logits, state = [], None, None
+
+    def _step(self, rows: list[_Row], logits: np.ndarray, state):
+        """Emits one token per row, retires finished rows, and runs the next step for the rest."""
+        tokens = logits.argmax(axis=-1)                        # (B,)
+        now = time.monotonic()
+        keep, emitted = [], 0
+        for i, r in enumerate(rows):
+            token = int(tokens[i])
+            if r.cancelled:
+                continue
+            if now > r.deadline:
+                r.out.put(DeadlineExceeded(f"the deadline passed after {r.emitted} tokens"))
+                continue
+            if token in self._stop:
+                r.out.put(_END)
+                continue
+            r.out.put(token)
+            r.emitted += 1
+            emitted += 1
+            if r.emitted >= r.max_new_tokens:
+                r.out.put(_END)
+            else:
+                keep.append(i)
+        with self._cond:
+            self._tokens += emitted
+            self._active = len(keep)
+        if not keep:
+            return [], None, None
+        if len(keep) < len(rows):
+            state = self.decoder.select(state, keep)
+        logits, state = self.decoder.step(state, tokens[keep])
+        self._steps += 1
+        return [rows[i] for i in keep], logits, state
+
+    def _still_wanted(self, row: _Row) -> bool:
+        if row.cancelled:
+            return False
+        if time.monotonic() > row.deadline:
+            row.out.put(DeadlineExceeded("the deadline passed while the request waited in the queue"))
+            return False
+        return True
+
+
+def batched_stream(engine, batcher: Batcher, prepared, *, deadline_s: float):
+    """An AnswerStream for a prepared request: concat decodes in the shared batch; token and
+    sequence modes already batch their k passages, so they run on the caller's thread."""
+    from ragrt.decoding.rag import Run, start
+    p = prepared
+    if p.mode != "concat":
+        return engine.answer_stream(p, start(p.mode, engine.decoder, p.builder, p.question, p.passages,
+                                             p.prior, p.max_new_tokens))
+    prompt = p.builder.build(p.question, p.passages)
+    tokens = batcher.submit(prompt.ids, p.max_new_tokens, deadline_s=deadline_s)
+    return engine.answer_stream(p, Run(tokens, len(prompt.ids), prompt.truncated))

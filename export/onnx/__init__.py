@@ -1,0 +1,1 @@
+"""PyTorch checkpoints -> ONNX graphs: optimum's export and onnxruntime-genai's fused builder."""

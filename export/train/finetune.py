@@ -1,0 +1,398 @@
+"""`ragrt finetune`: adapt the retriever and the generator to the user's corpus and Q/A pairs.
+
+Phases, each resumable from its last checkpoint:
+1. retriever: contrastive training of the encoder, in-batch negatives plus hard negatives
+   mined with the current encoder at the start of every epoch;
+2. generator: supervised fine-tuning on the prompt the engine really builds (retrieved
+   passages + question -> answer), loss on answer tokens only; full or LoRA (merged);
+   with `joint`, instead the RAG marginal likelihood sum_c P(c|q) P(a|q,c) over the top-k,
+   so the query encoder also learns from the generator (passage vectors stay frozen).
+RUN/encoder and RUN/generator are HF checkpoints that `ragrt export` takes as they are.
+Dropout stays off, so a resumed run ends bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ragrt.bundle.atomic import atomic_write_text
+from ragrt.corpus.documents import chunk_documents, read_documents
+from ragrt.errors import CorpusError, UserInputError
+from ragrt.evaluate import QA, is_relevant, read_qa, token_f1
+from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.retrieval.passages import PassageRecord, passage_text
+
+from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives
+from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
+from ragrt.export.pack import prompt_spec
+from ragrt.export.train.sft import rag_marginal_nll, sequence_logprobs, sft_example
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    corpus: Path
+    train: Path
+    out: Path
+    dev: Path | None = None
+    encoder: Path | None = None
+    generator: Path | None = None
+    epochs: int = 3                 # retriever epochs
+    generator_epochs: int = 1
+    lr: float = 3e-5
+    generator_lr: float = 3e-5
+    batch_size: int = 16
+    hard_negatives: int = 2
+    pool_size: int = 3000           # passages embedded per epoch to mine negatives from
+    k: int = 3                      # passages in a generator training prompt
+    max_answer_tokens: int = 64
+    grad_accumulation: int = 4
+    lora: bool = False
+    joint: bool = False
+    temperature: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 20
+    max_steps: int = 0              # per phase; 0 = no limit (CI uses a few)
+    chunk_tokens: int = 128
+    overlap: int = 32
+
+
+@dataclass
+class RunState:
+    phase: str = "retriever"        # retriever -> generator -> done
+    epoch: int = 0
+    step: int = 0                   # optimizer steps taken in this phase
+    losses: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)      # phase seconds, dev recall before/after
+
+
+def _say(msg: str) -> None:
+    print(f"[ragrt finetune] {msg}", flush=True)
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    for name in ("epochs", "generator_epochs", "batch_size", "k", "grad_accumulation", "checkpoint_every"):
+        if getattr(cfg, name) < (0 if name.endswith("epochs") else 1):
+            raise UserInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not cfg.generator_lr > 0:
+        raise UserInputError("learning rates must be > 0")
+
+
+def load_data(cfg: FinetuneConfig, chunk_tokenizer) -> tuple[list[QA], list[PassageRecord], list[set[int]]]:
+    """Q/A pairs, passages chunked exactly as `ragrt export` chunks them, and each pair's positive rows."""
+    items = read_qa(cfg.train)
+    passages = [PassageRecord(p.id, p.title, p.text) for p in
+                chunk_documents(read_documents(cfg.corpus), chunk_tokenizer, max_tokens=cfg.chunk_tokens,
+                                overlap=cfg.overlap)]
+    mined = 0
+    positives = []
+    for qa in items:
+        if qa.positive_ids:
+            rows = {i for i, p in enumerate(passages) if is_relevant(p.id, qa.positive_ids)}
+        else:
+            # No gold ids: the passage that shares the most words with the answer.
+            rows = {int(np.argmax([token_f1(p.text, qa.answer) for p in passages]))}
+            mined += 1
+        positives.append(rows)
+    if mined:
+        _say(f"{mined} of {len(items)} questions have no positive_ids: mined their positive as the passage "
+             "with the highest token F1 against the answer")
+    keep = [i for i, rows in enumerate(positives) if rows]
+    if len(keep) < len(items):
+        _say(f"skipping {len(items) - len(keep)} questions whose positive_ids match no passage of the corpus")
+    if not keep:
+        raise CorpusError(f"{cfg.train}: no question has a positive passage in {cfg.corpus}")
+    return [items[i] for i in keep], passages, [positives[i] for i in keep]
+
+
+class Trainer:
+    """One phase's optimizer with checkpoints that hold weights, optimizer moments and the step."""
+
+    def __init__(self, run: Path, state: RunState, models: dict, lr: float, cfg: FinetuneConfig):
+        import torch
+        self.run, self.state, self.models, self.cfg = run, state, models, cfg
+        params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        self._restore_optimizer()
+        self.bar = None
+
+    def progress(self, total: int, desc: str) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="step", initial=self.state.step)
+
+    def _opt_path(self) -> Path:
+        return self.run / "checkpoint" / f"optimizer-{self.state.phase}.safetensors"
+
+    def _restore_optimizer(self) -> None:
+        from safetensors.torch import load_file
+        path = self._opt_path()
+        if not path.exists():
+            return
+        tensors = load_file(str(path))
+        sd = self.optimizer.state_dict()
+        sd["state"] = {}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            sd["state"].setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict(sd)
+
+    def step(self, loss_value: float) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.state.step += 1
+        self.state.losses.setdefault(self.state.phase, []).append(round(loss_value, 5))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss_value:.3f}")
+        if self.state.step % self.cfg.checkpoint_every == 0:
+            self.checkpoint()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Weights and optimizer first, state.json last: a crash in between resumes from the older state."""
+        from safetensors.torch import save_file
+        ck = self.run / "checkpoint"
+        ck.mkdir(parents=True, exist_ok=True)
+        for name, model in self.models.items():
+            tmp = ck / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            shutil.rmtree(ck / name, ignore_errors=True)
+            os.replace(tmp, ck / name)
+        flat = {f"{idx}.{k}": v.contiguous() for idx, s in self.optimizer.state_dict()["state"].items()
+                for k, v in s.items()}
+        save_file(flat, str(ck / ".optimizer.tmp"))
+        os.replace(ck / ".optimizer.tmp", self._opt_path())
+        _write_json(self.run / "state.json", asdict(self.state))
+
+    def done(self) -> bool:
+        return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
+
+
+def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int) -> list[int]:
+    """Every positive passage plus a seeded sample of the rest: embedding the whole corpus
+    each epoch would cost minutes, and hard negatives come from the top of the ranking anyway."""
+    pos_rows = sorted({r for rows in positives for r in rows})
+    taken = set(pos_rows)
+    others = [i for i in range(n_passages) if i not in taken]
+    return pos_rows + random.Random(seed).sample(others, min(len(others), max(size - len(pos_rows), 0)))
+
+
+def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: list[QA] | None):
+    from transformers import AutoModel, AutoTokenizer
+    resume = run / "checkpoint" / "encoder"
+    model = AutoModel.from_pretrained(resume if resume.is_dir() else enc_ckpt)
+    model.eval()                       # no dropout: determinism, and resume == uninterrupted
+    tok = AutoTokenizer.from_pretrained(enc_ckpt)
+    trainer = Trainer(run, state, {"encoder": model}, cfg.lr, cfg)
+    pool = sample_pool(cfg.pool_size, len(passages), positives, cfg.seed)
+    pool_index = {row: j for j, row in enumerate(pool)}
+    texts = [passage_text(passages[r]) for r in pool]
+    steps_per_epoch = -(-len(items) // cfg.batch_size)
+    trainer.progress(steps_per_epoch * cfg.epochs, "retriever")
+    while state.epoch < cfg.epochs and not trainer.done():
+        # Mined once per epoch and kept, so a run resumed mid-epoch trains on the same negatives.
+        mined = run / "checkpoint" / f"negatives-{state.epoch}.json"
+        if mined.exists():
+            negatives = json.loads(mined.read_text())
+        else:
+            pool_vecs = np.concatenate([embed(model, tok, texts[i:i + 64]).numpy() for i in range(0, len(texts), 64)])
+            query_vecs = embed(model, tok, [qa.question for qa in items]).numpy()
+            negatives = mine_hard_negatives(query_vecs, pool_vecs, [{pool_index[r] for r in rows} for rows in positives],
+                                            cfg.hard_negatives)
+            mined.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(mined, negatives)
+        if state.epoch == 0 and dev is not None and "dev_recall@5_before" not in state.report:
+            state.report["dev_recall@5_before"] = dev_recall(model, tok, dev, pool, passages)
+        order = list(range(len(items)))
+        random.Random(cfg.seed * 1000 + state.epoch).shuffle(order)
+        for b in range(state.step - state.epoch * steps_per_epoch, steps_per_epoch):
+            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            pick = random.Random(cfg.seed + 7919 * (state.epoch * steps_per_epoch + b))
+            pos_texts = [passage_text(passages[pick.choice(sorted(positives[i]))]) for i in batch]
+            neg_texts = [texts[j] for i in batch for j in negatives[i]]
+            q = embed(model, tok, [items[i].question for i in batch], grad=True)
+            p = embed(model, tok, pos_texts, grad=True)
+            n = embed(model, tok, neg_texts, grad=True) if neg_texts else None
+            loss = contrastive_loss(q, p, n)
+            loss.backward()
+            trainer.step(loss.item())
+            if trainer.done():
+                break
+        else:
+            state.epoch += 1
+    if dev is not None:
+        state.report["dev_recall@5_after"] = dev_recall(model, tok, dev, pool, passages)
+        _say(f"dev recall@5 within a pool of {len(pool)} passages: "
+             f"{state.report.get('dev_recall@5_before', float('nan')):.3f} -> {state.report['dev_recall@5_after']:.3f}")
+    trainer.close()
+    return model, tok
+
+
+def dev_recall(model, tok, dev: list[QA], pool: list[int], passages: list[PassageRecord]) -> float:
+    """recall@5 of held-out questions, searching the training pool plus their own positives."""
+    rows = sorted(set(pool) | {i for i, p in enumerate(passages) if any(is_relevant(p.id, qa.positive_ids) for qa in dev)})
+    vecs = np.concatenate([embed(model, tok, [passage_text(passages[r]) for r in rows[i:i + 64]]).numpy()
+                           for i in range(0, len(rows), 64)])
+    queries = embed(model, tok, [qa.question for qa in dev]).numpy()
+    hits = [any(is_relevant(passages[rows[j]].id, qa.positive_ids) for j in np.argsort(-vecs @ q)[:5])
+            for q, qa in zip(queries, dev)]
+    return round(float(np.mean(hits)), 4)
+
+
+def generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok):
+    """Per question: the top-k passages by the (fine-tuned) encoder over a pool, the gold one
+    always among them, in score order as the engine would give them; and the frozen passage
+    vectors joint training scores them with. Saved, so a resumed run sees the same ones."""
+    ck = run / "checkpoint"
+    if (ck / "contexts.json").exists():
+        saved = json.loads((ck / "contexts.json").read_text())
+        return saved["contexts"], dict(zip(saved["rows"], np.load(ck / "frozen.npy", allow_pickle=False)))
+    pool = sample_pool(cfg.pool_size, len(passages), positives, cfg.seed + 1)
+    pool_vecs = np.concatenate([embed(encoder, enc_tok, [passage_text(passages[r]) for r in pool[i:i + 64]]).numpy()
+                                for i in range(0, len(pool), 64)])
+    query_vecs = embed(encoder, enc_tok, [qa.question for qa in items]).numpy()
+    contexts = []
+    for qv, rows in zip(query_vecs, positives):
+        scores = pool_vecs @ qv
+        top = [pool[j] for j in np.argsort(-scores, kind="stable")[:cfg.k]]
+        if not rows & set(top):
+            top[-1] = max(rows, key=lambda r: scores[pool.index(r)])
+        contexts.append(top)
+    rows = sorted({r for ctx in contexts for r in ctx})
+    frozen = np.stack([pool_vecs[pool.index(r)] for r in rows])
+    ck.mkdir(parents=True, exist_ok=True)
+    np.save(ck / "frozen.npy", frozen, allow_pickle=False)
+    _write_json(ck / "contexts.json", {"contexts": contexts, "rows": rows})
+    return contexts, dict(zip(rows, frozen))
+
+
+def generator_examples(cfg, items, passages, contexts, builder, eos_id):
+    def texts(rows):
+        return [PassageText(passages[r].title, passages[r].text) for r in rows]
+    if cfg.joint:       # one prompt per passage: the marginal needs p(a | q, c) for each c
+        return [[sft_example(builder, qa.question, texts([r]), qa.answer, eos_id, cfg.max_answer_tokens) for r in ctx]
+                for qa, ctx in zip(items, contexts)]
+    return [sft_example(builder, qa.question, texts(ctx), qa.answer, eos_id, cfg.max_answer_tokens)
+            for qa, ctx in zip(items, contexts)]
+
+
+def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encoder, enc_tok):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(gen_ckpt)
+    spec = prompt_spec(hf_tok.chat_template,
+                       lambda m: hf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    builder = PromptBuilder(spec, hf_tok.backend_tokenizer, budget=2048 - cfg.max_answer_tokens)
+    resume = run / "checkpoint" / "generator"
+    resuming = resume.is_dir()
+    model = AutoModelForCausalLM.from_pretrained(resume if resuming and not cfg.lora else gen_ckpt, dtype=torch.float32)
+    model.eval()
+    eos_id = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    if eos_id is None or eos_id == hf_tok.unk_token_id:
+        eos_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else model.config.eos_token_id[0]
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else eos_id
+    if cfg.lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if resuming:        # a LoRA checkpoint holds the adapter alone
+            model = PeftModel.from_pretrained(model, resume, is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"]))
+    contexts, frozen = generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok)
+    examples = generator_examples(cfg, items, passages, contexts, builder, eos_id)
+    models = {"generator": model} | ({"encoder": encoder} if cfg.joint else {})
+    trainer = Trainer(run, state, models, cfg.generator_lr, cfg)
+    per_epoch = -(-len(items) // cfg.grad_accumulation)
+    trainer.progress(per_epoch * cfg.generator_epochs, "generator" + (" (joint)" if cfg.joint else ""))
+    while state.epoch < cfg.generator_epochs and not trainer.done():
+        order = list(range(len(items)))
+        random.Random(cfg.seed * 1000 + 17 + state.epoch).shuffle(order)
+        for s in range(state.step - state.epoch * per_epoch, per_epoch):
+            total = 0.0
+            batch = order[s * cfg.grad_accumulation:(s + 1) * cfg.grad_accumulation]
+            for i in batch:
+                if cfg.joint:
+                    q = embed(encoder, enc_tok, [items[i].question], grad=True)[0]
+                    d = torch.tensor(np.stack([frozen[r] for r in contexts[i]]))
+                    loss = rag_marginal_nll(q, d, sequence_logprobs(model, examples[i], pad_id), cfg.temperature)
+                else:
+                    ids, labels = examples[i]
+                    loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+                (loss / len(batch)).backward()
+                total += loss.item() / len(batch)
+            trainer.step(total)
+            if trainer.done():
+                break
+        else:
+            state.epoch += 1
+    trainer.close()
+    return model, hf_tok
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
+    from tokenizers import Tokenizer
+    _validate(cfg)
+    import torch
+    torch.manual_seed(cfg.seed)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    state_path = run / "state.json"
+    state = RunState(**json.loads(state_path.read_text())) if state_path.exists() else RunState()
+    if state.phase == "done":
+        raise UserInputError(f"{run} holds a finished run; choose a new --out")
+    if state_path.exists():
+        _say(f"resuming {run}: phase {state.phase}, epoch {state.epoch}, step {state.step}")
+    enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
+    chunk_tok = Tokenizer.from_file(str(enc_ckpt / "tokenizer.json"))
+    items, passages, positives = load_data(cfg, chunk_tok)
+    _say(f"{len(items)} training questions, {len(passages)} passages")
+
+    t0 = time.perf_counter()
+    if state.phase == "retriever":
+        dev = read_qa(cfg.dev) if cfg.dev else None
+        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev)
+        state.report["retriever"] = round(time.perf_counter() - t0, 1)
+        state.phase, state.epoch, state.step = "generator", 0, 0
+        _write_json(state_path, asdict(state))
+    else:
+        from transformers import AutoModel, AutoTokenizer
+        encoder, enc_tok = AutoModel.from_pretrained(run / "checkpoint" / "encoder").eval(), AutoTokenizer.from_pretrained(enc_ckpt)
+    t1 = time.perf_counter()
+    generator, gen_tok = train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encoder, enc_tok)
+    state.report["generator"] = round(time.perf_counter() - t1, 1)
+
+    if cfg.lora:
+        generator = generator.merge_and_unload()     # export takes a plain checkpoint
+    for name, model, tok, base in (("encoder", encoder, enc_tok, enc_ckpt), ("generator", generator, gen_tok, gen_ckpt)):
+        tmp = run / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {Path(cfg.train).name}\n")
+        shutil.rmtree(run / name, ignore_errors=True)
+        os.replace(tmp, run / name)
+    state.phase = "done"
+    _write_json(run / "finetune.json", {"config": {k: str(v) for k, v in asdict(cfg).items()},
+                                        "questions": len(items), "passages": len(passages),
+                                        "report": state.report, "losses": state.losses})
+    _write_json(state_path, asdict(state))
+    shutil.rmtree(run / "checkpoint", ignore_errors=True)
+    _say(f"done: {run / 'encoder'} and {run / 'generator'} "
+         f"(retriever {state.report.get('retriever', 0):.0f} s, generator {state.report['generator']:.0f} s)")
+    return run

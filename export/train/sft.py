@@ -1,0 +1,47 @@
+"""Generator fine-tuning pieces: examples on the engine's own prompt, the answer-only loss mask,
+and the RAG marginal likelihood for joint training."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ragrt.decoding.prompt import PassageText, PromptBuilder
+
+IGNORE = -100                  # label value that PyTorch's cross-entropy skips
+
+
+def sft_example(builder: PromptBuilder, question: str, passages: Sequence[PassageText], answer: str,
+                eos_id: int, max_answer_tokens: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the prompt exactly as the engine builds it, then the answer and EOS.
+    Only answer tokens carry loss: the model should learn to answer, not to predict passages."""
+    prompt = builder.build(question, passages).ids
+    answer_ids = builder.tokenizer.encode(" ".join(answer.split()), add_special_tokens=False).ids[:max_answer_tokens]
+    answer_ids = answer_ids + [eos_id]
+    return prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids
+
+
+def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """log p(labelled tokens | the rest), summed per example: a (n,) tensor with gradients."""
+    import torch
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, :len(x)] = torch.tensor(x)
+        labels[row, :len(y)] = torch.tensor(y)
+        mask[row, :len(x)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()   # predicts tokens 1..T-1
+    target = labels[:, 1:]
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (target != IGNORE)).sum(dim=1)
+
+
+def rag_marginal_nll(query_vec, passage_vecs, answer_logprobs, temperature: float):
+    """-log sum_c P(c|q) P(a|q,c), with P(c|q) = softmax(q . d_c / temperature).
+
+    Passage vectors are frozen (the index is not rebuilt); the query encoder learns from the
+    generator through P(c|q), and the generator from the passages it is given."""
+    import torch
+    log_prior = torch.log_softmax(query_vec @ passage_vecs.T / temperature, dim=-1)   # (k,)
+    return -torch.logsumexp(log_prior + answer_logprobs, dim=-1)
