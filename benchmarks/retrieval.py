@@ -13,9 +13,9 @@ exact search (cosine = dot product of unit vectors).
 
 Engines, each measured in its own spawned process (so its RSS is its own):
 - numpy exact: the vectors loaded in RAM (float32), one matmul + argpartition per query.
-- usearch view: built as export/index.py builds it (cos, the bundle's dtype, connectivity and
-  expansion), saved, then `Index.restore(path, view=True)`: memory-mapped, as the engine opens it
-  (readahead off: engine/madvise.py).
+- usearch view: built and opened by engine/retrieval/index.py, as export and the engine do (cos,
+  the bundle's dtype, connectivity and expansion), saved, then memory-mapped by `open_index`
+  (readahead off: engine/runtime/madvise.py).
 - faiss HNSW: IndexHNSWFlat, inner product, M = connectivity, efConstruction = expansion_add,
   efSearch = expansion_search (faiss's level 0 has 2M links, as usearch's has 2 x connectivity).
 
@@ -34,7 +34,7 @@ is skipped.
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import json
 import sys
 import time
@@ -62,13 +62,13 @@ def _tqdm(**kw):
 
 def base_texts(bundle, corpus: str | None, n_base: int, seed: int = 0) -> tuple[list[str], str]:
     """Real passage texts: chunked from `corpus` as the bundle chunks, or the bundle's own passages."""
-    from ragrt.retrieval.passages import PassageRecord, passage_text
+    from ragrt.retrieval.passages import passage_text
     if corpus:
         from ragrt.corpus.documents import chunk_documents, read_documents
         from ragrt.retrieval.encoder import load_tokenizer
         tok = load_tokenizer(bundle.path(bundle.manifest.encoder.tokenizer))
         ch = bundle.manifest.chunking
-        texts = [passage_text(PassageRecord(p.id, p.title, p.text)) for p in
+        texts = [passage_text(p) for p in
                  chunk_documents(read_documents(corpus), tok, max_tokens=ch.max_tokens, overlap=ch.overlap)]
         source = f"{Path(corpus).name}: {len(texts)} passages"
     else:
@@ -215,30 +215,26 @@ def _search_runs(search_one, search_all, set_ef, queries, truth, efs, budget_s) 
     return runs
 
 
-def usearch_build(vec_path: str, index_path: str, dtype: str, connectivity: int, expansion_add: int,
-                  expansion_search: int, threads: int) -> dict:
-    from usearch.index import Index
+def usearch_build(vec_path: str, index_path: str, spec, expansion_add: int, threads: int) -> dict:
+    from ragrt.retrieval.index import build_index
     vectors = np.load(vec_path, mmap_mode="r")
     t = time.perf_counter()
-    index = Index(ndim=vectors.shape[1], metric="cos", dtype=dtype, connectivity=connectivity,
-                  expansion_add=expansion_add, expansion_search=expansion_search)
-    index.add(np.arange(len(vectors), dtype=np.uint64), np.ascontiguousarray(vectors), threads=threads,
-              log=f"usearch: indexing {len(vectors):,}")
+    index = build_index(vectors, spec, expansion_add=expansion_add, threads=threads,
+                        log=f"usearch: indexing {len(vectors):,}")
     seconds = time.perf_counter() - t
     with atomic_target(Path(index_path)) as tmp:
         index.save(str(tmp))
     return {"build_s": seconds, "peak_rss_mib": memory().get("peak_rss_mib")}
 
 
-def usearch_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], default_ef: int, threads: int,
+def usearch_worker(index_path: str, spec, q_path: str, gt_path: str, efs: list[int], default_ef: int, threads: int,
                    budget_s: float) -> dict:
-    from usearch.index import Index
-
+    from ragrt.retrieval.index import open_index
     from ragrt.runtime.madvise import advise_random
     queries, truth = np.load(q_path), np.load(gt_path)
     before = memory()
-    index = Index.restore(index_path, view=True)
-    advise_random(index_path)                        # as engine/retrieve.py opens it
+    index = open_index(Path(index_path), spec)
+    advise_random(index_path)                        # as engine/retrieval/retriever.py opens it
     loaded = memory()
 
     def one(q):
@@ -325,10 +321,9 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
         seed: int = 0, memory_cap_mib: int | None = None) -> dict:
     limit_threads(threads)          # inherited by the spawned engine processes
     from ragrt.bundle.reader import Bundle
-    from ragrt.export.index import build_index
+    from ragrt.retrieval.index import EXPANSION_ADD as expansion_add
     bundle = Bundle.open(bundle_path)
     ix = bundle.generation.spec.index
-    expansion_add = inspect.signature(build_index).parameters["expansion_add"].default
     engines = list(engines)
     if "faiss" in engines:
         try:
@@ -366,11 +361,11 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
             key = digest(v_path.name, ix.dtype, ix.connectivity, expansion_add)
             path = CACHE / f"usearch-{key}.usearch"
             meta = path.with_name(path.name + ".json")
+            spec = dataclasses.replace(ix, path=path.name, count=n)       # the bundle's settings, n vectors
             if not (path.exists() and meta.exists()):
-                save_json(meta, in_subprocess(usearch_build, str(v_path), str(path), ix.dtype, ix.connectivity,
-                                              expansion_add, ix.expansion_search, threads))
+                save_json(meta, in_subprocess(usearch_build, str(v_path), str(path), spec, expansion_add, threads))
             print(f"[retrieval {n:,}] usearch view", file=sys.stderr, flush=True)
-            r = query(usearch_worker, path, str(path), str(q_path), str(gt_path), efs, ef, threads, budget_s,
+            r = query(usearch_worker, path, str(path), spec, str(q_path), str(gt_path), efs, ef, threads, budget_s,
                       cap_mib=memory_cap_mib)
             r.update(json.loads(meta.read_text()), file_mib=round(path.stat().st_size / 2**20, 1))
             row["engines"]["usearch view"] = r

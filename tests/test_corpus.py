@@ -7,7 +7,8 @@ from tokenizers import Tokenizer
 
 from ragrt.errors import CorpusError, UserInputError
 from ragrt.export.data import pydocs
-from ragrt.corpus.documents import Document, Passage, chunk_documents, read_documents
+from ragrt.corpus.documents import Document, chunk_documents, read_documents
+from ragrt.retrieval.passages import Passage, document_of
 from ragrt.export.data.pydocs import PYDOCS_SOURCES, clean_rst, python_docs_documents, split_sections, write_python_docs_corpus
 
 
@@ -119,7 +120,7 @@ def test_chunks_are_verbatim_whole_token_windows_that_overlap(bert_tokenizer, pl
     passages = list(chunk_documents([doc], bert_tokenizer, max_tokens=60, overlap=10))
     assert len(passages) > 10
     assert [p.id for p in passages] == [f"d#{i}" for i in range(len(passages))]
-    assert all(p.doc_id == "d" and p.title == "T" for p in passages)
+    assert all(document_of(p.id) == "d" and p.title == "T" for p in passages)
     whole = encode(plain_tokenizer, doc.text)
     spans = locate(doc, passages)
     for p, (start, end) in zip(passages, spans):
@@ -158,10 +159,17 @@ def test_chunks_without_sentences_or_overlap(bert_tokenizer, plain_tokenizer):
 def test_short_and_empty_documents_and_bad_sizes(bert_tokenizer):
     docs = [Document("s", " short text \n"), Document("blank", " \n\t "), Document("t", "two", "T")]
     assert list(chunk_documents(iter(docs), bert_tokenizer, batch_size=2)) == [
-        Passage("s#0", "s", "", "short text"), Passage("t#0", "t", "T", "two")]
+        Passage("s#0", "", "short text"), Passage("t#0", "T", "two")]
     for max_tokens, overlap in ((32, 32), (32, -1), (0, 0)):
         with pytest.raises(UserInputError, match="0 <= overlap < max_tokens"):
             chunk_documents(docs, bert_tokenizer, max_tokens=max_tokens, overlap=overlap)   # at once, not lazily
+
+
+def test_a_passage_id_names_its_document_even_when_the_document_id_holds_a_hash(bert_tokenizer):
+    doc = Document("faq/programming#how-do-i", "How do I copy a list? Use list.copy().")
+    passages = list(chunk_documents([doc], bert_tokenizer))
+    assert [p.id for p in passages] == ["faq/programming#how-do-i#0"]
+    assert document_of(passages[0].id) == "faq/programming#how-do-i"
 
 
 RST = """\
@@ -280,3 +288,21 @@ def test_real_python_docs():
     assert len(faq) > 50 and "faq/programming#how-do-i-copy-an-object-in-python" in ids
     assert not any(d.id.startswith("whatsnew/changelog") for d in docs)
     assert not any(":func:`" in d.text or ".. index::" in d.text for d in docs)
+
+
+def test_a_subset_keeps_only_its_pages(tmp_path, monkeypatch):
+    src = fake_sources(tmp_path)
+    monkeypatch.setitem(pydocs.SUBSETS, "faq-only", ("faq",))
+    out = tmp_path / "faq.jsonl"
+    assert write_python_docs_corpus(out, src, subset="faq-only") == 1
+    assert [d.id for d in read_documents(out)] == ["faq#why"]
+    with pytest.raises(UserInputError, match="--subset must be one of demo"):
+        write_python_docs_corpus(tmp_path / "x.jsonl", src, subset="nope")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.skipif(not PYDOCS_SOURCES.is_dir(), reason="Debian python3.11-doc is not installed")
+def test_the_demo_subset_holds_the_demo_questions_answer_and_no_library_reference():
+    ids = {d.id for d in python_docs_documents(pages=pydocs.subset_pages("demo"))}
+    assert "faq/programming#how-do-you-remove-duplicates-from-a-list" in ids
+    assert 500 < len(ids) < 2000 and not any(i.startswith("library/") for i in ids)

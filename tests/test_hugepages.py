@@ -36,3 +36,15 @@ def test_memory_mapped_after_the_snapshot_is_advised():
 
 def test_nothing_is_advised_when_no_region_is_new():
     assert hugepages.advise_new_regions(hugepages.anonymous_regions()) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_mapped_file_is_found_by_its_whole_path(tmp_path):
+    from ragrt.runtime.madvise import file_regions
+    path = tmp_path / "a name with spaces.bin"
+    path.write_bytes(b"x" * mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        regions = file_regions(path)
+        assert [end - start for start, end in regions] == [mmap.PAGESIZE] and mapped[:1] == b"x"
+        assert not hugepages.anonymous_regions() & set(regions)          # a file is not anonymous memory
+    assert file_regions(path) == []

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,15 +9,18 @@ from ragrt.bundle.reader import Bundle
 from ragrt.errors import BundleError
 from ragrt.bundle.versions import CORPUS_DIR, POINTER, publish, staging
 from ragrt.bundle.integrity import sha256_file
-from ragrt.bundle.manifest import (PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, FileEntry, GeneratorIO,
-                             GeneratorSpec, IndexSpec,
-                             Manifest, PassagesSpec, PromptSpec, Source, read_manifest)
+from ragrt.bundle.manifest import (PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, CorpusProvenance, EncoderParity,
+                                   EncoderSpec, FileEntry, GeneratorIO, GeneratorSpec, GreedyAgreement, IndexSpec, Manifest,
+                                   ModelSource, ParityReport, PassagesSpec, PromptSpec, read_manifest)
+from ragrt.decoding.packed import length_feed
 from ragrt.decoding.prompt import fill
 from ragrt.export.pack import model_file_entries, write_manifest
 
 
 def sample_manifest(files=None) -> Manifest:
-    src = Source("tiny", "0" * 64)
+    src = ModelSource("tiny", "0" * 64)
+    agreement = GreedyAgreement(exact_match=1.0, prefix_agreement=1.0, teacher_forced_top1=1.0, prompts=3, new_tokens=8,
+                                sample="Use a[:].", batch_invariant=True)
     return Manifest(
         schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version="0.1.0", created_at="2026-01-01T00:00:00+00:00",
         files=files or {},
@@ -23,7 +28,27 @@ def sample_manifest(files=None) -> Manifest:
         generator=GeneratorSpec("generator/model.onnx", "generator/tokenizer.json", "fp32", 2, 1, 4, 16, (2,), 2, 64, src),
         prompt=PromptSpec("<s>{system}|{user}>", "sys", "{context}?{question}", "[{n}] {title} {text}"),
         chunking=ChunkingSpec(128, 32),
+        corpus=CorpusProvenance(source="corpus.jsonl", documents=3, passages=5, embedded_with="fp32"),
+        parity=ParityReport(encoder=EncoderParity(fp32_cosine_mean=1.0, fp32_cosine_min=1.0, int8_cosine_mean=0.995,
+                                                  int8_cosine_min=0.99, texts=6, w8a8_cosine_mean=0.99,
+                                                  w8a8_cosine_min=0.98),
+                            generator={"fp32": agreement}, used="fp32"),
     )
+
+
+def version_2_manifest(files=None) -> Manifest:
+    """The sample as a version-2 writer wrote it: before the row-length inputs, `corpus.embedded_with`,
+    the w8a8 encoder and the exactness flags."""
+    raw = json.loads(sample_manifest(files).to_json())
+    raw["schema_version"] = 2
+    for key in ("seqlens_k", "total_sequence_length"):
+        del raw["generator"]["io"][key]
+    del raw["corpus"]["embedded_with"]
+    for key in ("w8a8_cosine_mean", "w8a8_cosine_min"):
+        del raw["parity"]["encoder"][key]
+    for key in ("batch_invariant", "prefix_exact", "drafts_exact"):
+        del raw["parity"]["generator"]["fp32"][key]
+    return Manifest.from_json(json.dumps(raw))
 
 
 def test_round_trip_is_stable_and_sorted():
@@ -48,11 +73,11 @@ def test_newer_schema_is_refused():
 
 def test_row_lengths_reach_a_packed_graph_as_lengths_or_as_a_mask():
     lengths = np.array([2, 4])
-    feed = PACKED_IO.length_feed(lengths)
+    feed = length_feed(PACKED_IO, lengths)
     assert feed["seqlens_k"].dtype == np.int32 and feed["seqlens_k"].tolist() == [1, 3]
     assert feed["total_sequence_length"].shape == () and int(feed["total_sequence_length"]) == 4
     # Version-2 packed bundles take the mask their graph derives the same two numbers from.
-    (mask,) = GeneratorIO().length_feed(lengths).values()
+    (mask,) = length_feed(GeneratorIO(), lengths).values()
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
 
@@ -62,6 +87,47 @@ def test_version_2_manifests_still_open():
     for key in ("seqlens_k", "total_sequence_length"):
         del raw["generator"]["io"][key]
     assert Manifest.from_json(json.dumps(raw)).generator.io == GeneratorIO()
+
+
+def test_corpus_and_parity_keep_the_json_older_bundles_have():
+    raw = json.loads(sample_manifest().to_json())
+    assert raw["corpus"] == {"source": "corpus.jsonl", "documents": 3, "passages": 5, "embedded_with": "fp32"}
+    assert set(raw["parity"]) == {"encoder", "generator", "used"} and raw["parity"]["used"] == "fp32"
+    assert set(raw["parity"]["encoder"]) == {"fp32_cosine_mean", "fp32_cosine_min", "int8_cosine_mean", "int8_cosine_min",
+                                             "w8a8_cosine_mean", "w8a8_cosine_min", "texts"}
+    assert set(raw["parity"]["generator"]["fp32"]) == {"exact_match", "prefix_agreement", "teacher_forced_top1", "prompts",
+                                                       "new_tokens", "sample", "batch_invariant", "prefix_exact",
+                                                       "drafts_exact"}
+
+
+def test_fields_added_since_version_2_read_as_not_recorded():
+    m = version_2_manifest()
+    assert m.corpus == CorpusProvenance(source="corpus.jsonl", documents=3, passages=5, embedded_with=None)
+    assert m.parity.encoder.w8a8_cosine_mean is None and m.parity.encoder.w8a8_cosine_min is None
+    assert m.parity.encoder.int8_cosine_min == 0.99
+    assert not m.parity.generator["fp32"].batch_invariant and m.parity.generator["fp32"].sample == "Use a[:]."
+
+
+@pytest.mark.parametrize("keys,value,message", [
+    (("corpus", "documents"), "3", "corpus:documents: expected int, got str"),
+    (("corpus", "embedded_with"), 32, "corpus:embedded_with: expected str, got int"),
+    (("parity", "encoder", "w8a8_cosine_min"), "high", "parity:encoder:w8a8_cosine_min: expected float"),
+    (("parity", "generator", "fp32", "exact_match"), [1.0], "parity:generator.fp32:exact_match: expected float"),
+    (("parity", "generator", "fp32"), 1.0, "parity:generator.fp32: expected an object for GreedyAgreement"),
+    (("parity", "used"), None, "parity:used: expected str, got NoneType")])
+def test_a_bad_corpus_or_parity_is_named(keys, value, message):
+    raw = json.loads(sample_manifest().to_json())
+    *parents, last = keys
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    with pytest.raises(BundleError, match=re.escape(message)):
+        Manifest.from_json(json.dumps(raw))
+    del node[last]
+    if last in ("documents", "used"):
+        with pytest.raises(BundleError, match=f"missing field '{last}'"):
+            Manifest.from_json(json.dumps(raw))
 
 
 @pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "a/../../b", "C:\\x", ""])
@@ -85,11 +151,11 @@ def test_wrong_types_and_missing_fields_are_named():
         Manifest.from_json("{")
 
 
-def _write_bundle(root):
-    for rel in sample_manifest().referenced_paths():
+def _write_bundle(root, manifest=sample_manifest):
+    for rel in manifest().referenced_paths():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(rel.encode() * 3)
-    write_manifest(root, sample_manifest(model_file_entries(root)))
+    write_manifest(root, manifest(model_file_entries(root)))
     (root / CORPUS_DIR).mkdir()
     with staging(root) as gen:
         for name in ("v.usearch", "d.bin", "o.npy"):
@@ -153,6 +219,71 @@ def test_a_bad_pointer_is_refused(tmp_path, pointer):
     (tmp_path / CORPUS_DIR / POINTER).write_text(pointer)
     with pytest.raises(BundleError, match="CURRENT|gen-000002"):
         Bundle.open(tmp_path)
+
+
+@pytest.mark.parametrize("manifest", [sample_manifest, version_2_manifest])
+def test_info_shows_where_the_corpus_came_from_and_the_parity(tmp_path, capsys, manifest):
+    from ragrt.cli import main
+    _write_bundle(tmp_path, manifest)
+    assert main(["info", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    w8a8 = ", w8a8_cosine_mean 0.9900, w8a8_cosine_min 0.9800" if manifest is sample_manifest else ""
+    assert "  built from  corpus.jsonl: 3 documents -> 5 passages of 128 tokens, overlap 32" in lines
+    assert ("  parity      encoder vs PyTorch: fp32_cosine_mean 1.0000, fp32_cosine_min 1.0000, int8_cosine_mean 0.9950, "
+            f"int8_cosine_min 0.9900{w8a8}") in lines
+    assert ("  parity      generator fp32 vs PyTorch: exact_match 1.000, prefix_agreement 1.000, "
+            "teacher_forced_top1 1.000") in lines
+    assert "  parity      this bundle holds the fp32 generator" in lines
+
+
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _encoder_graph(path, inputs):
+    """A graph taking `inputs` whose embedding is [sum of the unpadded ids, sum of the token types]
+    (token types are a constant zero when it does not take them)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    derived = [] if "token_type_ids" in inputs else [helper.make_node("Mul", ["input_ids", "zero"], ["token_type_ids"])]
+    nodes = derived + [helper.make_node("Mul", ["input_ids", "attention_mask"], ["kept"]),
+                       helper.make_node("Cast", ["kept"], ["kept_f"], to=TensorProto.FLOAT),
+                       helper.make_node("Cast", ["token_type_ids"], ["types_f"], to=TensorProto.FLOAT),
+                       helper.make_node("ReduceSum", ["kept_f", "axis"], ["id_sum"], keepdims=1),
+                       helper.make_node("ReduceSum", ["types_f", "axis"], ["type_sum"], keepdims=1),
+                       helper.make_node("Concat", ["id_sum", "type_sum"], ["embedding"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "encoder", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in inputs],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("zero", TensorProto.INT64, [], [0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path / "encoder.onnx"))
+
+
+def _word_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("inputs", [ENCODER_INPUTS[:2], ENCODER_INPUTS])
+def test_the_encoder_feeds_exactly_the_inputs_the_manifest_names(tmp_path, inputs):
+    from ragrt.retrieval.encoder import TextEncoder
+    from ragrt.runtime.sessions import SessionConfig
+    _encoder_graph(tmp_path, inputs)
+    _word_tokenizer(tmp_path)
+    spec = EncoderSpec("encoder.onnx", "tokenizer.json", 2, 8, "embedding", "fp32", ModelSource("tiny", ""), inputs)
+    config = SessionConfig(device="cpu", threads=1, huge_pages=False)
+    encoder = TextEncoder.from_spec(tmp_path, spec, config)
+    # Rows are padded to the longest; the mask keeps the padding out and the token types are zeros.
+    np.testing.assert_array_equal(encoder.embed_all(["a b b", "b", "a"]), [[5, 0], [2, 0], [1, 0]])
+    other = ENCODER_INPUTS[:2] if inputs == ENCODER_INPUTS else ENCODER_INPUTS
+    with pytest.raises(BundleError, match=f"encoder graph takes input\\(s\\) {', '.join(sorted(inputs))}, the manifest "
+                                          f"names {', '.join(other)}; re-export the bundle"):
+        TextEncoder.from_spec(tmp_path, dataclasses.replace(spec, inputs=other), config)
+    with pytest.raises(BundleError, match="encoder inputs must be input_ids, attention_mask and optionally "
+                                          "token_type_ids; the manifest names input_ids, position_ids"):
+        TextEncoder.from_spec(tmp_path, dataclasses.replace(spec, inputs=("input_ids", "position_ids")), config)
 
 
 def test_missing_bundle_and_manifest(tmp_path):

@@ -10,7 +10,7 @@ from ragrt.errors import BundleError, UserInputError
 from ragrt.runtime.madvise import file_regions
 from ragrt.bundle.manifest import IndexSpec, PassagesSpec
 from ragrt.retrieval.retriever import Retriever
-from ragrt.retrieval.passages import PassageRecord, PassageStore, write_passage_store
+from ragrt.retrieval.passages import Passage, PassageStore, write_passage_store
 from ragrt.export.index import build_index, embed_passages
 from ragrt.export.onnx.graphs import export_encoder
 from test_hugepages import vm_flags
@@ -61,8 +61,8 @@ def test_encoder_edges(encoder, exported):
 
 
 def test_store_round_trip_and_corruption(tmp_path):
-    records = [PassageRecord("a#0", "Ünïcode ✓", "text with \"quotes\" and\nnewlines"), PassageRecord("b#0", "", "x"),
-               PassageRecord("c#0", "日本語", "")]
+    records = [Passage("a#0", "Ünïcode ✓", "text with \"quotes\" and\nnewlines"), Passage("b#0", "", "x"),
+               Passage("c#0", "日本語", "")]
     data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
     assert write_passage_store(data, offsets, records) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "offsets.npy"]
@@ -86,10 +86,10 @@ def test_store_round_trip_and_corruption(tmp_path):
 
 def test_store_write_failure_keeps_the_old_store(tmp_path):
     data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
-    write_passage_store(data, offsets, [PassageRecord("a", "", "old")])
+    write_passage_store(data, offsets, [Passage("a", "", "old")])
 
     def broken():
-        yield PassageRecord("b", "", "new")
+        yield Passage("b", "", "new")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
@@ -100,7 +100,7 @@ def test_store_write_failure_keeps_the_old_store(tmp_path):
 
 def test_corrupted_record_is_a_bundle_error(tmp_path):
     data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
-    write_passage_store(data, offsets, [PassageRecord("a", "", "x"), PassageRecord("b", "", "y")])
+    write_passage_store(data, offsets, [Passage("a", "", "x"), Passage("b", "", "y")])
     blob = bytearray(data.read_bytes())
     blob[1] = ord("!")
     data.write_bytes(bytes(blob))
@@ -121,7 +121,7 @@ def _specs(built, expansion_search=64):
 
 
 def test_index_finds_an_exact_passage(encoder, tmp_path):
-    records = [PassageRecord(f"p{i}", "", t) for i, t in enumerate(TEXTS) if t]
+    records = [Passage(f"p{i}", "", t) for i, t in enumerate(TEXTS) if t]
     built = _build(iter(records), encoder, tmp_path, dtype="f32")     # a one-shot iterator is fine
     assert (built.count, built.ndim, built.dtype, built.metric) == (len(records), encoder.dim, "f32", "cos")
     assert not list(tmp_path.glob("*.tmp*"))
@@ -141,7 +141,7 @@ def test_index_finds_an_exact_passage(encoder, tmp_path):
 
 
 def test_titles_are_embedded_with_the_text(encoder, tmp_path):
-    records = [PassageRecord("a", "Lists", "are mutable"), PassageRecord("b", "", "json parses documents")]
+    records = [Passage("a", "Lists", "are mutable"), Passage("b", "", "json parses documents")]
     built = _build(records, encoder, tmp_path, dtype="f16")
     hit = Retriever.open(tmp_path, *_specs(built), encoder).retrieve("Lists\nare mutable", k=1)[0]
     assert (hit.id, hit.title, hit.text) == ("a", "Lists", "are mutable")
@@ -149,7 +149,7 @@ def test_titles_are_embedded_with_the_text(encoder, tmp_path):
 
 
 def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
-    built = _build([PassageRecord(f"p{i}", "", t) for i, t in enumerate(TEXTS)], encoder, tmp_path, dtype="i8")
+    built = _build([Passage(f"p{i}", "", t) for i, t in enumerate(TEXTS)], encoder, tmp_path, dtype="i8")
     retriever = Retriever.open(tmp_path, *_specs(built, expansion_search=77), encoder)
     assert retriever.index.expansion_search == 77
     with pytest.raises(RuntimeError, match="immutable"):   # a view of the file, not a loaded copy
@@ -172,14 +172,14 @@ def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
 def test_passage_embeddings_are_cached_by_encoder_and_content(encoder, monkeypatch, tmp_path):
     from ragrt.export.index import cached_embeddings
     monkeypatch.setenv("RAGRT_CACHE", str(tmp_path))
-    records = [PassageRecord("a", "Lists", "are mutable"), PassageRecord("b", "", "json parses documents")]
+    records = [Passage("a", "Lists", "are mutable"), Passage("b", "", "json parses documents")]
     first, spent = cached_embeddings(records, encoder, "model-1", progress=False)
     assert spent > 0
     again, spent = cached_embeddings(records, encoder, "model-1", progress=False)
     assert spent == 0 and np.array_equal(first, again)
     _, spent = cached_embeddings(records, encoder, "model-2", progress=False)       # another encoder graph
     assert spent > 0
-    edited = [records[0], PassageRecord("b", "", "json parses documents!")]
+    edited = [records[0], Passage("b", "", "json parses documents!")]
     vectors, spent = cached_embeddings(edited, encoder, "model-1", progress=False)
     assert spent > 0 and np.array_equal(vectors[0], first[0]) and not np.array_equal(vectors[1], first[1])
 

@@ -7,6 +7,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ragrt import Engine
 from ragrt.serve.app import ServerConfig, create_app
@@ -97,7 +98,7 @@ BAD = [
     ("/v1/ask", '{"question": "q", "colour": "blue"}'),
     ("/v1/ask", '{"question": "   "}'),
     ("/v1/ask", '{"question": "q", "max_new_tokens": 100000}'),
-    ("/v1/ask", '{"question": "q", "temperature": 0}'),
+    ("/v1/ask", '{"question": "q", "prior_temperature": 0}'),
     ("/v1/ask", '{"question": "q", "task": "translate"}'),
     ("/v1/ask", '{"question": "q", "history": [{"role": "robot", "content": "x"}]}'),
     ("/v1/chat/completions", '{"messages": []}'),
@@ -134,15 +135,31 @@ def test_an_oversized_body_is_413(base):
     assert post(base, "/v1/ask", {"question": "How do I copy a list?", "max_new_tokens": 2}).status_code == 200
 
 
+def scrape(url) -> dict:
+    """/metrics as {(sample name, sorted labels): value}, read by Prometheus' own parser."""
+    text = httpx.get(f"{url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_metrics_count_requests_tokens_and_queue(base):
     post(base, "/v1/ask", {"question": QUESTION, "max_new_tokens": 3})
-    text = httpx.get(f"{base}/metrics").text
-    assert 'ragrt_requests_total{method="POST",path="/v1/ask",status="200"}' in text
-    assert 'ragrt_request_seconds_bucket{path="/v1/ask",le="+Inf"}' in text
-    for name in ("ragrt_tokens_per_second", "ragrt_queue_depth", "ragrt_batch_size", "ragrt_generated_tokens_total"):
-        assert f"\n{name} " in text
-    generated = float(text.split("\nragrt_generated_tokens_total ")[1].split()[0])
-    assert generated > 0
+    samples = scrape(base)
+    assert samples[("ragrt_requests_total", (("method", "POST"), ("path", "/v1/ask"), ("status", "200")))] >= 1
+    assert samples[("ragrt_request_seconds_bucket", (("le", "+Inf"), ("path", "/v1/ask")))] >= 1
+    for name in ("ragrt_tokens_per_second", "ragrt_queue_depth", "ragrt_batch_size", "ragrt_generated_tokens_total",
+                 "ragrt_decoder_steps_total"):
+        assert (name, ()) in samples
+    assert samples[("ragrt_generated_tokens_total", ())] > 0
+    assert samples[("ragrt_decoder_steps_total", ())] > 0
+
+
+def test_each_app_keeps_its_own_metrics(base, tiny_bundle, engine):
+    post(base, "/v1/ask", {"question": QUESTION, "max_new_tokens": 2})
+    with running_server(create_app(ServerConfig(bundle=str(tiny_bundle)), engine)) as url:
+        samples = scrape(url)
+    assert not any(name == "ragrt_requests_total" and ("path", "/v1/ask") in labels for name, labels in samples)
+    assert samples[("ragrt_requests_total", (("method", "GET"), ("path", "/readyz"), ("status", "200")))] >= 1
 
 
 def test_api_key(tiny_bundle, engine, tmp_path):
@@ -194,6 +211,7 @@ def test_a_passed_deadline_answers_503(tiny_bundle, engine):
         assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded"
         events = sse_events(post(url, "/v1/ask", {"question": QUESTION, "stream": True}).text)
         assert events[-1][0] == "error" and "deadline" in events[-1][1]
+        assert json.loads(events[-1][1])["error"]["type"] == "deadline_exceeded"
 
 
 def test_an_integral_float_is_an_integer(base):

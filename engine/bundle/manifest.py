@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
-
+from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
 SCHEMA_VERSION = 3
-# Version 2 moved the index and the passage store into corpus generations (engine/generation.py).
+# Version 2 moved the index and the passage store into corpus generations (bundle/versions.py).
 # Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
 # in place of an attention mask, which a version-2 reader would still try to feed.
 FIRST_READABLE_VERSION = 2
@@ -35,7 +35,7 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Source:
+class ModelSource:
     """Where a model came from: a name a person recognises and the hash of its weights."""
     name: str
     sha256: str
@@ -43,13 +43,15 @@ class Source:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    model: str                     # ONNX graph, inputs (input_ids, attention_mask) -> output
+    model: str                     # ONNX graph, `inputs` -> output
     tokenizer: str                 # tokenizers' tokenizer.json
     dim: int
     max_length: int                # tokens; longer inputs are truncated
     output: str                    # pooled, L2-normalised embedding [batch, dim]
     quantization: str              # "int8" | "w8a8" | "fp32"
-    source: Source
+    source: ModelSource
+    # Exactly the graph's inputs: input_ids and attention_mask, and token_type_ids (fed zeros)
+    # for graphs that kept it.
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
 
@@ -70,14 +72,6 @@ class GeneratorIO:
     present_value: str = "present.{layer}.value"
     logits: str = "logits"
 
-    def length_feed(self, lengths: np.ndarray) -> dict[str, np.ndarray]:
-        """The inputs telling a packed graph that each row holds its first `lengths[b]`
-        positions once this pass has run: the lengths themselves, or a mask of ones."""
-        if self.seqlens_k:
-            return {self.seqlens_k: (lengths - 1).astype(np.int32),
-                    self.total_sequence_length: np.array(lengths.max(), dtype=np.int32)}
-        return {self.attention_mask: (np.arange(lengths.max())[None, :] < lengths[:, None]).astype(np.int64)}
-
 
 # How the fused export names a packed graph's inputs.
 PACKED_IO = GeneratorIO(attention_mask="", position_ids="", seqlens_k="seqlens_k",
@@ -96,7 +90,7 @@ class GeneratorSpec:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     max_context: int               # prompt + new tokens never exceed this
-    source: Source
+    source: ModelSource
     kv_dtype: str = "float32"
     # Measured by the export's parity check: whether greedy tokens stay the same when rows
     # share a pass (else batches run row by row), when a cached prompt start stands in for its
@@ -180,6 +174,56 @@ class RagDefaults:
     mode: str = "concat"           # "concat" | "token" | "sequence"
     temperature: float = 0.05      # P(c|q) = softmax(cosine / temperature)
     max_new_tokens: int = 128
+    # Bundles written before decoding options existed decode greedily, as they always did.
+    decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
+
+
+@dataclass(frozen=True)
+class CorpusProvenance:
+    """The corpus as the export read it; the current counts are in the corpus generation."""
+    source: str                    # the path given to `ragrt export --corpus`
+    documents: int
+    passages: int
+    # The encoder graph that embedded these passages ("fp32"); queries, and passages added by
+    # `ragrt index add`, go through the bundle's. None: not recorded (bundles from before it was).
+    embedded_with: str | None = None
+
+
+@dataclass(frozen=True)
+class EncoderParity:
+    """Cosine of each encoder graph's embeddings with PyTorch's, over the parity texts.
+    The w8a8 figures are None in bundles exported before that graph existed."""
+    fp32_cosine_mean: float
+    fp32_cosine_min: float
+    int8_cosine_mean: float
+    int8_cosine_min: float
+    texts: int
+    w8a8_cosine_mean: float | None = None
+    w8a8_cosine_min: float | None = None
+
+
+@dataclass(frozen=True)
+class GreedyAgreement:
+    exact_match: float             # fraction of prompts whose greedy tokens are identical
+    prefix_agreement: float        # mean of (common prefix length / longer length)
+    teacher_forced_top1: float     # fraction of PyTorch's tokens that are also this graph's top-1, given PyTorch's prefix
+    prompts: int
+    new_tokens: int
+    sample: str                    # first prompt's answer, for a person to read
+    # Greedy tokens unchanged (on the first few prompts) with rows in one batch, after a cached
+    # prompt start, and with drafts checked in one pass: the engine uses each only if so.
+    # False in bundles exported before they were measured.
+    batch_invariant: bool = False
+    prefix_exact: bool = False
+    drafts_exact: bool = False
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """What the export measured against PyTorch before writing the bundle."""
+    encoder: EncoderParity
+    generator: dict[str, GreedyAgreement]   # by quantization, every variant the export built
+    used: str                      # the quantization this bundle's generator has
 
 
 @dataclass(frozen=True)
@@ -193,9 +237,9 @@ class Manifest:
     generator: GeneratorSpec
     prompt: PromptSpec
     chunking: ChunkingSpec
+    corpus: CorpusProvenance
+    parity: ParityReport
     rag: RagDefaults = field(default_factory=RagDefaults)
-    corpus: dict[str, Any] = field(default_factory=dict)
-    parity: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -288,13 +332,16 @@ def _build(tp: Any, raw: Any, where: str) -> Any:
         if not isinstance(raw, dict):
             raise BundleError(f"{where}: expected an object")
         return {str(k): _build(val_t, v, f"{where}.{k}") for k, v in raw.items()}
+    if origin is types.UnionType:      # the schema's only unions are `X | None`
+        if raw is None:
+            return None
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _build(inner, raw, where)
     if origin is tuple:
         (item_t, _) = typing.get_args(tp)
         if not isinstance(raw, list):
             raise BundleError(f"{where}: expected a list")
         return tuple(_build(item_t, v, where) for v in raw)
-    if tp is Any:
-        return raw
     if tp is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, tp) or (tp is int and isinstance(raw, bool)):

@@ -25,7 +25,7 @@ class Bundle:
         Model sizes catch truncation at no cost, and onnxruntime and tokenizers refuse a garbled
         file with an error; hashing 200 MB of models takes 0.2 s more, so it is left to
         `ragrt verify` and to callers that ask for it. manifest.json, the corpus pointer and the
-        corpus generation are checked at every open (engine/generation.py says why).
+        corpus generation are checked at every open (engine/bundle/versions.py says why).
         """
         root = Path(root)
         manifest = read_manifest(root)

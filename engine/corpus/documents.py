@@ -13,6 +13,7 @@ from tokenizers import Encoding, Tokenizer
 from ragrt.errors import CorpusError, UserInputError
 from ragrt.corpus.jsonl import iter_jsonl
 from ragrt.corpus.text import valid_unicode
+from ragrt.retrieval.passages import Passage, passage_id
 
 TEXT_SUFFIXES = (".rst.txt", ".txt", ".md", ".rst", ".html", ".htm")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -23,14 +24,6 @@ class Document:
     id: str
     text: str
     title: str = ""
-
-
-@dataclass(frozen=True)
-class Passage:
-    id: str
-    doc_id: str
-    title: str
-    text: str
 
 
 def read_documents(path: str | Path) -> Iterator[Document]:
@@ -156,7 +149,7 @@ def chunk_documents(docs: Iterable[Document], tokenizer: Tokenizer, *, max_token
 
     Windows are counted in tokens but sliced from the document by character offsets, so a
     passage is a verbatim piece of its source. They end on a word boundary, preferably at a
-    paragraph or sentence end in their last quarter. Ids are f"{doc_id}#{i}".
+    paragraph or sentence end in their last quarter. Ids are `passage_id(doc.id, i)`.
     """
     if not 0 <= overlap < max_tokens:
         raise UserInputError(f"chunking needs 0 <= overlap < max_tokens, "
@@ -186,7 +179,7 @@ def _windows(doc: Document, enc: Encoding, max_tokens: int, overlap: int) -> Ite
         end = min(start + max_tokens, n)
         if end < n:
             end = _cut(doc.text, offsets, word_start, start, end, overlap)
-        yield Passage(f"{doc.id}#{i}", doc.id, doc.title, doc.text[offsets[start][0]:offsets[end - 1][1]])
+        yield Passage(passage_id(doc.id, i), doc.title, doc.text[offsets[start][0]:offsets[end - 1][1]])
         if end == n:
             return
         nxt = end - overlap

@@ -1,14 +1,15 @@
 """`ragrt index add` / `ragrt index remove`: a new corpus generation, without a re-export.
 
 Both copy the current generation's index and passage store into a staging directory, change the
-copy, and publish it (engine/generation.py): a crash leaves the old corpus or the new one. New
+copy, and publish it (engine/bundle/versions.py): a crash leaves the old corpus or the new one. New
 documents are chunked with the bundle's chunking settings and embedded by its own encoder, so they
 are indistinguishable from exported ones.
 
-Ids: a passage is `<document id>#<n>`. Adding a document whose id the bundle already holds is an
-error naming the file and line (remove it first: an update is then explicit, never a silent
-overwrite). Removing takes passage ids or document ids (a document id removes all its passages);
-an id that is neither is an error, and nothing is removed; so is removing every passage.
+Ids: a passage is `<document id>#<n>` (retrieval/passages.py). Adding a document whose id the
+bundle already holds is an error naming the file and line (remove it first: an update is then
+explicit, never a silent overwrite). Removing takes passage ids or document ids (a document id
+removes all its passages); an id that is neither is an error, and nothing is removed; so is
+removing every passage.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import numpy as np
 from ragrt.bundle.reader import Bundle
 from ragrt.corpus.documents import chunk_documents, located_documents
 from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
-from ragrt.errors import BundleError, CorpusError
+from ragrt.errors import CorpusError
 from ragrt.bundle.versions import DATA_FILE, INDEX_FILE, OFFSETS_FILE, Generation, publish, remove_unused, staging, update_lock
-from ragrt.bundle.manifest import IndexSpec, PassagesSpec
+from ragrt.bundle.manifest import PassagesSpec
 from ragrt.runtime.sessions import SessionConfig
-from ragrt.retrieval.passages import PassageRecord, PassageStore, passage_text, write_passage_store
+from ragrt.retrieval.index import build_index, open_index
+from ragrt.retrieval.passages import Passage, PassageStore, document_of, passage_text, write_passage_store
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,10 @@ class UpdateResult:
     documents: int
 
 
-def document_id(passage_id: str) -> str:
-    return passage_id.rsplit("#", 1)[0]
-
-
 def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int = 0) -> UpdateResult:
     with update_lock(Path(bundle_path)):
         bundle, gen, store = _open(bundle_path)
-        have = {document_id(r.id) for r in _records(store)}
+        have = {document_of(r.id) for r in _records(store)}
         docs = []
         for doc, where in located_documents(corpus):
             if doc.id in have:
@@ -55,13 +53,12 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
             docs.append(doc)
         m = bundle.manifest
         tokenizer = load_tokenizer(bundle.path(m.encoder.tokenizer))
-        new = [PassageRecord(p.id, p.title, p.text) for p in
-               chunk_documents(docs, tokenizer, max_tokens=m.chunking.max_tokens, overlap=m.chunking.overlap)]
+        new = list(chunk_documents(docs, tokenizer, max_tokens=m.chunking.max_tokens, overlap=m.chunking.overlap))
         if not new:
             raise CorpusError(f"{corpus}: the documents have no text to index")
         encoder = TextEncoder.from_spec(bundle.root, m.encoder, SessionConfig(threads=threads))
         vectors = encoder.embed_all([passage_text(p) for p in new])
-        index = _load_index(gen, view=False)          # a private, writable copy of the current graph
+        index = _open_index(gen, view=False)          # a private, writable copy of the current graph
         index.add(np.arange(len(store), len(store) + len(new), dtype=np.uint64), vectors)
         return _publish(bundle, gen, index, chain(_records(store), new), added=len(new), removed=0,
                         documents=len(have) + len(docs))
@@ -74,7 +71,7 @@ def remove_ids(bundle_path: str | Path, ids_file: str | Path) -> UpdateResult:
         ids = [r.id for r in _records(store)]
         by_document: dict[str, list[int]] = {}
         for row, pid in enumerate(ids):
-            by_document.setdefault(document_id(pid), []).append(row)
+            by_document.setdefault(document_of(pid), []).append(row)
         by_passage = {pid: [row] for row, pid in enumerate(ids)}     # a passage id wins over a document id
         rows = {**by_document, **by_passage}
         unknown = [(i, where) for i, where in wanted if i not in rows]
@@ -87,11 +84,10 @@ def remove_ids(bundle_path: str | Path, ids_file: str | Path) -> UpdateResult:
         if not len(keep):
             # as export refuses an empty corpus: an engine without passages has nothing to answer from
             raise CorpusError(f"{ids_file}: these ids are every passage in the bundle; nothing was removed")
-        documents = len({document_id(ids[row]) for row in keep})
-        old = _load_index(gen, view=True)
-        index = _empty_index(gen.spec.index)
+        documents = len({document_of(ids[row]) for row in keep})
+        old = _open_index(gen, view=True)
         # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
-        index.add(np.arange(len(keep), dtype=np.uint64), np.vstack(old.get(keep)))
+        index = build_index(np.vstack(old.get(keep)), gen.spec.index)
         kept = (store.get(int(row)) for row in keep)
         return _publish(bundle, gen, index, kept, added=0, removed=len(drop), documents=documents)
 
@@ -121,26 +117,15 @@ def _open(bundle_path: str | Path) -> tuple[Bundle, Generation, PassageStore]:
     return bundle, gen, PassageStore.open(gen.file(spec.data), gen.file(spec.offsets), count=spec.count)
 
 
-def _records(store: PassageStore) -> Iterator[PassageRecord]:
+def _records(store: PassageStore) -> Iterator[Passage]:
     return (store.get(row) for row in range(len(store)))
 
 
-def _load_index(gen: Generation, *, view: bool):
-    from usearch.index import Index
-    path = gen.file(gen.spec.index.path)
-    index = Index.restore(str(path), view=view)
-    if index is None:
-        raise BundleError(f"{path}: not a readable USearch index")
-    return index
+def _open_index(gen: Generation, *, view: bool):
+    return open_index(gen.file(gen.spec.index.path), gen.spec.index, view=view)
 
 
-def _empty_index(spec: IndexSpec):
-    from usearch.index import Index
-    return Index(ndim=spec.ndim, metric=spec.metric, dtype=spec.dtype, connectivity=spec.connectivity,
-                 expansion_search=spec.expansion_search)
-
-
-def _publish(bundle: Bundle, gen: Generation, index, records: Iterator[PassageRecord], *,
+def _publish(bundle: Bundle, gen: Generation, index, records: Iterator[Passage], *,
              added: int, removed: int, documents: int) -> UpdateResult:
     with staging(bundle.root) as tmp:
         index.save(str(tmp / INDEX_FILE))

@@ -15,6 +15,10 @@ from ragrt.corpus.text import valid_unicode
 # Texts are sorted by length inside windows of this many batches, so a batch pads to a
 # similar length instead of to the longest text of the whole input.
 BUCKET_WINDOW = 8
+# The inputs an encoder graph may take (EncoderSpec.inputs); token_type_ids, which some exported
+# BERTs keep, is all zeros for single-segment text.
+REQUIRED_INPUTS = ("input_ids", "attention_mask")
+OPTIONAL_INPUTS = ("token_type_ids",)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -26,7 +30,8 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 class TextEncoder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, max_length: int, dim: int,
-                 session_config: SessionConfig = SessionConfig(), output: str = "embedding"):
+                 session_config: SessionConfig = SessionConfig(), output: str = "embedding",
+                 inputs: tuple[str, ...] = REQUIRED_INPUTS):
         model_path = Path(model_path)
         self.session = create_session(model_path, session_config)
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -35,11 +40,13 @@ class TextEncoder:
         self.dim = dim
         self.max_length = max_length
         self.output = output
-        inputs = {i.name for i in self.session.get_inputs()}
-        missing = {"input_ids", "attention_mask"} - inputs
-        if missing:
-            raise BundleError(f"{model_path}: encoder graph lacks input(s) {', '.join(sorted(missing))}")
-        # Some exported BERTs keep token_type_ids as an input; single-segment text is all zeros.
+        if not set(REQUIRED_INPUTS) <= set(inputs) <= set(REQUIRED_INPUTS + OPTIONAL_INPUTS):
+            raise BundleError(f"{model_path}: encoder inputs must be {', '.join(REQUIRED_INPUTS)} and optionally "
+                              f"{', '.join(OPTIONAL_INPUTS)}; the manifest names {', '.join(inputs)}")
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        if graph_inputs != set(inputs):
+            raise BundleError(f"{model_path}: encoder graph takes input(s) {', '.join(sorted(graph_inputs))}, "
+                              f"the manifest names {', '.join(inputs)}; re-export the bundle")
         self._token_types = "token_type_ids" in inputs
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if output not in outputs:
@@ -51,7 +58,7 @@ class TextEncoder:
     @classmethod
     def from_spec(cls, bundle_root: Path, spec: EncoderSpec, session_config: SessionConfig) -> "TextEncoder":
         return cls(bundle_root / spec.model, bundle_root / spec.tokenizer, max_length=spec.max_length, dim=spec.dim,
-                   session_config=session_config, output=spec.output)
+                   session_config=session_config, output=spec.output, inputs=spec.inputs)
 
     def embed(self, texts: Iterable[str], *, batch_size: int = 32) -> Iterator[np.ndarray]:
         """Yields float32 (n, dim) arrays, batch after batch, in input order."""

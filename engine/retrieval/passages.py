@@ -1,4 +1,5 @@
-"""The passage store: passages memory-mapped from disk, fetched by row in O(1), never loaded whole."""
+"""Passages, the one shape a piece of the corpus has from chunking to the answer, and the passage
+store: passages memory-mapped from disk, fetched by row in O(1), never loaded whole."""
 from __future__ import annotations
 
 import json
@@ -14,13 +15,23 @@ from ragrt.errors import BundleError, UserInputError
 
 
 @dataclass(frozen=True)
-class PassageRecord:
-    id: str
-    title: str
+class Passage:
+    id: str                        # passage_id(document id, n)
+    title: str                     # the document's
     text: str
 
 
-def write_passage_store(data_path: Path, offsets_path: Path, records: Iterable[PassageRecord]) -> int:
+def passage_id(document_id: str, n: int) -> str:
+    """The id of a document's n-th passage (from 0). `ragrt index remove` takes either kind of id."""
+    return f"{document_id}#{n}"
+
+
+def document_of(passage_id: str) -> str:
+    """The id of the document a passage came from; document ids may hold '#' themselves."""
+    return passage_id.rsplit("#", 1)[0]
+
+
+def write_passage_store(data_path: Path, offsets_path: Path, records: Iterable[Passage]) -> int:
     """Writes the data file and its offsets through temp files renamed into place; returns the count.
 
     A failure part-way (a bad record, a full disk) leaves any earlier store untouched and no temp files.
@@ -47,7 +58,7 @@ def write_passage_store(data_path: Path, offsets_path: Path, records: Iterable[P
     return len(offsets) - 1
 
 
-def passage_text(p: PassageRecord) -> str:
+def passage_text(p: Passage) -> str:
     """What gets embedded for a passage (queries are embedded as they are).
 
     The title is included because it carries the section a chunk came from, which its text
@@ -89,13 +100,13 @@ class PassageStore:
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
-    def get(self, row: int) -> PassageRecord:
+    def get(self, row: int) -> Passage:
         if not 0 <= row < len(self):
             raise UserInputError(f"passage row {row} is out of range (0..{len(self) - 1})")
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
         try:
             raw = json.loads(self._data[start:end].decode("utf-8"))
-            return PassageRecord(raw["id"], raw["title"], raw["text"])
+            return Passage(raw["id"], raw["title"], raw["text"])
         except (ValueError, KeyError, TypeError):
             raise BundleError(f"{self._path}: passage record {row} is corrupted") from None
 

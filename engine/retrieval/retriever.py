@@ -12,7 +12,8 @@ from ragrt.retrieval.encoder import TextEncoder
 from ragrt.errors import BundleError, UserInputError
 from ragrt.runtime.madvise import advise_random
 from ragrt.bundle.manifest import IndexSpec, PassagesSpec
-from ragrt.retrieval.passages import PassageStore
+from ragrt.retrieval.index import open_index
+from ragrt.retrieval.passages import Passage, PassageStore
 
 
 def search_breadth(count: int, floor: int) -> int:
@@ -26,11 +27,9 @@ def search_breadth(count: int, floor: int) -> int:
 
 
 @dataclass(frozen=True)
-class Hit:
+class Hit(Passage):
+    """A retrieved passage: the passage itself, where the store holds it, and how well it matched."""
     row: int
-    id: str
-    title: str
-    text: str
     score: float                   # cosine similarity
 
 
@@ -43,22 +42,8 @@ class Retriever:
     @classmethod
     def open(cls, root: Path, spec: IndexSpec, passages: PassagesSpec, encoder: TextEncoder) -> "Retriever":
         """`root` is the directory the specs' paths are relative to: a corpus generation."""
-        from usearch.index import Index
         path = root / spec.path
-        try:
-            # view=True memory-maps the file: the index costs page cache, not process memory.
-            index = Index.restore(str(path), view=True)
-        except Exception as e:  # usearch raises plain RuntimeError/ValueError on a bad file
-            raise BundleError(f"{path}: not a readable USearch index ({e})") from None
-        if index is None:          # restore's answer for a missing or headerless file
-            raise BundleError(f"{path}: not a readable USearch index")
-        # Scores are 1 - distance, which is cosine similarity only under the cos metric.
-        metric = index.metric.name.lower()
-        if metric != "cos" or spec.metric != "cos":
-            raise BundleError(f"{path}: index metric is {metric!r}, manifest says {spec.metric!r}; ragrt needs 'cos'")
-        if index.ndim != spec.ndim or len(index) != spec.count:
-            raise BundleError(f"{path}: index holds {len(index)} vectors of {index.ndim} dims, "
-                              f"manifest says {spec.count} of {spec.ndim}")
+        index = open_index(path, spec)
         index.expansion_search = search_breadth(len(index), spec.expansion_search)
         advise_random(path)        # queries hop all over the file: readahead only evicts wanted pages
         store = PassageStore.open(root / passages.data, root / passages.offsets, count=passages.count)
@@ -85,5 +70,5 @@ class Retriever:
         return self.search(self.encoder.embed_all([query]), k)[0]
 
     def _hit(self, row: int, distance: float) -> Hit:
-        rec = self.store.get(row)
-        return Hit(row, rec.id, rec.title, rec.text, 1.0 - distance)   # usearch's cos distance is 1 - cosine
+        p = self.store.get(row)
+        return Hit(p.id, p.title, p.text, row=row, score=1.0 - distance)   # usearch's cos distance is 1 - cosine

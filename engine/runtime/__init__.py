@@ -1,1 +1,1 @@
-"""The operating system and onnxruntime under the engine: sessions, huge pages and madvise."""
+"""The operating system and onnxruntime under the engine: sessions, memory mappings, huge pages and madvise."""

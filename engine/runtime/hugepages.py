@@ -13,9 +13,9 @@ Anywhere else (another OS, THP `never`, no libc) this does nothing.
 from __future__ import annotations
 
 import logging
-import sys
 
 from ragrt.runtime.madvise import libc_madvise
+from ragrt.runtime.mappings import mappings
 
 log = logging.getLogger("ragrt")
 
@@ -29,20 +29,8 @@ Regions = frozenset[tuple[int, int]]
 
 def anonymous_regions() -> Regions:
     """The process's private anonymous read-write mappings, as (start, end) addresses."""
-    if not sys.platform.startswith("linux"):
-        return frozenset()
-    regions = set()
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                # address perms offset dev inode [path]; anonymous: inode 0, no path or [heap]
-                if fields[1].startswith("rw") and fields[4] == "0" and (len(fields) == 5 or fields[5] == "[heap]"):
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    regions.add((start, end))
-    except OSError:
-        return frozenset()
-    return frozenset(regions)
+    return frozenset((m.start, m.end) for m in mappings()
+                     if m.perms.startswith("rw") and m.inode == 0 and m.path in ("", "[heap]"))
 
 
 def advise_new_regions(before: Regions) -> int:

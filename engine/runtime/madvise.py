@@ -21,6 +21,8 @@ import functools
 import os
 import sys
 
+from ragrt.runtime.mappings import mappings
+
 MADV_RANDOM = 1
 
 
@@ -41,17 +43,8 @@ def libc_madvise():
 
 def file_regions(path) -> list[tuple[int, int]]:
     """This process's mappings of `path`, as (start, end) addresses."""
-    target, regions = os.path.realpath(path), []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    regions.append((start, end))
-    except OSError:
-        return []
-    return regions
+    target = os.path.realpath(path)
+    return [(m.start, m.end) for m in mappings() if m.path == target]
 
 
 def advise_random(path) -> int:

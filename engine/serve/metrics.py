@@ -1,10 +1,15 @@
-"""Server metrics in the Prometheus text format (version 0.0.4), with no client library."""
+"""Server metrics for Prometheus, kept by `prometheus_client` in a registry of the app's own, so
+several apps can live in one process. The batcher's figures are read when Prometheus scrapes."""
 from __future__ import annotations
 
-import bisect
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ragrt.serve.batcher import BatcherStats
 
@@ -14,52 +19,48 @@ RATE_WINDOW_S = 10.0
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`observe` each request, record each `answered`, and `expose` the lot at scrape time.
+
+    `ragrt_tokens_per_second` is a windowed gauge rather than a counter left to PromQL's rate():
+    it reads right on one scrape, with no Prometheus history (a person curling /metrics)."""
+
+    def __init__(self, batcher_stats: Callable[[], BatcherStats | None]):
+        self.registry = CollectorRegistry()
+        self._requests = Counter("ragrt_requests", "HTTP requests by method, path and status.",
+                                 ["method", "path", "status"], registry=self.registry)
+        self._seconds = Histogram("ragrt_request_seconds", "Request latency, until the last byte of the body.",
+                                  ["path"], buckets=BUCKETS, registry=self.registry)
+        self._batcher_stats = batcher_stats
         self._lock = threading.Lock()
-        self._requests: Counter[tuple[str, str, int]] = Counter()       # (method, path, status)
-        self._buckets: dict[str, list[int]] = {}                        # path -> per-bucket counts, cumulated at render
-        self._sum: Counter[str] = Counter()
-        self._count: Counter[str] = Counter()
         self._recent: deque[tuple[float, int]] = deque()                # (finish time, answer tokens)
+        self.registry.register(self)
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self._requests[(method, path, status)] += 1
-            counts = self._buckets.setdefault(path, [0] * (len(BUCKETS) + 1))
-            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-            self._sum[path] += seconds
-            self._count[path] += 1
+        self._requests.labels(method, path, str(status)).inc()
+        self._seconds.labels(path).observe(seconds)
 
     def answered(self, new_tokens: int) -> None:
         with self._lock:
             self._recent.append((time.monotonic(), new_tokens))
 
-    def render(self, stats: BatcherStats | None) -> str:
-        now = time.monotonic()
-        lines = ["# HELP ragrt_requests_total HTTP requests by method, path and status.",
-                 "# TYPE ragrt_requests_total counter"]
+    def expose(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape body and its content type, in the format the `Accept` header prefers."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    def collect(self) -> Iterator[Metric]:
+        """The figures read at scrape time (the registry calls this)."""
         with self._lock:
-            for (method, path, status), n in sorted(self._requests.items()):
-                lines.append(f'ragrt_requests_total{{method="{method}",path="{path}",status="{status}"}} {n}')
-            lines += ["# HELP ragrt_request_seconds Request latency, until the last byte of the body.",
-                      "# TYPE ragrt_request_seconds histogram"]
-            for path, counts in sorted(self._buckets.items()):
-                total = 0
-                for bound, n in zip([*map(str, BUCKETS), "+Inf"], counts):
-                    total += n
-                    lines.append(f'ragrt_request_seconds_bucket{{path="{path}",le="{bound}"}} {total}')
-                lines.append(f'ragrt_request_seconds_sum{{path="{path}"}} {self._sum[path]:.6f}')
-                lines.append(f'ragrt_request_seconds_count{{path="{path}"}} {self._count[path]}')
-            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            while self._recent and self._recent[0][0] < time.monotonic() - RATE_WINDOW_S:
                 self._recent.popleft()
             rate = sum(n for _, n in self._recent) / RATE_WINDOW_S
-        lines += [f"# HELP ragrt_tokens_per_second Answer tokens per second over the last {RATE_WINDOW_S:g} s.",
-                  "# TYPE ragrt_tokens_per_second gauge", f"ragrt_tokens_per_second {rate:.3f}"]
-        if stats is not None:
-            lines += ["# HELP ragrt_generated_tokens_total Tokens decoded by the batcher.",
-                      "# TYPE ragrt_generated_tokens_total counter", f"ragrt_generated_tokens_total {stats.tokens}",
-                      "# HELP ragrt_queue_depth Requests waiting for a decoder batch slot.",
-                      "# TYPE ragrt_queue_depth gauge", f"ragrt_queue_depth {stats.waiting}",
-                      "# HELP ragrt_batch_size Requests decoding together now.",
-                      "# TYPE ragrt_batch_size gauge", f"ragrt_batch_size {stats.active}"]
-        return "\n".join(lines) + "\n"
+        yield GaugeMetricFamily("ragrt_tokens_per_second",
+                                f"Answer tokens per second over the last {RATE_WINDOW_S:g} s.", value=rate)
+        stats = self._batcher_stats()
+        if stats is None:          # the bundle is still opening
+            return
+        yield CounterMetricFamily("ragrt_generated_tokens", "Tokens decoded by the batcher.", value=stats.tokens)
+        yield CounterMetricFamily("ragrt_decoder_steps", "Decoder calls (prefills and steps) by the batcher.",
+                                  value=stats.steps)
+        yield GaugeMetricFamily("ragrt_queue_depth", "Requests waiting for a decoder batch slot.", value=stats.waiting)
+        yield GaugeMetricFamily("ragrt_batch_size", "Requests decoding together now.", value=stats.active)

@@ -1,0 +1,54 @@
+"""The USearch index: the one place that makes, fills and opens one, so export, `ragrt index add/remove`,
+the engine and the retrieval benchmark build and read it alike.
+
+Row i of the passage store is key i of the index.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ragrt.bundle.manifest import IndexSpec
+from ragrt.errors import BundleError
+
+METRIC = "cos"                     # scores are 1 - distance, which is cosine similarity only under cos
+EXPANSION_ADD = 128                # the beam while inserting; not in the manifest, since queries never use it
+
+
+def new_index(spec: IndexSpec, *, expansion_add: int = EXPANSION_ADD):
+    """An empty index with the spec's metric, dtype, dims and graph settings (its path and count are not used)."""
+    from usearch.index import Index
+    return Index(ndim=spec.ndim, metric=spec.metric, dtype=spec.dtype, connectivity=spec.connectivity,
+                 expansion_add=expansion_add, expansion_search=spec.expansion_search)
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec, *, expansion_add: int = EXPANSION_ADD, threads: int = 0,
+                log: str | bool = False):
+    """`new_index` holding row i of `vectors` (n, ndim) under key i."""
+    index = new_index(spec, expansion_add=expansion_add)
+    if len(vectors):
+        index.add(np.arange(len(vectors), dtype=np.uint64), np.ascontiguousarray(vectors), threads=threads, log=log)
+    return index
+
+
+def open_index(path: Path, spec: IndexSpec, *, view: bool = True):
+    """The index file at `path`, checked against the manifest's `spec`.
+
+    view=True memory-maps the file (read-only: the index costs page cache, not process memory);
+    view=False loads a private, writable copy.
+    """
+    from usearch.index import Index
+    try:
+        index = Index.restore(str(path), view=view)
+    except Exception as e:  # usearch raises plain RuntimeError/ValueError on a bad file
+        raise BundleError(f"{path}: not a readable USearch index ({e})") from None
+    if index is None:          # restore's answer for a missing or headerless file
+        raise BundleError(f"{path}: not a readable USearch index")
+    metric = index.metric.name.lower()
+    if metric != METRIC or spec.metric != METRIC:
+        raise BundleError(f"{path}: index metric is {metric!r}, manifest says {spec.metric!r}; ragrt needs {METRIC!r}")
+    if index.ndim != spec.ndim or len(index) != spec.count:
+        raise BundleError(f"{path}: index holds {len(index)} vectors of {index.ndim} dims, "
+                          f"manifest says {spec.count} of {spec.ndim}")
+    return index
