@@ -2,7 +2,7 @@
 
     python benchmarks/ask.py --bundle B [--clients 1,4,16] [--duration 30] [--max-new-tokens 32] [--json ask.json]
 
-The real HTTP server (engine/server.py: FastAPI, the micro-batcher, uvicorn) runs in this
+The real HTTP server (engine/serve/: FastAPI, the micro-batcher, uvicorn) runs in this
 process on a loopback port; every client is a thread with its own HTTP connection that sends
 its next question (the Python FAQ questions, in turn) to POST /v1/ask as soon as its answer
 arrives, for `--duration` seconds per level. Requests already sent when the time is up finish

@@ -7,7 +7,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Questions a user of the Python docs might ask; load.py and ask.py send them in turn.
 QUESTIONS = [

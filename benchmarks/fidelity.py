@@ -48,7 +48,8 @@ def sequences(engine, qa_files: list[Path], answer_tokens: int) -> list[tuple[li
 def answer_log_probs(model: Path, spec, seqs, threads: int) -> list:
     """Per question, log-probabilities (answer tokens, vocab) of each answer position."""
     import numpy as np
-    from ragrt.decoding.decoder import log_softmax, open_decoder
+    from ragrt.decoding.decoder import log_softmax
+    from ragrt.decoding.generator import open_decoder
     from ragrt.runtime.sessions import SessionConfig, create_session
     decoder = open_decoder(create_session(model, SessionConfig("cpu", threads)), spec)
     out = []

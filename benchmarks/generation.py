@@ -56,8 +56,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))        # this checkout's engine/ and export/, not an installed copy
 
 QUESTION = "How do I remove duplicates from a list while keeping the order?"
 
@@ -359,7 +357,7 @@ def _optimum_quantize(fp32: Path, out: Path, q: str) -> None:
 
 
 def _genai_build(checkpoint: Path, out: Path, q: str) -> None:
-    # export/genai_build.py runs the builder under our transformers 4.57.
+    # export/onnx/genai_build.py runs the builder under our transformers 4.57.
     cmd = [sys.executable, "-m", "ragrt.export.onnx.genai_build", "-i", str(checkpoint), "-o", str(out / "model"),
            "-p", q, "-e", "cpu", "-c", str(out / "hf-cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     import numpy as np
     import onnxruntime  # noqa: F401  (counted in the baseline)
     baseline = memory()["peak_rss_mib"]
-    from ragrt.decoding.decoder import open_decoder
+    from ragrt.decoding.generator import open_decoder
     from ragrt.bundle.manifest import read_manifest
     from ragrt.runtime.sessions import SessionConfig, create_session
     from ragrt.errors import RagrtError

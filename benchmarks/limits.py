@@ -31,7 +31,7 @@ SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_head
 
 # Bytes per weight as the bundle stores them: MatMulNBits keeps one fp32 scale per block
 # (symmetric: no zero points). The fused graph's int8 and int4 come in blocks of 32
-# (export/onnx_export.py); w8a8 has one fp32 scale per output column (export/rowquant.py), a
+# (export/onnx/graphs.py); w8a8 has one fp32 scale per output column (export/quant/rowquant.py), a
 # rounding error here.
 PRECISIONS = {"fp32": 4.0, "int8": 1 + 4 / 32, "w8a8": 1.0, "int4": 0.5 + 4 / 32}
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import QUESTIONS, wait_ready  # noqa: E402,F401  (QUESTIONS lived here; kept importable)

@@ -27,7 +27,7 @@ def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False)
     """Seconds per step after a `context`-token prompt (three untimed steps first), or per
     prefill of that prompt."""
     import numpy as np
-    from ragrt.decoding.decoder import open_decoder
+    from ragrt.decoding.generator import open_decoder
     decoder = open_decoder(session, spec)
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, spec.vocab_size, context)]
     logits, state = decoder.prefill([prompt])

@@ -6,9 +6,14 @@ import json
 import logging
 import sys
 import textwrap
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from ragrt.bundle.atomic import atomic_write_text
 from ragrt.errors import RagrtError
+
+if TYPE_CHECKING:       # the commands import what they use when they run, so `ragrt --help` starts fast
+    from ragrt.bundle.manifest import ParityReport
 
 log = logging.getLogger("ragrt")
 
@@ -68,9 +73,7 @@ SERVE_EPILOG = textwrap.dedent("""\
 def cmd_ask(args: argparse.Namespace) -> int:
     from ragrt.engine import Engine
     engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
-    options = dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   task=args.task)
-    stream = engine.stream(args.question, **options)
+    stream = engine.stream(args.question, task=args.task, **_answer_options(args))
     if args.json:
         for _ in stream:
             pass
@@ -127,7 +130,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     pydocs = _export_module("data.pydocs")
     source = pydocs.ensure_python_docs()
     if args.dataset == "python-docs":
-        n = pydocs.write_python_docs_corpus(args.out, source)
+        n = pydocs.write_python_docs_corpus(args.out, source, subset=args.subset)
         print(f"{n} documents from {source} written to {args.out}")
     else:
         counts = _export_module("data.faq").write_python_faq(args.out, source)
@@ -159,15 +162,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r  {done}/{total} questions", end="", file=sys.stderr, flush=True)
 
-    result = evaluate(engine, items, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens,
-                      progress=progress if sys.stderr.isatty() else None)
+    result = evaluate(engine, items, progress=progress if sys.stderr.isatty() else None, **_answer_options(args))
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    a = result.answer
     print(f"{result.n} questions, mode {args.mode or engine.manifest.rag.mode}")
-    for group in ("retrieval", "answer", "latency_ms"):
-        values = getattr(result, group)
-        print(f"  {group:10s} " + "  ".join(f"{k} {v:.3f}" if group != "latency_ms" else f"{k} {v:.0f}"
-                                              for k, v in values.items()))
+    print("  retrieval  " + "  ".join(f"{k} {v:.3f}" for k, v in result.retrieval.items()))
+    print("  answer     " + "  ".join(f"{k} {a[k]:.3f}" for k in ("exact_match", "f1", "rouge_l", "loop_rate"))
+          + f" ({a['loops']} of {result.n} answers loop)")
+    print("  latency_ms " + "  ".join(f"{k} {v:.0f}" for k, v in result.latency_ms.items()))
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
@@ -198,10 +201,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature} "
           f"max_new_tokens={m.rag.max_new_tokens}")
     print(f"  tasks       {', '.join(['qa', *sorted(m.prompt.tasks)])}")
-    if m.corpus:
-        c = m.corpus
-        print(f"  built from  {c.get('source')}: {c.get('documents')} documents -> {c.get('passages')} passages "
-              f"of {m.chunking.max_tokens} tokens, overlap {m.chunking.overlap}")
+    c = m.corpus
+    print(f"  built from  {c.source}: {c.documents} documents -> {c.passages} passages "
+          f"of {m.chunking.max_tokens} tokens, overlap {m.chunking.overlap}")
     for line in _parity_lines(m.parity):
         print(f"  parity      {line}")
     if m.versions:
@@ -209,19 +211,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parity_lines(parity: dict) -> list[str]:
+def _parity_lines(parity: ParityReport) -> list[str]:
     """The headline figures; `ragrt info --json` has every field."""
-    lines = []
-    enc = parity.get("encoder") or {}
-    if enc:
-        lines.append("encoder vs PyTorch: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(enc.items())
-                                                         if isinstance(v, float)))
-    for q, fig in sorted((parity.get("generator") or {}).items()):
-        if isinstance(fig, dict):
-            lines.append(f"generator {q} vs PyTorch: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in sorted(fig.items()) if isinstance(v, float)))
-    if "used" in parity:
-        lines.append(f"this bundle holds the {parity['used']} generator")
+    lines = ["encoder vs PyTorch: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(asdict(parity.encoder).items())
+                                                if isinstance(v, float))]
+    for q, fig in sorted(parity.generator.items()):
+        lines.append(f"generator {q} vs PyTorch: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in sorted(asdict(fig).items()) if isinstance(v, float)))
+    lines.append(f"this bundle holds the {parity.used} generator")
     return lines
 
 
@@ -248,76 +245,115 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragrt", description="Retrieval-augmented generation: export a bundle, then ask it.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     levels = ["debug", "info", "warning", "error"]
-    p.add_argument("--log-level", default="warning", choices=levels)
+    p.add_argument("--log-level", default="warning", choices=levels, help="what to log on stderr (default: warning)")
     # Also accepted after the command; SUPPRESS keeps the top-level value when it is not.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="default: warning")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels,
+                        help="what to log on stderr (default: warning)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_subparser(common))
+    for add in (_add_ask, _add_serve, _add_export, _add_data, _add_finetune, _add_eval, _add_info, _add_verify,
+                _add_index):
+        add(sub)
+    return p
 
-    a = sub.add_parser("ask", help="answer a question from a bundle")
-    a.add_argument("question")
-    a.add_argument("--bundle", required=True, help="bundle directory written by `ragrt export`")
-    a.add_argument("--k", type=int, default=None, help="passages to retrieve (default: the bundle's, 5)")
-    a.add_argument("--mode", choices=["concat", "token", "sequence"], default=None,
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The bundle and where it runs: every command that opens an Engine."""
+    p.add_argument("--bundle", required=True, help="bundle directory written by `ragrt export`")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where onnxruntime runs (auto: CUDA when available)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+
+
+def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | None) -> None:
+    """How an answer is made, shared by ask and eval; `_answer_options` passes them to the Engine.
+    Decoding options belong here too, so that each command that answers offers them alike."""
+    p.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's, 5)")
+    p.add_argument("--mode", choices=["concat", "token", "sequence"], default=None,
                    help="concat: passages in one prompt (default); token: RAG-Token; sequence: RAG-Sequence")
-    a.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 128)")
-    a.add_argument("--temperature", type=float, default=None, help="P(c|q) = softmax(score / temperature)")
+    default = max_new_tokens or "the bundle's, 128"
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"answer length limit in tokens (default: {default})")
+    p.add_argument("--prior-temperature", type=float, default=None,
+                   help="P(c|q) = softmax(score / T), the passage weights of token and sequence modes "
+                        "(default: the bundle's)")
+    d = p.add_argument_group("decoding (defaults: the bundle's manifest, `ragrt info`)")
+    d.add_argument("--temperature", type=float, default=None, help="0: greedy; above 0: sample, higher is more random")
+    d.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: all)")
+    d.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens holding this probability")
+    d.add_argument("--seed", type=int, default=None, help="seed of the sampling, for answers that repeat")
+    d.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1: tokens already in the answer's recent window become less likely")
+    d.add_argument("--repetition-window", type=int, default=None, help="the answer's latest tokens the penalty sees")
+    d.add_argument("--no-repeat-ngram-size", type=int, default=None, help="n > 0: no n tokens repeat in the answer")
+    d.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer before this text (repeatable, at most 4)")
+    d.add_argument("--min-new-tokens", type=int, default=None, help="no end of answer before this many tokens")
+
+
+DECODING_FLAGS = ("temperature", "top_k", "top_p", "seed", "repetition_penalty", "repetition_window",
+                  "no_repeat_ngram_size", "stop", "min_new_tokens")
+
+
+def _answer_options(args: argparse.Namespace) -> dict:
+    return dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                prior_temperature=args.prior_temperature, **{name: getattr(args, name) for name in DECODING_FLAGS})
+
+
+def _add_ask(sub) -> None:
+    a = sub.add_parser("ask", help="answer a question from a bundle")
+    a.add_argument("question", help="the question, quoted")
+    _add_engine_options(a)
+    _add_answer_options(a, max_new_tokens=None)
     a.add_argument("--task", default="qa", help="qa (default), or a task of the bundle's manifest: summarize "
                    "retrieves passages about the topic and summarizes them")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     a.set_defaults(func=cmd_ask)
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve a bundle over HTTP (needs ragrt[serve])", epilog=SERVE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--bundle", required=True)
+    _add_engine_options(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--workers", type=int, default=1, help="processes, each with its own engine and memory")
     s.add_argument("--api-key-file", default=None, help="file holding one key; every endpoint but /healthz "
                    "then needs Authorization: Bearer KEY")
     s.add_argument("--max-batch", type=int, default=8, help="answers decoded together (1: no micro-batching)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond it, 429")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds each request may take")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("export", help="build a bundle from a corpus (needs ragrt[export])")
-    e.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
-    e.add_argument("--out", required=True, help="bundle directory to write (refused if it exists, unless --force)")
-    e.add_argument("--quantize", choices=["int8", "w8a8", "int4", "fp32", "fp16"], default="int8",
-                   help="int8: int8 weights in blocks of 32, closest to fp32 (default); w8a8 (--graph fused): "
-                        "int8 weights and per-token int8 activations, first token 30-45%% sooner, "
-                        "further from fp32; int4: int4 weights (fused graph: blocks of 32, AWQ-scaled and "
-                        "GPTQ-rounded), smallest and fastest at batch 1, furthest from fp32; fp32: no quantization; fp16 (--graph fused): "
-                        "the CUDA graph, for --device cuda (it runs on CPU too, slower than fp32)")
-    e.add_argument("--encoder-quantize", choices=["int8", "w8a8", "fp32"], default=None,
-                   help="the query encoder (the corpus is always embedded in fp32): int8 weights computing "
-                        "in fp32, ranks as fp32's (default; fp32 with --quantize fp32); w8a8: int8 weights "
-                        "and activations, about 3.5x faster queries, a little less often fp32's top passage")
-    e.add_argument("--graph", choices=["optimum", "fused"], default="fused",
-                   help="generator graph: onnxruntime-genai's builder graph with fused attention, rotary and "
-                        "norms, decoded in place in preallocated KV buffers (default, measured fastest), or "
-                        "optimum's export (any attention mask)")
-    e.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16")
-    e.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
-    e.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")
-    e.add_argument("--chunk-tokens", type=int, default=128, help="passage length in encoder tokens")
-    e.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive passages")
-    e.add_argument("--max-context", type=int, default=2048, help="generator context window used by the engine")
-    e.add_argument("--parity-prompts", type=int, default=20, help="prompts for the greedy-agreement parity check")
-    e.add_argument("--force", action="store_true", help="replace an existing bundle")
-    e.set_defaults(func=cmd_export)
 
+def _add_export(sub) -> None:
+    """Its options live beside the pipeline, in ragrt.export, which refuses to import without torch:
+    `ragrt --help` then still lists export, and running it says what to install."""
+    try:
+        from ragrt.export.cli import add_export_arguments
+    except ImportError as missing:
+        ex = sub.add_parser("export", help=f"build a bundle from a corpus (needs ragrt[export]: {missing.name} "
+                            "is missing)", description="Its options are listed once ragrt[export] is installed.")
+        # Whatever its arguments, cmd_export then fails saying what to install (see main).
+        ex.set_defaults(any_arguments=True)
+    else:
+        ex = sub.add_parser("export", help="build a bundle from a corpus (needs ragrt[export])")
+        add_export_arguments(ex)
+    ex.set_defaults(func=cmd_export)
+
+
+def _add_data(sub) -> None:
     d = sub.add_parser("data", help="build a demo corpus or the Python FAQ dataset")
     d.add_argument("dataset", choices=["python-docs", "python-faq"],
                    help="python-docs: Debian's python3.11-doc sources as one JSONL corpus; "
                         "python-faq: a directory with corpus.jsonl and train/dev/test.jsonl Q/A splits")
     d.add_argument("--out", required=True, help="JSONL file (python-docs) or directory (python-faq) to write")
+    d.add_argument("--subset", default=None, help="python-docs only: 'demo' keeps the FAQ, tutorial, HOWTOs and "
+                                                  "language reference (about 4,000 passages); default: every page")
     d.set_defaults(func=cmd_data)
 
+
+def _add_finetune(sub) -> None:
     f = sub.add_parser("finetune", help="fine-tune the retriever and the generator on Q/A pairs (needs ragrt[export])")
     f.add_argument("--corpus", required=True, help="the corpus the bundle will index (JSONL or directory)")
     f.add_argument("--train", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
@@ -325,54 +361,58 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
     f.add_argument("--encoder", default=None, help="HF checkpoint (default: packaged all-MiniLM-L6-v2)")
     f.add_argument("--generator", default=None, help="HF checkpoint (default: packaged SmolLM2-135M-Instruct)")
-    f.add_argument("--epochs", type=int, default=3, help="retriever epochs")
-    f.add_argument("--generator-epochs", type=int, default=1)
-    f.add_argument("--lr", type=float, default=3e-5, help="retriever learning rate")
-    f.add_argument("--generator-lr", type=float, default=3e-5)
-    f.add_argument("--batch-size", type=int, default=16, help="questions per retriever step")
-    f.add_argument("--k", type=int, default=3, help="passages in a generator training prompt")
+    f.add_argument("--epochs", type=int, default=3, help="retriever epochs (default 3)")
+    f.add_argument("--generator-epochs", type=int, default=1, help="generator epochs (default 1)")
+    f.add_argument("--lr", type=float, default=3e-5, help="retriever learning rate (default 3e-5)")
+    f.add_argument("--generator-lr", type=float, default=3e-5, help="generator learning rate (default 3e-5)")
+    f.add_argument("--batch-size", type=int, default=16, help="questions per retriever step (default 16)")
+    f.add_argument("--k", type=int, default=3, help="passages in a generator training prompt (default 3)")
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (merged before saving) instead of all weights")
     f.add_argument("--joint", action="store_true",
                    help="RAG marginal likelihood over the top-k: the query encoder learns from the generator")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
     f.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (smoke tests)")
     f.set_defaults(func=cmd_finetune)
 
-    ev = sub.add_parser("eval", help="measure retrieval, answer quality and latency on a Q/A set")
-    ev.add_argument("--bundle", required=True)
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="measure retrieval, answer quality, loops and latency on a Q/A set "
+                        "(docs/eval.md)")
+    _add_engine_options(ev)
     ev.add_argument("--qa", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
-    ev.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's)")
-    ev.add_argument("--mode", choices=["concat", "token", "sequence"], default=None)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
+    _add_answer_options(ev, max_new_tokens=64)
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all)")
     ev.add_argument("--json", default=None, help="write the metrics here as JSON")
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ev.add_argument("--threads", type=int, default=0)
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_info(sub) -> None:
     i = sub.add_parser("info", help="show a bundle's manifest: models, sizes, parity figures")
-    i.add_argument("bundle")
+    i.add_argument("bundle", help="bundle directory")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.set_defaults(func=cmd_info)
 
+
+def _add_verify(sub) -> None:
     v = sub.add_parser("verify", help="check every bundle file against its sha256")
-    v.add_argument("bundle")
+    v.add_argument("bundle", help="bundle directory")
     v.set_defaults(func=cmd_verify)
 
+
+def _add_index(sub) -> None:
     ix = sub.add_parser("index", help="add or remove documents in a bundle without re-exporting",
                         epilog=INDEX_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ix_sub = ix.add_subparsers(dest="action", required=True, metavar="ACTION")
     ia = ix_sub.add_parser("add", help="chunk, embed and index new documents", epilog=INDEX_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    ia.add_argument("--bundle", required=True)
+    ia.add_argument("--bundle", required=True, help="bundle directory to update in place")
     ia.add_argument("--corpus", required=True, help="JSONL file ({id, text, title?} a line) or a directory, as for export")
     ia.add_argument("--threads", type=int, default=0, help="onnxruntime threads for embedding (0: all cores)")
     ir = ix_sub.add_parser("remove", help="remove passages or whole documents by id", epilog=INDEX_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    ir.add_argument("--bundle", required=True)
+    ir.add_argument("--bundle", required=True, help="bundle directory to update in place")
     ir.add_argument("--ids", required=True, help="text file, one passage id or document id a line")
     ix.set_defaults(func=cmd_index)
-    return p
 
 
 def _subparser(common: argparse.ArgumentParser):
@@ -383,7 +423,11 @@ def _subparser(common: argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Without ragrt[export], export declares no options (_add_export): it alone may take unknown ones.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

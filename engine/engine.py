@@ -10,20 +10,20 @@ from typing import Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from ragrt.bundle.reader import Bundle
-from ragrt.decoding.decoder import open_decoder
-from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
-from ragrt.errors import UserInputError
-from ragrt.retrieval.live import LiveRetriever
+from tokenizers.decoders import DecodeStream
+
 from ragrt.bundle.manifest import Manifest
+from ragrt.bundle.reader import Bundle
+from ragrt.decoding.generator import open_decoder
 from ragrt.decoding.prompt import PassageText, PromptBuilder, Turn
-from ragrt.decoding.rag import MODES, Run, passage_prior, start
+from ragrt.decoding.rag import Run, check_mode, passage_prior, start
+from ragrt.decoding.sampling import DecodingConfig
+from ragrt.errors import UserInputError
+from ragrt.options import HISTORY_IN_QUERY, MAX_K, MAX_TURNS
+from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
+from ragrt.retrieval.live import LiveRetriever
 from ragrt.retrieval.retriever import Hit, Retriever
 from ragrt.runtime.sessions import SessionConfig, create_session
-
-MAX_K = 50
-MAX_TURNS = 100
-HISTORY_IN_QUERY = 2      # the user's latest turns that join the retrieval query
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Source:
     id: str
     title: str
     score: float                   # cosine similarity of passage and question
-    prob: float                    # P(c|q): softmax of the scores over the temperature
+    prob: float                    # P(c|q): softmax of the scores over the prior temperature
     text: str
 
 
@@ -45,6 +45,7 @@ class Answer:
     mode: str
     log_prob: float | None = None  # log P(answer|q) in the token and sequence modes
     warnings: list[str] = field(default_factory=list)
+    finish_reason: str = "stop"    # "stop": EOS or a stop string; "length": max_new_tokens reached
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +57,7 @@ class Answer:
             "mode": self.mode,
             "log_prob": self.log_prob,
             "warnings": self.warnings,
+            "finish_reason": self.finish_reason,
         }
 
 
@@ -76,6 +78,7 @@ class Engine:
         self.tokenizer = load_tokenizer(bundle.path(m.generator.tokenizer))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.decoding = DecodingConfig.of(m.rag.decoding, m.rag.max_new_tokens)
         self.decoder.cache_prefix(PromptBuilder(m.prompt, self.tokenizer, budget=m.generator.max_context).fixed_prefix())
 
     @classmethod
@@ -95,7 +98,10 @@ class Engine:
         return self.retriever.retrieve(_check_question(question), self._k(k))
 
     def ask(self, question: str, **options) -> Answer:
-        """Options: k, mode, max_new_tokens, temperature, history (earlier turns), task ("qa", "summarize")."""
+        """Options: k, mode, history (earlier turns), task ("qa", "summarize"), prior_temperature (of
+        P(c|q)), and the decoding options of `DecodingConfig` (temperature, top_k, top_p, seed,
+        repetition_penalty, repetition_window, no_repeat_ngram_size, stop, min_new_tokens,
+        max_new_tokens); what is not given comes from the bundle's manifest."""
         stream = self._start(question, **options)
         for _ in stream:
             pass
@@ -112,8 +118,8 @@ class Engine:
         return k
 
     def prepare(self, question: str, *, k: int | None = None, mode: str | None = None,
-                max_new_tokens: int | None = None, temperature: float | None = None,
-                history: Sequence[Turn | dict] | None = None, task: str = "qa") -> "Prepared":
+                history: Sequence[Turn | dict] | None = None, task: str = "qa",
+                prior_temperature: float | None = None, **decoding) -> "Prepared":
         """Checks the options, embeds, retrieves and sets up the prompt: everything before decoding.
 
         `ask` and `stream` decode it at once; the server's batcher decodes many together.
@@ -121,22 +127,19 @@ class Engine:
         rag = self.manifest.rag
         question = _check_question(question)
         k = self._k(k)
+        config = self.decoding.updated(self.manifest.generator.max_context, **decoding)
         mode = rag.mode if mode is None else mode
-        if not isinstance(mode, str) or mode not in MODES:
-            raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        max_new = rag.max_new_tokens if max_new_tokens is None else max_new_tokens
-        limit = self.manifest.generator.max_context // 2
-        if not _is_int(max_new) or not 1 <= max_new <= limit:
-            raise UserInputError(f"max_new_tokens must be an integer from 1 to {limit}, got {max_new!r}")
-        temperature = rag.temperature if temperature is None else temperature
-        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-                and math.isfinite(temperature) and temperature > 0):
-            raise UserInputError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_mode(mode, config)
+        prior_temperature = rag.temperature if prior_temperature is None else prior_temperature
+        if not (isinstance(prior_temperature, (int, float)) and not isinstance(prior_temperature, bool)
+                and math.isfinite(prior_temperature) and prior_temperature > 0):
+            raise UserInputError(f"prior_temperature must be a finite number > 0, got {prior_temperature!r}")
         turns = _check_history(history)
         if not isinstance(task, str):
             raise UserInputError(f"task must be a string, got {type(task).__name__}")
         builder = PromptBuilder(self.manifest.prompt, self.tokenizer,
-                                budget=self.manifest.generator.max_context - max_new, task=task, history=turns)
+                                budget=self.manifest.generator.max_context - config.max_new_tokens, task=task,
+                                history=turns)
 
         t0 = time.perf_counter()
         # A follow-up ("and in Python 2?") means little alone: the user's recent turns join the query.
@@ -145,17 +148,17 @@ class Engine:
         t1 = time.perf_counter()
         hits = self.retriever.search(query, k)[0]
         t2 = time.perf_counter()
-        prior = passage_prior([h.score for h in hits], temperature)
+        prior = passage_prior([h.score for h in hits], prior_temperature)
         sources = [Source(h.id, h.title, h.score, float(p), h.text) for h, p in zip(hits, prior)]
-        return Prepared(question, mode, max_new, builder, [PassageText(h.title, h.text) for h in hits], prior,
+        return Prepared(question, mode, config, builder, [PassageText(h.title, h.text) for h in hits], prior,
                         sources, {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}, t0)
 
     def answer_stream(self, prepared: "Prepared", run: Run) -> "AnswerStream":
-        return AnswerStream(self.tokenizer, run, prepared.sources, prepared.mode, prepared.timings, prepared.t0)
+        return AnswerStream(self.tokenizer, run, prepared, prepared.timings)
 
     def _start(self, question: str, **options) -> "AnswerStream":
         p = self.prepare(question, **options)
-        run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.max_new_tokens)
+        run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding)
         return self.answer_stream(p, run)
 
 
@@ -164,7 +167,7 @@ class Prepared:
     """A checked request with its passages retrieved, ready to decode."""
     question: str
     mode: str
-    max_new_tokens: int
+    decoding: DecodingConfig
     builder: PromptBuilder
     passages: list[PassageText]
     prior: np.ndarray
@@ -176,11 +179,9 @@ class Prepared:
 class AnswerStream:
     """Yields answer text as tokens arrive. Breaking out of the loop stops decoding."""
 
-    def __init__(self, tokenizer: Tokenizer, run: Run, sources: list[Source], mode: str,
-                 timings: dict[str, float], t0: float):
-        self._tokenizer, self._run, self._sources, self._mode = tokenizer, run, sources, mode
-        self._timings, self._t0 = timings, t0
-        self._ids: list[int] = []
+    def __init__(self, tokenizer: Tokenizer, run: Run, prepared: Prepared, timings: dict[str, float]):
+        self._tokenizer, self._run, self._prepared = tokenizer, run, prepared
+        self._timings = timings
         self.answer: Answer | None = None
 
     def close(self) -> None:
@@ -193,36 +194,54 @@ class AnswerStream:
             pass
 
     def __iter__(self) -> Iterator[str]:
-        emitted = ""
+        p = self._prepared
+        stops = p.decoding.stop
+        # tokenizers' incremental decoder: linear in the answer, and it holds back the bytes of a
+        # character that spans tokens until the character is complete.
+        pieces = DecodeStream(skip_special_tokens=True)
+        text, emitted, new_tokens, stopped = "", 0, 0, False
         t_start = time.perf_counter()
         t_first = None
         for token in self._run.tokens:
             if t_first is None:
                 t_first = time.perf_counter()
-            self._ids.append(token)
-            text = self._tokenizer.decode(self._ids)
-            # A multi-byte character spans tokens; hold it back until it is complete.
-            if text.endswith("\ufffd"):
-                continue
-            if len(text) > len(emitted):
-                piece, emitted = text[len(emitted):], text
-                yield piece
-        # Bytes that never completed a character still belong to the answer.
-        text = self._tokenizer.decode(self._ids)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+            new_tokens += 1
+            text += pieces.step(self._tokenizer, token) or ""
+            if stops and (cut := _stop_at(text, stops)) is not None:
+                text, stopped = text[:cut], True
+                self.close()
+                break
+            # A stop string may be forming at the end: hold back what could still begin one.
+            ready = len(text) - _held_back(text, stops)
+            if ready > emitted:
+                yield text[emitted:ready]
+                emitted = ready
+        if len(text) > emitted:
+            yield text[emitted:]
         t_end = time.perf_counter()
         t_first = t_first or t_end
         timings = dict(self._timings)
         timings.update(prefill=(t_first - t_start) * 1e3, decode=(t_end - t_first) * 1e3,
-                       total=(t_end - self._t0) * 1e3)
+                       total=(t_end - p.t0) * 1e3)
         run = self._run
         warnings = ["the question or passages were truncated to fit the context window"] if run.truncated else []
+        at_limit = not stopped and new_tokens >= p.decoding.max_new_tokens
         self.answer = Answer(
-            answer=self._tokenizer.decode(self._ids).strip(), sources=self._sources,
-            new_tokens=len(self._ids), prompt_tokens=run.prompt_tokens,
-            timings_ms={k: round(v, 2) for k, v in timings.items()}, mode=self._mode,
-            log_prob=run.log_prob[0] if run.log_prob else None, warnings=warnings)
+            answer=text.strip(), sources=p.sources, new_tokens=new_tokens, prompt_tokens=run.prompt_tokens,
+            timings_ms={k: round(v, 2) for k, v in timings.items()}, mode=p.mode,
+            log_prob=run.log_prob, warnings=warnings, finish_reason="length" if at_limit else "stop")
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string begins in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest tail of `text` that is the start of a stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
 
 
 def _is_int(value) -> bool:

@@ -2,7 +2,8 @@
 
 Retrieval is scored at depth 10 against `positive_ids`; a positive names a passage
 (`doc#3`) or a whole document (`doc`), whose every passage then counts. Answers are
-scored against `answer` with SQuAD's normalisation (exact match, token F1) and ROUGE-L.
+scored against `answer` with SQuAD's normalisation (exact match, token F1) and ROUGE-L,
+and checked for loops (`is_loop`). docs/eval.md defines every figure.
 """
 from __future__ import annotations
 
@@ -10,17 +11,27 @@ import re
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import numpy as np
 
-from ragrt.errors import CorpusError
 from ragrt.corpus.jsonl import iter_jsonl
+from ragrt.decoding.rag import start
+from ragrt.errors import CorpusError
+from ragrt.retrieval.passages import document_of
+
+if TYPE_CHECKING:
+    from ragrt.engine import Engine, Prepared
 
 DEPTH = 10
 _PUNCT = set(string.punctuation)
+# An n-gram of n >= 4 seen 3 times contains a 4-gram seen 3 times, so counting 4-grams covers every n.
+LOOP_NGRAM = 4
+LOOP_REPEATS = 3
+LOOP_TAIL = 32
+LOOP_MAX_PERIOD = 16
 
 
 @dataclass(frozen=True)
@@ -85,34 +96,63 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
+def is_loop(ids: Sequence[Hashable], hit_limit: bool) -> bool:
+    """Whether an answer is stuck repeating itself: some 4-gram occurs 3 or more times (overlaps
+    count), or the answer hit its token limit while its last 32 tokens have a period p <= 16
+    (tail[i] == tail[i + p] throughout). docs/eval.md gives the reasons for each number."""
+    grams = Counter(tuple(ids[i:i + LOOP_NGRAM]) for i in range(len(ids) - LOOP_NGRAM + 1))
+    if grams and max(grams.values()) >= LOOP_REPEATS:
+        return True
+    tail = list(ids[-LOOP_TAIL:])
+    return hit_limit and len(tail) == LOOP_TAIL and any(
+        all(tail[i] == tail[i + p] for i in range(LOOP_TAIL - p)) for p in range(1, LOOP_MAX_PERIOD + 1))
+
+
 def is_relevant(passage_id: str, positives: tuple[str, ...]) -> bool:
-    return passage_id in positives or passage_id.rsplit("#", 1)[0] in positives
+    return passage_id in positives or document_of(passage_id) in positives
 
 
 @dataclass(frozen=True)
 class EvalResult:
     n: int
     retrieval: dict[str, float]
-    answer: dict[str, float]
+    answer: dict[str, float]       # exact_match, f1, rouge_l, loop_rate (shares), loops (a count)
     latency_ms: dict[str, float]
 
     def to_dict(self) -> dict:
         return {"n": self.n, "retrieval": self.retrieval, "answer": self.answer, "latency_ms": self.latency_ms}
 
 
-def evaluate(engine, items: list[QA], *, mode: str | None = None, k: int | None = None,
-             max_new_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], None] | None = None,
+             **options) -> EvalResult:
+    """Scores `engine` on `items`; `options` are `Engine.ask`'s (k, mode, max_new_tokens, ...).
+
+    Each question is embedded and searched once, at depth max(k, 10): the top 10 score
+    retrieval and the top k go to the generator, as `ask` would give them.
+    """
+    k = options.pop("k", None)
+    k = engine.manifest.rag.k if k is None else k
+    # An invalid k goes through unchanged, so that `prepare` rejects it with its own message.
+    depth = max(k, DEPTH) if type(k) is int and k >= 1 else k
     ranks: list[int | None] = []
-    em, f1, rl, latency = [], [], [], []
+    em, f1, rl, loops, latency = [], [], [], [], []
     for i, qa in enumerate(items):
-        hits = engine.retrieve(qa.question, k=DEPTH)
-        ranks.append(next((r for r, h in enumerate(hits, start=1) if is_relevant(h.id, qa.positive_ids)), None))
         t0 = time.perf_counter()
-        ans = engine.ask(qa.question, mode=mode, k=k, max_new_tokens=max_new_tokens)
+        fetched = engine.prepare(qa.question, k=depth, **options)
+        ranks.append(next((r for r, s in enumerate(fetched.sources[:DEPTH], start=1)
+                           if is_relevant(s.id, qa.positive_ids)), None))
+        p = _top(fetched, k)
+        stream = engine.answer_stream(p, start(p.mode, engine.decoder, p.builder, p.question, p.passages, p.prior,
+                                                p.decoding))
+        for _ in stream:
+            pass
+        ans = stream.answer
         latency.append((time.perf_counter() - t0) * 1e3)
         em.append(exact_match(ans.answer, qa.answer))
         f1.append(token_f1(ans.answer, qa.answer))
         rl.append(rouge_l(ans.answer, qa.answer))
+        ids = engine.tokenizer.encode(ans.answer, add_special_tokens=False).ids
+        loops.append(is_loop(ids, hit_limit=ans.finish_reason == "length"))
         if progress:
             progress(i + 1, len(items))
     judged = [r for r, qa in zip(ranks, items) if qa.positive_ids] or [None]
@@ -124,6 +164,15 @@ def evaluate(engine, items: list[QA], *, mode: str | None = None, k: int | None 
         n=len(items),
         retrieval={"recall@1": recall(1), "recall@5": recall(5), "recall@10": recall(10),
                    "mrr@10": float(np.mean([1.0 / r if r else 0.0 for r in judged]))},
-        answer={"exact_match": float(np.mean(em)), "f1": float(np.mean(f1)), "rouge_l": float(np.mean(rl))},
+        answer={"exact_match": float(np.mean(em)), "f1": float(np.mean(f1)), "rouge_l": float(np.mean(rl)),
+                "loop_rate": float(np.mean(loops)), "loops": int(sum(loops))},
         latency_ms={"p50": float(np.percentile(latency, 50)), "p95": float(np.percentile(latency, 95))},
     )
+
+
+def _top(prepared: Prepared, k: int) -> Prepared:
+    """The request as `prepare(k=k)` makes it: the first k passages, P(c|q) renormalised over them
+    (a softmax over fewer scores is the longer one's head divided by its sum)."""
+    prior = prepared.prior[:k] / prepared.prior[:k].sum()
+    sources = [replace(s, prob=float(pr)) for s, pr in zip(prepared.sources[:k], prior)]
+    return replace(prepared, passages=prepared.passages[:k], prior=prior, sources=sources)

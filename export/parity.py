@@ -8,15 +8,16 @@ is what tells a user whether the quantized model still says the same thing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ragrt.decoding.decoder import Decoder, open_decoder
+from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
+from ragrt.decoding.decoder import Decoder
 from ragrt.decoding.lookup import PromptLookup
 from ragrt.retrieval.encoder import TextEncoder
-from ragrt.bundle.manifest import GeneratorSpec
+from ragrt.bundle.manifest import EncoderParity, GeneratorSpec, GreedyAgreement
 from ragrt.decoding.prompt import PassageText, PromptBuilder
 from ragrt.runtime.sessions import SessionConfig, create_session
 
@@ -52,32 +53,6 @@ PARITY_PROMPTS: list[tuple[str, str, str]] = [
 ]
 
 
-@dataclass(frozen=True)
-class EncoderParity:
-    fp32_cosine_mean: float
-    fp32_cosine_min: float
-    int8_cosine_mean: float
-    int8_cosine_min: float
-    w8a8_cosine_mean: float
-    w8a8_cosine_min: float
-    texts: int
-
-
-@dataclass(frozen=True)
-class GreedyAgreement:
-    exact_match: float             # fraction of prompts whose greedy tokens are identical
-    prefix_agreement: float        # mean of (common prefix length / longer length)
-    teacher_forced_top1: float     # fraction of PyTorch's tokens that are also this graph's top-1, given PyTorch's prefix
-    prompts: int
-    new_tokens: int
-    sample: str                    # first prompt's answer, for a person to read
-    # Greedy tokens unchanged (first INVARIANCE_PROMPTS prompts) with rows in one batch, after a
-    # cached prompt start, and with drafts checked in one pass: the engine uses each only if so.
-    batch_invariant: bool = False
-    prefix_exact: bool = False
-    drafts_exact: bool = False
-
-
 def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.ndarray:
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -91,13 +66,17 @@ def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.
         return torch.nn.functional.normalize(emb, dim=-1).numpy()
 
 
-def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, w8a8: TextEncoder,
+def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, w8a8: TextEncoder | None = None, *,
                    max_length: int) -> EncoderParity:
+    """The w8a8 figures are None without a w8a8 graph (it is built only when a bundle ships it)."""
     texts = [t for q, title, p in PARITY_PROMPTS for t in (q, f"{title}\n{p}")]
     ref = torch_embeddings(checkpoint, texts, max_length)
-    c32, c8, cw8 = ((enc.embed_all(texts) * ref).sum(1) for enc in (fp32, int8, w8a8))
-    return EncoderParity(float(c32.mean()), float(c32.min()), float(c8.mean()), float(c8.min()),
-                         float(cw8.mean()), float(cw8.min()), len(texts))
+    c32, c8 = ((enc.embed_all(texts) * ref).sum(1) for enc in (fp32, int8))
+    cw8 = (w8a8.embed_all(texts) * ref).sum(1) if w8a8 is not None else None
+    return EncoderParity(fp32_cosine_mean=float(c32.mean()), fp32_cosine_min=float(c32.min()),
+                         int8_cosine_mean=float(c8.mean()), int8_cosine_min=float(c8.min()), texts=len(texts),
+                         w8a8_cosine_mean=None if cw8 is None else float(cw8.mean()),
+                         w8a8_cosine_min=None if cw8 is None else float(cw8.min()))
 
 
 def parity_prompt_ids(builder: PromptBuilder, n: int) -> list[list[int]]:
@@ -127,9 +106,9 @@ def onnx_agreement(model_path: Path, spec: GeneratorSpec, prompts: list[list[int
     calls a good int8 model broken; teacher forcing scores every position on its own.
     """
     decoder = open_decoder(create_session(model_path, SessionConfig()), replace(spec, batch_invariant=True, prefix_exact=True, drafts_exact=True))
-    greedy = [list(decoder.greedy(ids, new_tokens)) for ids in prompts]
+    alone = [list(greedy(decoder, ids, new_tokens)) for ids in prompts]
     prefix, hits, total = [], 0, 0
-    for ids, ref, out in zip(prompts, reference, greedy):
+    for ids, ref, out in zip(prompts, reference, alone):
         n = 0
         while n < min(len(ref), len(out)) and ref[n] == out[n]:
             n += 1
@@ -139,25 +118,25 @@ def onnx_agreement(model_path: Path, spec: GeneratorSpec, prompts: list[list[int
             logits, _ = decoder.forward(decoder.empty_state(1), seq, np.ones_like(seq), num_logits=len(ref))
             hits += int((logits[0].argmax(-1) == np.array(ref)).sum())
             total += len(ref)
-    exact = float(np.mean([a == b for a, b in zip(reference, greedy)]))
+    exact = float(np.mean([a == b for a, b in zip(reference, alone)]))
     return GreedyAgreement(exact, float(np.mean(prefix)), hits / max(total, 1), len(prompts), new_tokens,
-                           decode(greedy[0]), **exactness(decoder, prompts[:INVARIANCE_PROMPTS], greedy, new_tokens))
+                           decode(alone[0]), **exactness(decoder, prompts[:INVARIANCE_PROMPTS], alone, new_tokens))
 
 
-def exactness(decoder: Decoder, prompts: list[list[int]], greedy: list[list[int]], new_tokens: int) -> dict[str, bool]:
-    """Whether batching, a cached prefix and drafts each leave `greedy` (prompts decoded alone) as it is.
+def exactness(decoder: Decoder, prompts: list[list[int]], alone: list[list[int]], new_tokens: int) -> dict[str, bool]:
+    """Whether batching, a cached prefix and drafts each leave `alone` (prompts decoded alone, greedy) as it is.
 
     Each runs a row in passes of other shapes than a lone one-token step; a graph whose
     kernels round differently by shape (int8 activations, say) can change some tokens.
     `decoder` must be built from a spec that claims all three.
     """
-    greedy = greedy[:len(prompts)]
+    alone = alone[:len(prompts)]
     logits, state = decoder.prefill(prompts)
-    batched = decoder.greedy_batch(logits, state, new_tokens) == greedy
-    drafted = [list(decoder.greedy(p, new_tokens, PromptLookup())) for p in prompts] == greedy
+    batched = greedy_batch(Generator(decoder, state, logits), new_tokens) == alone
+    drafted = [list(greedy(decoder, p, new_tokens, PromptLookup())) for p in prompts] == alone
     decoder.cache_prefix(os.path.commonprefix(prompts)[:-2])
     try:
-        prefixed = [list(decoder.greedy(p, new_tokens)) for p in prompts] == greedy
+        prefixed = [list(greedy(decoder, p, new_tokens)) for p in prompts] == alone
     finally:
         decoder.cache_prefix([])
     return {"batch_invariant": batched, "prefix_exact": prefixed, "drafts_exact": drafted}

@@ -36,13 +36,13 @@ def tiny_fused_fp32(tiny_generator_dir, tmp_path_factory):
     pytest.importorskip("onnxruntime_genai")
     from dataclasses import asdict, replace
 
-    from ragrt.bundle.manifest import Source
+    from ragrt.bundle.manifest import ModelSource
     from ragrt.export.onnx.graphs import export_generator_fused
     from ragrt.export.pipeline import generator_spec
     exp = export_generator_fused(tiny_generator_dir, tmp_path_factory.mktemp("tiny-fused") / "fp32", "fp32")
     meta = {k: v for k, v in asdict(exp).items() if k not in ("model", "tokenizer")}
     # fp32 kernels round alike in every batch shape; the tests check that claim token by token.
-    return exp.model, replace(generator_spec(meta, "", "fp32", 512, Source("tiny", ""), "fused"), batch_invariant=True,
+    return exp.model, replace(generator_spec(meta, "", "fp32", 512, ModelSource("tiny", ""), "fused"), batch_invariant=True,
                                   prefix_exact=True, drafts_exact=True)
 
 

@@ -5,7 +5,9 @@ import time
 import pytest
 
 from ragrt import Engine
-from ragrt.serve.batcher import Batcher, DeadlineExceeded, QueueFull, batched_stream
+from ragrt.decoding.sampling import DecodingConfig
+from ragrt.serve.batcher import Batcher, DeadlineExceeded, QueueFull
+from ragrt.serve.services import batched_stream
 from serving import GatedDecoder
 
 QUESTIONS = ["How do I copy a list?", "What is the GIL?", "How are JSON documents parsed?",
@@ -47,12 +49,12 @@ def test_full_queue_and_deadline(engine):
     gated = GatedDecoder(engine.decoder)
     batcher = Batcher(gated, max_batch=1, max_queue=1)
     prompt = engine.prepare("What is the GIL?").builder.build("What is the GIL?", []).ids
-    running = batcher.submit(prompt, 3, deadline_s=60)
+    running = batcher.submit(prompt, DecodingConfig(max_new_tokens=3), deadline_s=60)
     while batcher.stats().waiting:                  # the worker took it and waits at the gate
         time.sleep(0.01)
-    expired = batcher.submit(prompt, 3, deadline_s=0.0)
+    expired = batcher.submit(prompt, DecodingConfig(max_new_tokens=3), deadline_s=0.0)
     with pytest.raises(QueueFull, match="already waiting"):
-        batcher.submit(prompt, 3, deadline_s=60)
+        batcher.submit(prompt, DecodingConfig(max_new_tokens=3), deadline_s=60)
     gated.gate.set()
     assert len(list(running)) <= 3
     with pytest.raises(DeadlineExceeded, match="waited in the queue"):

@@ -96,3 +96,52 @@ def test_verify_catches_one_flipped_byte_in_every_file(tiny_bundle, tmp_path):
                     Bundle.open(copy, verify=True)
         (copy / rel).write_bytes(original)
         Bundle.open(copy, verify=True)
+
+
+def test_eval_prints_and_writes_the_loop_count(tiny_bundle, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "How do I copy a list?", "answer": "list.copy()", "positive_ids": ["lists"]}\n'
+                  '{"question": "What is the GIL?", "answer": "a lock", "positive_ids": ["gil"]}\n')
+    out = ragrt("eval", "--bundle", tiny_bundle, "--qa", qa, "--max-new-tokens", "40", "--json", tmp_path / "e.json",
+                check_rc=0)
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert set(result["answer"]) == {"exact_match", "f1", "rouge_l", "loop_rate", "loops"}
+    loops = result["answer"]["loops"]
+    assert isinstance(loops, int) and result["answer"]["loop_rate"] == loops / 2
+    assert f"loop_rate {loops / 2:.3f} ({loops} of 2 answers loop)" in out.stdout
+
+
+def _actions(parser, name="ragrt"):
+    """(command, action) for every option and positional of every command, nested ones included."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _actions(sub, f"{name} {sub_name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield name, action
+
+
+def test_every_option_says_what_it_does():
+    from ragrt.cli import build_parser
+    actions = list(_actions(build_parser()))
+    assert len(actions) > 60
+    silent = [f"{cmd} {a.option_strings or a.dest}" for cmd, a in actions if not (a.help or "").strip()]
+    assert not silent, silent
+
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; from ragrt.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_without_torch_help_lists_export_and_export_says_what_to_install(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    out = run("--help")
+    assert out.returncode == 0, out.stderr
+    assert "needs ragrt[export]: torch is missing" in " ".join(out.stdout.split())
+    one_line_error(run("export", "--corpus", tmp_path / "c.jsonl", "--out", tmp_path / "b"),
+                   "pip install 'ragrt[export]'")
+    assert run("export", "--help").returncode == 0
+    # Only export takes arguments it cannot check; every other command still refuses unknown ones.
+    assert "unrecognized arguments: --nope" in run("info", tmp_path, "--nope").stderr

@@ -1,11 +1,11 @@
 """The decode loop and the RAG modes on a tiny random llama, against PyTorch and float64 NumPy references."""
 import numpy as np
 import pytest
-
-from ragrt.decoding.decoder import open_decoder
-from ragrt.bundle.manifest import GeneratorSpec, Source
+from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
+from ragrt.bundle.manifest import GeneratorSpec, ModelSource
 from ragrt.decoding.prompt import PassageText, PromptBuilder
 from ragrt.decoding.rag import passage_prior, start
+from ragrt.decoding.sampling import DecodingConfig
 from ragrt.runtime.sessions import SessionConfig, create_session
 from ragrt.export.pack import prompt_spec
 
@@ -23,7 +23,7 @@ def decoder(tiny_generator_onnx, request):
     spec = GeneratorSpec(model="model.onnx", tokenizer="tokenizer.json", quantization="fp32",
                          num_layers=exp.num_layers, num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim,
                          vocab_size=exp.vocab_size, eos_token_ids=tuple(exp.eos_token_ids),
-                         pad_token_id=exp.pad_token_id, max_context=512, source=Source("tiny", ""),
+                         pad_token_id=exp.pad_token_id, max_context=512, source=ModelSource("tiny", ""),
                          batch_invariant=request.param == "batched", prefix_exact=request.param == "batched",
                          drafts_exact=request.param == "batched")
     return open_decoder(create_session(out / "model.onnx", SessionConfig(threads=1)), spec)
@@ -84,20 +84,20 @@ def test_onnx_greedy_equals_pytorch_greedy(decoder, builder, tiny_generator_dir)
                                  pad_token_id=decoder.spec.pad_token_id)
         expected = [t for t in gen[0, len(ids):].tolist()]
         expected = expected[:next((i for i, t in enumerate(expected) if t in decoder.spec.eos_token_ids), len(expected))]
-        assert list(decoder.greedy(ids, MAX_NEW)) == expected
+        assert list(greedy(decoder, ids, MAX_NEW)) == expected
         assert len(expected) > 0
 
 
 def test_kv_cached_equals_uncached(decoder, builder):
     ids = builder.build(QUESTION, PASSAGES).ids
-    assert list(decoder.greedy(ids, MAX_NEW)) == ref_greedy(decoder, ids, MAX_NEW)
+    assert list(greedy(decoder, ids, MAX_NEW)) == ref_greedy(decoder, ids, MAX_NEW)
 
 
 def test_left_padded_batch_equals_single_rows(decoder, builder):
     prompts = [builder.build(QUESTION, [p]).ids for p in PASSAGES]
     assert len({len(p) for p in prompts}) > 1, "the rows must differ in length to exercise padding"
     logits, state = decoder.prefill(prompts)
-    batch = decoder.greedy_batch(logits, state, MAX_NEW)
+    batch = greedy_batch(Generator(decoder, state, logits), MAX_NEW)
     for row, ids in enumerate(prompts):
         single, _ = decoder.prefill([ids])
         np.testing.assert_allclose(logits[row], single[0], atol=1e-4)
@@ -107,14 +107,14 @@ def test_left_padded_batch_equals_single_rows(decoder, builder):
 def test_stopping_the_stream_stops_decoding(decoder, builder):
     ids = builder.build(QUESTION, PASSAGES).ids
     counting = open_decoder(CountingSession(decoder.session), decoder.spec)
-    for _ in counting.greedy(ids, MAX_NEW):
+    for _ in greedy(counting, ids, MAX_NEW):
         break
     assert counting.session.calls == 1
 
 
 def test_rag_token_matches_float64_reference(decoder, builder):
     prior = passage_prior([0.9, 0.7, 0.5], temperature=0.1)
-    run = start("token", decoder, builder, QUESTION, PASSAGES, prior, MAX_NEW)
+    run = start("token", decoder, builder, QUESTION, PASSAGES, prior, DecodingConfig(max_new_tokens=MAX_NEW))
     tokens = list(run.tokens)
 
     prompts = [builder.build(QUESTION, [p]).ids for p in PASSAGES]
@@ -127,12 +127,12 @@ def test_rag_token_matches_float64_reference(decoder, builder):
             break
         out.append(t)
     assert tokens == out
-    assert run.log_prob[0] == pytest.approx(total, abs=1e-4)
+    assert run.log_prob == pytest.approx(total, abs=1e-4)
 
 
 def test_rag_sequence_matches_float64_reference(decoder, builder):
     prior = passage_prior([0.9, 0.8, 0.75], temperature=0.1)
-    run = start("sequence", decoder, builder, QUESTION, PASSAGES, prior, MAX_NEW)
+    run = start("sequence", decoder, builder, QUESTION, PASSAGES, prior, DecodingConfig(max_new_tokens=MAX_NEW))
     tokens = list(run.tokens)
 
     prompts = [builder.build(QUESTION, [p]).ids for p in PASSAGES]
@@ -149,7 +149,7 @@ def test_rag_sequence_matches_float64_reference(decoder, builder):
         if p_marginal > best_p:
             best, best_p = list(cand), p_marginal
     assert tokens == best
-    assert run.log_prob[0] == pytest.approx(np.log(best_p), abs=1e-4)
+    assert run.log_prob == pytest.approx(np.log(best_p), abs=1e-4)
 
 
 def test_passage_prior_is_a_softmax():
@@ -194,9 +194,9 @@ def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, c
         # whether the drafts are right.
         chunk = rng.integers(3, decoder.spec.vocab_size, 6).tolist()
         prompt = chunk * 3 + rng.integers(3, decoder.spec.vocab_size, 4).tolist() + chunk[:3]
-        plain = list(decoder.greedy(prompt, 40))
+        plain = list(greedy(decoder, prompt, 40))
         counting.calls = 0
-        fast = list(speculative.greedy(prompt, 40, lookup=PromptLookup(max_draft=max_draft, min_ngram=1)))
+        fast = list(greedy(speculative, prompt, 40, lookup=PromptLookup(max_draft=max_draft, min_ngram=1)))
         assert fast == plain
         saved += len(plain) - counting.calls
     assert saved > 0          # some drafts were accepted, so some passes were saved
@@ -216,14 +216,14 @@ def test_cached_prefix_keeps_greedy_output(decoder, builder):
     prefix = builder.fixed_prefix()
     prompts = [builder.build(q, [p]).ids for q, p in zip(["Why?", QUESTION, "GIL?"], PASSAGES)]
     assert len(prefix) > 4 and all(p[:len(prefix)] == prefix for p in prompts)
-    plain = [list(decoder.greedy(p, MAX_NEW)) for p in prompts]
+    plain = [list(greedy(decoder, p, MAX_NEW)) for p in prompts]
     counting = open_decoder(CountingSession(decoder.session), decoder.spec)
     counting.cache_prefix(prefix)
     assert (counting.prefix is not None) == decoder.spec.prefix_exact
-    assert [list(counting.greedy(p, MAX_NEW)) for p in prompts] == plain
+    assert [list(greedy(counting, p, MAX_NEW)) for p in prompts] == plain
     logits, state = counting.prefill(prompts)
-    assert counting.greedy_batch(logits, state, MAX_NEW) == plain
-    assert list(counting.greedy(prefix[:3], MAX_NEW)) == list(decoder.greedy(prefix[:3], MAX_NEW))
+    assert greedy_batch(Generator(counting, state, logits), MAX_NEW) == plain
+    assert list(greedy(counting, prefix[:3], MAX_NEW)) == list(greedy(decoder, prefix[:3], MAX_NEW))
 
 
 class ShapeNoiseSession(CountingSession):
@@ -242,8 +242,8 @@ def test_parity_measures_exactness(decoder, builder):
     if decoder.spec.cache != "masked" or not decoder.spec.batch_invariant:
         pytest.skip("one masked, batched decoder is enough to check the measurement")
     prompts = [builder.build(q, [p]).ids for q, p in zip(["Why?", QUESTION, "GIL?"], PASSAGES)]
-    greedy = [list(decoder.greedy(p, MAX_NEW)) for p in prompts]
-    assert exactness(decoder, prompts, greedy, MAX_NEW) == {
+    alone = [list(greedy(decoder, p, MAX_NEW)) for p in prompts]
+    assert exactness(decoder, prompts, alone, MAX_NEW) == {
         "batch_invariant": True, "prefix_exact": True, "drafts_exact": True}
     noisy = open_decoder(ShapeNoiseSession(decoder.session), decoder.spec)
-    assert exactness(noisy, prompts, greedy, MAX_NEW)["batch_invariant"] is False
+    assert exactness(noisy, prompts, alone, MAX_NEW)["batch_invariant"] is False

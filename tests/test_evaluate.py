@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ragrt.errors import CorpusError
-from ragrt.evaluate import QA, evaluate, exact_match, is_relevant, read_qa, rouge_l, token_f1
+from ragrt.evaluate import QA, evaluate, exact_match, is_loop, is_relevant, read_qa, rouge_l, token_f1
 from ragrt.export.data.faq import faq_items, split_of, write_python_faq
 
 
@@ -49,8 +49,81 @@ def test_evaluate_on_the_tiny_bundle(tiny_bundle):
     assert result.retrieval["recall@1"] == pytest.approx(2 / 3)
     assert result.retrieval["recall@10"] == pytest.approx(2 / 3)
     assert result.retrieval["mrr@10"] == pytest.approx(2 / 3)
-    assert set(result.answer) == {"exact_match", "f1", "rouge_l"}
+    assert set(result.answer) == {"exact_match", "f1", "rouge_l", "loop_rate", "loops"}
     assert result.latency_ms["p95"] >= result.latency_ms["p50"] > 0
+
+
+
+@pytest.mark.parametrize("mode", ["concat", "token", "sequence"])
+def test_evaluate_embeds_each_question_once_and_answers_as_ask(tiny_bundle, mode, monkeypatch):
+    """One embedding per question, yet the generator gets ask's k passages and weights, not the depth-10 search."""
+    from ragrt import Engine
+    engine = Engine.open(tiny_bundle)
+    questions = ["How do I copy a list?", "What is the GIL?", "How are files closed?"]
+    asked = [engine.ask(q, k=2, mode=mode, max_new_tokens=12) for q in questions]
+    items = [QA(q, a.answer, ("lists",)) for q, a in zip(questions, asked)]
+    embedded = []
+    embed_all = engine.encoder.embed_all
+    monkeypatch.setattr(engine.encoder, "embed_all", lambda texts: embedded.append(list(texts)) or embed_all(texts))
+    result = evaluate(engine, items, k=2, mode=mode, max_new_tokens=12)
+    assert embedded == [[q] for q in questions]
+    assert result.answer["exact_match"] == 1.0
+    ranks = [next(r for r, h in enumerate(engine.retrieve(q, k=5), start=1) if h.id.startswith("lists"))
+             for q in questions]
+    assert result.retrieval["mrr@10"] == pytest.approx(sum(1 / r for r in ranks) / len(ranks))
+
+
+def test_the_top_of_a_deeper_search_is_the_shallow_search(tiny_bundle):
+    from ragrt import Engine
+    from ragrt.evaluate import _top
+    engine = Engine.open(tiny_bundle)
+    deep, shallow = _top(engine.prepare("How do I copy a list?", k=5), 2), engine.prepare("How do I copy a list?", k=2)
+    assert [(s.id, s.score) for s in deep.sources] == [(s.id, s.score) for s in shallow.sources]
+    assert [s.prob for s in deep.sources] == pytest.approx([s.prob for s in shallow.sources], abs=1e-12)
+    assert deep.prior == pytest.approx(shallow.prior, abs=1e-12) and deep.passages == shallow.passages
+
+
+def test_evaluate_counts_the_answers_that_loop(tiny_bundle, monkeypatch):
+    """is_loop sees each answer's text encoded again and whether it ran to max_new_tokens."""
+    import ragrt.evaluate
+    from ragrt import Engine
+    engine = Engine.open(tiny_bundle)
+    questions = ["How do I copy a list?", "What is the GIL?"]
+    asked = [engine.ask(q, max_new_tokens=40) for q in questions]
+    seen = []
+    monkeypatch.setattr(ragrt.evaluate, "is_loop", lambda ids, hit_limit: seen.append((ids, hit_limit)) or len(seen) == 1)
+    result = evaluate(engine, [QA(q, "x", ()) for q in questions], max_new_tokens=40)
+    assert seen == [(engine.tokenizer.encode(a.answer, add_special_tokens=False).ids, a.finish_reason == "length")
+                    for a in asked]
+    assert result.answer["loops"] == 1 and result.answer["loop_rate"] == 0.5
+
+
+def test_is_loop():
+    prose = list(range(100))                                   # a long answer, no repetition
+    assert not is_loop(prose, hit_limit=True)
+    assert is_loop([7, 1, 2, 3, 4, 9, 1, 2, 3, 4, 8, 1, 2, 3, 4], hit_limit=False)    # a 4-gram thrice
+    assert not is_loop([7, 1, 2, 3, 4, 9, 1, 2, 3, 4, 8], hit_limit=False)             # ... twice
+    assert is_loop([5] * 6, hit_limit=False)                   # overlapping occurrences count
+    assert not is_loop([5] * 5, hit_limit=False)
+    assert is_loop(prose + [1, 2, 3, 4, 5] * 3, hit_limit=False)
+    assert is_loop("the cat sat on the mat the cat sat on the mat the cat sat on".split(), hit_limit=False)
+
+
+def test_a_repeated_3gram_is_not_a_loop():
+    short = [7, 8, 9, 1, 7, 8, 9, 2, 7, 8, 9]                 # "for i in" three times
+    assert not is_loop(short, hit_limit=False)
+    assert not is_loop(short, hit_limit=True)
+    assert not is_loop(list(range(50)) + [7, 8, 9, 100, 7, 8, 9, 101, 7, 8, 9, 102] * 2, hit_limit=True)
+
+
+def test_a_periodic_tail_loops_only_at_the_token_limit():
+    block = list(range(100, 116))                              # 16 tokens, twice: each 4-gram only twice
+    answer = list(range(40)) + block + block
+    assert is_loop(answer, hit_limit=True)
+    assert not is_loop(answer, hit_limit=False)                # it ended by itself: EOS after the block
+    longer = list(range(100, 117))                             # period 17 is over the limit of 16
+    assert not is_loop(list(range(40)) + longer + longer, hit_limit=True)
+    assert not is_loop(block + block[:15], hit_limit=True)     # 31 tokens: too short to judge the tail
 
 
 FAQ = """\

@@ -3,9 +3,9 @@ its fused attention reads an unpadded cache, and the decoder drives it to PyTorc
 import numpy as np
 import onnx
 import pytest
-
-from ragrt.decoding.decoder import open_decoder
+from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
 from ragrt.decoding.lookup import PromptLookup
+from ragrt.decoding.sampling import DecodingConfig
 from ragrt.runtime.sessions import SessionConfig, create_session
 from ragrt.export.quant.quantize import op_counts
 
@@ -17,7 +17,7 @@ def fused(tiny_generator_dir, tmp_path_factory):
     """{precision: (model path, spec)}"""
     from dataclasses import asdict
 
-    from ragrt.bundle.manifest import Source
+    from ragrt.bundle.manifest import ModelSource
     from ragrt.export.onnx.graphs import FUSED_PRECISIONS, export_generator_fused
     from ragrt.export.pipeline import generator_spec
     out = tmp_path_factory.mktemp("fused")
@@ -25,7 +25,7 @@ def fused(tiny_generator_dir, tmp_path_factory):
     for q in FUSED_PRECISIONS:
         exp = export_generator_fused(tiny_generator_dir, out / q, q)
         meta = {k: v for k, v in asdict(exp).items() if k not in ("model", "tokenizer")}
-        graphs[q] = exp.model, generator_spec(meta, "", q, 512, Source("tiny", ""), "fused")
+        graphs[q] = exp.model, generator_spec(meta, "", q, 512, ModelSource("tiny", ""), "fused")
     return graphs
 
 
@@ -48,10 +48,10 @@ def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 17, 40)]
     ref = torch_greedy(tiny_generator_dir, prompts, spec, 16)
-    assert [list(decoder.greedy(p, 16)) for p in prompts] == ref
+    assert [list(greedy(decoder, p, 16)) for p in prompts] == ref
     # A batch prefills row by row and steps together, with the same tokens.
     logits, state = decoder.prefill(prompts)
-    assert decoder.greedy_batch(logits, state, 16) == ref
+    assert greedy_batch(Generator(decoder, state, logits), 16) == ref
 
 
 def test_fp16_graph_decodes_on_a_float16_cache_near_fp32(fused):
@@ -69,7 +69,7 @@ def test_fp16_graph_decodes_on_a_float16_cache_near_fp32(fused):
     assert a.dtype == np.float16
     assert np.abs(a.astype(np.float32) - b).max() < 0.02 * np.abs(b).max()
     # Rows stepped together get the tokens they get alone.
-    assert half.greedy_batch(a, state, 12) == [list(half.greedy(p, 12)) for p in prompts]
+    assert greedy_batch(Generator(half, state, a), 12) == [list(greedy(half, p, 12)) for p in prompts]
 
 
 @pytest.mark.parametrize("q", ["fp32", "int8", "int4", "fp16"])
@@ -105,8 +105,8 @@ def test_drafts_on_a_packed_cache_keep_greedy_output(fused):
     for _ in range(4):
         chunk = rng.integers(3, spec.vocab_size, 6).tolist()
         prompt = chunk * 3 + chunk[:3]
-        plain = list(decoder.greedy(prompt, 30))
-        assert list(decoder.greedy(prompt, 30, PromptLookup(min_ngram=1))) == plain
+        plain = list(greedy(decoder, prompt, 30))
+        assert list(greedy(decoder, prompt, 30, PromptLookup(min_ngram=1))) == plain
 
 
 def test_fused_bundle_answers_in_every_mode(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
@@ -132,21 +132,21 @@ def test_packed_rows_joining_and_leaving_keep_their_tokens(tiny_fused_fp32, grow
     a graph) on the CPU provider; the tokens alone come from host arrays."""
     import ragrt.decoding.packed as packed
     from ragrt.serve.batcher import Batcher
-    monkeypatch.setattr(engine.packed, "GROW", grow)
+    monkeypatch.setattr(packed, "GROW", grow)
     path, spec = tiny_fused_fp32
     decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
     decoder.row_by_row = row_by_row
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (5, 40, 9, 70, 3, 22, 31)]
     limits = [30, 4, 41, 12, 25, 7, 18]
-    alone = [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)]
+    alone = [list(greedy(decoder, p, n)) for p, n in zip(prompts, limits)]
     if on_device:
         decoder.kv_device = packed.KVDevice("cpu")
         decoder.cache_prefix(prompts[3][:20])       # copied into each row's slot on the device
-        assert [list(decoder.greedy(p, n)) for p, n in zip(prompts, limits)] == alone
+        assert [list(greedy(decoder, p, n)) for p, n in zip(prompts, limits)] == alone
     batcher = Batcher(decoder, max_batch=3, max_queue=16)
     # All queued at once: three start, and each one that finishes lets the next join.
-    streams = [batcher.submit(p, n, deadline_s=60) for p, n in zip(prompts, limits)]
+    streams = [batcher.submit(p, DecodingConfig(max_new_tokens=n), deadline_s=60) for p, n in zip(prompts, limits)]
     got = [list(s) for s in streams]
     batcher.close()
     assert got == alone
@@ -186,9 +186,9 @@ def test_cuda_keeps_the_cache_on_the_device_with_the_same_tokens(fused):
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (7, 33, 20)]
     state = decoder.empty_state(1)
     assert state.buffers.arrays[0].device_name().lower() == "cuda"
-    on_device = [list(decoder.greedy(p, 12)) for p in prompts]
+    on_device = [list(greedy(decoder, p, 12)) for p in prompts]
     logits, state = decoder.prefill(prompts)
-    batched = decoder.greedy_batch(logits, state, 12)
+    batched = greedy_batch(Generator(decoder, state, logits), 12)
     decoder.kv_device = None
-    assert [list(decoder.greedy(p, 12)) for p in prompts] == on_device
+    assert [list(greedy(decoder, p, 12)) for p in prompts] == on_device
     assert batched == on_device

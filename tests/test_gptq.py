@@ -56,6 +56,7 @@ def test_round_graph_rewrites_every_layer_projection(tiny_generator_dir, tmp_pat
 
     from ragrt.export.quant.gptq import GRAPH_WEIGHTS, round_graph
     from ragrt.bundle.manifest import PACKED_IO
+    from ragrt.decoding.packed import length_feed
     from ragrt.export.onnx.graphs import export_generator_fused
     graphs = {q: export_generator_fused(tiny_generator_dir, tmp_path / q, q).model for q in ("fp32", "int4")}
     shutil.copytree(tmp_path / "int4", tmp_path / "gptq")
@@ -76,7 +77,7 @@ def test_round_graph_rewrites_every_layer_projection(tiny_generator_dir, tmp_pat
 
     def logits(path):
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {"input_ids": held, "num_logits": np.array([40]), **PACKED_IO.length_feed(np.array([40]))}
+        feed = {"input_ids": held, "num_logits": np.array([40]), **length_feed(PACKED_IO, np.array([40]))}
         for i in s.get_inputs():
             if i.name.startswith("past"):
                 feed[i.name] = np.zeros((1, 2, 0, 16), np.float32)     # tiny.py: 2 kv heads of 16

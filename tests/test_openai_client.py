@@ -52,3 +52,21 @@ def test_models_and_errors_reach_the_client(client):
     bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="ragrt", messages=MESSAGES)
+
+
+def test_sampling_options_are_honoured(client, engine):
+    """Two seeds at temperature 1 give different completions; temperature 0 gives greedy's, every time."""
+    def complete(**options) -> str:
+        return client.chat.completions.create(model="ragrt", messages=MESSAGES, max_tokens=16, **options
+                                              ).choices[0].message.content
+
+    greedy = engine.ask("How do I copy a list?", max_new_tokens=16, history=MESSAGES[1:3]).answer
+    assert complete(temperature=0) == complete(temperature=0) == greedy
+    one, two = complete(temperature=1, seed=1), complete(temperature=1, seed=2)
+    assert one != two
+    assert complete(temperature=1, seed=1) == one
+    assert complete(temperature=1, seed=1, top_p=1e-6) == greedy    # only the likeliest token is left
+    stop = greedy[3:5]
+    assert complete(temperature=0, stop=[stop]) == greedy[:greedy.index(stop)].strip()
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        complete(temperature=3)

@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ragrt.decoding.decoder import open_decoder
+from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
 from ragrt.runtime.sessions import SessionConfig, create_session
 from ragrt.export.quant.quantize import op_counts
 
@@ -61,14 +61,14 @@ def test_a_rows_logits_do_not_depend_on_its_batch_or_pass(rowquant):
     decoder = _decoder(path, replace(spec, batch_invariant=True, prefix_exact=True))
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (9, 33, 20)]
-    alone = [list(decoder.greedy(p, 12)) for p in prompts]
+    alone = [list(greedy(decoder, p, 12)) for p in prompts]
     logits, state = decoder.prefill(prompts)
-    assert decoder.greedy_batch(logits, state, 12) == alone
+    assert greedy_batch(Generator(decoder, state, logits), 12) == alone
     first = [_last_logits(decoder, p) for p in prompts]
     together, _ = decoder.prefill(prompts)
     assert all(np.array_equal(together[i].reshape(-1, spec.vocab_size)[-1], first[i]) for i in range(3))
     decoder.cache_prefix(prompts[1][:20])
-    assert list(decoder.greedy(prompts[1], 12)) == alone[1]
+    assert list(greedy(decoder, prompts[1], 12)) == alone[1]
 
 
 def test_w8a8_bundle_exports_and_answers(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):

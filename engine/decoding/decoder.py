@@ -9,11 +9,10 @@ the last column and one `num_logits=1` call serves them all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ragrt.decoding.lookup import PromptLookup
 from ragrt.bundle.manifest import GeneratorSpec
 
 
@@ -24,16 +23,16 @@ class KVState:
     positions: np.ndarray          # (B,) int64, position id of each row's next token
 
 
-@dataclass(frozen=True)
-class RowStates:
-    """One unpadded KVState per row, for graphs whose rows are not independent in a batch."""
-    rows: tuple[KVState, ...]
-
-
 COMPACT_AFTER = 64          # masked-out cache positions tolerated before compacting
 
 
 class Decoder:
+    """The model layer: forward passes over one decoder graph and the KV state they leave.
+
+    The verbs are prefill, step, forward (several tokens, for drafts), select and merge (rows
+    leaving and joining a batch), forget (rewinding) and continuation_logprob. The loops that
+    choose tokens drive it through `ragrt.decoding.generator.Generator`.
+    """
     layout = "masked"               # the GeneratorSpec.cache this class drives
 
     def __init__(self, session, spec: GeneratorSpec):
@@ -97,15 +96,12 @@ class Decoder:
         ids, state = self.prefix
         return state if len(prompt) > len(ids) and tuple(prompt[:len(ids)]) == ids else None
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState | RowStates]:
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
         """Left-pads the prompts into one batch; returns last-position logits (B, V) and the state."""
         if len(prompts) == 1 and (start := self._prefix_of(prompts[0])) is not None:
             rest = np.asarray([prompts[0][start.positions[0]:]], dtype=np.int64)
             logits, state = self.forward(start, rest, np.ones_like(rest))
             return logits[:, -1], state
-        if self.row_by_row and len(prompts) > 1:
-            logits, states = zip(*(self.prefill([p]) for p in prompts))
-            return np.concatenate(logits), RowStates(states)
         width = max(len(p) for p in prompts)
         tokens = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -115,81 +111,18 @@ class Decoder:
         logits, state = self.forward(self.empty_state(len(prompts)), tokens, mask)
         return logits[:, -1], state
 
-    def step(self, state: KVState | RowStates, tokens: np.ndarray) -> tuple[np.ndarray, KVState | RowStates]:
+    def step(self, state: KVState, tokens: np.ndarray) -> tuple[np.ndarray, KVState]:
         """Appends one token (B,) to every row; returns next-token logits (B, V)."""
-        if isinstance(state, RowStates):
-            logits, states = zip(*(self.step(s, tokens[i:i + 1]) for i, s in enumerate(state.rows)))
-            return np.concatenate(logits), RowStates(states)
         logits, state = self.forward(state, tokens[:, None], np.ones((len(tokens), 1), dtype=np.int64))
         return logits[:, -1], state
 
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int,
-               lookup: PromptLookup | None = None) -> Iterator[int]:
-        """Yields greedy tokens until EOS or the limit; stopping the iteration stops the work.
-
-        With `lookup`, each pass also checks the tokens it drafts and keeps those that match
-        greedy's own choice: the same tokens, in fewer passes.
-        """
-        stop = set(self.spec.eos_token_ids)
-        logits, state = self.prefill([prompt])                 # (1, V)
-        context = list(prompt)
-        emitted = 0
-        while emitted < max_new_tokens:
-            token = int(logits[0].argmax())
-            if token in stop:
-                return
-            yield token
-            emitted += 1
-            context.append(token)
-            if emitted == max_new_tokens:
-                return
-            draft = lookup.propose(context)[:max_new_tokens - emitted] if lookup else []
-            if not draft:
-                logits, state = self.step(state, np.array([token], dtype=np.int64))
-                continue
-            run = np.array([[token, *draft]], dtype=np.int64)
-            all_logits, state = self.forward(state, run, np.ones_like(run), num_logits=run.shape[1])
-            choices = all_logits[0].argmax(axis=-1)            # greedy's pick after each run token
-            accepted = 0
-            while accepted < len(draft) and choices[accepted] == draft[accepted]:
-                accepted += 1
-            for t in draft[:accepted]:
-                if t in stop:
-                    return
-                yield int(t)
-            emitted += accepted
-            context.extend(draft[:accepted])
-            state = self.forget(state, len(draft) - accepted)
-            logits = all_logits[:, accepted]
-
-    def greedy_batch(self, logits: np.ndarray, state: KVState | RowStates, max_new_tokens: int) -> list[list[int]]:
-        """Greedy decoding of a prefilled batch of independent rows; each stops on its own EOS."""
-        stop = np.array(sorted(self.spec.eos_token_ids))
-        out: list[list[int]] = [[] for _ in range(len(logits))]
-        done = np.zeros(len(logits), dtype=bool)
-        for i in range(max_new_tokens):
-            tokens = logits.argmax(axis=-1)
-            done |= np.isin(tokens, stop)
-            if done.all():
-                break
-            for row in np.flatnonzero(~done):
-                out[row].append(int(tokens[row]))
-            if i + 1 < max_new_tokens:
-                # Finished rows keep stepping (on a pad token) so the batch stays rectangular.
-                tokens = np.where(done, self.pad_id, tokens)
-                logits, state = self.step(state, tokens)
-        return out
-
-    def continuation_logprob(self, state: KVState | RowStates, last_logits: np.ndarray,
+    def continuation_logprob(self, state: KVState, last_logits: np.ndarray,
                              continuation: Sequence[int]) -> np.ndarray:
         """log p(continuation | each row's prefix), float64 (B,), reusing the prefix state.
 
         `last_logits` (B, V) are the logits that followed the prefix; the continuation's
         first token is scored with them, the rest with one forced forward pass.
         """
-        if isinstance(state, RowStates):
-            return np.concatenate([self.continuation_logprob(s, last_logits[i:i + 1], continuation)
-                                   for i, s in enumerate(state.rows)])
         cont = np.asarray(continuation, dtype=np.int64)
         batch = len(last_logits)
         total = log_softmax(last_logits)[:, cont[0]]
@@ -218,10 +151,8 @@ class Decoder:
                            state.positions - n)
         return KVState(state.past, mask, state.positions - n)
 
-    def merge(self, a: KVState | RowStates, b: KVState | RowStates) -> KVState | RowStates:
+    def merge(self, a: KVState, b: KVState) -> KVState:
         """Stacks two batches; the shorter one is left-padded (masked) so every row still ends in the last column."""
-        if isinstance(a, RowStates):
-            return RowStates(a.rows + b.rows)
         width = max(a.mask.shape[1], b.mask.shape[1])
 
         def pad(s: KVState) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -233,21 +164,54 @@ class Decoder:
         return KVState(tuple(np.concatenate([x, y]) for x, y in zip(past_a, past_b)),
                        np.concatenate([mask_a, mask_b]), np.concatenate([a.positions, b.positions]))
 
-    def select(self, state: KVState | RowStates, rows: Sequence[int]) -> KVState | RowStates:
+    def select(self, state: KVState, rows: Sequence[int]) -> KVState:
         """The given rows, without the leading columns that only departed rows used."""
-        if isinstance(state, RowStates):
-            return RowStates(tuple(state.rows[i] for i in rows))
         mask = state.mask[rows]
         first = int(mask.any(axis=0).argmax())
         return KVState(tuple(p[rows, :, first:] for p in state.past), mask[:, first:], state.positions[rows])
 
 
-def open_decoder(session, spec: GeneratorSpec) -> Decoder:
-    """The decoder for the spec's cache layout."""
-    if spec.cache == "packed":
-        from ragrt.decoding.packed import PackedDecoder
-        return PackedDecoder(session, spec)
-    return Decoder(session, spec)
+class RowByRowDecoder:
+    """A masked graph whose rows are not independent in a batch (int8 activations quantized per
+    batch shape): each row keeps its own one-row KVState and every pass runs row by row, so a
+    row's numbers never depend on its neighbours. Its state is a tuple of those KVStates."""
+
+    def __init__(self, rows: Decoder):
+        self.rows = rows
+
+    def __getattr__(self, name: str):
+        return getattr(self.rows, name)      # spec, session, io, prefix, cache_prefix, ...
+
+    def empty_state(self, batch: int) -> tuple[KVState, ...]:
+        return tuple(self.rows.empty_state(1) for _ in range(batch))
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, tuple[KVState, ...]]:
+        logits, states = zip(*(self.rows.prefill([p]) for p in prompts))
+        return np.concatenate(logits), tuple(states)
+
+    def step(self, state: tuple[KVState, ...], tokens: np.ndarray) -> tuple[np.ndarray, tuple[KVState, ...]]:
+        logits, states = zip(*(self.rows.step(s, tokens[i:i + 1]) for i, s in enumerate(state)))
+        return np.concatenate(logits), tuple(states)
+
+    def forward(self, state: tuple[KVState, ...], tokens: np.ndarray, new_mask: np.ndarray,
+                num_logits: int = 1) -> tuple[np.ndarray, tuple[KVState, ...]]:
+        logits, states = zip(*(self.rows.forward(s, tokens[i:i + 1], new_mask[i:i + 1], num_logits)
+                               for i, s in enumerate(state)))
+        return np.concatenate(logits), tuple(states)
+
+    def continuation_logprob(self, state: tuple[KVState, ...], last_logits: np.ndarray,
+                             continuation: Sequence[int]) -> np.ndarray:
+        return np.concatenate([self.rows.continuation_logprob(s, last_logits[i:i + 1], continuation)
+                               for i, s in enumerate(state)])
+
+    def forget(self, state: tuple[KVState, ...], n: int) -> tuple[KVState, ...]:
+        return tuple(self.rows.forget(s, n) for s in state)
+
+    def merge(self, a: tuple[KVState, ...], b: tuple[KVState, ...]) -> tuple[KVState, ...]:
+        return a + b
+
+    def select(self, state: tuple[KVState, ...], rows: Sequence[int]) -> tuple[KVState, ...]:
+        return tuple(state[i] for i in rows)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

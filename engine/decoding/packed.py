@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ragrt.decoding.decoder import Decoder
-from ragrt.bundle.manifest import GeneratorSpec
+from ragrt.bundle.manifest import GeneratorIO, GeneratorSpec
 from ragrt.decoding.slotcopy import slot_copy_model
 
 GROW = 256              # capacity is kept a multiple of this many positions
@@ -202,7 +202,7 @@ class PackedDecoder(Decoder):
         """Runs `tokens` in slots [start, stop), which hold `lengths` positions each afterwards."""
         io = self._binding(buffers, start, stop)
         io.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
-        for name, value in self.io.length_feed(lengths).items():
+        for name, value in length_feed(self.io, lengths).items():
             io.bind_cpu_input(name, value)
         io.bind_cpu_input(self.io.num_logits, np.array([num_logits], dtype=np.int64))
         # Logits go to a kept buffer: io.get_outputs() would wrap every bound output,
@@ -285,6 +285,15 @@ class PackedDecoder(Decoder):
         for target, source, n in zip(new_slots, b.slots, b.lengths):
             buffers.copy_slot(int(target), b.buffers, int(source), int(n))
         return PackedState(buffers, np.concatenate([a.slots, new_slots]), np.concatenate([a.lengths, b.lengths]))
+
+
+def length_feed(io: GeneratorIO, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs telling a packed graph that each row holds its first `lengths[b]` positions once
+    this pass has run: the lengths themselves (schema 3 graphs), or a mask of ones."""
+    if io.seqlens_k:
+        return {io.seqlens_k: (lengths - 1).astype(np.int32),
+                io.total_sequence_length: np.array(lengths.max(), dtype=np.int32)}
+    return {io.attention_mask: (np.arange(lengths.max())[None, :] < lengths[:, None]).astype(np.int64)}
 
 
 def _round_up(n: int) -> int:

@@ -1,26 +1,28 @@
 """The three ways to turn retrieved passages into an answer.
 
-- concat:   all k passages in one prompt, greedy decoding (with prompt-lookup drafts, see
-            lookup.py). Cheapest, and the default.
+- concat:   all k passages in one prompt, one answer (with prompt-lookup drafts where the
+            export measured them exact, see lookup.py). Cheapest, and the default.
 - token:    RAG-Token. k prompts (one passage each) decode as one batch, and every step
-            takes argmax_y sum_c P(c|q) p(y | q, c, y<t): the passages vote per token.
-- sequence: RAG-Sequence. Each passage proposes its greedy answer; every distinct answer a
-            is rescored by the marginal P(a|q) = sum_c P(c|q) p(a | q, c) and the best wins.
+            chooses from sum_c P(c|q) p(y | q, c, y<t): the passages vote per token.
+- sequence: RAG-Sequence. Each passage proposes its answer; every distinct answer a is
+            rescored by the marginal P(a|q) = sum_c P(c|q) p(a | q, c) and the best wins.
 
 P(c|q) is the softmax of the retrieval cosine scores over a temperature.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ragrt.decoding.decoder import Decoder, log_softmax
+from ragrt.decoding.decoder import log_softmax
+from ragrt.decoding.generator import Generator, generate, generate_rows
 from ragrt.decoding.lookup import PromptLookup
 from ragrt.decoding.prompt import PassageText, PromptBuilder
-
-MODES = ("concat", "token", "sequence")
+from ragrt.decoding.sampling import DecodingConfig, TokenChooser
+from ragrt.errors import UserInputError
+from ragrt.options import MODES
 
 
 def passage_prior(scores: Sequence[float], temperature: float) -> np.ndarray:
@@ -31,65 +33,90 @@ def passage_prior(scores: Sequence[float], temperature: float) -> np.ndarray:
     return z / z.sum()
 
 
+class Scored:
+    """The tokens of a RAG-Token or RAG-Sequence run, and log P(answer|q) once they end."""
+
+    def __init__(self, tokens: Iterator[int]):
+        self._tokens = tokens
+        self.log_prob: float | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        self.log_prob = yield from self._tokens
+
+    def close(self) -> None:
+        self._tokens.close()
+
+
 @dataclass
 class Run:
-    """A generation in progress: iterate `tokens`; the other fields are final once it ends."""
+    """A generation in progress: iterate `tokens`; `log_prob` is final once it ends."""
     tokens: Iterator[int]
     prompt_tokens: int
     truncated: bool
-    log_prob: list[float] = field(default_factory=list)   # set by token/sequence: log P(answer|q)
+
+    @property
+    def log_prob(self) -> float | None:
+        """log P(answer|q) in the token and sequence modes."""
+        return self.tokens.log_prob if isinstance(self.tokens, Scored) else None
 
 
-def start(mode: str, decoder: Decoder, builder: PromptBuilder, question: str,
-          passages: Sequence[PassageText], prior: np.ndarray, max_new_tokens: int) -> Run:
+def check_mode(mode: str, config: DecodingConfig) -> None:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "sequence" and not config.is_greedy:
+        raise UserInputError("mode 'sequence' ranks each passage's greedy answer by its marginal "
+                             "probability; sampling does not apply: use temperature 0, or mode concat or token")
+
+
+def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: Sequence[PassageText],
+          prior: np.ndarray, config: DecodingConfig) -> Run:
+    check_mode(mode, config)
     if mode == "concat":
         prompt = builder.build(question, passages)
         # Checking drafts runs several tokens in one pass; only where the export measured that
         # exact do they get the numbers a one-token step would, keeping plain greedy's output.
         lookup = PromptLookup() if decoder.spec.drafts_exact else None
-        return Run(decoder.greedy(prompt.ids, max_new_tokens, lookup), len(prompt.ids), prompt.truncated)
+        return Run(generate(decoder, prompt.ids, config, lookup), len(prompt.ids), prompt.truncated)
     prompts = [builder.build(question, [p]) for p in passages]
     ids = [p.ids for p in prompts]
-    run = Run(iter(()), max(len(i) for i in ids), any(p.truncated for p in prompts))
-    if mode == "token":
-        run.tokens = _rag_token(decoder, ids, prior, max_new_tokens, run.log_prob)
-    else:
-        run.tokens = _rag_sequence(decoder, ids, prior, max_new_tokens, run.log_prob)
-    return run
+    loop = _rag_token if mode == "token" else _rag_sequence
+    return Run(Scored(loop(decoder, ids, prior, config)), max(len(i) for i in ids), any(p.truncated for p in prompts))
 
 
-def _rag_token(decoder: Decoder, prompts: list[list[int]], prior: np.ndarray,
-               max_new_tokens: int, log_prob: list[float]) -> Iterator[int]:
+def _rag_token(decoder, prompts: list[list[int]], prior: np.ndarray, config: DecodingConfig):
     stop = set(decoder.spec.eos_token_ids)
+    choose = TokenChooser(config, decoder.spec.eos_token_ids)
     log_prior = np.log(prior)[:, None]                          # (k, 1)
-    logits, state = decoder.prefill(prompts)                    # (k, V)
+    gen = Generator(decoder)
+    gen.add_prompts(prompts)                                    # k rows
     total = 0.0
-    for i in range(max_new_tokens):
-        mixed = _logsumexp(log_prior + log_softmax(logits), axis=0)   # (V,)
-        token = int(mixed.argmax())
+    for i in range(config.max_new_tokens):
+        mixed = _logsumexp(log_prior + log_softmax(gen.logits), axis=0)   # (V,) log P(y | q, y<t)
+        token = choose(mixed)
         total += float(mixed[token])
-        log_prob[:] = [total]
         if token in stop:
-            return
+            return total
         yield token
-        if i + 1 < max_new_tokens:
-            logits, state = decoder.step(state, np.full(len(prompts), token, dtype=np.int64))
+        if i + 1 < config.max_new_tokens:
+            gen.append(np.full(len(prompts), token, dtype=np.int64))
+    return total
 
 
-def _rag_sequence(decoder: Decoder, prompts: list[list[int]], prior: np.ndarray,
-                  max_new_tokens: int, log_prob: list[float]) -> Iterator[int]:
-    last_logits, state = decoder.prefill(prompts)
-    candidates = decoder.greedy_batch(last_logits, state, max_new_tokens)
+def _rag_sequence(decoder, prompts: list[list[int]], prior: np.ndarray, config: DecodingConfig):
+    gen = Generator(decoder)
+    gen.add_prompts(prompts)
+    scorer = gen.copy()
+    candidates = generate_rows(gen, config)
     eos = decoder.spec.eos_token_ids[0]
     best, best_lp = None, -np.inf
     for cand in dict.fromkeys(map(tuple, candidates)):          # distinct, in passage order
         # A finished answer is scored with its EOS, so a truncated prefix cannot win by being short.
-        scored = list(cand) + [eos] if len(cand) < max_new_tokens else list(cand)
-        lp = _logsumexp(np.log(prior) + decoder.continuation_logprob(state, last_logits, scored), axis=0)
+        scored = list(cand) + [eos] if len(cand) < config.max_new_tokens else list(cand)
+        lp = _logsumexp(np.log(prior) + scorer.logprob(scored), axis=0)
         if lp > best_lp:
             best, best_lp = cand, float(lp)
-    log_prob[:] = [best_lp]
     yield from best
+    return best_lp
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ragrt.decoding.decoder import Decoder, KVState, RowStates
+from ragrt.decoding.generator import Generator
+from ragrt.decoding.sampling import DecodingConfig, TokenChooser
 from ragrt.errors import RagrtError
 
 log = logging.getLogger("ragrt.batcher")
@@ -42,7 +43,7 @@ _END = object()
 @dataclass(eq=False)
 class _Row:
     prompt: Sequence[int]
-    max_new_tokens: int
+    choose: TokenChooser           # the row's own decoding options, random generator and tokens
     deadline: float                # time.monotonic() seconds
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # token ids, then _END or an error
     emitted: int = 0
@@ -88,7 +89,7 @@ class BatcherStats:
 class Batcher:
     """`submit` a prompt, iterate the token ids it returns. Thread-safe; `close` drains in-flight work."""
 
-    def __init__(self, decoder: Decoder, *, max_batch: int = 8, max_queue: int = 64, prefill_tokens: int = 512):
+    def __init__(self, decoder, *, max_batch: int = 8, max_queue: int = 64, prefill_tokens: int = 512):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.decoder = decoder
@@ -105,9 +106,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="ragrt-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, *, deadline_s: float) -> "Tokens":
-        """Queues one greedy generation; iterate the result for its tokens (it raises the row's errors)."""
-        row = _Row(list(prompt), max_new_tokens, time.monotonic() + deadline_s)
+    def submit(self, prompt: Sequence[int], config: DecodingConfig, *, deadline_s: float) -> "Tokens":
+        """Queues one generation; iterate the result for its tokens (it raises the row's errors)."""
+        row = _Row(list(prompt), TokenChooser(config, self.decoder.spec.eos_token_ids), time.monotonic() + deadline_s)
         with self._cond:
             if self._closing:
                 raise Closed("the server is shutting down")
@@ -130,8 +131,7 @@ class Batcher:
 
     def _loop(self) -> None:
         rows: list[_Row] = []
-        logits: np.ndarray | None = None          # (len(rows), V): each row's next-token logits
-        state: KVState | RowStates | None = None
+        gen = Generator(self.decoder)             # one row per entry of `rows`, in order
         while True:
             with self._cond:
                 while not rows and not self._waiting:
@@ -150,25 +150,23 @@ class Batcher:
                 with self._cond:
                     self._active = len(rows) + len(new)
                 if new:
-                    new_logits, new_state = self.decoder.prefill([r.prompt for r in new])
-                    if self.decoder.row_by_row and isinstance(new_state, KVState):
-                        new_state = RowStates((new_state,))
-                    logits = new_logits if not rows else np.concatenate([logits, new_logits])
-                    state = new_state if not rows else self.decoder.merge(state, new_state)
+                    gen.add_prompts([r.prompt for r in new])
                     rows += new
                     self._steps += 1
                 if not rows:
                     continue
-                rows, logits, state = self._step(rows, logits, state)
+                rows = self._step(rows, gen)
+                if not rows:
+                    gen = Generator(self.decoder)     # the next request must not join finished rows
             except Exception as e:  # a failed decoder call fails the rows it carried, not the server
                 log.exception("decoding failed")
                 for r in rows + new:
                     r.out.put(RagrtError(f"decoding failed: {type(e).__name__}: {e}"))
-                rows, logits, state = [], None, None
+                rows, gen = [], Generator(self.decoder)
 
-    def _step(self, rows: list[_Row], logits: np.ndarray, state):
+    def _step(self, rows: list[_Row], gen: Generator) -> list[_Row]:
         """Emits one token per row, retires finished rows, and runs the next step for the rest."""
-        tokens = logits.argmax(axis=-1)                        # (B,)
+        tokens = np.array([r.choose(logits) for r, logits in zip(rows, gen.logits)], dtype=np.int64)   # (B,)
         now = time.monotonic()
         keep, emitted = [], 0
         for i, r in enumerate(rows):
@@ -184,7 +182,7 @@ class Batcher:
             r.out.put(token)
             r.emitted += 1
             emitted += 1
-            if r.emitted >= r.max_new_tokens:
+            if r.emitted >= r.choose.config.max_new_tokens:
                 r.out.put(_END)
             else:
                 keep.append(i)
@@ -192,12 +190,11 @@ class Batcher:
             self._tokens += emitted
             self._active = len(keep)
         if not keep:
-            return [], None, None
-        if len(keep) < len(rows):
-            state = self.decoder.select(state, keep)
-        logits, state = self.decoder.step(state, tokens[keep])
+            return []
+        gen.keep(keep)
+        gen.append(tokens[keep])
         self._steps += 1
-        return [rows[i] for i in keep], logits, state
+        return [rows[i] for i in keep]
 
     def _still_wanted(self, row: _Row) -> bool:
         if row.cancelled:
@@ -207,15 +204,3 @@ class Batcher:
             return False
         return True
 
-
-def batched_stream(engine, batcher: Batcher, prepared, *, deadline_s: float):
-    """An AnswerStream for a prepared request: concat decodes in the shared batch; token and
-    sequence modes already batch their k passages, so they run on the caller's thread."""
-    from ragrt.decoding.rag import Run, start
-    p = prepared
-    if p.mode != "concat":
-        return engine.answer_stream(p, start(p.mode, engine.decoder, p.builder, p.question, p.passages,
-                                             p.prior, p.max_new_tokens))
-    prompt = p.builder.build(p.question, p.passages)
-    tokens = batcher.submit(prompt.ids, p.max_new_tokens, deadline_s=deadline_s)
-    return engine.answer_stream(p, Run(tokens, len(prompt.ids), prompt.truncated))

@@ -6,9 +6,11 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ragrt.decoding.sampling import MAX_STOP_STRINGS
+from ragrt.options import MAX_K, MAX_TURNS, MODES
+
 # Bounds on what one request may make the server hold; the engine checks the bundle's own limits.
 MAX_TEXT = 100_000
-MAX_TURNS = 100
 MAX_EMBED = 256
 # The engine refuses a question with nothing visible in it (empty, blank, control characters only).
 VISIBLE = r"[^\s\x00-\x1f\x7f]"
@@ -33,12 +35,35 @@ class Turn(Strict):
     content: str = Field(max_length=MAX_TEXT)
 
 
-class AskRequest(Strict):
+Stop = Union[str, list[Annotated[str, Field(min_length=1, max_length=256)]]]
+
+
+class Decoding(BaseModel):
+    """How each next token is chosen; what is not sent comes from the bundle's manifest."""
+    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                         description="0: greedy; above 0: sampling")
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                   description="sample among the likeliest tokens holding this probability")
+    top_k: Optional[Int(0)] = Field(None, description="sample among the k likeliest tokens (0: all)")
+    seed: Optional[Int(0)] = Field(None, description="seed of the sampling, for answers that repeat")
+    repetition_penalty: Optional[float] = Field(None, ge=1, le=10, allow_inf_nan=False,
+                                                description="above 1: tokens already in the answer become less likely")
+    repetition_window: Optional[Int(1)] = Field(None, description="the answer's latest tokens the penalty sees")
+    no_repeat_ngram_size: Optional[Int(0, 16)] = Field(None, description="n > 0: no n tokens repeat in the answer")
+    stop: Optional[Stop] = Field(None, description=f"end the answer before this text (at most {MAX_STOP_STRINGS})")
+    min_new_tokens: Optional[Int(0)] = Field(None, description="no end of answer before this many tokens")
+
+    def decoding_options(self) -> dict:
+        return {name: getattr(self, name) for name in Decoding.model_fields}
+
+
+class AskRequest(Strict, Decoding):
     question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
-    k: Optional[Int(1, 50)] = Field(None, description="passages to retrieve (default: the bundle's)")
-    mode: Optional[Literal["concat", "token", "sequence"]] = None
+    k: Optional[Int(1, MAX_K)] = Field(None, description="passages to retrieve (default: the bundle's)")
+    mode: Optional[Literal[MODES]] = None
     max_new_tokens: Optional[Int(1)] = Field(None, description="at most half the generator's context")
-    temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="P(c|q) = softmax(score / T)")
+    prior_temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                               description="P(c|q) = softmax(score / T), in modes token and sequence")
     history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS,
                                 description="earlier turns, oldest first; folded into retrieval and the prompt")
     task: str = Field("qa", max_length=64, description='"qa", or a task of the bundle\'s manifest ("summarize")')
@@ -62,11 +87,12 @@ class AskResponse(BaseModel):
     mode: str
     log_prob: Optional[float] = None
     warnings: list[str]
+    finish_reason: Literal["stop", "length"]
 
 
 class RetrieveRequest(Strict):
     query: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
-    k: Optional[Int(1, 50)] = None
+    k: Optional[Int(1, MAX_K)] = None
 
 
 class Passage(BaseModel):
@@ -112,8 +138,10 @@ class ChatMessage(BaseModel):
     content: Union[str, list[TextPart], None] = None
 
 
-class ChatRequest(BaseModel):
-    """OpenAI's chat completion request. Sampling options are accepted and ignored: decoding is greedy."""
+class ChatRequest(Decoding):
+    """OpenAI's chat completion request, with ragrt's decoding options (top_k, repetition_penalty, ...)
+    accepted as extra body fields. Fields OpenAI has and ragrt does not use (frequency_penalty, logit_bias,
+    tools) are ignored."""
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str = "ragrt"
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TURNS)
@@ -121,8 +149,6 @@ class ChatRequest(BaseModel):
     max_completion_tokens: Optional[Int(1)] = None
     stream: bool = False
     n: Optional[Literal[1]] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
 
 
 class ChatChoiceMessage(BaseModel):

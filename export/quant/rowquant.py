@@ -37,6 +37,7 @@ import numpy as np
 
 from ragrt.errors import RagrtError
 from ragrt.bundle.manifest import GeneratorSpec
+from ragrt.decoding.packed import length_feed
 from ragrt.decoding.prompt import PassageText, PromptBuilder
 
 from ragrt.export.onnx.graphs import drop_unused
@@ -85,7 +86,7 @@ def calibration_feeds(prompts: list[list[int]], spec: GeneratorSpec) -> list[dic
     for ids in prompts:
         io, n = spec.io, len(ids)
         feed = {io.input_ids: np.array([ids], np.int64), io.num_logits: np.array([1], np.int64),
-                **io.length_feed(np.array([n]))}
+                **length_feed(io, np.array([n]))}
         if io.position_ids:
             feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)

@@ -27,7 +27,7 @@ from ragrt.corpus.documents import chunk_documents, read_documents
 from ragrt.errors import CorpusError, UserInputError
 from ragrt.evaluate import QA, is_relevant, read_qa, token_f1
 from ragrt.decoding.prompt import PassageText, PromptBuilder
-from ragrt.retrieval.passages import PassageRecord, passage_text
+from ragrt.retrieval.passages import Passage, passage_text
 
 from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
@@ -88,12 +88,11 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise UserInputError("learning rates must be > 0")
 
 
-def load_data(cfg: FinetuneConfig, chunk_tokenizer) -> tuple[list[QA], list[PassageRecord], list[set[int]]]:
+def load_data(cfg: FinetuneConfig, chunk_tokenizer) -> tuple[list[QA], list[Passage], list[set[int]]]:
     """Q/A pairs, passages chunked exactly as `ragrt export` chunks them, and each pair's positive rows."""
     items = read_qa(cfg.train)
-    passages = [PassageRecord(p.id, p.title, p.text) for p in
-                chunk_documents(read_documents(cfg.corpus), chunk_tokenizer, max_tokens=cfg.chunk_tokens,
-                                overlap=cfg.overlap)]
+    passages = list(chunk_documents(read_documents(cfg.corpus), chunk_tokenizer, max_tokens=cfg.chunk_tokens,
+                                    overlap=cfg.overlap))
     mined = 0
     positives = []
     for qa in items:
@@ -243,7 +242,7 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
     return model, tok
 
 
-def dev_recall(model, tok, dev: list[QA], pool: list[int], passages: list[PassageRecord]) -> float:
+def dev_recall(model, tok, dev: list[QA], pool: list[int], passages: list[Passage]) -> float:
     """recall@5 of held-out questions, searching the training pool plus their own positives."""
     rows = sorted(set(pool) | {i for i, p in enumerate(passages) if any(is_relevant(p.id, qa.positive_ids) for qa in dev)})
     vecs = np.concatenate([embed(model, tok, [passage_text(passages[r]) for r in rows[i:i + 64]]).numpy()

@@ -1,0 +1,146 @@
+"""`Generator`: rows decoding together, the one state object every decode loop drives.
+
+As in onnxruntime-genai: open the model (`open_decoder`), put prompts in a `Generator`, then
+take each row's next token and append it, until the rows are done. Finished rows leave
+(`keep`), rows join later (`add_prompts`, the server's batcher), and a row rewinds the draft
+tokens its check rejected. Greedy answers, RAG-Token, RAG-Sequence and the batcher all drive
+it, so the decoder's state never leaves this object.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ragrt.bundle.manifest import GeneratorSpec
+from ragrt.decoding.decoder import Decoder, RowByRowDecoder
+from ragrt.decoding.lookup import PromptLookup
+from ragrt.decoding.packed import PackedDecoder
+from ragrt.decoding.sampling import DecodingConfig, TokenChooser
+
+
+def open_decoder(session, spec: GeneratorSpec):
+    """The decoder for the spec's cache layout and batching."""
+    if spec.cache == "packed":
+        return PackedDecoder(session, spec)
+    decoder = Decoder(session, spec)
+    return RowByRowDecoder(decoder) if decoder.row_by_row else decoder
+
+
+class Generator:
+    def __init__(self, decoder, state=None, logits: np.ndarray | None = None):
+        self.decoder = decoder
+        self.state = state
+        self.logits = logits          # (rows, V): each row's next-token logits
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.logits is None else len(self.logits)
+
+    def add_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Prefills the prompts as new rows after the existing ones."""
+        logits, state = self.decoder.prefill(prompts)
+        if self.rows:
+            state = self.decoder.merge(self.state, state)
+            logits = np.concatenate([self.logits, logits])
+        self.state, self.logits = state, logits
+
+    def append(self, tokens: np.ndarray) -> None:
+        """One token (rows,) per row: one forward pass for all of them."""
+        self.logits, self.state = self.decoder.step(self.state, tokens)
+
+    def append_run(self, tokens: Sequence[int]) -> np.ndarray:
+        """Several tokens of a one-row generator in one pass; returns the logits after each (S, V)."""
+        run = np.asarray([tokens], dtype=np.int64)
+        logits, self.state = self.decoder.forward(self.state, run, np.ones_like(run), num_logits=run.shape[1])
+        self.logits = logits[:, -1]
+        return logits[0]
+
+    def rewind(self, n: int, logits: np.ndarray) -> None:
+        """Drops a one-row generator's last n tokens; `logits` (V,) followed the token now last."""
+        self.state = self.decoder.forget(self.state, n)
+        self.logits = logits[None]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only these rows go on (finished ones leave, so a step spans no dead rows)."""
+        if len(rows) < self.rows:
+            self.state = self.decoder.select(self.state, rows)
+            self.logits = self.logits[list(rows)]
+
+    def logprob(self, continuation: Sequence[int]) -> np.ndarray:
+        """log p(continuation | each row so far), float64 (rows,); the rows themselves do not move."""
+        return self.decoder.continuation_logprob(self.state, self.logits, continuation)
+
+    def copy(self) -> "Generator":
+        """A generator at this point. On a packed cache both share the buffers: positions past a
+        row's length belong to whichever of the two ran last, so use one, then the other."""
+        return copy.copy(self)
+
+
+def generate(decoder, prompt: Sequence[int], config: DecodingConfig,
+             lookup: PromptLookup | None = None) -> Iterator[int]:
+    """One answer's tokens until EOS or the limit; stopping the iteration stops the work.
+
+    With `lookup` and plain greedy decoding, each pass also checks the tokens it drafts and keeps
+    those that match greedy's own choice: the same tokens, in fewer passes.
+    """
+    stop = set(decoder.spec.eos_token_ids)
+    choose = TokenChooser(config, decoder.spec.eos_token_ids)
+    gen = Generator(decoder)
+    gen.add_prompts([prompt])
+    context = list(prompt)
+    drafting = lookup is not None and config.is_plain_greedy
+    while len(choose.answer) < config.max_new_tokens:
+        token = choose(gen.logits[0])
+        if token in stop:
+            return
+        yield token
+        context.append(token)
+        left = config.max_new_tokens - len(choose.answer)
+        if left == 0:
+            return
+        draft = lookup.propose(context)[:left] if drafting else []
+        if not draft:
+            gen.append(np.array([token], dtype=np.int64))
+            continue
+        logits = gen.append_run([token, *draft])
+        choices = logits.argmax(axis=-1)                 # greedy's pick after each run token
+        accepted = 0
+        while accepted < len(draft) and choices[accepted] == draft[accepted]:
+            accepted += 1
+        for t in draft[:accepted]:
+            if t in stop:
+                return
+            choose.answer.append(int(t))
+            yield int(t)
+        context.extend(draft[:accepted])
+        gen.rewind(len(draft) - accepted, logits[accepted])
+
+
+def greedy(decoder, prompt: Sequence[int], max_new_tokens: int, lookup: PromptLookup | None = None) -> Iterator[int]:
+    return generate(decoder, prompt, DecodingConfig(max_new_tokens=max_new_tokens), lookup)
+
+
+def generate_rows(gen: Generator, config: DecodingConfig) -> list[list[int]]:
+    """Every row of a prefilled generator decoded on its own to its EOS or the limit, in shared passes."""
+    stop = np.array(sorted(gen.decoder.spec.eos_token_ids))
+    choosers = [TokenChooser(config, gen.decoder.spec.eos_token_ids) for _ in range(gen.rows)]
+    out: list[list[int]] = [[] for _ in choosers]
+    done = np.zeros(len(choosers), dtype=bool)
+    for i in range(config.max_new_tokens):
+        tokens = np.array([c(row) for c, row in zip(choosers, gen.logits)], dtype=np.int64)
+        done |= np.isin(tokens, stop)
+        if done.all():
+            break
+        for row in np.flatnonzero(~done):
+            out[row].append(int(tokens[row]))
+        if i + 1 < config.max_new_tokens:
+            # Finished rows keep stepping (on a pad token): the caller may still score from a copy
+            # taken at the prompt, whose packed slots must not move.
+            gen.append(np.where(done, gen.decoder.pad_id, tokens))
+    return out
+
+
+def greedy_batch(gen: Generator, max_new_tokens: int) -> list[list[int]]:
+    return generate_rows(gen, DecodingConfig(max_new_tokens=max_new_tokens))

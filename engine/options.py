@@ -1,0 +1,12 @@
+"""The choices and limits every surface accepts (Python API, CLI, HTTP schemas, export), defined once."""
+
+MODES = ("concat", "token", "sequence")           # how passages become an answer: ragrt.decoding.rag
+MAX_K = 50                                        # passages per question
+MAX_TURNS = 100                                   # earlier messages in a dialogue
+HISTORY_IN_QUERY = 2                              # the user's latest turns that join the retrieval query
+
+GENERATOR_QUANTIZATIONS = ("int8", "w8a8", "int4", "fp32", "fp16")
+ENCODER_QUANTIZATIONS = ("int8", "w8a8", "fp32")
+GRAPHS = ("fused", "optimum")
+INDEX_DTYPES = ("f16", "i8", "f32")
+DEVICES = ("auto", "cpu", "cuda")

@@ -1,0 +1,37 @@
+"""`ragrt export`'s arguments, declared beside the pipeline they configure.
+
+`ragrt --help` builds this parser, so this module imports nothing but argparse: no torch.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `ragrt export`; their names are `ExportConfig`'s fields."""
+    p.add_argument("--corpus", required=True,
+                   help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
+    p.add_argument("--out", required=True, help="bundle directory to write (refused if it exists, unless --force)")
+    p.add_argument("--quantize", choices=["int8", "w8a8", "int4", "fp32", "fp16"], default="int8",
+                   help="generator weights: int8 in blocks of 32, closest to fp32 (default); w8a8 (fused graph): "
+                        "int8 weights and per-token int8 activations, first token sooner, further from fp32; "
+                        "int4 (AWQ-scaled, GPTQ-rounded): smallest and fastest at batch 1, furthest from fp32; "
+                        "fp32: none; fp16 (fused graph): for --device cuda")
+    p.add_argument("--encoder-quantize", choices=["int8", "w8a8", "fp32"], default=None,
+                   help="query encoder (the corpus is always embedded in fp32): int8 weights computing in fp32, "
+                        "ranks as fp32's (default; fp32 with --quantize fp32); w8a8: faster queries, "
+                        "a little less often fp32's top passage")
+    p.add_argument("--graph", choices=["optimum", "fused"], default="fused",
+                   help="generator graph: fused, onnxruntime-genai's builder graph decoded in place (default, "
+                        "fastest); optimum, optimum's export (any attention mask)")
+    p.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16",
+                   help="how the index stores passage vectors (default f16)")
+    p.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="passage length in encoder tokens (default 128)")
+    p.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive passages (default 32)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="generator context window used by the engine (default 2048)")
+    p.add_argument("--parity-prompts", type=int, default=20,
+                   help="prompts for the greedy-agreement parity check (default 20)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
