@@ -18,6 +18,7 @@ from ragrt.bundle.atomic import atomic_write_text
 
 _DONE = ".complete"
 _LINEAGE = ".lineage"
+_RECIPE = ".recipe"
 _MEMO_MIN_BYTES = 16 << 20
 
 
@@ -67,7 +68,8 @@ def content_key(*parts: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_dir(kind: str, key: str, build: Callable[[Path], None], lineage: str | None = None) -> Path:
+def cached_dir(kind: str, key: str, build: Callable[[Path], None], lineage: str | None = None,
+               recipe: str | None = None) -> Path:
     """`cache_root()/kind/key`, calling `build(tmp)` first if it is not there yet.
 
     The entry appears by one rename of a finished directory, so a crash or a failing build
@@ -76,6 +78,8 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None], lineage: str 
     `lineage` names what the entry is built from, without the recipe version that `key` also
     covers. Once a new entry is in place, other entries of the same kind and lineage were made
     by another recipe (an older ragrt): nothing reaches them again, so they are deleted.
+    With `recipe` (the recipe version in `key`), only the entries of that lineage made by
+    another recipe go: siblings of one recipe (one graph variant each, say) stay side by side.
     """
     final = cache_root() / kind / key
     if (final / _DONE).exists():
@@ -87,6 +91,8 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None], lineage: str 
         build(tmp)
         if lineage is not None:
             (tmp / _LINEAGE).write_text(lineage)
+        if recipe is not None:
+            (tmp / _RECIPE).write_text(recipe)
         (tmp / _DONE).touch()
         if not (final / _DONE).exists():          # else another process finished first: keep theirs
             shutil.rmtree(final, ignore_errors=True)   # a leftover without the marker is never trusted
@@ -98,20 +104,22 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None], lineage: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if lineage is not None:
-        _remove_superseded(final, lineage)
+        _remove_superseded(final, lineage, recipe)
     return final
 
 
-def _remove_superseded(entry: Path, lineage: str) -> None:
+def _remove_superseded(entry: Path, lineage: str, recipe: str | None) -> None:
     for other in entry.parent.iterdir():
         if other.name.startswith(".") or other == entry:
             continue
         try:
-            same = (other / _LINEAGE).read_text() == lineage
+            if (other / _LINEAGE).read_text() != lineage:
+                continue
         except OSError:                   # no lineage: an entry of a ragrt before lineages
             continue
-        if same:
-            shutil.rmtree(other, ignore_errors=True)
+        if recipe is not None and (other / _RECIPE).is_file() and (other / _RECIPE).read_text() == recipe:
+            continue                      # a sibling of the same recipe
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def _builder_id() -> str:

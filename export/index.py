@@ -11,7 +11,9 @@ import numpy as np
 
 from ragrt.retrieval.encoder import TextEncoder
 from ragrt.errors import UserInputError
-from ragrt.retrieval.passages import PassageRecord, passage_text, write_passage_store
+import ragrt.retrieval.index as usearch_index
+from ragrt.bundle.manifest import IndexSpec
+from ragrt.retrieval.passages import Passage, passage_text, write_passage_store
 
 DTYPES = ("f16", "i8", "f32")
 
@@ -27,7 +29,7 @@ class IndexBuild:
     seconds_index: float
 
 
-def embed_passages(passages: Sequence[PassageRecord], encoder: TextEncoder, *, batch_size: int = 32,
+def embed_passages(passages: Sequence[Passage], encoder: TextEncoder, *, batch_size: int = 32,
                    progress: bool = True) -> np.ndarray:
     """(n, dim) float32, through the engine's own TextEncoder, so passages and queries share one code path."""
     from tqdm import tqdm
@@ -41,7 +43,7 @@ def embed_passages(passages: Sequence[PassageRecord], encoder: TextEncoder, *, b
     return vectors
 
 
-def cached_embeddings(passages: Sequence[PassageRecord], encoder: TextEncoder, model_key: str,
+def cached_embeddings(passages: Sequence[Passage], encoder: TextEncoder, model_key: str,
                       progress: bool = True) -> tuple[np.ndarray, float]:
     """`embed_passages`, kept in the user cache under `model_key` (the encoder graph's and its
     tokenizer's content) and the passages' content,
@@ -67,21 +69,20 @@ def cached_embeddings(passages: Sequence[PassageRecord], encoder: TextEncoder, m
     return vectors, spent[0]
 
 
-def build_index(passages: Sequence[PassageRecord], vectors: np.ndarray, *,
+def build_index(passages: Sequence[Passage], vectors: np.ndarray, *,
                 index_path: Path, data_path: Path, offsets_path: Path, dtype: str = "f16",
-                connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 128,
+                connectivity: int = 16, expansion_add: int = usearch_index.EXPANSION_ADD, expansion_search: int = 128,
                 progress: bool = True) -> IndexBuild:
     """The USearch index of `vectors` (row i is passage i) and the passage store."""
-    from usearch.index import Index
     if dtype not in DTYPES:
         raise UserInputError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     index_path = Path(index_path)
     t1 = time.perf_counter()
     ndim = vectors.shape[1]
-    index = Index(ndim=ndim, metric="cos", dtype=dtype, connectivity=connectivity,
-                  expansion_add=expansion_add, expansion_search=expansion_search)
-    if len(passages):
-        index.add(np.arange(len(passages), dtype=np.uint64), vectors, log="building index" if progress else False)
+    spec = IndexSpec(path=index_path.name, metric=usearch_index.METRIC, dtype=dtype, ndim=ndim, count=len(passages),
+                     connectivity=connectivity, expansion_search=expansion_search)
+    index = usearch_index.build_index(vectors, spec, expansion_add=expansion_add,
+                                      log="building index" if progress else False)
     tmp = index_path.with_name(index_path.name + ".tmp")
     try:
         index.save(str(tmp))
@@ -90,4 +91,4 @@ def build_index(passages: Sequence[PassageRecord], vectors: np.ndarray, *,
         tmp.unlink(missing_ok=True)
     t2 = time.perf_counter()
     write_passage_store(data_path, offsets_path, passages)
-    return IndexBuild(len(passages), ndim, dtype, "cos", connectivity, expansion_search, t2 - t1)
+    return IndexBuild(len(passages), ndim, dtype, spec.metric, connectivity, expansion_search, t2 - t1)

@@ -1,6 +1,7 @@
 """`ragrt export`: corpus + checkpoints -> one bundle directory.
 
-load -> export ONNX -> quantize -> parity (cached per checkpoint) -> chunk -> embed + index
+load -> export ONNX -> quantize -> parity (cached per checkpoint and graph variant, each built
+only when a bundle ships it) -> chunk -> embed + index
 -> manifest -> atomic rename. The model steps are cached by checkpoint hash, so a new
 corpus costs only its chunking and embedding.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ragrt import __version__
 from ragrt.bundle.reader import Bundle
@@ -21,11 +24,11 @@ from ragrt.retrieval.encoder import TextEncoder
 from ragrt.errors import RagrtError, UserInputError
 from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
 from ragrt.bundle.integrity import sha256_file
-from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, EncoderSpec, GeneratorIO,
-                             GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec, RagDefaults, Source)
+from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, CorpusProvenance,
+                             EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, IndexSpec, Manifest,
+                             ModelSource, ParityReport, PassagesSpec, PromptSpec, RagDefaults)
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.runtime.sessions import SessionConfig
-from ragrt.retrieval.passages import PassageRecord
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
@@ -35,16 +38,14 @@ from ragrt.export.pack import library_versions, model_file_entries, now, prompt_
 log = logging.getLogger("ragrt.export")
 
 # Part of the cache keys: bump one when a change alters what its cached entries hold.
-ENCODER_EXPORT_VERSION = "7"
+ENCODER_EXPORT_VERSION = "8"
 ENCODER_VARIANTS = ("int8", "w8a8", "fp32")
-GENERATOR_EXPORT_VERSION = "6"
-# w8a8 (int8 weights and per-token int8 activations, rowquant.py) is made from the fused fp32 graph,
-# int4 from a checkpoint AWQ has rescaled (awq.py), rounded by GPTQ (gptq.py).
+GENERATOR_EXPORT_VERSION = "7"
 GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimum": ("fp32", "int8", "int4")}
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
 GRAPHS = ("optimum", "fused")
-FUSED_EXPORT_VERSION = "13"
+FUSED_EXPORT_VERSION = "14"
 ENCODER_MAX_LENGTH = 256
 PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
@@ -74,6 +75,21 @@ def _say(msg: str) -> None:
 
 
 @contextmanager
+def steps(what: str, names: list[str]) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr over the steps of a long build: the step running, the time
+    spent and an estimate of the time left. Call the yielded function as each step ends."""
+    from tqdm import tqdm
+    with tqdm(total=len(names), desc=what, unit="step", postfix=names[0],
+              bar_format="{desc}: {n}/{total} steps [{elapsed}<{remaining}{postfix}]") as bar:
+        def step() -> None:
+            bar.update(1)
+            if bar.n < len(names):
+                bar.set_postfix_str(names[bar.n])
+        yield step
+        bar.update(len(names) - bar.n)          # the last step ends with the block
+
+
+@contextmanager
 def quiet_exporters():
     """The exporters warn about tracing details we have checked (parity proves the graphs);
     a user should see our progress lines, not pages of TracerWarnings. --log-level debug shows all."""
@@ -95,31 +111,59 @@ def quiet_exporters():
 
 
 def encoder_graphs(checkpoint: Path) -> Path:
-    """Cached: {fp32,int8,w8a8}/model.onnx, tokenizer.json, meta.json (dims and parity)."""
+    """Cached: {fp32,int8}/model.onnx, tokenizer.json, meta.json (dims and parity). Both are
+    always needed: fp32 embeds the corpus, int8 is the default query encoder and its parity a
+    manifest field; each takes seconds."""
     from ragrt.export.onnx.graphs import export_encoder
     from ragrt.export.parity import encoder_parity
-    from ragrt.export.quant.quantize import quantize_encoder, quantize_encoder_w8a8
+    from ragrt.export.quant.quantize import quantize_encoder
 
     def build(tmp: Path) -> None:
-        _say(f"exporting encoder {checkpoint_name(checkpoint)} to ONNX, int8 and w8a8")
-        exp = export_encoder(checkpoint, tmp / "fp32", max_length=ENCODER_MAX_LENGTH)
-        quantize_encoder(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
-        quantize_encoder_w8a8(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx")
-        shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
-        encoders = [TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length, dim=exp.dim)
-                    for q in ("fp32", "int8", "w8a8")]
-        parity = encoder_parity(checkpoint, *encoders, max_length=exp.max_length)
+        with steps(f"encoder {checkpoint_name(checkpoint)}", ["ONNX export", "int8", "parity"]) as step:
+            exp = export_encoder(checkpoint, tmp / "fp32", max_length=ENCODER_MAX_LENGTH)
+            step()
+            quantize_encoder(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
+            shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
+            step()
+            fp32, int8 = (TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length,
+                                      dim=exp.dim) for q in ("fp32", "int8"))
+            parity = encoder_parity(checkpoint, fp32, int8, max_length=exp.max_length)
         _say(f"encoder parity vs PyTorch: cosine fp32 {parity.fp32_cosine_mean:.4f}, int8 mean "
-             f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}, w8a8 mean "
-             f"{parity.w8a8_cosine_mean:.4f} / min {parity.w8a8_cosine_min:.4f}")
+             f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}")
         meta = {"dim": exp.dim, "max_length": exp.max_length, "parity": asdict(parity)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return cached_dir("encoder-onnx", content_key(checkpoint, f"export-v{ENCODER_EXPORT_VERSION}"), build,
-                      lineage=content_key(checkpoint))
+    recipe = f"export-v{ENCODER_EXPORT_VERSION}"
+    return cached_dir("encoder-onnx", content_key(checkpoint, recipe), build, lineage=content_key(checkpoint),
+                      recipe=recipe)
 
 
-def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: Source,
+def encoder_w8a8_graph(checkpoint: Path) -> Path:
+    """Cached: model.onnx, meta.json (the parity of all three graphs), made from
+    `encoder_graphs(checkpoint)`'s fp32 graph; only `--encoder-quantize w8a8` needs it."""
+    from ragrt.export.parity import encoder_parity
+    from ragrt.export.quant.quantize import quantize_encoder_w8a8
+    base = encoder_graphs(checkpoint)
+
+    def build(tmp: Path) -> None:
+        meta = json.loads((base / "meta.json").read_text())
+        with steps(f"encoder {checkpoint_name(checkpoint)}", ["w8a8", "parity"]) as step:
+            quantize_encoder_w8a8(base / "fp32" / "model.onnx", tmp / "model.onnx")
+            step()
+            fp32, int8, w8a8 = (TextEncoder(path, base / "tokenizer.json", max_length=meta["max_length"], dim=meta["dim"])
+                                for path in (base / "fp32" / "model.onnx", base / "int8" / "model.onnx",
+                                             tmp / "model.onnx"))
+            parity = encoder_parity(checkpoint, fp32, int8, w8a8, max_length=meta["max_length"])
+        _say(f"encoder parity vs PyTorch: cosine w8a8 mean {parity.w8a8_cosine_mean:.4f} / min "
+             f"{parity.w8a8_cosine_min:.4f}")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "parity": asdict(parity)}, indent=2, sort_keys=True))
+
+    recipe = f"export-v{ENCODER_EXPORT_VERSION}"
+    return cached_dir("encoder-w8a8", content_key(checkpoint, recipe), build, lineage=content_key(checkpoint),
+                      recipe=recipe)
+
+
+def generator_spec(meta: dict, model: str, quantization: str, max_context: int, source: ModelSource,
                    graph: str = "optimum") -> GeneratorSpec:
     fused = graph == "fused"
     return GeneratorSpec(
@@ -136,75 +180,113 @@ def generator_spec(meta: dict, model: str, quantization: str, max_context: int, 
         io=PACKED_IO if fused else GeneratorIO())
 
 
-def generator_graphs(checkpoint: Path, parity_prompts: int, graph: str = "optimum") -> Path:
-    """Cached: {variant}/model.onnx, tokenizer.json, meta.json (dims, prompt, parity), where the
-    variants are GENERATOR_VARIANTS[graph]."""
+def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: str = "optimum") -> Path:
+    """Cached: model.onnx, tokenizer.json, meta.json (dims, prompt, and the parity of this
+    variant against PyTorch). One entry per variant, so an export builds only the graph it ships."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from ragrt.export.onnx.graphs import FUSED_PRECISIONS, export_generator, export_generator_fused
+    from ragrt.export.onnx.graphs import describe_generator
     from ragrt.export.parity import onnx_agreement, parity_prompt_ids, torch_greedy
-    from ragrt.export.quant.quantize import quantize_generator, quantize_generator_int4
+
+    def build(tmp: Path) -> None:
+        names = [*_GRAPH_STEPS[graph, variant], "PyTorch reference", "parity"]
+        with steps(f"generator {checkpoint_name(checkpoint)} {graph} {variant}", names) as step:
+            exp = describe_generator(checkpoint, tmp)          # dims, stop tokens, template; tmp/tokenizer.json
+            hf_tok = AutoTokenizer.from_pretrained(checkpoint)
+            prompt = prompt_spec(exp.chat_template, lambda msgs: hf_tok.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=True))
+            meta = {"num_layers": exp.num_layers, "num_kv_heads": exp.num_kv_heads, "head_dim": exp.head_dim,
+                    "vocab_size": exp.vocab_size, "eos_token_ids": list(exp.eos_token_ids),
+                    "pad_token_id": exp.pad_token_id, "max_position_embeddings": exp.max_position_embeddings,
+                    "prompt": asdict(prompt), "graph": graph}
+            src = ModelSource(checkpoint.name, "")
+            spec = generator_spec(meta, "", variant, 2048, src, graph)
+            tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+            builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
+            _build_generator_graph(checkpoint, graph, variant, tmp / "graph", builder, spec, step)
+            for f in (tmp / "graph").glob("model.onnx*"):      # the graph, and its weights file if it has one
+                os.replace(f, tmp / f.name)
+            shutil.rmtree(tmp / "graph")
+            prompts = parity_prompt_ids(builder, parity_prompts)
+            ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
+            step()
+            a = onnx_agreement(tmp / "model.onnx", spec, prompts, ref, PARITY_NEW_TOKENS, tok.decode)
+        _say(f"generator {variant} vs PyTorch, {a.prompts} prompts x {a.new_tokens} greedy tokens: exact "
+             f"{a.exact_match:.2f}, prefix {a.prefix_agreement:.2f}, teacher-forced top-1 {a.teacher_forced_top1:.3f}")
+        _say(f"{variant} sample answer: {a.sample!r}")
+        meta["parity"] = {variant: asdict(a)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    recipe = f"export-v{GENERATOR_EXPORT_VERSION}" if graph == "optimum" else f"fused-v{FUSED_EXPORT_VERSION}"
+    return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused",
+                      content_key(checkpoint, recipe, f"parity-{parity_prompts}", variant), build,
+                      lineage=content_key(checkpoint, f"parity-{parity_prompts}"), recipe=recipe)
+
+
+# The steps of `_build_generator_graph` per (graph, variant), named for the progress bar.
+_GRAPH_STEPS = {
+    **{("fused", q): ["ONNX export", "merge MatMuls"] for q in ("fp32", "int8", "fp16")},
+    ("fused", "w8a8"): ["fp32 ONNX export", "w8a8 rewrite", "merge MatMuls"],
+    ("fused", "int4"): ["AWQ scaling", "int4 ONNX export", "GPTQ rounding", "merge MatMuls"],
+    ("optimum", "fp32"): ["ONNX export"],
+    ("optimum", "int8"): ["fp32 ONNX export", "int8"],
+    ("optimum", "int4"): ["fp32 ONNX export", "int4"],
+}
+
+
+def _build_generator_graph(checkpoint: Path, graph: str, variant: str, out: Path, builder: PromptBuilder,
+                           spec: GeneratorSpec, step: Callable[[], None]) -> None:
+    """Writes `out`/model.onnx; `step()` after each of `_GRAPH_STEPS[graph, variant]`.
+
+    w8a8 is made from the fused fp32 graph (rowquant.py); int4 from a checkpoint whose input
+    channels AWQ has rescaled (awq.py), with GPTQ's error compensation (gptq.py) in place of
+    rounding to nearest; optimum's int8 and int4 quantize its fp32 export."""
+    from ragrt.export.onnx.graphs import export_generator, export_generator_fused
     from ragrt.export.quant.awq import scale_checkpoint
     from ragrt.export.quant.gptq import round_graph
+    from ragrt.export.quant.quantize import quantize_generator, quantize_generator_int4
     from ragrt.export.quant.rowquant import calibration_feeds, calibration_prompt_ids, quantize_rows
     from ragrt.export.quant.siblings import fuse_graph_file
 
-    def build(tmp: Path) -> None:
-        _say(f"exporting generator {checkpoint_name(checkpoint)} to the {graph} ONNX graph "
-             f"({', '.join(GENERATOR_VARIANTS[graph])}), then checking parity")
-        if graph == "fused":
-            exp, *_ = [export_generator_fused(checkpoint, tmp / q, q) for q in FUSED_PRECISIONS if q != "int4"]
-        else:
-            exp = export_generator(checkpoint, tmp / "fp32")
-            quantize_generator(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
-            quantize_generator_int4(tmp / "fp32" / "model.onnx", tmp / "int4" / "model.onnx")
-        shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
-        hf_tok = AutoTokenizer.from_pretrained(checkpoint)
-        prompt = prompt_spec(exp.chat_template, lambda msgs: hf_tok.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=True))
-        meta = {"num_layers": exp.num_layers, "num_kv_heads": exp.num_kv_heads, "head_dim": exp.head_dim,
-                "vocab_size": exp.vocab_size, "eos_token_ids": list(exp.eos_token_ids),
-                "pad_token_id": exp.pad_token_id, "max_position_embeddings": exp.max_position_embeddings,
-                "prompt": asdict(prompt), "graph": graph}
-        src = Source(checkpoint.name, "")
-        spec = generator_spec(meta, "", "fp32", 2048, src, graph)
-        tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
-        builder = PromptBuilder(prompt, tok, budget=spec.max_context - PARITY_NEW_TOKENS)
-        prompts = parity_prompt_ids(builder, parity_prompts)
-        if graph == "fused":
-            calibration = calibration_prompt_ids(builder)
-            quantize_rows(tmp / "fp32" / "model.onnx", tmp / "w8a8" / "model.onnx", calibration_feeds(calibration, spec))
-            # int4 rounds a checkpoint whose input channels AWQ has rescaled (awq.py), with
-            # GPTQ's error compensation (gptq.py) in place of rounding to nearest.
-            report = scale_checkpoint(checkpoint, tmp / "awq", calibration)
-            export_generator_fused(tmp / "awq", tmp / "int4", "int4")
-            rounded = round_graph(tmp / "awq", tmp / "int4" / "model.onnx", calibration)
-            shutil.rmtree(tmp / "awq")
-            _say(f"int4: AWQ scales from {report.tokens} calibration tokens cut the simulated int4 output "
-                 f"error to {report.error_ratio:.2f}x; GPTQ rounding of {rounded.matrices} weights then left "
-                 f"{rounded.error_ratio:.2f}x the error of rounding to nearest")
-            # Last, so AWQ, GPTQ and the w8a8 rewrite each see one MatMul per projection.
-            merged = {q: fuse_graph_file(tmp / q / "model.onnx") for q in GENERATOR_VARIANTS[graph]}
-            _say("merged sibling MatMuls (the MLP's gate and up projections): "
-                 + ", ".join(f"{q} {n}" for q, n in merged.items()))
-        ref = torch_greedy(checkpoint, prompts, spec, PARITY_NEW_TOKENS)
-        parity = {q: onnx_agreement(tmp / q / "model.onnx", generator_spec(meta, "", q, 2048, src, graph), prompts, ref,
-                                    PARITY_NEW_TOKENS, tok.decode)
-                  for q in GENERATOR_VARIANTS[graph]}
-        for q, a in parity.items():
-            _say(f"generator {q} vs PyTorch, {a.prompts} prompts x {a.new_tokens} greedy tokens: exact {a.exact_match:.2f}, "
-                 f"prefix {a.prefix_agreement:.2f}, teacher-forced top-1 {a.teacher_forced_top1:.3f}")
-        _say(f"int8 sample answer: {parity['int8'].sample!r}")
-        meta["parity"] = {q: asdict(a) for q, a in parity.items()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-
+    work = out.parent / "work"
     if graph == "optimum":
-        key = content_key(checkpoint, f"export-v{GENERATOR_EXPORT_VERSION}", f"parity-{parity_prompts}")
+        if variant == "fp32":
+            export_generator(checkpoint, out)
+            step()
+        else:
+            export_generator(checkpoint, work)
+            step()
+            quantize = quantize_generator if variant == "int8" else quantize_generator_int4
+            quantize(work / "model.onnx", out / "model.onnx")
+            step()
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if variant == "w8a8":
+        export_generator_fused(checkpoint, work, "fp32")
+        step()
+        calibration = calibration_prompt_ids(builder)
+        quantize_rows(work / "model.onnx", out / "model.onnx", calibration_feeds(calibration, spec))
+        step()
+    elif variant == "int4":
+        calibration = calibration_prompt_ids(builder)
+        report = scale_checkpoint(checkpoint, work, calibration)
+        step()
+        export_generator_fused(work, out, "int4")
+        step()
+        rounded = round_graph(work, out / "model.onnx", calibration)
+        step()
+        _say(f"int4: AWQ scales from {report.tokens} calibration tokens cut the simulated int4 output "
+             f"error to {report.error_ratio:.2f}x; GPTQ rounding of {rounded.matrices} weights then left "
+             f"{rounded.error_ratio:.2f}x the error of rounding to nearest")
     else:
-        key = content_key(checkpoint, f"fused-v{FUSED_EXPORT_VERSION}", f"parity-{parity_prompts}")
-    return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused", key, build,
-                      lineage=content_key(checkpoint, f"parity-{parity_prompts}"))
+        export_generator_fused(checkpoint, out, variant)
+        step()
+    shutil.rmtree(work, ignore_errors=True)
+    # Last, so AWQ, GPTQ and the w8a8 rewrite each see one MatMul per projection.
+    merged = fuse_graph_file(out / "model.onnx")
+    step()
+    _say(f"merged {merged} sibling MatMuls (the MLP's gate and up projections)")
 
 
 def _validate(cfg: ExportConfig) -> None:
@@ -234,28 +316,33 @@ def run_export(cfg: ExportConfig) -> Path:
     _say(f"{len(docs)} documents read from {cfg.corpus}")
     with quiet_exporters():
         enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
+        q = cfg.quantize
+        enc_q = cfg.encoder_quantize or ("fp32" if q == "fp32" else "int8")
         enc_dir = encoder_graphs(enc_ckpt)
-        gen_dir = generator_graphs(gen_ckpt, cfg.parity_prompts, cfg.graph)
-    enc_meta = json.loads((enc_dir / "meta.json").read_text())
+        enc_model = enc_dir / enc_q / "model.onnx"
+        enc_meta = json.loads((enc_dir / "meta.json").read_text())
+        if enc_q == "w8a8":
+            w8a8_dir = encoder_w8a8_graph(enc_ckpt)
+            enc_model = w8a8_dir / "model.onnx"
+            enc_meta = json.loads((w8a8_dir / "meta.json").read_text())
+        gen_dir = generator_graph(gen_ckpt, q, cfg.parity_prompts, cfg.graph)
     gen_meta = json.loads((gen_dir / "meta.json").read_text())
-    q = cfg.quantize
-    agreement = gen_meta["parity"][q]["teacher_forced_top1"]
+    generator_parity = {variant: GreedyAgreement(**a) for variant, a in gen_meta["parity"].items()}
+    agreement = generator_parity[q].teacher_forced_top1
     if q != "fp32" and agreement < MIN_QUANT_AGREEMENT:
         raise RagrtError(f"the {q} generator disagrees with PyTorch (teacher-forced top-1 agreement "
                          f"{agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --quantize fp32")
-    enc_q = cfg.encoder_quantize or ("fp32" if q == "fp32" else "int8")
 
     with staging_dir(Path(cfg.out), force=cfg.force) as tmp:
         for sub in ("encoder", "generator", CORPUS_DIR):
             (tmp / sub).mkdir()
-        shutil.copyfile(enc_dir / enc_q / "model.onnx", tmp / "encoder" / "model.onnx")
+        shutil.copyfile(enc_model, tmp / "encoder" / "model.onnx")
         shutil.copyfile(enc_dir / "tokenizer.json", tmp / "encoder" / "tokenizer.json")
-        shutil.copyfile(gen_dir / q / "model.onnx", tmp / "generator" / "model.onnx")
+        shutil.copyfile(gen_dir / "model.onnx", tmp / "generator" / "model.onnx")
         shutil.copyfile(gen_dir / "tokenizer.json", tmp / "generator" / "tokenizer.json")
 
         chunk_tok = Tokenizer.from_file(str(tmp / "encoder" / "tokenizer.json"))
-        passages = [PassageRecord(p.id, p.title, p.text)
-                    for p in chunk_documents(docs, chunk_tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap)]
+        passages = list(chunk_documents(docs, chunk_tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap))
         if not passages:
             raise UserInputError(f"{cfg.corpus}: the corpus has no text to index")
         # The corpus is embedded once, here, so it gets the fp32 graph whatever the bundle ships:
@@ -265,8 +352,8 @@ def run_export(cfg: ExportConfig) -> Path:
         encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
                               max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
 
-        enc_source = Source(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
-        gen_source = Source(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
+        enc_source = ModelSource(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
+        gen_source = ModelSource(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
         manifest = Manifest(
             schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
@@ -277,9 +364,9 @@ def run_export(cfg: ExportConfig) -> Path:
             prompt=with_tasks(PromptSpec(**gen_meta["prompt"])),
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
             rag=RagDefaults(),
-            corpus={"source": str(cfg.corpus), "documents": len(docs), "passages": len(passages),
-                    "embedded_with": "fp32"},
-            parity={"encoder": enc_meta["parity"], "generator": gen_meta["parity"], "used": q},
+            corpus=CorpusProvenance(source=str(cfg.corpus), documents=len(docs), passages=len(passages),
+                                    embedded_with="fp32"),
+            parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q),
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)

@@ -303,7 +303,7 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
     import numpy as np
 
     from ragrt.decoding.decoder import Decoder
-    from ragrt.bundle.manifest import GeneratorSpec, Source
+    from ragrt.bundle.manifest import GeneratorSpec, ModelSource
     from ragrt.runtime.sessions import SessionConfig, create_session
     from ragrt.export.quant.quantize import op_counts, quantize_generator_int4
 
@@ -314,7 +314,7 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
     spec = GeneratorSpec(model="", tokenizer="", quantization="int4", num_layers=exp.num_layers,
                          num_kv_heads=exp.num_kv_heads, head_dim=exp.head_dim, vocab_size=exp.vocab_size,
                          eos_token_ids=tuple(exp.eos_token_ids), pad_token_id=exp.pad_token_id, max_context=512,
-                         source=Source("tiny", ""))
+                         source=ModelSource("tiny", ""))
     decoder = Decoder(create_session(tmp_path / "q.onnx", SessionConfig(threads=1)), spec)
     short, long = [5, 6, 7, 8], list(range(10, 40))
     batch, state = decoder.prefill([short, long])
@@ -340,7 +340,7 @@ def test_quantized_encoders_embed_queries_and_the_corpus_is_embedded_in_fp32(
                                      generator=tiny_generator_dir, quantize="int8", index_dtype="f32",
                                      encoder_quantize=encoder_quantize, parity_prompts=1, max_context=512))
     engine = Engine.open(bundle)
-    assert engine.manifest.encoder.quantization == shipped and engine.manifest.corpus["embedded_with"] == "fp32"
+    assert engine.manifest.encoder.quantization == shipped and engine.manifest.corpus.embedded_with == "fp32"
     assert op_counts(bundle / engine.manifest.encoder.model)[op] > 0
     retriever = engine.retriever
     texts = [passage_text(retriever.store.get(i)) for i in range(len(retriever.store))]
@@ -356,3 +356,31 @@ def test_an_unknown_encoder_quantization_is_refused_before_any_model_work(tiny_c
     with pytest.raises(UserInputError, match="--encoder-quantize must be one of int8, w8a8, fp32, got 'int4'"):
         run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder_quantize="int4"))
     assert not (tmp_path / "b").exists()
+
+
+def test_entries_of_one_recipe_stay_side_by_side_and_an_older_recipes_go(cache):
+    """Each graph variant has its own entry of one lineage: building one must not delete another."""
+    def build(tmp):
+        (tmp / "model.onnx").write_bytes(b"x")
+
+    old = cached_dir("thing", "v1-all", build, lineage="a")                    # one entry held every variant
+    int8 = cached_dir("thing", "v2-int8", build, lineage="a", recipe="v2")
+    assert not old.exists()
+    fp32 = cached_dir("thing", "v2-fp32", build, lineage="a", recipe="v2")
+    assert int8.exists() and fp32.exists()
+    newer = cached_dir("thing", "v3-int8", build, lineage="a", recipe="v3")
+    assert newer.exists() and not int8.exists() and not fp32.exists()
+
+
+def test_an_export_builds_only_the_graphs_its_bundle_ships(cache, tiny_corpus, tiny_encoder_dir, tiny_generator_dir,
+                                                          tmp_path):
+    from ragrt.export.pipeline import ExportConfig, run_export
+    bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
+                                     generator=tiny_generator_dir, quantize="int8", graph="fused",
+                                     parity_prompts=1, max_context=512))
+    (entry,) = (cache / "generator-fused").iterdir()
+    assert set(json.loads((entry / "meta.json").read_text())["parity"]) == {"int8"}
+    assert not (cache / "encoder-w8a8").exists()
+    parity = json.loads((bundle / "manifest.json").read_text())["parity"]
+    assert set(parity["generator"]) == {"int8"} and parity["encoder"]["w8a8_cosine_mean"] is None
+    assert parity["encoder"]["int8_cosine_mean"] > 0.9

@@ -98,7 +98,7 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
         main_export(str(checkpoint), output=tmp, task="text-generation-with-past", do_validation=False)
         # onnx.load pulls in model.onnx_data if optimum wrote one
         _save_with_num_logits(onnx.load(str(Path(tmp) / "model.onnx")), out_dir)
-    return _describe_generator(checkpoint, out_dir)
+    return describe_generator(checkpoint, out_dir)
 
 
 # Builder options per precision. int4 keeps the builder's blocks of 32, the fast kernel's, and
@@ -135,7 +135,7 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
         model = onnx.load(f"{tmp}/out/model.onnx")
         use_length_inputs(model, PACKED_IO)
         _save_with_num_logits(model, out_dir)
-    return _describe_generator(checkpoint, out_dir)
+    return describe_generator(checkpoint, out_dir)
 
 
 def _save_with_num_logits(model, out_dir: Path) -> None:
@@ -145,7 +145,7 @@ def _save_with_num_logits(model, out_dir: Path) -> None:
     onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
 
 
-def _describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
+def describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     """Dimensions, stop tokens and chat template from the checkpoint; writes tokenizer.json."""
     from tokenizers import Tokenizer
     from transformers import AutoConfig, AutoTokenizer
