@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (puts the repository on sys.path)
 
 
 def _named(text: str) -> tuple[str, Path]:

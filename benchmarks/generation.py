@@ -85,11 +85,11 @@ def build_prompt(bundle: str, prompt_tokens: int, threads: int) -> tuple[list[in
     """Exactly `prompt_tokens` ids if the passages allow (else the longest under it), and the
     bundle's EOS id. Passages are the bundle's first ones, repeated if the corpus is small."""
     from ragrt import Engine
-    from ragrt.decoding.prompt import PassageText, PromptBuilder
+    from ragrt.decoding.prompt import PromptBuilder
     engine = Engine.open(bundle, device="cpu", threads=threads)
     store = engine.retriever.store
     n = min(len(store), 64)
-    passages = [PassageText(store.get(i % n).title, store.get(i % n).text) for i in range(64)]
+    passages = [store.get(i % n) for i in range(64)]
     best: list[int] = []
     for budget in range(prompt_tokens, prompt_tokens + 64):
         builder = PromptBuilder(engine.manifest.prompt, engine.tokenizer, budget=budget)

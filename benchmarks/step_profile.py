@@ -14,13 +14,9 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (puts the repository on sys.path)
 
 
 def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False) -> float:

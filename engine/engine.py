@@ -15,7 +15,7 @@ from tokenizers.decoders import DecodeStream
 from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.reader import Bundle
 from ragrt.decoding.generator import open_decoder
-from ragrt.decoding.prompt import PassageText, PromptBuilder, Turn
+from ragrt.decoding.prompt import PromptBuilder, Turn
 from ragrt.decoding.rag import Run, check_mode, passage_prior, start
 from ragrt.decoding.sampling import DecodingConfig
 from ragrt.errors import UserInputError
@@ -150,7 +150,7 @@ class Engine:
         t2 = time.perf_counter()
         prior = passage_prior([h.score for h in hits], prior_temperature)
         sources = [Source(h.id, h.title, h.score, float(p), h.text) for h, p in zip(hits, prior)]
-        return Prepared(question, mode, config, builder, [PassageText(h.title, h.text) for h in hits], prior,
+        return Prepared(question, mode, config, builder, hits, prior,
                         sources, {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}, t0)
 
     def answer_stream(self, prepared: "Prepared", run: Run) -> "AnswerStream":
@@ -169,7 +169,7 @@ class Prepared:
     mode: str
     decoding: DecodingConfig
     builder: PromptBuilder
-    passages: list[PassageText]
+    passages: list[Hit]
     prior: np.ndarray
     sources: list[Source]
     timings: dict[str, float]

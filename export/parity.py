@@ -18,7 +18,8 @@ from ragrt.decoding.decoder import Decoder
 from ragrt.decoding.lookup import PromptLookup
 from ragrt.retrieval.encoder import TextEncoder
 from ragrt.bundle.manifest import EncoderParity, GeneratorSpec, GreedyAgreement
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
+from ragrt.retrieval.passages import Passage, passage_id
 from ragrt.runtime.sessions import SessionConfig, create_session
 
 # (question, title, passage): short Python-docs style contexts, so the generator answers
@@ -80,7 +81,8 @@ def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, w8a8:
 
 
 def parity_prompt_ids(builder: PromptBuilder, n: int) -> list[list[int]]:
-    return [builder.build(q, [PassageText(title, p)]).ids for q, title, p in PARITY_PROMPTS[:n]]
+    return [builder.build(q, [Passage(passage_id("parity", i), title, p)]).ids
+            for i, (q, title, p) in enumerate(PARITY_PROMPTS[:n])]
 
 
 def torch_greedy(checkpoint: Path, prompts: list[list[int]], spec: GeneratorSpec, max_new_tokens: int) -> list[list[int]]:

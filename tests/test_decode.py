@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
 from ragrt.bundle.manifest import GeneratorSpec, ModelSource
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
 from ragrt.decoding.rag import passage_prior, start
 from ragrt.decoding.sampling import DecodingConfig
+from ragrt.retrieval.passages import Passage
 from ragrt.runtime.sessions import SessionConfig, create_session
 from ragrt.export.pack import prompt_spec
 
@@ -39,9 +40,9 @@ def builder(tiny_generator_dir, tiny_generator_onnx):
     return PromptBuilder(spec, tok, budget=400)
 
 
-PASSAGES = [PassageText("Lists", "Use list.copy() or a slice to copy a list."),
-            PassageText("JSON", "The json module parses JSON documents."),
-            PassageText("GIL", "The GIL lets one thread run Python bytecode at a time.")]
+PASSAGES = [Passage("lists#0", "Lists", "Use list.copy() or a slice to copy a list."),
+            Passage("json#0", "JSON", "The json module parses JSON documents."),
+            Passage("gil#0", "GIL", "The GIL lets one thread run Python bytecode at a time.")]
 QUESTION = "How do I copy a list?"
 
 

@@ -35,13 +35,14 @@ def test_hard_negatives_exclude_positives_and_rank_by_score():
 def test_loss_mask_covers_the_answer_only(tiny_generator_dir):
     from transformers import AutoTokenizer
 
-    from ragrt.decoding.prompt import PassageText, PromptBuilder
+    from ragrt.decoding.prompt import PromptBuilder
+    from ragrt.retrieval.passages import Passage
     from ragrt.export.pack import prompt_spec
     hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
     spec = prompt_spec(hf.chat_template, lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
     builder = PromptBuilder(spec, hf.backend_tokenizer, budget=400)
-    ids, labels = sft_example(builder, "Q?", [PassageText("T", "passage")], "the answer", eos_id=2, max_answer_tokens=64)
-    prompt = builder.build("Q?", [PassageText("T", "passage")]).ids
+    ids, labels = sft_example(builder, "Q?", [Passage("t#0", "T", "passage")], "the answer", eos_id=2, max_answer_tokens=64)
+    prompt = builder.build("Q?", [Passage("t#0", "T", "passage")]).ids
     answer = hf.backend_tokenizer.encode("the answer", add_special_tokens=False).ids
     assert ids == prompt + answer + [2]
     assert labels == [IGNORE] * len(prompt) + answer + [2]

@@ -4,9 +4,10 @@ import dataclasses
 import pytest
 
 from ragrt import Engine, Turn, UserInputError
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
+from ragrt.retrieval.passages import Passage
 
-PASSAGES = [PassageText("Lists", "Use list.copy() or a slice to copy a list.")]
+PASSAGES = [Passage("lists#0", "Lists", "Use list.copy() or a slice to copy a list.")]
 
 
 @pytest.fixture(scope="module")

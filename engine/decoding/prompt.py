@@ -8,6 +8,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from ragrt.bundle.manifest import PromptSpec
+from ragrt.retrieval.passages import Passage
 
 _FIELD = re.compile(r"\{(\w+)\}")
 
@@ -15,12 +16,6 @@ _FIELD = re.compile(r"\{(\w+)\}")
 def fill(template: str, **values: str) -> str:
     """One-pass substitution: braces inside values (code, user text) are never expanded."""
     return _FIELD.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template)
-
-
-@dataclass(frozen=True)
-class PassageText:
-    title: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class PromptBuilder:
             return text
         return text[:enc.offsets[tokens][0]] if tokens > 0 else ""
 
-    def build(self, question: str, passages: Sequence[PassageText]) -> Prompt:
+    def build(self, question: str, passages: Sequence[Passage]) -> Prompt:
         """Passages are added in rank order while they fit; the last one that does not is cut."""
         def render(context: str, q: str) -> str:
             user = fill(self.task.user, context=context, question=q)
@@ -99,8 +94,8 @@ class PromptBuilder:
         Found by building two prompts that share nothing but the templates; the last two
         common tokens are dropped, as text after them may merge into them differently.
         """
-        a = self.build("why?", [PassageText("a", "b")]).ids
-        b = self.build("Qu", [PassageText("Zz", "0")]).ids
+        a = self.build("why?", [Passage("probe#0", "a", "b")]).ids
+        b = self.build("Qu", [Passage("probe#1", "Zz", "0")]).ids
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         return a[:max(n - 2, 0)]
 

@@ -19,10 +19,11 @@ import numpy as np
 from ragrt.decoding.decoder import log_softmax
 from ragrt.decoding.generator import Generator, generate, generate_rows
 from ragrt.decoding.lookup import PromptLookup
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
 from ragrt.decoding.sampling import DecodingConfig, TokenChooser
 from ragrt.errors import UserInputError
 from ragrt.options import MODES
+from ragrt.retrieval.passages import Passage
 
 
 def passage_prior(scores: Sequence[float], temperature: float) -> np.ndarray:
@@ -68,7 +69,7 @@ def check_mode(mode: str, config: DecodingConfig) -> None:
                              "probability; sampling does not apply: use temperature 0, or mode concat or token")
 
 
-def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: Sequence[PassageText],
+def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: Sequence[Passage],
           prior: np.ndarray, config: DecodingConfig) -> Run:
     check_mode(mode, config)
     if mode == "concat":

@@ -38,7 +38,8 @@ import numpy as np
 from ragrt.errors import RagrtError
 from ragrt.bundle.manifest import GeneratorSpec
 from ragrt.decoding.packed import length_feed
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
+from ragrt.retrieval.passages import Passage, passage_id
 
 from ragrt.export.onnx.graphs import drop_unused
 
@@ -77,7 +78,9 @@ CALIBRATION_PROMPTS: list[tuple[str, list[tuple[str, str]]]] = [
 
 
 def calibration_prompt_ids(builder: PromptBuilder) -> list[list[int]]:
-    return [builder.build(q, [PassageText(t, p) for t, p in passages]).ids for q, passages in CALIBRATION_PROMPTS]
+    return [builder.build(q, [Passage(passage_id(f"calibration-{i}", n), title, text)
+                              for n, (title, text) in enumerate(passages)]).ids
+            for i, (q, passages) in enumerate(CALIBRATION_PROMPTS)]
 
 
 def calibration_feeds(prompts: list[list[int]], spec: GeneratorSpec) -> list[dict[str, np.ndarray]]:

@@ -26,7 +26,7 @@ from ragrt.bundle.atomic import atomic_write_text
 from ragrt.corpus.documents import chunk_documents, read_documents
 from ragrt.errors import CorpusError, UserInputError
 from ragrt.evaluate import QA, is_relevant, read_qa, token_f1
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_text
 
 from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives
@@ -281,12 +281,13 @@ def generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok):
 
 
 def generator_examples(cfg, items, passages, contexts, builder, eos_id):
-    def texts(rows):
-        return [PassageText(passages[r].title, passages[r].text) for r in rows]
+    def passages_at(rows):
+        return [passages[r] for r in rows]
     if cfg.joint:       # one prompt per passage: the marginal needs p(a | q, c) for each c
-        return [[sft_example(builder, qa.question, texts([r]), qa.answer, eos_id, cfg.max_answer_tokens) for r in ctx]
+        return [[sft_example(builder, qa.question, passages_at([r]), qa.answer, eos_id, cfg.max_answer_tokens)
+                 for r in ctx]
                 for qa, ctx in zip(items, contexts)]
-    return [sft_example(builder, qa.question, texts(ctx), qa.answer, eos_id, cfg.max_answer_tokens)
+    return [sft_example(builder, qa.question, passages_at(ctx), qa.answer, eos_id, cfg.max_answer_tokens)
             for qa, ctx in zip(items, contexts)]
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ragrt.decoding.prompt import PassageText, PromptBuilder
+from ragrt.decoding.prompt import PromptBuilder
+from ragrt.retrieval.passages import Passage
 
 IGNORE = -100                  # label value that PyTorch's cross-entropy skips
 
 
-def sft_example(builder: PromptBuilder, question: str, passages: Sequence[PassageText], answer: str,
+def sft_example(builder: PromptBuilder, question: str, passages: Sequence[Passage], answer: str,
                 eos_id: int, max_answer_tokens: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels): the prompt exactly as the engine builds it, then the answer and EOS.
     Only answer tokens carry loss: the model should learn to answer, not to predict passages."""
