@@ -101,11 +101,23 @@ def build_prompt(bundle: str, prompt_tokens: int, threads: int) -> tuple[list[in
     return best, int(engine.manifest.generator.eos_token_ids[0])
 
 
+def build_rag_prompt(bundle: str, question: str, k: int, threads: int) -> tuple[list[int], int, dict]:
+    """The real RAG prompt: `question`'s top k passages retrieved from the bundle, in the block
+    layout passage KV reuses (its text is the full prompt's). Returns every engine's token ids,
+    the EOS id, and the layout for ragrt's passage KV engines."""
+    from ragrt import Engine
+    engine = Engine.open(bundle, device="cpu", threads=threads)
+    p = engine.prepare(question, k=k)
+    blocks, _ = p.builder.build_blocks(p.question, p.passages)
+    layout = {"prefix": list(blocks.prefix), "blocks": [list(b) for b in blocks.blocks], "tail": list(blocks.tail)}
+    return blocks.ids, int(engine.manifest.generator.eos_token_ids[0]), layout
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing, shared by every engine: run(batch) -> (first-token time, end time, tokens of row 0)
 
 def measure(run, *, batch: int, new_tokens: int, runs: int) -> dict:
-    ttft, decode, tokens, rows_agree = [], [], None, True
+    ttft, decode, total, tokens, rows_agree = [], [], [], None, True
     for i in range(runs + 1):                        # the first run warms up and is dropped
         t_first, t_end, rows = run(batch)
         rows = [[int(t) for t in r] for r in rows]
@@ -116,8 +128,18 @@ def measure(run, *, batch: int, new_tokens: int, runs: int) -> dict:
         if i:
             ttft.append(t_first)
             decode.append(batch * (new_tokens - 1) / max(t_end - t_first, 1e-9))
+            total.append(t_end)
     return {"ttft_ms": statistics.median(ttft) * 1e3, "decode_tok_s": statistics.median(decode),
+            "total_ms_p50": statistics.median(total) * 1e3, "total_ms_p95": _p95(total) * 1e3,
             "tokens": tokens, "rows_agree": rows_agree}
+
+
+def _p95(values: list[float]) -> float:
+    """The 95th percentile, interpolated (numpy's default), without importing numpy here."""
+    v = sorted(values)
+    x = 0.95 * (len(v) - 1)
+    lo = int(x)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (x - lo)
 
 
 class Clock:
@@ -140,12 +162,26 @@ class Clock:
 def load_ragrt(spec: dict):
     import numpy as np
     from ragrt import Engine
-    decoder = Engine.open(spec["bundle"], device="cpu", threads=spec["threads"]).decoder
+    from ragrt.decoding.blocks import BlockCache, BlockPrompt
+    engine = Engine.open(spec["bundle"], device="cpu", threads=spec["threads"])
+    decoder = engine.decoder
     prompt, n = spec["prompt"], spec["new_tokens"]
+    reuse = spec.get("passage_kv")         # None: full prefill; "hit": blocks cached; "miss": none cached
+    if reuse and engine.passage_kv is None:
+        raise RuntimeError(f"no passage KV for this bundle: {engine.passage_kv_unavailable}")
+    blocks = BlockPrompt(**{k: tuple(map(tuple, v)) if k == "blocks" else tuple(v)
+                            for k, v in spec["blocks"].items()}) if reuse else None
+
+    def prefill(batch):
+        if reuse is None:
+            return decoder.prefill([prompt] * batch)
+        if reuse == "miss":                # the prefix stays cached, as in a running server
+            engine.passage_kv.cache = BlockCache(engine.passage_kv.cache.budget)
+        return engine.passage_kv.prefill([blocks] * batch)   # "hit": the warm-up run cached them
 
     def run(batch):
         clock = Clock()
-        logits, state = decoder.prefill([prompt] * batch)
+        logits, state = prefill(batch)
         token = np.asarray(logits).argmax(-1)
         clock.mark()
         out = [token]
@@ -415,10 +451,12 @@ def worker(args) -> None:
         load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         b1 = measure(run, batch=1, new_tokens=spec["new_tokens"], runs=spec["runs"])
         try:
-            b8 = measure(run, batch=spec["batch"], new_tokens=spec["new_tokens"], runs=spec["runs"])
+            b8 = (measure(run, batch=spec["batch"], new_tokens=spec["new_tokens"], runs=spec["runs"])
+                  if spec["batch"] > 1 else {"error": "not measured (--batch 1)"})
         except NotImplementedError as e:
             b8 = {"error": str(e)}
         result = {"ttft_ms": b1["ttft_ms"], "decode_tok_s_b1": b1["decode_tok_s"],
+                  "total_ms_p50": b1["total_ms_p50"], "total_ms_p95": b1["total_ms_p95"],
                   "decode_tok_s_b8": b8.get("decode_tok_s"), "ttft_ms_b8": b8.get("ttft_ms"),
                   "b8_note": b8.get("error"), "b8_rows_agree": b8.get("rows_agree"),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -488,7 +526,7 @@ def acceptance(results: dict) -> list[tuple[str, bool | None, str]]:
     ok = {k: v for k, v in e.items() if v["status"] == "ok"}
     checks = []
     for rid, r in ok.items():
-        if not rid.startswith("ragrt"):
+        if not rid.startswith("ragrt") or "-kv-" in rid:
             continue
         name = r["label"]
 
@@ -509,6 +547,34 @@ def acceptance(results: dict) -> list[tuple[str, bool | None, str]]:
         check("TTFT <= CTranslate2 int8", CT2_INT8, "ttft_ms", "ttft_ms", False)
         check(f"decode batch {results['batch']} >= onnxruntime-genai int4", GENAI_INT4, "decode_tok_s_b8",
               "decode_tok_s_b8", True)
+    return checks + passage_kv_targets(ok)
+
+
+def passage_kv_targets(ok: dict) -> list[tuple[str, bool, str]]:
+    """Issue 18's targets for each bundle measured with passage KV: against its own full prefill
+    and against the fastest peer on the same prompt (medians over rounds)."""
+    peers = [r for k, r in ok.items() if not k.startswith("ragrt")]
+    checks = []
+    for rid, r in ok.items():
+        if "-kv-" not in rid or rid.split("-kv-")[0] not in ok:
+            continue
+        full = ok[rid.split("-kv-")[0]]
+        if rid.endswith("-kv-miss"):
+            checks.append((f"{r['label']}: TTFT <= 1.15x full prefill", r["ttft_ms"] <= 1.15 * full["ttft_ms"],
+                           f"{r['ttft_ms']:.0f} vs {full['ttft_ms']:.0f} ms ({r['ttft_ms'] / full['ttft_ms']:.2f}x)"))
+            continue
+        checks.append((f"{r['label']}: TTFT >= 5x lower than full prefill", r["ttft_ms"] * 5 <= full["ttft_ms"],
+                       f"{r['ttft_ms']:.0f} vs {full['ttft_ms']:.0f} ms ({full['ttft_ms'] / r['ttft_ms']:.1f}x)"))
+        if peers:
+            fast = min(peers, key=lambda p: p["ttft_ms"])
+            checks.append((f"{r['label']}: TTFT >= 3x lower than the fastest peer's ({fast['label']})",
+                           r["ttft_ms"] * 3 <= fast["ttft_ms"],
+                           f"{r['ttft_ms']:.0f} vs {fast['ttft_ms']:.0f} ms ({fast['ttft_ms'] / r['ttft_ms']:.1f}x)"))
+            fast = min(peers, key=lambda p: p["total_ms_p50"])
+            checks.append((f"{r['label']}: prompt to last token >= 2x faster than the fastest peer ({fast['label']})",
+                           r["total_ms_p50"] * 2 <= fast["total_ms_p50"],
+                           f"p50 {r['total_ms_p50']:.0f} vs {fast['total_ms_p50']:.0f} ms "
+                           f"({fast['total_ms_p50'] / r['total_ms_p50']:.2f}x)"))
     return checks
 
 
@@ -522,7 +588,8 @@ def markdown(results: dict) -> str:
 
     b = results["batch"]
     lines = [
-        f"Generation: {results['model']}, {results['prompt_tokens']}-token chat prompt, {results['new_tokens']} "
+        f"Generation: {results['model']}, {results['prompt_tokens']}-token chat prompt "
+        f"({results.get('prompt', 'synthetic')}), {results['new_tokens']} "
         f"greedy tokens (no EOS stop), {results['threads']} threads, median of {results['runs']} runs after a "
         f"warm-up; one engine at a time, each in its own process"
         + (f"; medians over {results['rounds']} rounds of every engine in turn" if results.get("rounds", 1) > 1 else "")
@@ -530,26 +597,28 @@ def markdown(results: dict) -> str:
         "",
         "Ratios: speed relative to the reference, higher is better (TTFT: reference time / this time).",
         "",
-        f"| engine | TTFT ms | decode tok/s b1 | decode tok/s b{b} | peak RSS MB | greedy = PyTorch "
-        f"| TTFT vs PyTorch | b1 vs PyTorch | b{b} vs PyTorch | TTFT vs genai int4 | b1 vs genai int4 "
-        f"| b{b} vs genai int4 |",
-        "|---|" + "---:|" * 11,
+        f"| engine | TTFT ms | decode tok/s b1 | prompt to last token p50 / p95 ms | decode tok/s b{b} | peak RSS MB "
+        f"| greedy = PyTorch | TTFT vs PyTorch | b1 vs PyTorch | b{b} vs PyTorch | TTFT vs genai int4 "
+        f"| b1 vs genai int4 | b{b} vs genai int4 |",
+        "|---|" + "---:|" * 12,
     ]
     for r in results["engines"].values():
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {r['status']} |" + " |" * 10)
+            lines.append(f"| {r['label']} | {r['status']} |" + " |" * 11)
             continue
         gm = r.get("greedy_match")
         match = f"{gm}/{results['new_tokens']}" if gm is not None else "-"
         b8 = num(r["decode_tok_s_b8"], ".1f") if r["decode_tok_s_b8"] is not None else f"- ({r.get('b8_note')})"
-        lines.append(f"| {r['label']} | {r['ttft_ms']:.0f} | {r['decode_tok_s_b1']:.1f} | {b8} "
+        totals = (f"{r['total_ms_p50']:.0f} / {r['total_ms_p95']:.0f}" if r.get("total_ms_p50") is not None
+                  else "-")
+        lines.append(f"| {r['label']} | {r['ttft_ms']:.0f} | {r['decode_tok_s_b1']:.1f} | {totals} | {b8} "
                      f"| {r['peak_rss_mb']:.0f} | {match} "
                      f"| {x(r['vs_pytorch'], 'ttft')} | {x(r['vs_pytorch'], 'decode_b1')} "
                      f"| {x(r['vs_pytorch'], 'decode_b8')} | {x(r['vs_genai_int4'], 'ttft')} "
                      f"| {x(r['vs_genai_int4'], 'decode_b1')} | {x(r['vs_genai_int4'], 'decode_b8')} |")
     checks = results.get("acceptance", [])
     if checks:
-        lines += ["", "Issue 4 targets:", ""]
+        lines += ["", "Targets (issue 4; issue 18 for passage KV):", ""]
         for c in checks:
             mark = {True: "met", False: "NOT met", None: "not measured"}[c["passed"]]
             lines.append(f"- {c['check']}: {mark} ({c['figures']})")
@@ -610,6 +679,14 @@ def parse_args(argv=None):
                     help=f"comma-separated subset of: ragrt, {', '.join(PEERS)} (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=320)
+    ap.add_argument("--rag-prompt", action="store_true",
+                    help="instead of --prompt-tokens of the first passages: --question's top --k passages "
+                         "retrieved from the first bundle (about 700 tokens at k=5), the prompt users really send")
+    ap.add_argument("--question", default=QUESTION, help="the question of --rag-prompt")
+    ap.add_argument("--k", type=int, default=5, help="passages in --rag-prompt")
+    ap.add_argument("--passage-kv", action="store_true",
+                    help="with --rag-prompt: also each bundle with passage KV, its blocks all cached (hit) "
+                         "and none cached (miss)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched measurement (the prompt repeated)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement, after one warm-up")
@@ -625,6 +702,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args._worker and not args.bundle:
         ap.error("--bundle is required (it gives the prompt, and the ragrt engines)")
+    if args.passage_kv and not args.rag_prompt:
+        ap.error("--passage-kv needs --rag-prompt: passage KV reuses the blocks of retrieved passages")
     return args
 
 
@@ -646,7 +725,11 @@ def select(args) -> list[tuple[str, dict]]:
             eid += "'"
         seen.add(eid)
         if wanted is None or "ragrt" in wanted or eid in wanted:
-            chosen.append((eid, {"bundle": str(Path(path).resolve()), "label": f"ragrt {q} ({Path(path).name})"}))
+            bundle, name = str(Path(path).resolve()), f"ragrt {q} ({Path(path).name})"
+            chosen.append((eid, {"bundle": bundle, "label": name}))
+            if args.passage_kv:
+                chosen += [(f"{eid}-kv-{case}", {"bundle": bundle, "label": f"{name}, passage KV {case}",
+                                                 "passage_kv": case}) for case in ("hit", "miss")]
     chosen += [(p, {}) for p in PEERS if p != BASELINE and (wanted is None or p in wanted)]
     return chosen
 
@@ -658,15 +741,20 @@ def main(argv=None) -> None:
 
     from ragrt.bundle.atomic import atomic_write_text
     from ragrt.export.models import checkpoint_name, generator_checkpoint
-    prompt, eos = build_prompt(args.bundle[0], args.prompt_tokens, args.threads)
-    if len(prompt) != args.prompt_tokens:
-        print(f"note: the prompt is {len(prompt)} tokens, not {args.prompt_tokens}", file=sys.stderr)
+    layout = None
+    if args.rag_prompt:
+        prompt, eos, layout = build_rag_prompt(args.bundle[0], args.question, args.k, args.threads)
+    else:
+        prompt, eos = build_prompt(args.bundle[0], args.prompt_tokens, args.threads)
+        if len(prompt) != args.prompt_tokens:
+            print(f"note: the prompt is {len(prompt)} tokens, not {args.prompt_tokens}", file=sys.stderr)
     chosen = select(args)
     checkpoint = None
     if any(not eid.startswith("ragrt") for eid, _ in chosen):
         checkpoint = generator_checkpoint(args.checkpoint)
 
     results = {"machine": machine(), "threads": args.threads, "prompt_tokens": len(prompt),
+               "prompt": f"RAG: top {args.k} passages for {args.question!r}" if args.rag_prompt else "synthetic",
                "new_tokens": args.new_tokens, "batch": args.batch, "runs": args.runs, "rounds": args.rounds,
                "model": checkpoint_name(checkpoint) if checkpoint else "the bundle's generator",
                "checkpoint": str(checkpoint) if checkpoint else None,
@@ -677,7 +765,7 @@ def main(argv=None) -> None:
     specs, entries = {}, {}
     for eid, extra in chosen:
         specs[eid] = {"engine": eid, "prompt": prompt, "eos": eos, "new_tokens": args.new_tokens,
-                      "threads": args.threads, "runs": args.runs, "batch": args.batch,
+                      "threads": args.threads, "runs": args.runs, "batch": args.batch, "blocks": layout,
                       "checkpoint": str(checkpoint) if checkpoint else None, **extra}
         entries[eid] = {"id": eid, "label": extra.get("label") or PEERS[eid][0]}
         if not eid.startswith("ragrt"):
@@ -737,7 +825,8 @@ def combine_rounds(rounds: list[dict]) -> dict:
     first round's tokens (greedy decoding repeats them)."""
     import statistics
     out = dict(rounds[0])
-    for key in ("ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8", "ttft_ms_b8", "load_rss_mb"):
+    for key in ("ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8", "ttft_ms_b8", "load_rss_mb", "total_ms_p50",
+                "total_ms_p95"):
         values = [r[key] for r in rounds if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)

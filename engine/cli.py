@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 from ragrt.bundle.atomic import atomic_write_text
 from ragrt.errors import RagrtError
+from ragrt.options import PASSAGE_KV_CACHE_MB, PASSAGE_KV_MODES
 
 if TYPE_CHECKING:       # the commands import what they use when they run, so `ragrt --help` starts fast
-    from ragrt.bundle.manifest import ParityReport
+    from ragrt.bundle.manifest import Manifest, ParityReport
 
 log = logging.getLogger("ragrt")
 
@@ -72,7 +73,8 @@ SERVE_EPILOG = textwrap.dedent("""\
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from ragrt.engine import Engine
-    engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
+    engine = Engine.open(args.bundle, device=args.device, threads=args.threads,
+                         passage_kv_cache_mb=args.passage_kv_cache_mb)
     stream = engine.stream(args.question, task=args.task, **_answer_options(args))
     if args.json:
         for _ in stream:
@@ -93,7 +95,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     t = ans.timings_ms
     print(f"\n{ans.prompt_tokens} prompt tokens, {ans.new_tokens} new tokens; "
           f"embed {t['embed']:.0f} ms, retrieve {t['retrieve']:.0f} ms, prefill {t['prefill']:.0f} ms, "
-          f"decode {t['decode']:.0f} ms, total {t['total']:.0f} ms")
+          f"decode {t['decode']:.0f} ms, total {t['total']:.0f} ms"
+          + (f", kv_assemble {t['kv_assemble']:.0f} ms ({ans.passage_kv['reused']} blocks reused, "
+             f"{ans.passage_kv['computed']} computed)" if ans.passage_kv else ""))
     return 0
 
 
@@ -109,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RagrtError("--timeout must be > 0 seconds")
     serve(ServerConfig(bundle=args.bundle, host=args.host, port=args.port, workers=args.workers,
                        api_key_file=args.api_key_file, max_batch=args.max_batch, max_queue=args.max_queue,
-                       timeout_s=args.timeout, device=args.device, threads=args.threads, log_level=args.log_level))
+                       timeout_s=args.timeout, device=args.device, threads=args.threads, log_level=args.log_level,
+                       passage_kv_cache_mb=args.passage_kv_cache_mb))
     return 0
 
 
@@ -120,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         index_dtype=args.index_dtype,
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
-        parity_prompts=args.parity_prompts, graph=args.graph)
+        parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
     return 0
@@ -144,6 +149,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         corpus=args.corpus, train=args.train, dev=args.dev, out=args.out, encoder=args.encoder,
         generator=args.generator, epochs=args.epochs, generator_epochs=args.generator_epochs, lr=args.lr,
         generator_lr=args.generator_lr, seed=args.seed, k=args.k, lora=args.lora, joint=args.joint,
+        block_attention=args.block_attention, block_attention_mix=args.block_attention_mix,
         max_steps=args.max_steps, batch_size=args.batch_size)
     run = finetune.run_finetune(config)
     print(f"fine-tuned checkpoints in {run}/encoder and {run}/generator; next: "
@@ -157,7 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     items = read_qa(args.qa)
     if args.limit:
         items = items[: args.limit]
-    engine = Engine.open(args.bundle, device=args.device, threads=args.threads)
+    engine = Engine.open(args.bundle, device=args.device, threads=args.threads,
+                         passage_kv_cache_mb=args.passage_kv_cache_mb)
 
     def progress(done: int, total: int) -> None:
         print(f"\r  {done}/{total} questions", end="", file=sys.stderr, flush=True)
@@ -198,9 +205,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     gen = bundle.generation.spec
     print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.index.count} passages, "
           f"{gen.index.dtype}, {gen.index.metric}")
+    from ragrt.bundle.versions import PASSAGE_KV_FILE
+    if PASSAGE_KV_FILE in gen.files:
+        print(f"  kv store    {gen.files[PASSAGE_KV_FILE].bytes / 1e6:.1f} MB: every passage's keys and values, "
+              "precomputed (--passage-kv all)")
     print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature} "
           f"max_new_tokens={m.rag.max_new_tokens}")
     print(f"  tasks       {', '.join(['qa', *sorted(m.prompt.tasks)])}")
+    print(f"  passage kv  {_passage_kv_line(m)}")
     c = m.corpus
     print(f"  built from  {c.source}: {c.documents} documents -> {c.passages} passages "
           f"of {m.chunking.max_tokens} tokens, overlap {m.chunking.overlap}")
@@ -209,6 +221,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     if m.versions:
         print("  versions    " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))
     return 0
+
+
+def _passage_kv_line(m: Manifest) -> str:
+    """From the manifest alone, so that info opens no model (the engine also needs the
+    generator's cache in host memory)."""
+    from ragrt.decoding.blocks import unavailable_in
+    g = m.generator
+    if why := unavailable_in(g, m.prompt):
+        return f"default {m.rag.passage_kv}; unavailable: {why}"
+    return (f"default {m.rag.passage_kv} (--passage-kv auto follows it); rotary base {g.rotary_base:g}, "
+            f"dim {g.rotary_dim or g.head_dim}, {'interleaved' if g.rotary_interleaved else 'half-split'}")
 
 
 def _parity_lines(parity: ParityReport) -> list[str]:
@@ -263,6 +286,15 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where onnxruntime runs (auto: CUDA when available)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    p.add_argument("--passage-kv-cache-mb", type=_non_negative, default=PASSAGE_KV_CACHE_MB, metavar="N",
+                   help=f"passage KV computed at question time and kept for reuse, in MiB (default {PASSAGE_KV_CACHE_MB})")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | None) -> None:
@@ -271,6 +303,9 @@ def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     p.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's, 5)")
     p.add_argument("--mode", choices=["concat", "token", "sequence"], default=None,
                    help="concat: passages in one prompt (default); token: RAG-Token; sequence: RAG-Sequence")
+    p.add_argument("--passage-kv", choices=PASSAGE_KV_MODES, default="auto",
+                   help="reuse each passage's keys and values, computed once; auto follows the bundle's "
+                        "measured default, see `ragrt info` (default: auto)")
     default = max_new_tokens or "the bundle's, 128"
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"answer length limit in tokens (default: {default})")
@@ -297,7 +332,8 @@ DECODING_FLAGS = ("temperature", "top_k", "top_p", "seed", "repetition_penalty",
 
 def _answer_options(args: argparse.Namespace) -> dict:
     return dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                prior_temperature=args.prior_temperature, **{name: getattr(args, name) for name in DECODING_FLAGS})
+                prior_temperature=args.prior_temperature, passage_kv=args.passage_kv,
+                **{name: getattr(args, name) for name in DECODING_FLAGS})
 
 
 def _add_ask(sub) -> None:
@@ -370,6 +406,14 @@ def _add_finetune(sub) -> None:
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (merged before saving) instead of all weights")
     f.add_argument("--joint", action="store_true",
                    help="RAG marginal likelihood over the top-k: the query encoder learns from the generator")
+    f.add_argument("--block-attention", action="store_true",
+                   help="also train the generator on prompts in block layout under the block mask (each passage "
+                        "sees the prefix and itself, the question and answer see everything; Block-Attention, "
+                        "arXiv 2409.15355), so it learns to read prompts assembled from passage KV reused across "
+                        "questions; ragrt export then measures block-mode answers. Not with --joint")
+    f.add_argument("--block-attention-mix", type=float, default=0.5,
+                   help="with --block-attention, the share of each epoch's generator examples trained under "
+                        "the plain causal mask instead, so full prefill keeps working (default 0.5)")
     f.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
     f.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (smoke tests)")
     f.set_defaults(func=cmd_finetune)

@@ -14,12 +14,14 @@ from tokenizers.decoders import DecodeStream
 
 from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.reader import Bundle
+from ragrt.decoding.blocks import BlockCache, PassageKV, unavailable
+from ragrt.decoding.blockstore import graph_id, live_store
 from ragrt.decoding.generator import open_decoder
 from ragrt.decoding.prompt import PromptBuilder, Turn
 from ragrt.decoding.rag import Run, check_mode, passage_prior, start
 from ragrt.decoding.sampling import DecodingConfig
 from ragrt.errors import UserInputError
-from ragrt.options import HISTORY_IN_QUERY, MAX_K, MAX_TURNS
+from ragrt.options import HISTORY_IN_QUERY, MAX_K, MAX_TURNS, PASSAGE_KV_CACHE_MB, PASSAGE_KV_MODES
 from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
 from ragrt.retrieval.live import LiveRetriever
 from ragrt.retrieval.retriever import Hit, Retriever
@@ -46,6 +48,7 @@ class Answer:
     log_prob: float | None = None  # log P(answer|q) in the token and sequence modes
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"    # "stop": EOS or a stop string; "length": max_new_tokens reached
+    passage_kv: dict[str, int] | None = None   # {"reused", "computed"} blocks, when passage KV was on
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +61,7 @@ class Answer:
             "log_prob": self.log_prob,
             "warnings": self.warnings,
             "finish_reason": self.finish_reason,
+            "passage_kv": self.passage_kv,
         }
 
 
@@ -68,7 +72,7 @@ class Engine:
     so the engine holds no per-request state.
     """
 
-    def __init__(self, bundle: Bundle, session_config: SessionConfig):
+    def __init__(self, bundle: Bundle, session_config: SessionConfig, passage_kv_cache_mb: int = PASSAGE_KV_CACHE_MB):
         m: Manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -80,10 +84,17 @@ class Engine:
         self.tokenizer.no_padding()
         self.decoding = DecodingConfig.of(m.rag.decoding, m.rag.max_new_tokens)
         self.decoder.cache_prefix(PromptBuilder(m.prompt, self.tokenizer, budget=m.generator.max_context).fixed_prefix())
+        self.passage_kv_unavailable = unavailable(self.decoder, m.prompt)
+        self.passage_kv = None if self.passage_kv_unavailable else PassageKV(
+            self.decoder, graph_id(m), BlockCache(passage_kv_cache_mb << 20),
+            store=live_store(lambda: self.corpus.generation, m, self.tokenizer))
 
     @classmethod
-    def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False) -> "Engine":
-        return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads))
+    def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False,
+             passage_kv_cache_mb: int = PASSAGE_KV_CACHE_MB) -> "Engine":
+        """`passage_kv_cache_mb` bounds the passage KV computed at question time and kept for reuse."""
+        return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads),
+                   passage_kv_cache_mb)
 
     @property
     def retriever(self) -> Retriever:
@@ -117,9 +128,18 @@ class Engine:
             raise UserInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         return k
 
+    def _passage_kv(self, choice: str) -> PassageKV | None:
+        """The PassageKV for a request's `passage_kv` ("auto" follows the bundle's measured default)."""
+        if choice not in PASSAGE_KV_MODES:
+            raise UserInputError(f"passage_kv must be one of {', '.join(PASSAGE_KV_MODES)}, got {choice!r}")
+        if choice == "on" and self.passage_kv is None:
+            raise UserInputError(f"passage KV is not available for this bundle: {self.passage_kv_unavailable}")
+        wanted = choice == "on" or (choice == "auto" and self.manifest.rag.passage_kv == "on")
+        return self.passage_kv if wanted else None
+
     def prepare(self, question: str, *, k: int | None = None, mode: str | None = None,
                 history: Sequence[Turn | dict] | None = None, task: str = "qa",
-                prior_temperature: float | None = None, **decoding) -> "Prepared":
+                prior_temperature: float | None = None, passage_kv: str = "auto", **decoding) -> "Prepared":
         """Checks the options, embeds, retrieves and sets up the prompt: everything before decoding.
 
         `ask` and `stream` decode it at once; the server's batcher decodes many together.
@@ -134,6 +154,7 @@ class Engine:
         if not (isinstance(prior_temperature, (int, float)) and not isinstance(prior_temperature, bool)
                 and math.isfinite(prior_temperature) and prior_temperature > 0):
             raise UserInputError(f"prior_temperature must be a finite number > 0, got {prior_temperature!r}")
+        passage_kv = self._passage_kv(passage_kv)
         turns = _check_history(history)
         if not isinstance(task, str):
             raise UserInputError(f"task must be a string, got {type(task).__name__}")
@@ -151,14 +172,14 @@ class Engine:
         prior = passage_prior([h.score for h in hits], prior_temperature)
         sources = [Source(h.id, h.title, h.score, float(p), h.text) for h, p in zip(hits, prior)]
         return Prepared(question, mode, config, builder, hits, prior,
-                        sources, {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}, t0)
+                        sources, {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}, t0, passage_kv)
 
     def answer_stream(self, prepared: "Prepared", run: Run) -> "AnswerStream":
         return AnswerStream(self.tokenizer, run, prepared, prepared.timings)
 
     def _start(self, question: str, **options) -> "AnswerStream":
         p = self.prepare(question, **options)
-        run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding)
+        run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding, p.passage_kv)
         return self.answer_stream(p, run)
 
 
@@ -174,6 +195,7 @@ class Prepared:
     sources: list[Source]
     timings: dict[str, float]
     t0: float
+    passage_kv: PassageKV | None = None    # set: the prompt goes in blocks, from reused passage KV
 
 
 class AnswerStream:
@@ -224,12 +246,15 @@ class AnswerStream:
         timings.update(prefill=(t_first - t_start) * 1e3, decode=(t_end - t_first) * 1e3,
                        total=(t_end - p.t0) * 1e3)
         run = self._run
+        if run.blocks is not None:
+            timings["kv_assemble"] = run.blocks.assemble_ms
         warnings = ["the question or passages were truncated to fit the context window"] if run.truncated else []
         at_limit = not stopped and new_tokens >= p.decoding.max_new_tokens
         self.answer = Answer(
             answer=text.strip(), sources=p.sources, new_tokens=new_tokens, prompt_tokens=run.prompt_tokens,
             timings_ms={k: round(v, 2) for k, v in timings.items()}, mode=p.mode,
-            log_prob=run.log_prob, warnings=warnings, finish_reason="length" if at_limit else "stop")
+            log_prob=run.log_prob, warnings=warnings, finish_reason="length" if at_limit else "stop",
+            passage_kv=None if run.blocks is None else {"reused": run.blocks.reused, "computed": run.blocks.computed})
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:

@@ -118,9 +118,11 @@ class EvalResult:
     retrieval: dict[str, float]
     answer: dict[str, float]       # exact_match, f1, rouge_l, loop_rate (shares), loops (a count)
     latency_ms: dict[str, float]
+    predictions: list[str]         # the generated answers, in the order of the items
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "retrieval": self.retrieval, "answer": self.answer, "latency_ms": self.latency_ms}
+        return {"n": self.n, "retrieval": self.retrieval, "answer": self.answer, "latency_ms": self.latency_ms,
+                "predictions": self.predictions}
 
 
 def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], None] | None = None,
@@ -135,7 +137,7 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
     # An invalid k goes through unchanged, so that `prepare` rejects it with its own message.
     depth = max(k, DEPTH) if type(k) is int and k >= 1 else k
     ranks: list[int | None] = []
-    em, f1, rl, loops, latency = [], [], [], [], []
+    em, f1, rl, loops, latency, predictions = [], [], [], [], [], []
     for i, qa in enumerate(items):
         t0 = time.perf_counter()
         fetched = engine.prepare(qa.question, k=depth, **options)
@@ -148,6 +150,7 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
             pass
         ans = stream.answer
         latency.append((time.perf_counter() - t0) * 1e3)
+        predictions.append(ans.answer)
         em.append(exact_match(ans.answer, qa.answer))
         f1.append(token_f1(ans.answer, qa.answer))
         rl.append(rouge_l(ans.answer, qa.answer))
@@ -167,6 +170,7 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
         answer={"exact_match": float(np.mean(em)), "f1": float(np.mean(f1)), "rouge_l": float(np.mean(rl)),
                 "loop_rate": float(np.mean(loops)), "loops": int(sum(loops))},
         latency_ms={"p50": float(np.percentile(latency, 50)), "p95": float(np.percentile(latency, 95))},
+        predictions=predictions,
     )
 
 

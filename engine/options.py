@@ -3,6 +3,8 @@
 MODES = ("concat", "token", "sequence")           # how passages become an answer: ragrt.decoding.rag
 MAX_K = 50                                        # passages per question
 MAX_TURNS = 100                                   # earlier messages in a dialogue
+PASSAGE_KV_MODES = ("auto", "on", "off")          # reuse passage KV: ragrt.decoding.blocks; auto = the bundle's default
+PASSAGE_KV_CACHE_MB = 512                         # default byte budget of the passage KV kept at question time
 HISTORY_IN_QUERY = 2                              # the user's latest turns that join the retrieval query
 
 GENERATOR_QUANTIZATIONS = ("int8", "w8a8", "int4", "fp32", "fp16")

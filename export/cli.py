@@ -34,4 +34,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="generator context window used by the engine (default 2048)")
     p.add_argument("--parity-prompts", type=int, default=20,
                    help="prompts for the greedy-agreement parity check (default 20)")
+    p.add_argument("--passage-kv", choices=["lazy", "all"], default="lazy",
+                   help="passage keys and values: lazy, computed when a question first retrieves a passage "
+                        "(default); all, every passage's precomputed into the corpus (disk: tokens x KV bytes)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")

@@ -1,7 +1,6 @@
 """Writing a bundle: the prompt spec, the manifest with checksums, and the atomic rename."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from ragrt.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using the context passages. "
                  "Answer briefly and precisely.")
 USER_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
-PASSAGE_TEMPLATE = "[{n}] {title}\n{text}"
+PASSAGE_TEMPLATE = "{title}\n{text}"
 # Tasks beyond question answering; `ragrt ask --task NAME` and the server's "task" pick one.
 TASKS = {
     "summarize": TaskPrompt(
@@ -46,12 +45,14 @@ def prompt_spec(chat_template: str | None, render) -> PromptSpec:
         chat = text.replace(_SENTINEL_SYSTEM, "{system}").replace(_SENTINEL_USER, "{user}")
     else:
         chat = "{system}\n\n{user}\n\nAnswer:"
-    return PromptSpec(chat=chat, system=SYSTEM_PROMPT, user=USER_TEMPLATE, passage=PASSAGE_TEMPLATE)
+    return templates(chat)
 
 
-def with_tasks(spec: PromptSpec) -> PromptSpec:
-    """The task prompts are model-independent, so they join here rather than in the cached model export."""
-    return dataclasses.replace(spec, tasks=dict(TASKS))
+def templates(chat: str) -> PromptSpec:
+    """ragrt's templates around the model's rendered chat template. A bundle gets them when it is
+    written, not from the cached model export, so a template change reaches the next export."""
+    return PromptSpec(chat=chat, system=SYSTEM_PROMPT, user=USER_TEMPLATE, passage=PASSAGE_TEMPLATE,
+                      tasks=dict(TASKS))
 
 
 def library_versions() -> dict[str, str]:

@@ -16,8 +16,8 @@ import numpy as np
 from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
 from ragrt.decoding.decoder import Decoder
 from ragrt.decoding.lookup import PromptLookup
-from ragrt.retrieval.encoder import TextEncoder
-from ragrt.bundle.manifest import EncoderParity, GeneratorSpec, GreedyAgreement
+from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
+from ragrt.bundle.manifest import EncoderParity, GeneratorSpec, GreedyAgreement, PassageKVParity, PromptSpec
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_id
 from ragrt.runtime.sessions import SessionConfig, create_session
@@ -149,3 +149,41 @@ def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
         if t in eos:
             return tokens[:i]
     return tokens
+
+
+def passage_kv_parity(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec, *,
+                      trained: bool, prompts: int, new_tokens: int) -> PassageKVParity | None:
+    """Block mode against full prefill on the shipped graph; None where passage KV is unavailable."""
+    from ragrt.decoding.blocks import unavailable
+    decoder = open_decoder(create_session(model_path, SessionConfig()), spec)
+    if unavailable(decoder, prompt):
+        return None
+    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    builder = PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens)
+    share, n = block_agreement(decoder, builder, prompts, new_tokens)
+    return PassageKVParity(trained=trained, agreement=round(share, 4), prompts=n, new_tokens=new_tokens)
+
+
+def block_agreement(decoder, builder: PromptBuilder, n: int, new_tokens: int, *, passages_per_prompt: int = 3
+                    ) -> tuple[float, int]:
+    """Passage KV against full prefill: the share of full prefill's greedy tokens that are also
+    block mode's top-1, given the same prefix (teacher-forced), over `n` built-in prompts of
+    `passages_per_prompt` passages each (the right one at a varying rank). Returns (share, prompts)."""
+    from ragrt.decoding.blocks import PassageKV
+    kv = PassageKV(decoder, "parity")
+    prompts = PARITY_PROMPTS[:n]
+    agree = total = 0
+    for i, (question, _, _) in enumerate(prompts):
+        rows = np.roll([(i + j) % len(PARITY_PROMPTS) for j in range(passages_per_prompt)], i % passages_per_prompt)
+        passages = [Passage(passage_id("parity", r), PARITY_PROMPTS[r][1], PARITY_PROMPTS[r][2]) for r in rows]
+        prompt, _ = builder.build_blocks(question, passages)
+        reference = _until_eos(list(greedy(decoder, prompt.ids, new_tokens)), decoder.spec.eos_token_ids)
+        gen = Generator(decoder, passage_kv=kv)
+        gen.add_prompts([prompt])
+        for token in reference:
+            agree += int(gen.logits[0].argmax() == token)
+            total += 1
+            gen.append(np.array([token], dtype=np.int64))
+    return (agree / total if total else 1.0), len(prompts)

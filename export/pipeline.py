@@ -7,13 +7,14 @@ corpus costs only its chunking and embedding.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,14 +27,14 @@ from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FIL
 from ragrt.bundle.integrity import sha256_file
 from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, CorpusProvenance,
                              EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, IndexSpec, Manifest,
-                             ModelSource, ParityReport, PassagesSpec, PromptSpec, RagDefaults)
+                             ModelSource, ParityReport, PassageKVParity, PassagesSpec, RagDefaults)
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.runtime.sessions import SessionConfig
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from ragrt.export.pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, with_tasks, write_manifest
+from ragrt.export.pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -68,6 +69,8 @@ class ExportConfig:
     force: bool = False
     parity_prompts: int = 20
     graph: str = "fused"
+    dev: Path | None = None                 # QA JSONL: F1 with and without passage KV decides its default
+    passage_kv: str = "lazy"                # lazy: blocks computed at question time; all: precomputed into the corpus
 
 
 def _say(msg: str) -> None:
@@ -302,6 +305,10 @@ def _validate(cfg: ExportConfig) -> None:
         raise UserInputError(f"--max-context must be at least 256, got {cfg.max_context}")
     if not 1 <= cfg.parity_prompts:
         raise UserInputError("--parity-prompts must be at least 1")
+    if cfg.passage_kv not in ("lazy", "all"):
+        raise UserInputError(f"--passage-kv must be lazy or all, got {cfg.passage_kv!r}")
+    if cfg.passage_kv == "all" and cfg.graph != "fused":
+        raise UserInputError("--passage-kv all needs the fused generator graph: drop --graph optimum")
     if Path(cfg.out).exists() and not cfg.force:
         raise UserInputError(f"{cfg.out} already exists; pass --force to replace it")
 
@@ -352,21 +359,35 @@ def run_export(cfg: ExportConfig) -> Path:
         encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
                               max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
 
+        from ragrt.export.onnx.graphs import graph_rotary
+        from ragrt.export.parity import passage_kv_parity
+        from ragrt.export.train.finetune import training_record
         enc_source = ModelSource(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
         gen_source = ModelSource(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
+        generator = replace(generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source, cfg.graph),
+                            **(graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused" else {}))
+        prompt = templates(gen_meta["prompt"]["chat"])
+        trained = bool(training_record(gen_ckpt).get("block_attention"))
+        block_parity = passage_kv_parity(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
+                                         generator, prompt, trained=trained, prompts=cfg.parity_prompts,
+                                         new_tokens=PARITY_NEW_TOKENS)
+        if block_parity:
+            _say(f"passage KV vs full prefill, {block_parity.prompts} prompts of 3 passages: teacher-forced top-1 "
+                 f"agreement {block_parity.agreement:.3f} (generator {'trained' if trained else 'not trained'} "
+                 "with --block-attention)")
         manifest = Manifest(
             schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
-            generator=generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source,
-                                     cfg.graph),
-            prompt=with_tasks(PromptSpec(**gen_meta["prompt"])),
+            generator=generator,
+            prompt=prompt,
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
             rag=RagDefaults(),
             corpus=CorpusProvenance(source=str(cfg.corpus), documents=len(docs), passages=len(passages),
                                     embedded_with="fp32"),
-            parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q),
+            parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q,
+                                passage_kv=block_parity),
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)
@@ -379,10 +400,53 @@ def run_export(cfg: ExportConfig) -> Path:
                                 offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype)
             _say(f"indexed {built.count} passages: embedding {seconds:.1f} s"
                  f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
+            if cfg.passage_kv == "all":
+                from ragrt.decoding.blockstore import write_store
+                kv = write_store(tmp, manifest, gen, passages)
+                _say(f"passage KV: {kv.blocks} blocks, {kv.tokens} tokens, {kv.bytes / 1e6:.1f} MB")
             publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=len(docs),
                     index=IndexSpec(path=INDEX_FILE, metric=built.metric, dtype=built.dtype, ndim=built.ndim,
                                     count=built.count, connectivity=built.connectivity,
                                     expansion_search=built.expansion_search),
                     passages=PassagesSpec(data=DATA_FILE, offsets=OFFSETS_FILE, count=built.count))
+        if cfg.dev and block_parity:
+            # Measured on the written bundle, so the manifest is written again with the figures.
+            block_parity = dev_passage_kv(tmp, cfg.dev, block_parity)
+            on = "on" if passage_kv_on_by_default(block_parity) else "off"
+            reseal(tmp, dataclasses.replace(manifest, parity=dataclasses.replace(manifest.parity, passage_kv=block_parity),
+                                            rag=dataclasses.replace(manifest.rag, passage_kv=on)))
         Bundle.open(tmp, verify=True)           # the reader must accept what the writer wrote
     return Path(cfg.out)
+
+
+def passage_kv_on_by_default(parity: PassageKVParity) -> bool:
+    """Only a generator trained to read blocks, whose dev answers held within a point of F1."""
+    return (parity.trained and parity.f1_full is not None and parity.f1_blocks is not None
+            and parity.f1_blocks >= parity.f1_full - 0.01)
+
+
+def dev_passage_kv(bundle: Path, dev: Path, parity: PassageKVParity) -> PassageKVParity:
+    """Answer F1 on the dev questions with full prefill and with passage KV, on the written bundle."""
+    from ragrt.engine import Engine
+    from ragrt.evaluate import evaluate, read_qa
+    items = read_qa(dev)
+    engine = Engine.open(bundle)
+    _say(f"answering {len(items)} dev questions with full prefill, then with passage KV")
+    full = evaluate(engine, items, passage_kv="off").answer["f1"]
+    blocks = evaluate(engine, items, passage_kv="on").answer["f1"]
+    _say(f"dev F1: full prefill {full:.3f}, passage KV {blocks:.3f}")
+    return dataclasses.replace(parity, dev_questions=len(items), f1_full=round(full, 4), f1_blocks=round(blocks, 4))
+
+
+def reseal(bundle: Path, manifest: Manifest) -> None:
+    """Writes the final manifest of a bundle still being built, and seals its corpus generation to
+    it again: a new generation of hard links to the same files, since a sealed one never changes."""
+    old = Bundle.open(bundle).generation
+    write_manifest(bundle, manifest)
+    with staging(bundle) as gen:
+        for rel in old.spec.files:
+            (gen / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(old.path / rel, gen / rel)
+        publish(bundle, gen, number=old.spec.number + 1, manifest_sha256=sha256_file(bundle / MANIFEST_NAME),
+                index=old.spec.index, passages=old.spec.passages, documents=old.spec.documents)
+    shutil.rmtree(old.path)

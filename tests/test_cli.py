@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bundle_variants import NO_ROTARY, UNNUMBERED, bundle_variant
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +67,23 @@ def test_user_errors_are_one_line_with_exit_2(tiny_bundle, tmp_path):
     one_line_error(ragrt("export", "--corpus", bad, "--out", tiny_bundle), "already exists")
     one_line_error(ragrt("export", "--corpus", tmp_path / "missing.jsonl", "--out", tmp_path / "b4",
                          "--quantize", "w8a8", "--graph", "optimum"), "for --graph optimum")
+
+
+def test_passage_kv(tiny_bundle, tmp_path):
+    kv = bundle_variant(tiny_bundle, tmp_path / "kv", UNNUMBERED)
+    question = ("--max-new-tokens", "4", "--k", "2", "What is the GIL?")
+    ans = json.loads(ragrt("ask", "--bundle", kv, "--passage-kv", "on", "--json", *question, check_rc=0).stdout)
+    assert ans["passage_kv"] == {"reused": 0, "computed": 2} and "kv_assemble" in ans["timings_ms"]
+    text = ragrt("ask", "--bundle", kv, "--passage-kv", "on", "--passage-kv-cache-mb", "0", *question, check_rc=0)
+    assert "(0 blocks reused, 2 computed)" in text.stdout
+    assert json.loads(ragrt("ask", "--bundle", kv, "--json", *question, check_rc=0).stdout)["passage_kv"] is None
+    assert "passage kv  default off (--passage-kv auto follows it); rotary base 10000" in ragrt(
+        "info", kv, check_rc=0).stdout
+    old = bundle_variant(tiny_bundle, tmp_path / "old", NO_ROTARY)
+    assert "unavailable: its manifest does not record the generator's rotary positions" in ragrt("info", old, check_rc=0).stdout
+    one_line_error(ragrt("ask", "--bundle", old, "--passage-kv", "on", "q"), "passage KV is not available")
+    assert "--passage-kv-cache-mb: must be at least 0" in ragrt("ask", "--bundle", kv, "--passage-kv-cache-mb", "-1",
+                                                                "q").stderr
 
 
 def bundle_files(bundle: Path) -> list[str]:

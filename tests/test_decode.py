@@ -67,10 +67,22 @@ def test_prompt_is_the_rendered_chat_template(builder, tiny_generator_dir):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
     prompt = builder.build(QUESTION, PASSAGES[:1])
-    user = "Context:\n[1] Lists\nUse list.copy() or a slice to copy a list.\n\nQuestion: How do I copy a list?"
+    user = "Context:\nLists\nUse list.copy() or a slice to copy a list.\n\nQuestion: How do I copy a list?"
     expected = hf.apply_chat_template([{"role": "system", "content": builder.spec.system},
                                        {"role": "user", "content": user}], tokenize=True, add_generation_prompt=True)
     assert prompt.ids == list(expected)
+
+
+def test_block_layout_holds_the_same_text_with_rank_free_blocks(builder):
+    """build_blocks renders build's text; each passage's block is the same at every rank."""
+    tok = builder.tokenizer
+    full = builder.build(QUESTION, PASSAGES)
+    blocks, truncated = builder.build_blocks(QUESTION, PASSAGES)
+    assert not truncated and not full.truncated
+    assert tok.decode(blocks.ids, skip_special_tokens=False) == tok.decode(full.ids, skip_special_tokens=False)
+    reordered, _ = builder.build_blocks("another question?", PASSAGES[::-1])
+    assert reordered.blocks == blocks.blocks[::-1] and reordered.prefix == blocks.prefix
+    assert reordered.tail != blocks.tail
 
 
 def test_onnx_greedy_equals_pytorch_greedy(decoder, builder, tiny_generator_dir):

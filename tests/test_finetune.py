@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ragrt.errors import CorpusError
+from ragrt.errors import CorpusError, UserInputError
 from ragrt.export.train.contrastive import SCALE, contrastive_loss, mine_hard_negatives
-from ragrt.export.train.sft import IGNORE, rag_marginal_nll, sft_example
+from ragrt.export.train.sft import (IGNORE, PREFIX, SEES_ALL, additive_mask, block_example, block_mask,
+                                    rag_marginal_nll, sft_example)
 
 QA_ROWS = [
     {"question": "How do I copy a list?", "answer": "Use list.copy() or a slice.", "positive_ids": ["lists"]},
@@ -48,6 +49,63 @@ def test_loss_mask_covers_the_answer_only(tiny_generator_dir):
     assert labels == [IGNORE] * len(prompt) + answer + [2]
 
 
+def test_block_mask_structure():
+    segments = [PREFIX, PREFIX, 0, 0, 1, 1, SEES_ALL, SEES_ALL]
+    P, B0, B1, T = (0, 1), (2, 3), (4, 5), (6, 7)
+    sees = {0: P[:1], 1: P, 2: P + B0[:1], 3: P + B0, 4: P + B1[:1], 5: P + B1,
+            6: P + B0 + B1 + T[:1], 7: P + B0 + B1 + T}
+    want = torch.zeros(8, 8, dtype=torch.bool)
+    for t, row in sees.items():
+        want[t, list(row)] = True
+    assert torch.equal(block_mask(segments), want)
+    bias = additive_mask(want, torch.float32)
+    assert bias.shape == (1, 1, 8, 8)
+    assert torch.equal(bias[0, 0] == 0, want) and bias.min() == torch.finfo(torch.float32).min
+
+
+def test_block_example_segments_follow_the_block_layout(tiny_generator_dir):
+    from dataclasses import replace as dc_replace
+
+    from transformers import AutoTokenizer
+
+    from ragrt.decoding.prompt import PromptBuilder
+    from ragrt.export.pack import prompt_spec
+    from ragrt.retrieval.passages import Passage
+    hf = AutoTokenizer.from_pretrained(tiny_generator_dir)
+    spec = prompt_spec(hf.chat_template, lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    builder = PromptBuilder(dc_replace(spec, passage="{title}\n{text}"), hf.backend_tokenizer, budget=400)
+    passages = [Passage("a#0", "A", "first passage"), Passage("b#0", "B", "the second one")]
+    ids, labels, segments = block_example(builder, "Q?", passages, "the answer", eos_id=2, max_answer_tokens=64)
+    prompt, _ = builder.build_blocks("Q?", passages)
+    answer = hf.backend_tokenizer.encode("the answer", add_special_tokens=False).ids + [2]
+    assert ids == prompt.ids + answer and labels == [IGNORE] * len(prompt.ids) + answer
+    assert segments == ([PREFIX] * len(prompt.prefix) + [0] * len(prompt.blocks[0]) + [1] * len(prompt.blocks[1])
+                        + [SEES_ALL] * (len(prompt.tail) + len(answer)))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_llama_honours_the_block_mask(tiny_generator_dir, attn):
+    """Block 2 never sees block 1 under the block mask; under the causal mask it does."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    segments = [PREFIX] * 3 + [0] * 4 + [1] * 4 + [2] * 4 + [SEES_ALL] * 3
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, model.config.vocab_size, len(segments)).tolist()
+    changed = ids[:7] + rng.integers(3, model.config.vocab_size, 4).tolist() + ids[11:]
+    assert changed != ids
+    mask = additive_mask(block_mask(segments), torch.float32)
+    block2 = slice(11, 15)
+    with torch.no_grad():
+        def logits(x, m):
+            return model(input_ids=torch.tensor([x]), attention_mask=m).logits[0]
+        blocked, blocked_changed = logits(ids, mask), logits(changed, mask)
+        causal, causal_changed = logits(ids, None), logits(changed, None)
+    torch.testing.assert_close(blocked[block2], blocked_changed[block2], rtol=0, atol=1e-6)
+    assert not torch.allclose(causal[block2], causal_changed[block2], atol=1e-4)
+    assert not torch.allclose(blocked[-1], blocked_changed[-1], atol=1e-4), "the tail must see every block"
+    torch.testing.assert_close(blocked[:7], causal[:7], rtol=0, atol=1e-5)   # prefix and block 0: causal already
+
+
 def test_joint_marginal_matches_float64_reference():
     torch.manual_seed(1)
     q = torch.nn.functional.normalize(torch.randn(8), dim=-1)
@@ -80,29 +138,48 @@ def _weights(path):
     return load_file(str(next(path.glob("*.safetensors"))))
 
 
-@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("mode", [{"joint": False}, {"joint": True}, {"block_attention": True}],
+                         ids=["sft", "joint", "block-attention"])
 def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir,
-                                                  tiny_generator_dir, monkeypatch, joint):
+                                                  tiny_generator_dir, monkeypatch, mode):
+    from ragrt.export import pack
     from ragrt.export.train import finetune
-    cfg = _config(tiny_corpus, qa_file, tmp_path / "a", tiny_encoder_dir, tiny_generator_dir, joint=joint)
+    cfg = _config(tiny_corpus, qa_file, tmp_path / "a", tiny_encoder_dir, tiny_generator_dir, **mode)
+    masked = []
+    if cfg.block_attention:
+        # Block attention needs passages that render alike at every rank.
+        monkeypatch.setattr(pack, "PASSAGE_TEMPLATE", "{title}\n{text}")
+        real_block_mask = finetune.block_mask
+        monkeypatch.setattr(finetune, "block_mask", lambda segments: masked.append(1) or real_block_mask(segments))
     finetune.run_finetune(cfg)
+    if cfg.block_attention:     # both masks trained: 3 of the 5 examples under the block mask, 2 causal
+        assert len(masked) == 3
+    record = {"block_attention": cfg.block_attention, "block_attention_mix": 0.5}
+    assert finetune.training_record(tmp_path / "a" / "generator") == record
+    assert json.loads((tmp_path / "a" / "finetune.json").read_text())["config"]["block_attention"] == str(cfg.block_attention)
+    assert finetune.training_record(tiny_generator_dir) == {}
 
     interrupted = replace(cfg, out=tmp_path / "b")
     real_step = finetune.Trainer.step
     calls = []
 
-    def crash_on_the_fifth_step(self, loss):
+    # Block attention is stopped inside the generator phase (after 6 retriever steps), where its masks are drawn.
+    crash_at = 8 if cfg.block_attention else 5
+
+    def crash_on_a_step(self, loss):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == crash_at:
             raise KeyboardInterrupt
         real_step(self, loss)
 
-    monkeypatch.setattr(finetune.Trainer, "step", crash_on_the_fifth_step)
+    monkeypatch.setattr(finetune.Trainer, "step", crash_on_a_step)
     with pytest.raises(KeyboardInterrupt):
         finetune.run_finetune(interrupted)
     monkeypatch.setattr(finetune.Trainer, "step", real_step)
     state = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state["phase"] in ("retriever", "generator") and state["step"] >= 1
+    if cfg.block_attention:
+        assert state["phase"] == "generator"
     finetune.run_finetune(interrupted)
 
     for part in ("encoder", "generator"):
@@ -128,6 +205,19 @@ def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny
                                      generator=run / "generator", quantize="fp32", parity_prompts=2, max_context=512))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "fine-tuned on train.jsonl" in manifest["generator"]["source"]["name"]
+
+
+def test_block_attention_refusals(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny_generator_dir, monkeypatch):
+    from ragrt.export import pack
+    from ragrt.export.train.finetune import run_finetune
+    cfg = _config(tiny_corpus, qa_file, tmp_path / "r", tiny_encoder_dir, tiny_generator_dir, block_attention=True)
+    with pytest.raises(UserInputError, match="does not combine with --joint"):
+        run_finetune(replace(cfg, joint=True))
+    with pytest.raises(UserInputError, match="--block-attention-mix is a share between 0 and 1"):
+        run_finetune(replace(cfg, block_attention_mix=1.5))
+    monkeypatch.setattr(pack, "PASSAGE_TEMPLATE", "[{n}] {title}\n{text}")
+    with pytest.raises(UserInputError, match="passage template numbers passages"):
+        run_finetune(cfg)
 
 
 def test_bad_training_data(tiny_corpus, tmp_path, tiny_encoder_dir, tiny_generator_dir):

@@ -16,6 +16,7 @@ from ragrt.errors import CorpusError, UserInputError
 from ragrt.bundle.versions import CORPUS_DIR, update_lock
 from ragrt.retrieval.passages import PassageStore
 from ragrt.corpus.update import add_documents, remove_ids
+import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_DOCS = [
@@ -157,21 +158,9 @@ def test_bad_updates_change_nothing(bundle, tmp_path):
 
 def test_a_failure_at_any_step_leaves_the_old_corpus_or_the_new(bundle, tmp_path, monkeypatch):
     """Fails the k-th fsync or rename of an update, for every k: the kill test's random moments, made exhaustive."""
-    import os
     new_docs = write_jsonl(tmp_path / "new.jsonl", NEW_DOCS)
-    real = {"fsync": os.fsync, "replace": os.replace}
     calls = []
-
-    def failing_at(k):
-        def wrap(name):
-            def call(*args):
-                calls.append(name)
-                if len(calls) == k:
-                    raise OSError(f"injected failure at {name} #{k}")
-                return real[name](*args)
-            return call
-        for name in real:
-            monkeypatch.setattr(os, name, wrap(name))
+    failing_at = faults.failing_at(monkeypatch, calls)
 
     failing_at(0)
     copy = Path(shutil.copytree(bundle, tmp_path / "count"))

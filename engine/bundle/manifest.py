@@ -106,6 +106,12 @@ class GeneratorSpec:
     # binds each past to its present so the keys and values are written in place.
     cache: str = "masked"
     io: GeneratorIO = field(default_factory=GeneratorIO)
+    # Rotary positions as the graph applies them to keys (base, rotated dims, pair layout),
+    # checked against the graph's own table at export; passage KV turns cached keys with
+    # them. A base of 0 means unknown, and no passage KV.
+    rotary_base: float = 0.0
+    rotary_dim: int = 0
+    rotary_interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,8 @@ class RagDefaults:
     max_new_tokens: int = 128
     # Bundles written before decoding options existed decode greedily, as they always did.
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
+    # "on" where the export measured block-mode answers as good as full prefill (see docs/bundle.md).
+    passage_kv: str = "off"
 
 
 @dataclass(frozen=True)
@@ -219,11 +227,24 @@ class GreedyAgreement:
 
 
 @dataclass(frozen=True)
+class PassageKVParity:
+    """Prompts in blocks from reused passage KV against full prefill, on the shipped generator."""
+    trained: bool                  # the generator was fine-tuned with `ragrt finetune --block-attention`
+    agreement: float               # share of full prefill's greedy tokens that block mode also ranks first
+    prompts: int                   # built-in prompts of 3 passages each
+    new_tokens: int
+    dev_questions: int = 0         # `ragrt export --dev QA`: answer F1 on them both ways
+    f1_full: float | None = None
+    f1_blocks: float | None = None
+
+
+@dataclass(frozen=True)
 class ParityReport:
     """What the export measured against PyTorch before writing the bundle."""
     encoder: EncoderParity
     generator: dict[str, GreedyAgreement]   # by quantization, every variant the export built
     used: str                      # the quantization this bundle's generator has
+    passage_kv: PassageKVParity | None = None   # None: passage KV unavailable for this bundle
 
 
 @dataclass(frozen=True)

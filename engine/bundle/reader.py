@@ -33,7 +33,7 @@ class Bundle:
             if rel not in manifest.files:
                 raise BundleError(f"{root / rel}: used by the manifest but not listed in its files")
         manifest_sha256 = sha256_file(root / MANIFEST_NAME)
-        generation = open_generation(root, manifest_sha256=manifest_sha256)
+        generation = open_generation(root, manifest_sha256=manifest_sha256, verify=verify)
         check_files(root, manifest.files, verify=verify, bundle=root)
         return cls(root, manifest, manifest_sha256, generation)
 

@@ -3,7 +3,10 @@
 Both copy the current generation's index and passage store into a staging directory, change the
 copy, and publish it (engine/bundle/versions.py): a crash leaves the old corpus or the new one. New
 documents are chunked with the bundle's chunking settings and embedded by its own encoder, so they
-are indistinguishable from exported ones.
+are indistinguishable from exported ones. A generation with a passage KV store
+(`--passage-kv all`) passes one on: the new generation's store is written whole, each kept block
+copied from the old store and each new one computed by the bundle's generator, so it never holds
+the blocks of removed passages.
 
 Ids: a passage is `<document id>#<n>` (retrieval/passages.py). Adding a document whose id the
 bundle already holds is an error naming the file and line (remove it first: an update is then
@@ -27,6 +30,7 @@ from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
 from ragrt.errors import CorpusError
 from ragrt.bundle.versions import DATA_FILE, INDEX_FILE, OFFSETS_FILE, Generation, publish, remove_unused, staging, update_lock
 from ragrt.bundle.manifest import PassagesSpec
+from ragrt.decoding.blockstore import has_store, write_store
 from ragrt.runtime.sessions import SessionConfig
 from ragrt.retrieval.index import build_index, open_index
 from ragrt.retrieval.passages import Passage, PassageStore, document_of, passage_text, write_passage_store
@@ -61,10 +65,10 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
         index = _open_index(gen, view=False)          # a private, writable copy of the current graph
         index.add(np.arange(len(store), len(store) + len(new), dtype=np.uint64), vectors)
         return _publish(bundle, gen, index, chain(_records(store), new), added=len(new), removed=0,
-                        documents=len(have) + len(docs))
+                        documents=len(have) + len(docs), threads=threads)
 
 
-def remove_ids(bundle_path: str | Path, ids_file: str | Path) -> UpdateResult:
+def remove_ids(bundle_path: str | Path, ids_file: str | Path, *, threads: int = 0) -> UpdateResult:
     wanted = read_ids(Path(ids_file))
     with update_lock(Path(bundle_path)):
         bundle, gen, store = _open(bundle_path)
@@ -89,7 +93,7 @@ def remove_ids(bundle_path: str | Path, ids_file: str | Path) -> UpdateResult:
         # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
         index = build_index(np.vstack(old.get(keep)), gen.spec.index)
         kept = (store.get(int(row)) for row in keep)
-        return _publish(bundle, gen, index, kept, added=0, removed=len(drop), documents=documents)
+        return _publish(bundle, gen, index, kept, added=0, removed=len(drop), documents=documents, threads=threads)
 
 
 def read_ids(path: Path) -> list[tuple[str, str]]:
@@ -126,10 +130,15 @@ def _open_index(gen: Generation, *, view: bool):
 
 
 def _publish(bundle: Bundle, gen: Generation, index, records: Iterator[Passage], *,
-             added: int, removed: int, documents: int) -> UpdateResult:
+             added: int, removed: int, documents: int, threads: int) -> UpdateResult:
     with staging(bundle.root) as tmp:
         index.save(str(tmp / INDEX_FILE))
         count = write_passage_store(tmp / DATA_FILE, tmp / OFFSETS_FILE, records)
+        if has_store(gen):
+            # The generator is opened only here: most bundles have no store, and it costs a session.
+            written = PassageStore.open(tmp / DATA_FILE, tmp / OFFSETS_FILE, count=count)
+            write_store(bundle.root, bundle.manifest, tmp, _records(written),
+                        session_config=SessionConfig(device="cpu", threads=threads), reuse=gen.path)
         new = publish(bundle.root, tmp, number=gen.spec.number + 1, manifest_sha256=bundle.manifest_sha256,
                       index=dataclasses.replace(gen.spec.index, path=INDEX_FILE, count=count),
                       passages=PassagesSpec(DATA_FILE, OFFSETS_FILE, count), documents=documents)

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ragrt.bundle.manifest import GeneratorSpec
+from ragrt.decoding.blocks import BlockPrompt, BlockStats, PassageKV
 from ragrt.decoding.decoder import Decoder, RowByRowDecoder
 from ragrt.decoding.lookup import PromptLookup
 from ragrt.decoding.packed import PackedDecoder
@@ -29,18 +30,26 @@ def open_decoder(session, spec: GeneratorSpec):
 
 
 class Generator:
-    def __init__(self, decoder, state=None, logits: np.ndarray | None = None):
+    def __init__(self, decoder, state=None, logits: np.ndarray | None = None, *,
+                 passage_kv: PassageKV | None = None, blocks: BlockStats | None = None):
         self.decoder = decoder
         self.state = state
         self.logits = logits          # (rows, V): each row's next-token logits
+        self.passage_kv = passage_kv  # prefills BlockPrompts from reused passage KV
+        self.blocks = blocks if blocks is not None else BlockStats()
 
     @property
     def rows(self) -> int:
         return 0 if self.logits is None else len(self.logits)
 
-    def add_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Prefills the prompts as new rows after the existing ones."""
-        logits, state = self.decoder.prefill(prompts)
+    def add_prompts(self, prompts: Sequence[Sequence[int] | BlockPrompt],
+                    blocks: Sequence[BlockStats | None] | None = None) -> None:
+        """Prefills the prompts as new rows after the existing ones: token lists, or BlockPrompts
+        where the generator has passage KV. `blocks`: each prompt's own BlockStats, where the rows
+        are separate requests (default: the generator's one for all)."""
+        in_blocks = self.passage_kv is not None and any(isinstance(p, BlockPrompt) for p in prompts)
+        logits, state = (self.passage_kv.prefill(prompts, self.blocks if blocks is None else blocks) if in_blocks
+                         else self.decoder.prefill(prompts))
         if self.rows:
             state = self.decoder.merge(self.state, state)
             logits = np.concatenate([self.logits, logits])
@@ -78,8 +87,9 @@ class Generator:
         return copy.copy(self)
 
 
-def generate(decoder, prompt: Sequence[int], config: DecodingConfig,
-             lookup: PromptLookup | None = None) -> Iterator[int]:
+def generate(decoder, prompt: Sequence[int] | BlockPrompt, config: DecodingConfig,
+             lookup: PromptLookup | None = None, *, passage_kv: PassageKV | None = None,
+             blocks: BlockStats | None = None) -> Iterator[int]:
     """One answer's tokens until EOS or the limit; stopping the iteration stops the work.
 
     With `lookup` and plain greedy decoding, each pass also checks the tokens it drafts and keeps
@@ -87,9 +97,9 @@ def generate(decoder, prompt: Sequence[int], config: DecodingConfig,
     """
     stop = set(decoder.spec.eos_token_ids)
     choose = TokenChooser(config, decoder.spec.eos_token_ids)
-    gen = Generator(decoder)
+    gen = Generator(decoder, passage_kv=passage_kv, blocks=blocks)
     gen.add_prompts([prompt])
-    context = list(prompt)
+    context = list(prompt.ids if isinstance(prompt, BlockPrompt) else prompt)
     drafting = lookup is not None and config.is_plain_greedy
     while len(choose.answer) < config.max_new_tokens:
         token = choose(gen.logits[0])

@@ -227,17 +227,19 @@ class PackedDecoder(Decoder):
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, PackedState]:
         state = self.empty_state(len(prompts), max(len(p) for p in prompts) + GROW)
-        buffers = state.buffers
-        logits = []
-        for row, prompt in enumerate(prompts):
-            done = 0
-            if (start := self._prefix_of(prompt)) is not None:
-                done = int(start.lengths[0])
-                buffers.copy_slot(row, start.buffers, 0, done)
-            tokens = np.asarray([prompt[done:]], dtype=np.int64)
-            logits.append(self._run(buffers, row, row + 1, tokens, np.array([len(prompt)]), 1)[:, -1])
-        return np.concatenate(logits), PackedState(buffers, state.slots,
+        logits = [self.prefill_row(state.buffers, row, prompt) for row, prompt in enumerate(prompts)]
+        return np.concatenate(logits), PackedState(state.buffers, state.slots,
                                                    np.array([len(p) for p in prompts], dtype=np.int64))
+
+    def prefill_row(self, buffers: KVBuffers, row: int, prompt: Sequence[int]) -> np.ndarray:
+        """Prefills one prompt into slot `row`, from the cached prefix where it starts with it;
+        returns its last-position logits (1, V)."""
+        done = 0
+        if (start := self._prefix_of(prompt)) is not None:
+            done = int(start.lengths[0])
+            buffers.copy_slot(row, start.buffers, 0, done)
+        tokens = np.asarray([prompt[done:]], dtype=np.int64)
+        return self._run(buffers, row, row + 1, tokens, np.array([len(prompt)]), 1)[:, -1]
 
     def step(self, state: PackedState, tokens: np.ndarray) -> tuple[np.ndarray, PackedState]:
         """One token (B,) per row, all rows in one pass over the slots they span."""

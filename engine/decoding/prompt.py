@@ -8,6 +8,8 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from ragrt.bundle.manifest import PromptSpec
+from ragrt.decoding.blocks import BlockPrompt
+from ragrt.errors import UserInputError
 from ragrt.retrieval.passages import Passage
 
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -51,16 +53,14 @@ class PromptBuilder:
             return text
         return text[:enc.offsets[tokens][0]] if tokens > 0 else ""
 
-    def build(self, question: str, passages: Sequence[Passage]) -> Prompt:
-        """Passages are added in rank order while they fit; the last one that does not is cut."""
-        def render(context: str, q: str) -> str:
-            user = fill(self.task.user, context=context, question=q)
-            return fill(self.spec.chat, system=self.task.system, user=user)
+    def _render(self, context: str, question: str) -> str:
+        return fill(self.spec.chat, system=self.task.system, user=fill(self.task.user, context=context, question=question))
 
+    def _question(self, question: str) -> tuple[str, bool]:
+        """The question, cut if it would take over half the window, after the dialogue turns that fit."""
         truncated = False
-        overhead = self.count(render("", ""))
-        q_tokens = self.count(question)
-        if overhead + q_tokens > self.budget // 2:
+        overhead = self.count(self._render("", ""))
+        if overhead + self.count(question) > self.budget // 2:
             # A question that eats the whole window would leave no room for evidence.
             question = self._cut(question, max(self.budget // 2 - overhead, 1))
             truncated = True
@@ -69,8 +69,13 @@ class PromptBuilder:
             truncated |= len(turns) < len(self.history)
             if turns:
                 question = fill(self.spec.history, turns="\n".join(turns)) + question
+        return question, truncated
+
+    def build(self, question: str, passages: Sequence[Passage]) -> Prompt:
+        """Passages are added in rank order while they fit; the last one that does not is cut."""
+        question, truncated = self._question(question)
         # Tokens merge differently across part boundaries; a small margin absorbs that.
-        left = self.budget - self.count(render("", question)) - 8
+        left = self.budget - self.count(self._render("", question)) - 8
         parts: list[str] = []
         sep_tokens = self.count(self.spec.passage_separator)
         for n, p in enumerate(passages, start=1):
@@ -84,9 +89,44 @@ class PromptBuilder:
                 break
             parts.append(block)
             left -= cost
-        text = render(self.spec.passage_separator.join(parts), question)
+        text = self._render(self.spec.passage_separator.join(parts), question)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return Prompt(ids=ids, passages_used=len(parts), truncated=truncated)
+
+    @property
+    def blocks_supported(self) -> bool:
+        """Whether passages render the same whatever their rank, as reusable blocks must."""
+        return "{n}" not in self.spec.passage
+
+    def build_blocks(self, question: str, passages: Sequence[Passage]) -> tuple[BlockPrompt, bool]:
+        """The same text as `build`, in block layout (decoding/blocks.py): the prefix up to the
+        context, one block per passage (rendered and tokenized alone, ending with the separator),
+        and the tail. Passages are whole or left out, since a cut one would not be reusable.
+        Returns the prompt and whether anything was left out or cut."""
+        if not self.blocks_supported:
+            raise UserInputError("this bundle's passage template numbers passages, so their KV cannot be "
+                                 "reused: use passage_kv off, or re-export the bundle")
+        question, truncated = self._question(question)
+        marker = "\x00CONTEXT\x00"
+        before, after = self._render(marker, question).split(marker, 1)
+        sep = self.spec.passage_separator
+        # Every block ends with the separator, so the one that leads the tail is already there.
+        after = after[len(sep):] if after.startswith(sep) else after
+
+        def encode(text: str) -> tuple[int, ...]:
+            return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+        prefix, tail = encode(before), encode(after)
+        left = self.budget - len(prefix) - len(tail)
+        blocks = []
+        for p in passages:
+            ids = encode(fill(self.spec.passage, title=p.title, text=p.text) + sep)
+            if len(ids) > left:
+                truncated = True
+                break
+            blocks.append(ids)
+            left -= len(ids)
+        return BlockPrompt(prefix, tuple(blocks), tail), truncated
 
     def fixed_prefix(self) -> list[int]:
         """Leading tokens that every prompt of this task starts with (system prompt, chat markup).

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ragrt.decoding.blocks import BlockPrompt, BlockStats, PassageKV
 from ragrt.decoding.decoder import log_softmax
 from ragrt.decoding.generator import Generator, generate, generate_rows
 from ragrt.decoding.lookup import PromptLookup
@@ -54,6 +55,7 @@ class Run:
     tokens: Iterator[int]
     prompt_tokens: int
     truncated: bool
+    blocks: BlockStats | None = None    # passage KV reused and computed, when the prompt was in blocks
 
     @property
     def log_prob(self) -> float | None:
@@ -70,26 +72,38 @@ def check_mode(mode: str, config: DecodingConfig) -> None:
 
 
 def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: Sequence[Passage],
-          prior: np.ndarray, config: DecodingConfig) -> Run:
+          prior: np.ndarray, config: DecodingConfig, passage_kv: PassageKV | None = None) -> Run:
+    """Starts decoding; with `passage_kv`, prompts are in block layout and only their tails are prefilled."""
     check_mode(mode, config)
+    blocks = BlockStats() if passage_kv is not None else None
     if mode == "concat":
-        prompt = builder.build(question, passages)
+        prompt, length, truncated = _prompt(builder, question, passages, passage_kv is not None)
         # Checking drafts runs several tokens in one pass; only where the export measured that
         # exact do they get the numbers a one-token step would, keeping plain greedy's output.
         lookup = PromptLookup() if decoder.spec.drafts_exact else None
-        return Run(generate(decoder, prompt.ids, config, lookup), len(prompt.ids), prompt.truncated)
-    prompts = [builder.build(question, [p]) for p in passages]
-    ids = [p.ids for p in prompts]
+        tokens = generate(decoder, prompt, config, lookup, passage_kv=passage_kv, blocks=blocks)
+        return Run(tokens, length, truncated, blocks)
+    prompts, lengths, cut = zip(*(_prompt(builder, question, [p], passage_kv is not None) for p in passages))
     loop = _rag_token if mode == "token" else _rag_sequence
-    return Run(Scored(loop(decoder, ids, prior, config)), max(len(i) for i in ids), any(p.truncated for p in prompts))
+    gen = Generator(decoder, passage_kv=passage_kv, blocks=blocks)
+    return Run(Scored(loop(gen, list(prompts), prior, config)), max(lengths), any(cut), blocks)
 
 
-def _rag_token(decoder, prompts: list[list[int]], prior: np.ndarray, config: DecodingConfig):
-    stop = set(decoder.spec.eos_token_ids)
-    choose = TokenChooser(config, decoder.spec.eos_token_ids)
+def _prompt(builder: PromptBuilder, question: str, passages: Sequence[Passage], blocks: bool
+            ) -> tuple[list[int] | BlockPrompt, int, bool]:
+    """The prompt (token ids, or the block layout), its length, and whether anything was cut."""
+    if blocks:
+        prompt, truncated = builder.build_blocks(question, passages)
+        return prompt, len(prompt.ids), truncated
+    built = builder.build(question, passages)
+    return built.ids, len(built.ids), built.truncated
+
+
+def _rag_token(gen: Generator, prompts: list, prior: np.ndarray, config: DecodingConfig):
+    stop = set(gen.decoder.spec.eos_token_ids)
+    choose = TokenChooser(config, gen.decoder.spec.eos_token_ids)
     log_prior = np.log(prior)[:, None]                          # (k, 1)
-    gen = Generator(decoder)
-    gen.add_prompts(prompts)                                    # k rows
+    gen.add_prompts(prompts)                                    # k rows, prefilled once iteration starts
     total = 0.0
     for i in range(config.max_new_tokens):
         mixed = _logsumexp(log_prior + log_softmax(gen.logits), axis=0)   # (V,) log P(y | q, y<t)
@@ -99,16 +113,15 @@ def _rag_token(decoder, prompts: list[list[int]], prior: np.ndarray, config: Dec
             return total
         yield token
         if i + 1 < config.max_new_tokens:
-            gen.append(np.full(len(prompts), token, dtype=np.int64))
+            gen.append(np.full(gen.rows, token, dtype=np.int64))
     return total
 
 
-def _rag_sequence(decoder, prompts: list[list[int]], prior: np.ndarray, config: DecodingConfig):
-    gen = Generator(decoder)
+def _rag_sequence(gen: Generator, prompts: list, prior: np.ndarray, config: DecodingConfig):
     gen.add_prompts(prompts)
     scorer = gen.copy()
     candidates = generate_rows(gen, config)
-    eos = decoder.spec.eos_token_ids[0]
+    eos = gen.decoder.spec.eos_token_ids[0]
     best, best_lp = None, -np.inf
     for cand in dict.fromkeys(map(tuple, candidates)):          # distinct, in passage order
         # A finished answer is scored with its EOS, so a truncated prefix cannot win by being short.

@@ -4,7 +4,8 @@ One worker thread owns the decode loop. Between steps it admits waiting requests
 prompts prefilled as one batch, then merged into the running batch) and drops the rows that
 finished, so a request never waits for a whole batch to end and a long answer never holds
 back a short one. Each row keeps its own stop condition: EOS, its token limit, its deadline,
-or its reader going away.
+or its reader going away. Prompts in block layout (passage KV) and plain ones share a batch;
+each row counts its own reused and computed blocks.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ragrt.decoding.blocks import BlockPrompt, BlockStats, PassageKV
 from ragrt.decoding.generator import Generator
 from ragrt.decoding.sampling import DecodingConfig, TokenChooser
 from ragrt.errors import RagrtError
@@ -42,12 +44,14 @@ _END = object()
 
 @dataclass(eq=False)
 class _Row:
-    prompt: Sequence[int]
+    prompt: Sequence[int] | BlockPrompt
+    length: int                    # prompt tokens
     choose: TokenChooser           # the row's own decoding options, random generator and tokens
     deadline: float                # time.monotonic() seconds
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # token ids, then _END or an error
     emitted: int = 0
     cancelled: bool = False        # the reader stopped iterating
+    blocks: BlockStats | None = None   # a block prompt's passage KV reused and computed
 
 
 class Tokens:
@@ -57,6 +61,7 @@ class Tokens:
     def __init__(self, row: _Row):
         self._row = row
         self._done = False
+        self.blocks = row.blocks    # filled in when the row is prefilled, before its first token
 
     def __iter__(self) -> "Tokens":
         return self
@@ -89,10 +94,12 @@ class BatcherStats:
 class Batcher:
     """`submit` a prompt, iterate the token ids it returns. Thread-safe; `close` drains in-flight work."""
 
-    def __init__(self, decoder, *, max_batch: int = 8, max_queue: int = 64, prefill_tokens: int = 512):
+    def __init__(self, decoder, *, passage_kv: PassageKV | None = None, max_batch: int = 8, max_queue: int = 64,
+                 prefill_tokens: int = 512):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.decoder = decoder
+        self.passage_kv = passage_kv            # prefills the rows submitted as BlockPrompts
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens    # prompt tokens admitted per step, beyond the first prompt
@@ -106,9 +113,16 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="ragrt-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Sequence[int], config: DecodingConfig, *, deadline_s: float) -> "Tokens":
-        """Queues one generation; iterate the result for its tokens (it raises the row's errors)."""
-        row = _Row(list(prompt), TokenChooser(config, self.decoder.spec.eos_token_ids), time.monotonic() + deadline_s)
+    def submit(self, prompt: Sequence[int] | BlockPrompt, config: DecodingConfig, *, deadline_s: float) -> "Tokens":
+        """Queues one generation; iterate the result for its tokens (it raises the row's errors).
+        A BlockPrompt needs the batcher's passage KV; the result's `blocks` then counts its blocks."""
+        choose, deadline = TokenChooser(config, self.decoder.spec.eos_token_ids), time.monotonic() + deadline_s
+        if isinstance(prompt, BlockPrompt):
+            if self.passage_kv is None:
+                raise ValueError("a block prompt needs a Batcher made with passage_kv")
+            row = _Row(prompt, len(prompt.ids), choose, deadline, blocks=BlockStats())
+        else:
+            row = _Row(list(prompt), len(prompt), choose, deadline)
         with self._cond:
             if self._closing:
                 raise Closed("the server is shutting down")
@@ -131,7 +145,7 @@ class Batcher:
 
     def _loop(self) -> None:
         rows: list[_Row] = []
-        gen = Generator(self.decoder)             # one row per entry of `rows`, in order
+        gen = self._generator()                   # one row per entry of `rows`, in order
         while True:
             with self._cond:
                 while not rows and not self._waiting:
@@ -142,27 +156,30 @@ class Batcher:
                 # Prefill is compute-bound: batching long prompts gains nothing and pads the shorter
                 # ones, so a step admits prompts up to a token budget (always at least one).
                 while self._waiting and len(rows) + len(new) < self.max_batch and (
-                        not new or len(self._waiting[0].prompt) <= budget):
-                    budget -= len(self._waiting[0].prompt)
+                        not new or self._waiting[0].length <= budget):
+                    budget -= self._waiting[0].length
                     new.append(self._waiting.popleft())
             try:
                 new = [r for r in new if self._still_wanted(r)]
                 with self._cond:
                     self._active = len(rows) + len(new)
                 if new:
-                    gen.add_prompts([r.prompt for r in new])
+                    gen.add_prompts([r.prompt for r in new], [r.blocks for r in new])
                     rows += new
                     self._steps += 1
                 if not rows:
                     continue
                 rows = self._step(rows, gen)
                 if not rows:
-                    gen = Generator(self.decoder)     # the next request must not join finished rows
+                    gen = self._generator()           # the next request must not join finished rows
             except Exception as e:  # a failed decoder call fails the rows it carried, not the server
                 log.exception("decoding failed")
                 for r in rows + new:
                     r.out.put(RagrtError(f"decoding failed: {type(e).__name__}: {e}"))
-                rows, gen = [], Generator(self.decoder)
+                rows, gen = [], self._generator()
+
+    def _generator(self) -> Generator:
+        return Generator(self.decoder, passage_kv=self.passage_kv)
 
     def _step(self, rows: list[_Row], gen: Generator) -> list[_Row]:
         """Emits one token per row, retires finished rows, and runs the next step for the rest."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragrt.errors import UserInputError
+from ragrt.options import PASSAGE_KV_CACHE_MB
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     device: str = "auto"
     threads: int = 0
+    passage_kv_cache_mb: int = PASSAGE_KV_CACHE_MB   # passage KV kept for reuse across requests
     log_level: str = "warning"
 
 

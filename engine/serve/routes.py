@@ -56,7 +56,7 @@ async def metrics(request: Request, services: Shared):
 async def ask(req: AskRequest, services: Shared, _: Ready):
     options = dict(k=req.k, mode=req.mode, max_new_tokens=req.max_new_tokens, prior_temperature=req.prior_temperature,
                    **req.decoding_options(),
-                   history=[t.model_dump() for t in req.history], task=req.task)
+                   history=[t.model_dump() for t in req.history], task=req.task, passage_kv=req.passage_kv)
     stream = await run_in_threadpool(lambda: services.start(req.question, **options))
     if req.stream:
         return sse(stream, lambda piece: ("token", {"text": piece}),
@@ -70,7 +70,7 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
     question, history = _conversation(req)
     limit = req.max_completion_tokens or req.max_tokens or engine.manifest.rag.max_new_tokens
     stream = await run_in_threadpool(lambda: services.start(question, max_new_tokens=limit, history=history,
-                                                            **req.decoding_options()))
+                                                            passage_kv=req.passage_kv, **req.decoding_options()))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def finish(answer: Answer) -> str:
@@ -82,7 +82,8 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
 
         def last(answer: Answer) -> list:
-            return [(None, chunk({}, finish(answer), sources=[vars(s) for s in answer.sources])), (None, "[DONE]")]
+            return [(None, chunk({}, finish(answer), sources=[vars(s) for s in answer.sources],
+                                 passage_kv=answer.passage_kv)), (None, "[DONE]")]
 
         return sse(stream, lambda piece: (None, chunk({"content": piece})), last, services.metrics,
                    first=(None, chunk({"role": "assistant", "content": ""})))
@@ -92,7 +93,7 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
                          "finish_reason": finish(answer)}],
             "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
                       "total_tokens": answer.prompt_tokens + answer.new_tokens},
-            "sources": [vars(s) for s in answer.sources]}
+            "sources": [vars(s) for s in answer.sources], "passage_kv": answer.passage_kv}
 
 
 @api.get("/models", summary="OpenAI clients list models; this server has one")

@@ -7,13 +7,16 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ragrt.decoding.sampling import MAX_STOP_STRINGS
-from ragrt.options import MAX_K, MAX_TURNS, MODES
+from ragrt.options import MAX_K, MAX_TURNS, MODES, PASSAGE_KV_MODES
 
 # Bounds on what one request may make the server hold; the engine checks the bundle's own limits.
 MAX_TEXT = 100_000
 MAX_EMBED = 256
 # The engine refuses a question with nothing visible in it (empty, blank, control characters only).
 VISIBLE = r"[^\s\x00-\x1f\x7f]"
+PASSAGE_KV_HELP = ('reuse each retrieved passage\'s keys and values: "on", "off", or "auto", the bundle\'s '
+                   'measured default (`ragrt info`); "on" where the bundle has no passage KV is a 422')
+PASSAGE_KV_COUNTS = 'passage KV blocks {"reused", "computed"}, when it was on'
 
 
 def _integral(value):
@@ -68,6 +71,7 @@ class AskRequest(Strict, Decoding):
                                 description="earlier turns, oldest first; folded into retrieval and the prompt")
     task: str = Field("qa", max_length=64, description='"qa", or a task of the bundle\'s manifest ("summarize")')
     stream: bool = Field(False, description="answer as server-sent events: `token` events, then one `answer`")
+    passage_kv: Literal[PASSAGE_KV_MODES] = Field("auto", description=PASSAGE_KV_HELP)
 
 
 class SourceOut(BaseModel):
@@ -88,6 +92,7 @@ class AskResponse(BaseModel):
     log_prob: Optional[float] = None
     warnings: list[str]
     finish_reason: Literal["stop", "length"]
+    passage_kv: Optional[dict[str, int]] = Field(None, description=PASSAGE_KV_COUNTS)
 
 
 class RetrieveRequest(Strict):
@@ -140,7 +145,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(Decoding):
     """OpenAI's chat completion request, with ragrt's decoding options (top_k, repetition_penalty, ...)
-    accepted as extra body fields. Fields OpenAI has and ragrt does not use (frequency_penalty, logit_bias,
+    and passage_kv accepted as extra body fields. Fields OpenAI has and ragrt does not use (frequency_penalty, logit_bias,
     tools) are ignored."""
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str = "ragrt"
@@ -149,6 +154,7 @@ class ChatRequest(Decoding):
     max_completion_tokens: Optional[Int(1)] = None
     stream: bool = False
     n: Optional[Literal[1]] = None
+    passage_kv: Literal[PASSAGE_KV_MODES] = Field("auto", description="ragrt's extension: " + PASSAGE_KV_HELP)
 
 
 class ChatChoiceMessage(BaseModel):
@@ -176,3 +182,4 @@ class ChatResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     sources: list[SourceOut] = Field(description="ragrt's addition: the passages the answer drew on")
+    passage_kv: Optional[dict[str, int]] = Field(None, description="ragrt's addition: " + PASSAGE_KV_COUNTS)

@@ -27,12 +27,14 @@ class Services:
             self._attach(engine)
 
     def _attach(self, engine: Engine) -> None:
-        self.batcher = Batcher(engine.decoder, max_batch=self.config.max_batch, max_queue=self.config.max_queue)
+        self.batcher = Batcher(engine.decoder, passage_kv=engine.passage_kv, max_batch=self.config.max_batch,
+                               max_queue=self.config.max_queue)
         self.engine = engine
 
     def open(self) -> None:
         try:
-            self._attach(Engine.open(self.config.bundle, device=self.config.device, threads=self.config.threads))
+            self._attach(Engine.open(self.config.bundle, device=self.config.device, threads=self.config.threads,
+                                     passage_kv_cache_mb=self.config.passage_kv_cache_mb))
         except Exception as e:  # the server stays up to say why on /readyz
             self.failure = f"{type(e).__name__}: {e}" if not isinstance(e, RagrtError) else str(e)
             log.error("cannot open %s: %s", self.config.bundle, self.failure)
@@ -51,11 +53,16 @@ class Services:
 
 def batched_stream(engine: Engine, batcher: Batcher, prepared: Prepared, *, deadline_s: float) -> AnswerStream:
     """An AnswerStream for a prepared request: concat decodes in the shared batch; token and
-    sequence modes already batch their k passages, so they run on the caller's thread."""
+    sequence modes already batch their k passages, so they run on the caller's thread. With passage
+    KV the prompt goes in blocks, and the row counts its own reused and computed ones."""
     p = prepared
     if p.mode != "concat":
         return engine.answer_stream(p, start(p.mode, engine.decoder, p.builder, p.question, p.passages,
-                                             p.prior, p.decoding))
-    prompt = p.builder.build(p.question, p.passages)
-    tokens = batcher.submit(prompt.ids, p.decoding, deadline_s=deadline_s)
-    return engine.answer_stream(p, Run(tokens, len(prompt.ids), prompt.truncated))
+                                             p.prior, p.decoding, p.passage_kv))
+    if p.passage_kv is not None:
+        prompt, truncated = p.builder.build_blocks(p.question, p.passages)
+        tokens = batcher.submit(prompt, p.decoding, deadline_s=deadline_s)
+        return engine.answer_stream(p, Run(tokens, len(prompt.ids), truncated, tokens.blocks))
+    built = p.builder.build(p.question, p.passages)
+    tokens = batcher.submit(built.ids, p.decoding, deadline_s=deadline_s)
+    return engine.answer_stream(p, Run(tokens, len(built.ids), built.truncated))

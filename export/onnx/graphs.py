@@ -265,3 +265,34 @@ def add_num_logits(model, io: GeneratorIO) -> None:
         if out.name == io.logits:
             out.type.tensor_type.shape.dim[1].dim_param = io.num_logits
 
+
+
+def graph_rotary(checkpoint: Path, graph: Path) -> dict:
+    """The GeneratorSpec rotary fields of a fused graph: the checkpoint's rotary base and
+    rotated dims, kept only where they reproduce the graph's own cos/sin tables (a scaled or
+    unusual rotary gives {} and so no passage KV)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    base = getattr(config, "rope_theta", None)
+    scaling = getattr(config, "rope_scaling", None)
+    if not base or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        return {}
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    model = onnx.load(str(graph), load_external_data=False)
+    tables = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.name in ("cos_cache", "sin_cache") and t.data_location != onnx.TensorProto.EXTERNAL}
+    if set(tables) != {"cos_cache", "sin_cache"} or tables["cos_cache"].shape[1] * 2 != dim:
+        return {}
+    angles = np.arange(len(tables["cos_cache"]))[:, None] * base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if not (np.allclose(tables["cos_cache"], np.cos(angles), atol=1e-3)
+            and np.allclose(tables["sin_cache"], np.sin(angles), atol=1e-3)):
+        return {}
+    interleaved = any(a.name == "rotary_interleaved" and a.i == 1 for n in model.graph.node
+                      if n.op_type == "GroupQueryAttention" for a in n.attribute)
+    return {"rotary_base": float(base), "rotary_dim": dim, "rotary_interleaved": interleaved}

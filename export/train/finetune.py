@@ -6,7 +6,11 @@ Phases, each resumable from its last checkpoint:
 2. generator: supervised fine-tuning on the prompt the engine really builds (retrieved
    passages + question -> answer), loss on answer tokens only; full or LoRA (merged);
    with `joint`, instead the RAG marginal likelihood sum_c P(c|q) P(a|q,c) over the top-k,
-   so the query encoder also learns from the generator (passage vectors stay frozen).
+   so the query encoder also learns from the generator (passage vectors stay frozen);
+   with `block_attention`, on block-layout prompts under the block mask (each passage sees
+   the prefix and itself, the rest sees everything; Block-Attention, arXiv 2409.15355), a
+   seeded share `block_attention_mix` of each epoch under the causal mask, so the generator
+   reads prompts assembled from reused passage KV and full prefill alike.
 RUN/encoder and RUN/generator are HF checkpoints that `ragrt export` takes as they are.
 Dropout stays off, so a resumed run ends bit-identical to an uninterrupted one.
 """
@@ -32,7 +36,10 @@ from ragrt.retrieval.passages import Passage, passage_text
 from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import prompt_spec
-from ragrt.export.train.sft import rag_marginal_nll, sequence_logprobs, sft_example
+from ragrt.export.train.sft import (additive_mask, block_example, block_mask, rag_marginal_nll, sequence_logprobs,
+                                    sft_example)
+
+TRAINING_RECORD = "ragrt-training.json"     # in the saved generator: how it was trained, for the export
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class FinetuneConfig:
     grad_accumulation: int = 4
     lora: bool = False
     joint: bool = False
+    block_attention: bool = False
+    block_attention_mix: float = 0.5    # share of each epoch's generator examples under the causal mask
     temperature: float = 0.05
     seed: int = 0
     checkpoint_every: int = 20
@@ -86,6 +95,17 @@ def _validate(cfg: FinetuneConfig) -> None:
             raise UserInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not cfg.generator_lr > 0:
         raise UserInputError("learning rates must be > 0")
+    if not 0 <= cfg.block_attention_mix <= 1:
+        raise UserInputError(f"--block-attention-mix is a share between 0 and 1, got {cfg.block_attention_mix}")
+    if cfg.block_attention and cfg.joint:
+        raise UserInputError("--block-attention does not combine with --joint (its prompts hold one passage each, "
+                             "where block attention is causal attention): drop one of them")
+
+
+def training_record(checkpoint: Path) -> dict:
+    """How `ragrt finetune` trained this generator ({} for a checkpoint it did not write)."""
+    path = Path(checkpoint) / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_data(cfg: FinetuneConfig, chunk_tokenizer) -> tuple[list[QA], list[Passage], list[set[int]]]:
@@ -280,27 +300,45 @@ def generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok):
     return contexts, dict(zip(rows, frozen))
 
 
-def generator_examples(cfg, items, passages, contexts, builder, eos_id):
+def generator_examples(cfg, items, passages, contexts, builder, eos_id, make=sft_example):
     def passages_at(rows):
         return [passages[r] for r in rows]
     if cfg.joint:       # one prompt per passage: the marginal needs p(a | q, c) for each c
-        return [[sft_example(builder, qa.question, passages_at([r]), qa.answer, eos_id, cfg.max_answer_tokens)
+        return [[make(builder, qa.question, passages_at([r]), qa.answer, eos_id, cfg.max_answer_tokens)
                  for r in ctx]
                 for qa, ctx in zip(items, contexts)]
-    return [sft_example(builder, qa.question, passages_at(ctx), qa.answer, eos_id, cfg.max_answer_tokens)
+    return [make(builder, qa.question, passages_at(ctx), qa.answer, eos_id, cfg.max_answer_tokens)
             for qa, ctx in zip(items, contexts)]
+
+
+def generator_builder(cfg, gen_ckpt):
+    """The HF tokenizer and the engine's prompt builder for this generator, as the export will write it."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(gen_ckpt)
+    spec = prompt_spec(hf_tok.chat_template,
+                       lambda m: hf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    return hf_tok, PromptBuilder(spec, hf_tok.backend_tokenizer, budget=2048 - cfg.max_answer_tokens)
+
+
+def block_rows(cfg, n: int, epoch: int) -> set[int]:
+    """The examples this epoch trains under the block mask; the others (a share `block_attention_mix`)
+    under the causal mask. Drawn from the seed and the epoch, so a resumed run draws the same."""
+    if not cfg.block_attention:
+        return set()
+    full = random.Random(cfg.seed * 1000 + 29 + epoch).sample(range(n), round(cfg.block_attention_mix * n))
+    return set(range(n)) - set(full)
 
 
 def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encoder, enc_tok):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf_tok = AutoTokenizer.from_pretrained(gen_ckpt)
-    spec = prompt_spec(hf_tok.chat_template,
-                       lambda m: hf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
-    builder = PromptBuilder(spec, hf_tok.backend_tokenizer, budget=2048 - cfg.max_answer_tokens)
+    from transformers import AutoModelForCausalLM
+    hf_tok, builder = generator_builder(cfg, gen_ckpt)
     resume = run / "checkpoint" / "generator"
     resuming = resume.is_dir()
-    model = AutoModelForCausalLM.from_pretrained(resume if resuming and not cfg.lora else gen_ckpt, dtype=torch.float32)
+    # sdpa adds a 4-D float mask to the scores as given (tests check the block mask is honoured);
+    # flash-attention would drop it.
+    model = AutoModelForCausalLM.from_pretrained(resume if resuming and not cfg.lora else gen_ckpt, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
     model.eval()
     eos_id = hf_tok.convert_tokens_to_ids("<|im_end|>")
     if eos_id is None or eos_id == hf_tok.unk_token_id:
@@ -316,6 +354,8 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
                                                                      "gate_proj", "up_proj", "down_proj"]))
     contexts, frozen = generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok)
     examples = generator_examples(cfg, items, passages, contexts, builder, eos_id)
+    blocked = generator_examples(cfg, items, passages, contexts, builder, eos_id, block_example) \
+        if cfg.block_attention else []
     models = {"generator": model} | ({"encoder": encoder} if cfg.joint else {})
     trainer = Trainer(run, state, models, cfg.generator_lr, cfg)
     per_epoch = -(-len(items) // cfg.grad_accumulation)
@@ -323,6 +363,7 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
     while state.epoch < cfg.generator_epochs and not trainer.done():
         order = list(range(len(items)))
         random.Random(cfg.seed * 1000 + 17 + state.epoch).shuffle(order)
+        under_block_mask = block_rows(cfg, len(items), state.epoch)
         for s in range(state.step - state.epoch * per_epoch, per_epoch):
             total = 0.0
             batch = order[s * cfg.grad_accumulation:(s + 1) * cfg.grad_accumulation]
@@ -332,8 +373,12 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
                     d = torch.tensor(np.stack([frozen[r] for r in contexts[i]]))
                     loss = rag_marginal_nll(q, d, sequence_logprobs(model, examples[i], pad_id), cfg.temperature)
                 else:
-                    ids, labels = examples[i]
-                    loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+                    if i in under_block_mask:
+                        ids, labels, segments = blocked[i]
+                        mask = additive_mask(block_mask(segments), model.dtype)
+                    else:
+                        (ids, labels), mask = examples[i], None
+                    loss = model(input_ids=torch.tensor([ids]), attention_mask=mask, labels=torch.tensor([labels])).loss
                 (loss / len(batch)).backward()
                 total += loss.item() / len(batch)
             trainer.step(total)
@@ -360,6 +405,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         _say(f"resuming {run}: phase {state.phase}, epoch {state.epoch}, step {state.step}")
     enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
     chunk_tok = Tokenizer.from_file(str(enc_ckpt / "tokenizer.json"))
+    if cfg.block_attention and not generator_builder(cfg, gen_ckpt)[1].blocks_supported:
+        raise UserInputError("--block-attention: this ragrt's passage template numbers passages, so the engine "
+                             "cannot reuse passage KV; train without --block-attention")
     items, passages, positives = load_data(cfg, chunk_tok)
     _say(f"{len(items)} training questions, {len(passages)} passages")
 
@@ -385,6 +433,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {Path(cfg.train).name}\n")
+        if name == "generator":
+            _write_json(tmp / TRAINING_RECORD, {"block_attention": cfg.block_attention,
+                                                "block_attention_mix": cfg.block_attention_mix})
         shutil.rmtree(run / name, ignore_errors=True)
         os.replace(tmp, run / name)
     state.phase = "done"

@@ -1,5 +1,5 @@
 """Generator fine-tuning pieces: examples on the engine's own prompt, the answer-only loss mask,
-and the RAG marginal likelihood for joint training."""
+the block-attention mask, and the RAG marginal likelihood for joint training."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,6 +8,12 @@ from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage
 
 IGNORE = -100                  # label value that PyTorch's cross-entropy skips
+PREFIX = -1                    # segment of the fixed prefix: every token sees it
+SEES_ALL = -2                  # segment of the tail and the answer: causal attention over everything
+
+
+def _answer_ids(builder: PromptBuilder, answer: str, eos_id: int, max_answer_tokens: int) -> list[int]:
+    return builder.tokenizer.encode(" ".join(answer.split()), add_special_tokens=False).ids[:max_answer_tokens] + [eos_id]
 
 
 def sft_example(builder: PromptBuilder, question: str, passages: Sequence[Passage], answer: str,
@@ -15,9 +21,37 @@ def sft_example(builder: PromptBuilder, question: str, passages: Sequence[Passag
     """(input_ids, labels): the prompt exactly as the engine builds it, then the answer and EOS.
     Only answer tokens carry loss: the model should learn to answer, not to predict passages."""
     prompt = builder.build(question, passages).ids
-    answer_ids = builder.tokenizer.encode(" ".join(answer.split()), add_special_tokens=False).ids[:max_answer_tokens]
-    answer_ids = answer_ids + [eos_id]
+    answer_ids = _answer_ids(builder, answer, eos_id, max_answer_tokens)
     return prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids
+
+
+def block_example(builder: PromptBuilder, question: str, passages: Sequence[Passage], answer: str,
+                  eos_id: int, max_answer_tokens: int) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, labels, segments) on the prompt in block layout, as the engine assembles it
+    from passage KV: segments are PREFIX, the block's index (0-based), or SEES_ALL (tail, answer)."""
+    prompt, _ = builder.build_blocks(question, passages)
+    answer_ids = _answer_ids(builder, answer, eos_id, max_answer_tokens)
+    segments = [PREFIX] * len(prompt.prefix) + [i for i, b in enumerate(prompt.blocks) for _ in b]
+    segments += [SEES_ALL] * (len(prompt.tail) + len(answer_ids))
+    return prompt.ids + answer_ids, [IGNORE] * len(prompt.ids) + answer_ids, segments
+
+
+def block_mask(segments: Sequence[int]):
+    """(T, T) bool, True where token t attends to s: causal, and s in the prefix, or in t's own
+    block, or t in the tail or answer. A block never sees an earlier one, as when its KV is
+    computed with the prefix alone as past. Positions stay 0..T-1, as the engine turns keys."""
+    import torch
+    seg = torch.tensor(segments)
+    query, key = seg[:, None], seg[None, :]
+    causal = torch.ones(len(segments), len(segments), dtype=torch.bool).tril()
+    return causal & ((key == PREFIX) | (key == query) | (query == SEES_ALL))
+
+
+def additive_mask(allowed, dtype):
+    """(1, 1, T, T) float: 0 where attended, the dtype's lowest value elsewhere. HF takes a 4-D
+    mask as it is and adds it to the scores (sdpa and eager attention; flash-attention drops it)."""
+    import torch
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int):

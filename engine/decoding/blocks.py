@@ -1,0 +1,227 @@
+"""Passage KV: each passage's keys and values computed once, reused by every question that retrieves it.
+
+A prompt in block layout is the fixed prefix (system prompt and chat markup up to the
+context), one block per passage, each rendered and tokenized on its own, and the tail (the
+question and the template's end). A block's keys and values are computed by the bundle's
+own graph with the prefix as its past, so its positions start right after the prefix
+(Block-Attention, arXiv 2409.15355; TurboRAG, arXiv 2410.07590). At question time the
+prefix and the blocks are copied into the packed cache in rank order; each block's keys,
+stored after rotary, are turned by R(offset) so the positions run on contiguously
+(R(a)R(b) = R(a+b), as in CacheBlend), and only the tail is prefilled.
+
+A block attends to the prefix and itself, never to the passages ranked before it: that is
+what makes it reusable, and why generators trained with `ragrt finetune --block-attention`
+read such prompts best.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ragrt.bundle.manifest import GeneratorSpec, PromptSpec
+from ragrt.options import PASSAGE_KV_CACHE_MB
+from ragrt.decoding.packed import GROW, KVBuffers, PackedDecoder, PackedState
+
+
+
+@dataclass(frozen=True)
+class BlockPrompt:
+    prefix: tuple[int, ...]
+    blocks: tuple[tuple[int, ...], ...]    # one per passage, in rank order
+    tail: tuple[int, ...]
+
+    @property
+    def ids(self) -> list[int]:
+        """The whole prompt, as full prefill would read it."""
+        return [*self.prefix, *(t for b in self.blocks for t in b), *self.tail]
+
+
+@dataclass
+class BlockStats:
+    """What one request's prefill did: blocks found in a cache or computed, and the assembly time."""
+    reused: int = 0
+    computed: int = 0
+    assemble_ms: float = 0.0
+
+
+def rotate_keys(keys: np.ndarray, delta: int, spec: GeneratorSpec) -> np.ndarray:
+    """Keys (..., L, head_dim) rotated after rotary by `delta` more positions: R(delta)·k.
+
+    Angles come from the rotary base in float64, the graph's own table to within rounding
+    (the export checks them against it)."""
+    if delta == 0:
+        return keys
+    dim = spec.rotary_dim or spec.head_dim
+    inv_freq = spec.rotary_base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    cos = np.cos(delta * inv_freq).astype(keys.dtype)
+    sin = np.sin(delta * inv_freq).astype(keys.dtype)
+    out = keys.copy()
+    if spec.rotary_interleaved:
+        x1, x2 = keys[..., 0:dim:2], keys[..., 1:dim:2]
+        out[..., 0:dim:2] = x1 * cos - x2 * sin
+        out[..., 1:dim:2] = x2 * cos + x1 * sin
+    else:
+        half = dim // 2
+        x1, x2 = keys[..., :half], keys[..., half:dim]
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:dim] = x2 * cos + x1 * sin
+    return out
+
+
+class BlockCache:
+    """Computed blocks by content key, least recently used first out, within a byte budget.
+
+    A dict of numpy arrays under a lock: nothing more is needed, and no caching library
+    budgets by the bytes of its values."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.bytes = 0
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            kv = self._items.get(key)
+            if kv is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return kv
+
+    def put(self, key: bytes, kv: np.ndarray) -> None:
+        if kv.nbytes > self.budget:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = kv
+            self.bytes += kv.nbytes
+            while self.bytes > self.budget:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
+                self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class PassageKV:
+    """Prefills block prompts from reused passage KV: the packed decoder's `prefill` for them.
+
+    `graph_id` names the generator graph (its checksum): with the prefix it salts every key,
+    so a re-export or another prompt template never meets KV computed for something else.
+    Prompts that are plain token lists are prefilled whole, so one batch may mix the two.
+    Safe to share between threads, as the engine is.
+    """
+
+    def __init__(self, decoder: PackedDecoder, graph_id: str, cache: BlockCache | None = None, store=None):
+        if not decoder.spec.rotary_base:
+            raise ValueError("this generator's rotary positions are unknown (re-export the bundle)")
+        self.decoder = decoder
+        self.graph_id = graph_id
+        self.cache = cache if cache is not None else BlockCache(PASSAGE_KV_CACHE_MB << 20)
+        self.store = store                 # precomputed blocks (`--passage-kv all`): .get(key) -> array | None
+        self._prefixes: dict[tuple[int, ...], tuple[list[np.ndarray], bytes]] = {}
+        self._lock = threading.Lock()
+
+    def _prefix(self, prefix: tuple[int, ...]) -> tuple[list[np.ndarray], bytes]:
+        """The prefix's keys and values, one array per past, and the salt of its blocks' keys."""
+        with self._lock:
+            if prefix not in self._prefixes:
+                state = self.decoder.empty_state(1, len(prefix) + 1)
+                self.decoder.prefill_row(state.buffers, 0, prefix)
+                salt = hashlib.blake2b(digest_size=16)
+                salt.update(self.graph_id.encode())
+                salt.update(np.asarray(prefix, dtype=np.int64).tobytes())
+                self._prefixes[prefix] = [a[0, :, :len(prefix)].copy() for a in state.buffers.arrays], salt.digest()
+            return self._prefixes[prefix]
+
+    def key(self, prefix: Sequence[int], block: Sequence[int]) -> bytes:
+        h = hashlib.blake2b(self._prefix(tuple(prefix))[1], digest_size=16)
+        h.update(np.asarray(block, dtype=np.int64).tobytes())
+        return h.digest()
+
+    def block(self, prefix: tuple[int, ...], ids: Sequence[int], stats: BlockStats) -> np.ndarray:
+        """(layers x {key, value}, kv_heads, len(ids), head_dim): found, or computed and kept."""
+        key = self.key(prefix, ids)
+        kv = self.cache.get(key)
+        if kv is None and self.store is not None:
+            kv = self.store.get(key)
+        if kv is not None:
+            stats.reused += 1
+            return kv
+        kv = self.compute(prefix, ids)
+        self.cache.put(key, kv)
+        stats.computed += 1
+        return kv
+
+    def compute(self, prefix: tuple[int, ...], ids: Sequence[int]) -> np.ndarray:
+        """One block's keys and values, run by the graph after the prefix."""
+        n, p = len(ids), len(prefix)
+        state = self.decoder.empty_state(1, p + n + 1)
+        arrays = state.buffers.arrays
+        for a, kv in zip(arrays, self._prefix(prefix)[0]):
+            a[0, :, :p] = kv
+        self.decoder._run(state.buffers, 0, 1, np.asarray([ids], dtype=np.int64), np.array([p + n]), 1)
+        return np.stack([a[0, :, p:p + n] for a in arrays])
+
+    def prefill(self, prompts: Sequence[BlockPrompt | Sequence[int]],
+                stats: BlockStats | Sequence[BlockStats | None] | None = None) -> tuple[np.ndarray, PackedState]:
+        """Last-position logits (B, V) and the packed state, as `PackedDecoder.prefill` returns them.
+
+        `stats` counts the blocks: one for all prompts, or one per prompt (each BlockPrompt's its
+        own, as the server's batcher keeps them per request)."""
+        per_prompt = list(stats) if isinstance(stats, (list, tuple)) else [
+            stats if stats is not None else BlockStats()] * len(prompts)
+        lengths = [len(b.ids) if isinstance(b, BlockPrompt) else len(b) for b in prompts]
+        state = self.decoder.empty_state(len(prompts), max(lengths) + GROW)
+        logits = [self._assemble(state.buffers, row, prompt, per_prompt[row]) if isinstance(prompt, BlockPrompt)
+                  else self.decoder.prefill_row(state.buffers, row, prompt)
+                  for row, prompt in enumerate(prompts)]
+        return np.concatenate(logits), PackedState(state.buffers, state.slots, np.array(lengths, dtype=np.int64))
+
+    def _assemble(self, buffers: KVBuffers, row: int, prompt: BlockPrompt, stats: BlockStats) -> np.ndarray:
+        t0 = time.perf_counter()
+        arrays = buffers.arrays
+        p = len(prompt.prefix)
+        for a, kv in zip(arrays, self._prefix(prompt.prefix)[0]):
+            a[row, :, :p] = kv
+        offset = p
+        for ids in prompt.blocks:
+            kv = self.block(prompt.prefix, ids, stats)
+            n = len(ids)
+            for i, a in enumerate(arrays):
+                # Even entries are keys (past names run k0, v0, k1, v1, ...).
+                a[row, :, offset:offset + n] = (rotate_keys(kv[i].astype(a.dtype), offset - p, self.decoder.spec)
+                                                if i % 2 == 0 else kv[i])
+            offset += n
+        stats.assemble_ms += (time.perf_counter() - t0) * 1e3
+        tail = np.asarray([prompt.tail], dtype=np.int64)
+        return self.decoder._run(buffers, row, row + 1, tail, np.array([offset + len(prompt.tail)]), 1)[:, -1]
+
+
+def unavailable_in(generator: GeneratorSpec, prompt: PromptSpec) -> str | None:
+    """Why a bundle's manifest rules passage KV out, or None: read without opening a model."""
+    if generator.cache != "packed":
+        return "its generator graph has no packed cache (export it with --graph fused)"
+    if not generator.rotary_base:
+        return "its manifest does not record the generator's rotary positions (re-export the bundle)"
+    if "{n}" in prompt.passage:
+        return "its passage template numbers passages, so a passage renders differently by rank (re-export the bundle)"
+    return None
+
+
+def unavailable(decoder, prompt: PromptSpec) -> str | None:
+    """Why this opened generator cannot reuse passage KV, or None when it can."""
+    if isinstance(decoder, PackedDecoder) and decoder.kv_device is not None:
+        return "passage KV is assembled in host memory, and this generator's cache lives on the GPU"
+    return unavailable_in(decoder.spec, prompt)

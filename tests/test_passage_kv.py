@@ -1,0 +1,129 @@
+"""Passage KV on the tiny llama's fused graph: blocks computed once, assembled with turned keys."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ragrt.decoding.blocks import BlockCache, BlockPrompt, BlockStats, PassageKV, rotate_keys
+from ragrt.decoding.generator import open_decoder
+from ragrt.runtime.sessions import SessionConfig, create_session
+
+pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_fused_fp32, tiny_generator_dir):
+    from ragrt.export.onnx.graphs import graph_rotary
+    path, spec = tiny_fused_fp32
+    rotary = graph_rotary(tiny_generator_dir, path)
+    assert rotary == {"rotary_base": 10000.0, "rotary_dim": 16, "rotary_interleaved": False}
+    return open_decoder(create_session(path, SessionConfig(threads=1)), replace(spec, **rotary))
+
+
+def _prompt(rng, vocab, prefix=7, blocks=(9, 14, 5), tail=6) -> BlockPrompt:
+    ids = lambda n: tuple(int(t) for t in rng.integers(3, vocab, n))
+    return BlockPrompt(ids(prefix), tuple(ids(n) for n in blocks), ids(tail))
+
+
+def test_rotation_composes_and_inverts(decoder):
+    spec = decoder.spec
+    k = np.random.default_rng(0).standard_normal((2, 5, spec.head_dim)).astype(np.float64)
+    np.testing.assert_allclose(rotate_keys(rotate_keys(k, 3, spec), 4, spec), rotate_keys(k, 7, spec), atol=1e-12)
+    np.testing.assert_allclose(rotate_keys(rotate_keys(k, 11, spec), -11, spec), k, atol=1e-12)
+    # A rotation keeps each key's length.
+    np.testing.assert_allclose(np.linalg.norm(rotate_keys(k, 9, spec), axis=-1), np.linalg.norm(k, axis=-1))
+
+
+def test_one_block_is_full_prefill(decoder):
+    """With one passage, block attention is plain causal attention: same logits as full prefill."""
+    p = _prompt(np.random.default_rng(1), decoder.spec.vocab_size, blocks=(12,))
+    kv = PassageKV(decoder, "g")
+    got, _ = kv.prefill([p])
+    want, _ = decoder.prefill([p.ids])
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_assembly_equals_pytorch_block_reference(decoder, tiny_generator_dir):
+    """Several blocks against PyTorch in float64, built independently: each block run after the
+    prefix at positions starting right after it, its keys turned by HF's own rotary to their
+    place in the prompt, then the tail run over the assembled cache at contiguous positions."""
+    import torch
+    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    p = _prompt(np.random.default_rng(2), decoder.spec.vocab_size)
+    model = LlamaForCausalLM.from_pretrained(tiny_generator_dir, torch_dtype=torch.float64).eval()
+    n = len(p.prefix)
+    with torch.no_grad():
+        pre = model(torch.tensor([p.prefix]), use_cache=True).past_key_values
+        layers = [[pre.layers[i].keys, pre.layers[i].values] for i in range(len(pre.layers))]
+        offset = n
+        for block in p.blocks:
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(layers):
+                cache.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+            out = model(torch.tensor([block]), past_key_values=cache,
+                        position_ids=torch.arange(n, n + len(block))[None], use_cache=True).past_key_values
+            cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.tensor([[offset - n]]))
+            for i, (k, v) in enumerate(layers):
+                bk, bv = out.layers[i].keys[:, :, n:], out.layers[i].values[:, :, n:]
+                layers[i] = [torch.cat([k, bk * cos + rotate_half(bk) * sin], dim=2), torch.cat([v, bv], dim=2)]
+            offset += len(block)
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)
+        ref = model(torch.tensor([p.tail]), past_key_values=cache,
+                    position_ids=torch.arange(offset, offset + len(p.tail))[None]).logits[0, -1].numpy()
+    got, state = PassageKV(decoder, "g").prefill([p])
+    np.testing.assert_allclose(got[0], ref, atol=5e-4)
+    assert state.lengths.tolist() == [len(p.ids)]
+    # Blocks attend only to themselves and the prefix, so this is not full attention's answer.
+    full, _ = decoder.prefill([p.ids])
+    assert np.abs(full[0] - ref).max() > 1e-3
+
+
+def test_a_batch_mixes_block_and_plain_prompts(decoder):
+    rng = np.random.default_rng(5)
+    a, plain = _prompt(rng, decoder.spec.vocab_size), _prompt(rng, decoder.spec.vocab_size).ids
+    kv = PassageKV(decoder, "g")
+    logits, state = kv.prefill([a, plain])
+    np.testing.assert_allclose(logits[0], kv.prefill([a])[0][0], atol=1e-5)
+    np.testing.assert_allclose(logits[1], decoder.prefill([plain])[0][0], atol=1e-5)
+    assert state.lengths.tolist() == [len(a.ids), len(plain)]
+
+
+def test_reused_blocks_give_the_same_logits(decoder):
+    rng = np.random.default_rng(3)
+    a = _prompt(rng, decoder.spec.vocab_size)
+    # The same passages in another order, after another question: every block is reused.
+    b = BlockPrompt(a.prefix, a.blocks[::-1], tuple(int(t) for t in rng.integers(3, decoder.spec.vocab_size, 4)))
+    kv = PassageKV(decoder, "g")
+    first = BlockStats()
+    kv.prefill([a], first)
+    assert (first.reused, first.computed) == (0, 3)
+    warm, again = kv.prefill([b], BlockStats()), BlockStats()
+    cold = PassageKV(decoder, "g").prefill([b])
+    kv.prefill([b], again)
+    assert (again.reused, again.computed) == (3, 0)
+    np.testing.assert_array_equal(warm[0], cold[0])
+
+
+def test_keys_hold_graph_prefix_and_content(decoder):
+    p = _prompt(np.random.default_rng(4), decoder.spec.vocab_size)
+    kv = PassageKV(decoder, "graph-a")
+    block = p.blocks[0]
+    assert kv.key(p.prefix, block) == PassageKV(decoder, "graph-a").key(p.prefix, block)
+    assert kv.key(p.prefix, block) != PassageKV(decoder, "graph-b").key(p.prefix, block)
+    assert kv.key(p.prefix, block) != kv.key(p.prefix[1:], block)
+    assert kv.key(p.prefix, block) != kv.key(p.prefix, block[:-1])
+
+
+def test_cache_evicts_least_recent_within_budget():
+    cache = BlockCache(budget_bytes=3 * 800)
+    blocks = {bytes([i]): np.zeros(100, dtype=np.float64) for i in range(4)}   # 800 bytes each
+    for key in list(blocks)[:3]:
+        cache.put(key, blocks[key])
+    assert cache.get(bytes([0])) is not None       # 0 is now the most recent
+    cache.put(bytes([3]), blocks[bytes([3])])
+    assert cache.get(bytes([1])) is None and cache.get(bytes([0])) is not None
+    assert cache.bytes <= cache.budget and len(cache) == 3 and cache.evictions == 1
