@@ -65,6 +65,7 @@ SERVE_EPILOG = textwrap.dedent("""\
       curl -s localhost:8000/v1/ask -d '{"question": "How do I copy a list?"}'
       curl -sN localhost:8000/v1/ask -d '{"question": "What is a generator?", "stream": true}'
       ragrt serve --bundle bundles/pydocs --host 0.0.0.0 --api-key-file key.txt --workers 2
+      ragrt serve --bundle /srv/bundles/pydocs --ray auto --replicas 4 --host 0.0.0.0
 
     Endpoints: POST /v1/ask, /v1/chat/completions (OpenAI), /v1/retrieve, /v1/embed;
     GET /healthz, /readyz, /metrics, /openapi.json. SIGTERM lets in-flight requests finish.
@@ -106,15 +107,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ragrt.serve.app import ServerConfig, serve
     except ImportError as e:
         raise RagrtError(f"ragrt serve needs the server extra ({e.name} is missing): pip install 'ragrt[serve]'") from None
-    for name in ("workers", "max_batch", "max_queue"):
+    for name in ("workers", "max_batch", "max_queue", "replicas"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise RagrtError(f"--{name.replace('_', '-')} must be at least {0 if name == 'max_queue' else 1}")
     if not args.timeout > 0:
         raise RagrtError("--timeout must be > 0 seconds")
-    serve(ServerConfig(bundle=args.bundle, host=args.host, port=args.port, workers=args.workers,
-                       api_key_file=args.api_key_file, max_batch=args.max_batch, max_queue=args.max_queue,
-                       timeout_s=args.timeout, device=args.device, threads=args.threads, log_level=args.log_level,
-                       passage_kv_cache_mb=args.passage_kv_cache_mb))
+    if args.ray is None and args.replicas != 1:
+        raise RagrtError("--replicas needs --ray; one process scales with --workers N")
+    if args.ray is not None and args.workers != 1:
+        raise RagrtError("--workers is for the plain server; on Ray, pass --replicas N")
+    config = ServerConfig(bundle=args.bundle, host=args.host, port=args.port, workers=args.workers,
+                          api_key_file=args.api_key_file, max_batch=args.max_batch, max_queue=args.max_queue,
+                          timeout_s=args.timeout, device=args.device, threads=args.threads, log_level=args.log_level,
+                          passage_kv_cache_mb=args.passage_kv_cache_mb)
+    if args.ray is None:
+        serve(config)
+        return 0
+    try:
+        from ragrt.serve.ray_app import run
+    except ImportError as e:
+        raise RagrtError(f"ragrt serve --ray needs the ray extra ({e.name} is missing): pip install 'ragrt[ray]'") from None
+    run(config, address=args.ray or None, replicas=args.replicas)
     return 0
 
 
@@ -125,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         index_dtype=args.index_dtype,
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
-        parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv)
+        parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, shards=args.shards,
+        ray=args.ray)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
     return 0
@@ -203,8 +217,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{m.generator.num_layers} layers, context {m.generator.max_context}, {m.generator.cache} cache, "
           f"{'batch-invariant' if m.generator.batch_invariant else 'batches run row by row'}")
     gen = bundle.generation.spec
-    print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.index.count} passages, "
+    print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.passages.count} passages, "
           f"{gen.index.dtype}, {gen.index.metric}")
+    if gen.shards:
+        print(f"  shards      {len(gen.index_shards)}: " + ", ".join(
+            f"{s.count} passages ({gen.files[s.path].bytes / 1e6:.1f} MB)" for s in gen.index_shards))
     from ragrt.bundle.versions import PASSAGE_KV_FILE
     if PASSAGE_KV_FILE in gen.files:
         print(f"  kv store    {gen.files[PASSAGE_KV_FILE].bytes / 1e6:.1f} MB: every passage's keys and values, "
@@ -248,7 +265,9 @@ def _parity_lines(parity: ParityReport) -> list[str]:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ragrt.bundle.reader import Bundle
     bundle = Bundle.open(args.bundle, verify=True)
-    print(f"ok: {bundle.file_count()} files match their sha256 in {bundle.root} (corpus {bundle.generation.name})")
+    shards = len(bundle.generation.spec.index_shards)
+    print(f"ok: {bundle.file_count()} files match their sha256 in {bundle.root} (corpus {bundle.generation.name}"
+          f"{f', {shards} index shards' if shards > 1 else ''})")
     return 0
 
 
@@ -359,6 +378,14 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8, help="answers decoded together (1: no micro-batching)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond it, 429")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds each request may take")
+    r = s.add_argument_group("on Ray (needs ragrt[ray]; docs/server.md, Serving on Ray)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="deploy as a Ray Serve application: an ingress on --host/--port in front of --replicas "
+                        "engines, each with its own batcher and the options above; ADDRESS joins that cluster "
+                        "(auto, ray://head:10001), none joins the local one or starts it. The bundle and key "
+                        "file must be at the same path on every node")
+    r.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="engine replicas; requests go to the less loaded of two (default 1)")
     s.set_defaults(func=cmd_serve)
 
 

@@ -174,13 +174,15 @@ class Engine:
         return Prepared(question, mode, config, builder, hits, prior,
                         sources, {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}, t0, passage_kv)
 
-    def answer_stream(self, prepared: "Prepared", run: Run) -> "AnswerStream":
-        return AnswerStream(self.tokenizer, run, prepared, prepared.timings)
+    def answer_stream(self, prepared: "Prepared", run: Run | None = None) -> "AnswerStream":
+        """Decodes a prepared request here (or wraps a `run` started elsewhere, as the batcher's)."""
+        p = prepared
+        if run is None:
+            run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding, p.passage_kv)
+        return AnswerStream(self.tokenizer, run, p, p.timings)
 
     def _start(self, question: str, **options) -> "AnswerStream":
-        p = self.prepare(question, **options)
-        run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding, p.passage_kv)
-        return self.answer_stream(p, run)
+        return self.answer_stream(self.prepare(question, **options))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Retrieval is scored at depth 10 against `positive_ids`; a positive names a passage
 (`doc#3`) or a whole document (`doc`), whose every passage then counts. Answers are
 scored against `answer` with SQuAD's normalisation (exact match, token F1) and ROUGE-L,
-and checked for loops (`is_loop`). docs/eval.md defines every figure.
+and checked for loops (`is_loop`). docs/eval.md defines every figure. The metrics are the
+standard formulas in a few lines each, so the runtime needs no `evaluate` or `rouge-score`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 import numpy as np
 
 from ragrt.corpus.jsonl import iter_jsonl
-from ragrt.decoding.rag import start
 from ragrt.errors import CorpusError
 from ragrt.retrieval.passages import document_of
 
@@ -144,8 +144,7 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
         ranks.append(next((r for r, s in enumerate(fetched.sources[:DEPTH], start=1)
                            if is_relevant(s.id, qa.positive_ids)), None))
         p = _top(fetched, k)
-        stream = engine.answer_stream(p, start(p.mode, engine.decoder, p.builder, p.question, p.passages, p.prior,
-                                                p.decoding))
+        stream = engine.answer_stream(p)
         for _ in stream:
             pass
         ans = stream.answer

@@ -26,6 +26,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                         "fastest); optimum, optimum's export (any attention mask)")
     p.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16",
                    help="how the index stores passage vectors (default f16)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="split the index into this many files of consecutive passages, searched in parallel; "
+                        "`ragrt index add/remove` then rewrite only the shards they change (default 1)")
     p.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")
     p.add_argument("--chunk-tokens", type=int, default=128, help="passage length in encoder tokens (default 128)")
@@ -38,3 +41,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="passage keys and values: lazy, computed when a question first retrieves a passage "
                         "(default); all, every passage's precomputed into the corpus (disk: tokens x KV bytes)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="chunk and embed the corpus on a Ray cluster (needs ragrt[ray]): no value or `local` "
+                        "starts one on this machine, else connect to ADDRESS (ray://host:10001 or host:6379); "
+                        "the corpus may then also be Parquet (columns id, text, title)")

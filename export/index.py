@@ -1,4 +1,4 @@
-"""Embedding the passages and building the USearch index and the passage store."""
+"""Embedding the passages and building the USearch index (or its shards) and the passage store."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,7 @@ from ragrt.errors import UserInputError
 import ragrt.retrieval.index as usearch_index
 from ragrt.bundle.manifest import IndexSpec
 from ragrt.retrieval.passages import Passage, passage_text, write_passage_store
+from ragrt.retrieval.shards import shard_path, shard_sizes
 
 DTYPES = ("f16", "i8", "f32")
 
@@ -27,6 +28,7 @@ class IndexBuild:
     connectivity: int
     expansion_search: int
     seconds_index: float
+    shards: tuple[IndexSpec, ...]  # every shard, paths relative to the index's directory
 
 
 def embed_passages(passages: Sequence[Passage], encoder: TextEncoder, *, batch_size: int = 32,
@@ -72,23 +74,36 @@ def cached_embeddings(passages: Sequence[Passage], encoder: TextEncoder, model_k
 def build_index(passages: Sequence[Passage], vectors: np.ndarray, *,
                 index_path: Path, data_path: Path, offsets_path: Path, dtype: str = "f16",
                 connectivity: int = 16, expansion_add: int = usearch_index.EXPANSION_ADD, expansion_search: int = 128,
-                progress: bool = True) -> IndexBuild:
-    """The USearch index of `vectors` (row i is passage i) and the passage store."""
+                shards: int = 1, progress: bool = True) -> IndexBuild:
+    """The USearch index of `vectors` (row i is passage i) and the passage store. With `shards` > 1
+    the index is that many files of consecutive rows beside `index_path`, named by `shard_path`."""
     if dtype not in DTYPES:
         raise UserInputError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if shards < 1:
+        raise UserInputError(f"index shards must be at least 1, got {shards}")
     index_path = Path(index_path)
     t1 = time.perf_counter()
     ndim = vectors.shape[1]
-    spec = IndexSpec(path=index_path.name, metric=usearch_index.METRIC, dtype=dtype, ndim=ndim, count=len(passages),
-                     connectivity=connectivity, expansion_search=expansion_search)
-    index = usearch_index.build_index(vectors, spec, expansion_add=expansion_add,
-                                      log="building index" if progress else False)
-    tmp = index_path.with_name(index_path.name + ".tmp")
-    try:
-        index.save(str(tmp))
-        os.replace(tmp, index_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    specs, start = [], 0
+    for j, count in enumerate(shard_sizes(len(passages), shards)):
+        spec = IndexSpec(path=shard_path(index_path.name, j, shards), metric=usearch_index.METRIC, dtype=dtype,
+                         ndim=ndim, count=count, connectivity=connectivity, expansion_search=expansion_search)
+        what = "building index" if shards == 1 else f"building index shard {j + 1}/{shards}"
+        index = usearch_index.build_index(vectors[start:start + count], spec, expansion_add=expansion_add,
+                                          log=what if progress else False)
+        _save(index, index_path.with_name(spec.path))
+        specs.append(spec)
+        start += count
     t2 = time.perf_counter()
     write_passage_store(data_path, offsets_path, passages)
-    return IndexBuild(len(passages), ndim, dtype, spec.metric, connectivity, expansion_search, t2 - t1)
+    return IndexBuild(len(passages), ndim, dtype, usearch_index.METRIC, connectivity, expansion_search, t2 - t1,
+                      tuple(specs))
+
+
+def _save(index, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        index.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

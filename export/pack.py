@@ -14,12 +14,18 @@ from ragrt.bundle.atomic import atomic_write_text
 from ragrt.bundle.versions import CORPUS_DIR
 from ragrt.bundle.integrity import file_entries
 from ragrt.errors import UserInputError
+from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, PromptSpec, TaskPrompt
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using the context passages. "
                  "Answer briefly and precisely.")
 USER_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
+# Rank-free, so a passage's KV is the same whatever its rank (decoding/blocks.py): numbered
+# passages also had the model continue the list ("[6] ...") instead of answering.
 PASSAGE_TEMPLATE = "{title}\n{text}"
+# Chosen on the FAQ dev split (benchmarks/answer_defaults.py, figures in benchmarks/README.md):
+# greedy answers of the small generators loop; these two stop it and raised F1.
+DECODING = DecodingDefaults(repetition_penalty=1.2, no_repeat_ngram_size=4)
 # Tasks beyond question answering; `ragrt ask --task NAME` and the server's "task" pick one.
 TASKS = {
     "summarize": TaskPrompt(

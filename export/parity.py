@@ -17,7 +17,7 @@ from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decod
 from ragrt.decoding.decoder import Decoder
 from ragrt.decoding.lookup import PromptLookup
 from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
-from ragrt.bundle.manifest import EncoderParity, GeneratorSpec, GreedyAgreement, PassageKVParity, PromptSpec
+from ragrt.bundle.manifest import DraftParity, EncoderParity, GeneratorSpec, GreedyAgreement, PassageKVParity, PromptSpec
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_id
 from ragrt.runtime.sessions import SessionConfig, create_session
@@ -187,3 +187,21 @@ def block_agreement(decoder, builder: PromptBuilder, n: int, new_tokens: int, *,
             total += 1
             gen.append(np.array([token], dtype=np.int64))
     return (agree / total if total else 1.0), len(prompts)
+
+
+def draft_parity(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec, *,
+                 prompts: int, new_tokens: int) -> DraftParity:
+    """Greedy with prompt-lookup drafts against one token per pass, on the built-in prompts: the
+    share of each one-token answer that the drafted answer repeats before they part, averaged."""
+    decoder = open_decoder(create_session(model_path, SessionConfig()), spec)
+    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    builder = PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens)
+    shares = []
+    for ids in parity_prompt_ids(builder, prompts):
+        alone = _until_eos(list(greedy(decoder, ids, new_tokens)), spec.eos_token_ids)
+        drafted = _until_eos(list(greedy(decoder, ids, new_tokens, PromptLookup())), spec.eos_token_ids)
+        same = len(os.path.commonprefix([alone, drafted]))
+        shares.append(same / max(len(alone), len(drafted), 1))
+    return DraftParity(agreement=round(float(np.mean(shares)), 4), prompts=len(shares), new_tokens=new_tokens)

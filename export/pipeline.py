@@ -25,16 +25,16 @@ from ragrt.retrieval.encoder import TextEncoder
 from ragrt.errors import RagrtError, UserInputError
 from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
 from ragrt.bundle.integrity import sha256_file
-from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, SCHEMA_VERSION, ChunkingSpec, CorpusProvenance,
-                             EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, IndexSpec, Manifest,
-                             ModelSource, ParityReport, PassageKVParity, PassagesSpec, RagDefaults)
+from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpec, CorpusProvenance,
+                             EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, Manifest,
+                             ModelSource, ParityReport, PassageKVParity, PassagesSpec, RagDefaults, written_version)
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.runtime.sessions import SessionConfig
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from ragrt.export.pack import library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
+from ragrt.export.pack import DECODING, library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -71,6 +71,8 @@ class ExportConfig:
     graph: str = "fused"
     dev: Path | None = None                 # QA JSONL: F1 with and without passage KV decides its default
     passage_kv: str = "lazy"                # lazy: blocks computed at question time; all: precomputed into the corpus
+    shards: int = 1                         # index shards of consecutive passages (retrieval/shards.py)
+    ray: str | None = None                  # chunk and embed on Ray: "local" or a cluster address (ray_embed.py)
 
 
 def _say(msg: str) -> None:
@@ -307,6 +309,8 @@ def _validate(cfg: ExportConfig) -> None:
         raise UserInputError("--parity-prompts must be at least 1")
     if cfg.passage_kv not in ("lazy", "all"):
         raise UserInputError(f"--passage-kv must be lazy or all, got {cfg.passage_kv!r}")
+    if cfg.shards < 1:
+        raise UserInputError(f"--shards must be at least 1, got {cfg.shards}")
     if cfg.passage_kv == "all" and cfg.graph != "fused":
         raise UserInputError("--passage-kv all needs the fused generator graph: drop --graph optimum")
     if Path(cfg.out).exists() and not cfg.force:
@@ -319,8 +323,14 @@ def run_export(cfg: ExportConfig) -> Path:
     from ragrt.export.parity import PARITY_PROMPTS
     _validate(cfg)
     cfg = ExportConfig(**{**asdict(cfg), "parity_prompts": min(cfg.parity_prompts, len(PARITY_PROMPTS))})
-    docs = list(read_documents(cfg.corpus))     # a bad corpus fails here, before minutes of model work
-    _say(f"{len(docs)} documents read from {cfg.corpus}")
+    # A bad corpus fails here, before minutes of model work.
+    if cfg.ray is None:
+        docs = list(read_documents(cfg.corpus))
+        documents = len(docs)
+    else:
+        from ragrt.export.ray_embed import read_corpus
+        docs, documents = read_corpus(cfg.corpus)   # a Parquet corpus stays a path, read on the cluster
+    _say(f"{documents} documents read from {cfg.corpus}")
     with quiet_exporters():
         enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
         q = cfg.quantize
@@ -349,18 +359,25 @@ def run_export(cfg: ExportConfig) -> Path:
         shutil.copyfile(gen_dir / "tokenizer.json", tmp / "generator" / "tokenizer.json")
 
         chunk_tok = Tokenizer.from_file(str(tmp / "encoder" / "tokenizer.json"))
-        passages = list(chunk_documents(docs, chunk_tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap))
-        if not passages:
-            raise UserInputError(f"{cfg.corpus}: the corpus has no text to index")
         # The corpus is embedded once, here, so it gets the fp32 graph whatever the bundle ships:
         # only queries go through the quantized one, whose rounding then touches one side of
         # each similarity instead of both (its effect on the FAQ splits: see quantize_encoder).
-        _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens; embedding them with the fp32 encoder")
-        encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
-                              max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
+        if cfg.ray is None:
+            passages = list(chunk_documents(docs, chunk_tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap))
+        else:
+            from ragrt.export.ray_embed import RayEmbedding, embed_on_ray
+            _say(f"chunking and embedding on Ray ({cfg.ray}) with the fp32 encoder")
+            on_ray = embed_on_ray(docs, RayEmbedding(address=cfg.ray), model=enc_dir / "fp32" / "model.onnx",
+                                  tokenizer=tmp / "encoder" / "tokenizer.json", max_length=enc_meta["max_length"],
+                                  dim=enc_meta["dim"], max_tokens=cfg.chunk_tokens, overlap=cfg.overlap)
+            passages = on_ray.passages
+            _say(f"embedded by {on_ray.actors} actors x {on_ray.threads} threads on {len(on_ray.nodes)} node(s)")
+        if not passages:
+            raise UserInputError(f"{cfg.corpus}: the corpus has no text to index")
+        _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens")
 
         from ragrt.export.onnx.graphs import graph_rotary
-        from ragrt.export.parity import passage_kv_parity
+        from ragrt.export.parity import draft_parity, passage_kv_parity
         from ragrt.export.train.finetune import training_record
         enc_source = ModelSource(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
         gen_source = ModelSource(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
@@ -375,46 +392,51 @@ def run_export(cfg: ExportConfig) -> Path:
             _say(f"passage KV vs full prefill, {block_parity.prompts} prompts of 3 passages: teacher-forced top-1 "
                  f"agreement {block_parity.agreement:.3f} (generator {'trained' if trained else 'not trained'} "
                  "with --block-attention)")
+        drafts = draft_parity(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json", generator, prompt,
+                              prompts=cfg.parity_prompts, new_tokens=PARITY_NEW_TOKENS)
+        _say(f"prompt-lookup drafts vs one token per pass, {drafts.prompts} prompts: {drafts.agreement:.3f} of the "
+             f"greedy tokens kept ({'exact' if generator.drafts_exact else 'not exact'}; used "
+             f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
         manifest = Manifest(
-            schema=SCHEMA, schema_version=SCHEMA_VERSION, ragrt_version=__version__, created_at=now(),
+            schema=SCHEMA, schema_version=written_version(shards=cfg.shards), ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
             generator=generator,
             prompt=prompt,
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
-            rag=RagDefaults(),
-            corpus=CorpusProvenance(source=str(cfg.corpus), documents=len(docs), passages=len(passages),
+            rag=RagDefaults(decoding=DECODING),
+            corpus=CorpusProvenance(source=str(cfg.corpus), documents=documents, passages=len(passages),
                                     embedded_with="fp32"),
             parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q,
-                                passage_kv=block_parity),
+                                passage_kv=block_parity, drafts=drafts),
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)
 
-        # The key holds the tokenizer too: the same weights with another vocabulary embed differently.
-        vectors, seconds = cached_embeddings(passages, encoder, content_key(enc_dir / "fp32" / "model.onnx",
-                                                                            tmp / "encoder" / "tokenizer.json"))
+        if cfg.ray is None:
+            encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
+                                  max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
+            # The key holds the tokenizer too: the same weights with another vocabulary embed differently.
+            vectors, seconds = cached_embeddings(passages, encoder, content_key(enc_dir / "fp32" / "model.onnx",
+                                                                                tmp / "encoder" / "tokenizer.json"))
+        else:
+            vectors, seconds = on_ray.vectors, on_ray.seconds
         with staging(tmp) as gen:
             built = build_index(passages, vectors, index_path=gen / INDEX_FILE, data_path=gen / DATA_FILE,
-                                offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype)
-            _say(f"indexed {built.count} passages: embedding {seconds:.1f} s"
+                                offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype, shards=cfg.shards)
+            _say(f"indexed {built.count} passages{f' in {cfg.shards} shards' if cfg.shards > 1 else ''}: embedding {seconds:.1f} s"
                  f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
             if cfg.passage_kv == "all":
                 from ragrt.decoding.blockstore import write_store
                 kv = write_store(tmp, manifest, gen, passages)
                 _say(f"passage KV: {kv.blocks} blocks, {kv.tokens} tokens, {kv.bytes / 1e6:.1f} MB")
-            publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=len(docs),
-                    index=IndexSpec(path=INDEX_FILE, metric=built.metric, dtype=built.dtype, ndim=built.ndim,
-                                    count=built.count, connectivity=built.connectivity,
-                                    expansion_search=built.expansion_search),
+            publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=documents,
+                    index=built.shards[0], shards=built.shards[1:],
                     passages=PassagesSpec(data=DATA_FILE, offsets=OFFSETS_FILE, count=built.count))
-        if cfg.dev and block_parity:
+        if cfg.dev:
             # Measured on the written bundle, so the manifest is written again with the figures.
-            block_parity = dev_passage_kv(tmp, cfg.dev, block_parity)
-            on = "on" if passage_kv_on_by_default(block_parity) else "off"
-            reseal(tmp, dataclasses.replace(manifest, parity=dataclasses.replace(manifest.parity, passage_kv=block_parity),
-                                            rag=dataclasses.replace(manifest.rag, passage_kv=on)))
+            reseal(tmp, dev_decisions(tmp, cfg.dev, manifest))
         Bundle.open(tmp, verify=True)           # the reader must accept what the writer wrote
     return Path(cfg.out)
 
@@ -425,17 +447,37 @@ def passage_kv_on_by_default(parity: PassageKVParity) -> bool:
             and parity.f1_blocks >= parity.f1_full - 0.01)
 
 
-def dev_passage_kv(bundle: Path, dev: Path, parity: PassageKVParity) -> PassageKVParity:
-    """Answer F1 on the dev questions with full prefill and with passage KV, on the written bundle."""
+def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
+    """Answer F1 on the dev questions with full prefill, with passage KV, and with prompt-lookup
+    drafts where they are not exact; the manifest with those figures and the defaults they decide."""
     from ragrt.engine import Engine
     from ragrt.evaluate import evaluate, read_qa
     items = read_qa(dev)
     engine = Engine.open(bundle)
-    _say(f"answering {len(items)} dev questions with full prefill, then with passage KV")
-    full = evaluate(engine, items, passage_kv="off").answer["f1"]
-    blocks = evaluate(engine, items, passage_kv="on").answer["f1"]
-    _say(f"dev F1: full prefill {full:.3f}, passage KV {blocks:.3f}")
-    return dataclasses.replace(parity, dev_questions=len(items), f1_full=round(full, 4), f1_blocks=round(blocks, 4))
+    parity, rag, generator = manifest.parity, manifest.rag, manifest.generator
+
+    def f1(**options) -> float:
+        return round(evaluate(engine, items, **options).answer["f1"], 4)
+
+    _say(f"answering the {len(items)} dev questions with full prefill")
+    full = f1(passage_kv="off")
+    if parity.passage_kv:
+        _say("... with passage KV")
+        blocks = dataclasses.replace(parity.passage_kv, dev_questions=len(items), f1_full=full, f1_blocks=f1(passage_kv="on"))
+        parity = dataclasses.replace(parity, passage_kv=blocks)
+        rag = dataclasses.replace(rag, passage_kv="on" if passage_kv_on_by_default(blocks) else "off")
+        _say(f"dev F1: full prefill {full:.3f}, passage KV {blocks.f1_blocks:.3f}: passage KV {rag.passage_kv} by default")
+    if not generator.drafts_exact:
+        _say("... with prompt-lookup drafts")
+        engine.decoder.spec = dataclasses.replace(engine.decoder.spec, drafts=True)
+        drafts = dataclasses.replace(parity.drafts, dev_questions=len(items), f1_without=full,
+                                     f1_with=f1(passage_kv="off"))
+        parity = dataclasses.replace(parity, drafts=drafts)
+        # Within noise: the F1 of 36 questions moves by about a point on rounding-level changes.
+        generator = dataclasses.replace(generator, drafts=drafts.f1_with >= full - 0.01)
+        _say(f"dev F1: one token per pass {full:.3f}, drafts {drafts.f1_with:.3f}: drafts "
+             f"{'on' if generator.drafts else 'off'}")
+    return dataclasses.replace(manifest, parity=parity, rag=rag, generator=generator)
 
 
 def reseal(bundle: Path, manifest: Manifest) -> None:
@@ -448,5 +490,5 @@ def reseal(bundle: Path, manifest: Manifest) -> None:
             (gen / rel).parent.mkdir(parents=True, exist_ok=True)
             os.link(old.path / rel, gen / rel)
         publish(bundle, gen, number=old.spec.number + 1, manifest_sha256=sha256_file(bundle / MANIFEST_NAME),
-                index=old.spec.index, passages=old.spec.passages, documents=old.spec.documents)
+                index=old.spec.index, shards=old.spec.shards, passages=old.spec.passages, documents=old.spec.documents)
     shutil.rmtree(old.path)

@@ -73,6 +73,18 @@ def test_evaluate_embeds_each_question_once_and_answers_as_ask(tiny_bundle, mode
     assert result.retrieval["mrr@10"] == pytest.approx(sum(1 / r for r in ranks) / len(ranks))
 
 
+def test_evaluate_answers_as_ask_with_passage_kv(tiny_bundle):
+    """Options reach the decoding: with passage KV on, eval's answers are ask's in block mode."""
+    from ragrt import Engine
+    engine = Engine.open(tiny_bundle)
+    questions = ["How do I copy a list?", "What is the GIL?"]
+    asked = [engine.ask(q, k=3, max_new_tokens=12, passage_kv="on").answer for q in questions]
+    assert len(engine.passage_kv.cache) > 0
+    fresh = Engine.open(tiny_bundle)
+    result = evaluate(fresh, [QA(q, "", ()) for q in questions], k=3, max_new_tokens=12, passage_kv="on")
+    assert result.predictions == asked and len(fresh.passage_kv.cache) == len(engine.passage_kv.cache)
+
+
 def test_the_top_of_a_deeper_search_is_the_shallow_search(tiny_bundle):
     from ragrt import Engine
     from ragrt.evaluate import _top

@@ -192,3 +192,12 @@ def test_cuda_keeps_the_cache_on_the_device_with_the_same_tokens(fused):
     decoder.kv_device = None
     assert [list(greedy(decoder, p, 12)) for p in prompts] == on_device
     assert batched == on_device
+
+
+def test_fused_export_takes_relative_paths(tiny_generator_dir, tmp_path, monkeypatch):
+    """`ragrt export --generator runs/x/generator`: the builder runs elsewhere, yet finds it."""
+    import os
+    from ragrt.export.onnx.graphs import export_generator_fused
+    monkeypatch.chdir(tiny_generator_dir.parent)
+    exp = export_generator_fused(type(tiny_generator_dir)(tiny_generator_dir.name), type(tmp_path)(os.path.relpath(tmp_path / "g")), "fp32")
+    assert (tmp_path / "g" / "model.onnx").is_file() and exp.num_layers == 2

@@ -92,10 +92,12 @@ def test_version_2_manifests_still_open():
 def test_corpus_and_parity_keep_the_json_older_bundles_have():
     raw = json.loads(sample_manifest().to_json())
     assert raw["corpus"] == {"source": "corpus.jsonl", "documents": 3, "passages": 5, "embedded_with": "fp32"}
-    # Fields only get added: what older bundles wrote is all still there (passage_kv came with schema 4).
-    assert set(raw["parity"]) == {"encoder", "generator", "used", "passage_kv"} and raw["parity"]["used"] == "fp32"
-    del raw["parity"]["passage_kv"]
-    assert Manifest.from_json(json.dumps(raw)).parity.passage_kv is None
+    # Fields only get added: what older bundles wrote is all still there, and what they lack reads as None.
+    assert set(raw["parity"]) == {"encoder", "generator", "used", "passage_kv", "drafts"}
+    assert raw["parity"]["used"] == "fp32"
+    del raw["parity"]["passage_kv"], raw["parity"]["drafts"]
+    parity = Manifest.from_json(json.dumps(raw)).parity
+    assert parity.passage_kv is None and parity.drafts is None
     assert set(raw["parity"]["encoder"]) == {"fp32_cosine_mean", "fp32_cosine_min", "int8_cosine_mean", "int8_cosine_min",
                                              "w8a8_cosine_mean", "w8a8_cosine_min", "texts"}
     assert set(raw["parity"]["generator"]["fp32"]) == {"exact_match", "prefix_agreement", "teacher_forced_top1", "prompts",

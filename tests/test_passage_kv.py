@@ -37,7 +37,7 @@ def test_rotation_composes_and_inverts(decoder):
 def test_one_block_is_full_prefill(decoder):
     """With one passage, block attention is plain causal attention: same logits as full prefill."""
     p = _prompt(np.random.default_rng(1), decoder.spec.vocab_size, blocks=(12,))
-    kv = PassageKV(decoder, "g")
+    kv = PassageKV(decoder, "g", dtype=np.float32)
     got, _ = kv.prefill([p])
     want, _ = decoder.prefill([p.ids])
     np.testing.assert_allclose(got, want, atol=2e-4)
@@ -74,7 +74,7 @@ def test_assembly_equals_pytorch_block_reference(decoder, tiny_generator_dir):
             cache.update(k, v, i)
         ref = model(torch.tensor([p.tail]), past_key_values=cache,
                     position_ids=torch.arange(offset, offset + len(p.tail))[None]).logits[0, -1].numpy()
-    got, state = PassageKV(decoder, "g").prefill([p])
+    got, state = PassageKV(decoder, "g", dtype=np.float32).prefill([p])
     np.testing.assert_allclose(got[0], ref, atol=5e-4)
     assert state.lengths.tolist() == [len(p.ids)]
     # Blocks attend only to themselves and the prefix, so this is not full attention's answer.
@@ -85,11 +85,18 @@ def test_assembly_equals_pytorch_block_reference(decoder, tiny_generator_dir):
 def test_a_batch_mixes_block_and_plain_prompts(decoder):
     rng = np.random.default_rng(5)
     a, plain = _prompt(rng, decoder.spec.vocab_size), _prompt(rng, decoder.spec.vocab_size).ids
-    kv = PassageKV(decoder, "g")
+    kv = PassageKV(decoder, "g", dtype=np.float32)
     logits, state = kv.prefill([a, plain])
     np.testing.assert_allclose(logits[0], kv.prefill([a])[0][0], atol=1e-5)
     np.testing.assert_allclose(logits[1], decoder.prefill([plain])[0][0], atol=1e-5)
     assert state.lengths.tolist() == [len(a.ids), len(plain)]
+
+
+def test_blocks_kept_in_float16_stay_near_float32(decoder):
+    p = _prompt(np.random.default_rng(6), decoder.spec.vocab_size)
+    exact, _ = PassageKV(decoder, "g", dtype=np.float32).prefill([p])
+    half, _ = PassageKV(decoder, "g").prefill([p])
+    assert np.abs(half - exact).max() <= 2e-3 * np.abs(exact).max()
 
 
 def test_reused_blocks_give_the_same_logits(decoder):
@@ -97,12 +104,12 @@ def test_reused_blocks_give_the_same_logits(decoder):
     a = _prompt(rng, decoder.spec.vocab_size)
     # The same passages in another order, after another question: every block is reused.
     b = BlockPrompt(a.prefix, a.blocks[::-1], tuple(int(t) for t in rng.integers(3, decoder.spec.vocab_size, 4)))
-    kv = PassageKV(decoder, "g")
+    kv = PassageKV(decoder, "g", dtype=np.float32)
     first = BlockStats()
     kv.prefill([a], first)
     assert (first.reused, first.computed) == (0, 3)
     warm, again = kv.prefill([b], BlockStats()), BlockStats()
-    cold = PassageKV(decoder, "g").prefill([b])
+    cold = PassageKV(decoder, "g", dtype=np.float32).prefill([b])
     kv.prefill([b], again)
     assert (again.reused, again.computed) == (3, 0)
     np.testing.assert_array_equal(warm[0], cold[0])

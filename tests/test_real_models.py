@@ -105,3 +105,27 @@ def test_int4_bundle_answers_in_batched_rag_token(faq_bundle, tmp_path):
     assert spec["parity"]["generator"]["int4"]["teacher_forced_top1"] >= 0.8
     ans = ask(bundle, "How do I copy an object in Python?", "--mode", "token", "--k", "3", "--max-new-tokens", "24")
     assert "copy" in ans["answer"].lower(), ans["answer"]
+
+
+# The README's and `make demo`'s questions, and those that looped before decoding defaults were measured.
+SHOWCASE = ["How do I remove duplicates from a list while keeping the order?", "How do I copy a list?",
+            "What is a generator?", "What does the json module do?", "What is a generator in Python?"]
+
+
+def test_showcase_answers_do_not_loop_with_the_bundle_defaults(faq_bundle):
+    from ragrt import Engine
+    from ragrt.evaluate import is_loop
+    engine = Engine.open(faq_bundle)
+    for question in SHOWCASE:
+        ans = engine.ask(question)
+        ids = engine.tokenizer.encode(ans.answer, add_special_tokens=False).ids
+        assert not is_loop(ids, hit_limit=ans.finish_reason == "length"), (question, ans.answer)
+
+
+def test_passage_kv_answers_from_the_right_passage(faq_bundle):
+    """Prompts assembled from reused passage KV: right sources, an on-topic answer, blocks reused."""
+    first = ask(faq_bundle, "How do I copy an object in Python?", "--passage-kv", "on", "--max-new-tokens", "48")
+    ids = [s["id"] for s in first["sources"]]
+    assert any(i.startswith("faq/programming#how-do-i-copy-an-object-in-python") for i in ids), ids
+    assert "copy" in first["answer"].lower(), first["answer"]
+    assert first["passage_kv"]["computed"] == len(ids) and "kv_assemble" in first["timings_ms"]

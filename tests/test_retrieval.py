@@ -151,9 +151,10 @@ def test_titles_are_embedded_with_the_text(encoder, tmp_path):
 def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
     built = _build([Passage(f"p{i}", "", t) for i, t in enumerate(TEXTS)], encoder, tmp_path, dtype="i8")
     retriever = Retriever.open(tmp_path, *_specs(built, expansion_search=77), encoder)
-    assert retriever.index.expansion_search == 77
+    (index,) = retriever.index.shards
+    assert index.expansion_search == 77
     with pytest.raises(RuntimeError, match="immutable"):   # a view of the file, not a loaded copy
-        retriever.index.add(99, np.ones(encoder.dim, dtype=np.float32))
+        index.add(99, np.ones(encoder.dim, dtype=np.float32))
     if sys.platform.startswith("linux"):                   # read at random: no readahead (VmFlag rr)
         assert file_regions(tmp_path / "v.usearch")
         assert all("rr" in vm_flags(start) for start, _ in file_regions(tmp_path / "v.usearch"))

@@ -159,22 +159,12 @@ def test_bad_updates_change_nothing(bundle, tmp_path):
 def test_a_failure_at_any_step_leaves_the_old_corpus_or_the_new(bundle, tmp_path, monkeypatch):
     """Fails the k-th fsync or rename of an update, for every k: the kill test's random moments, made exhaustive."""
     new_docs = write_jsonl(tmp_path / "new.jsonl", NEW_DOCS)
-    calls = []
-    failing_at = faults.failing_at(monkeypatch, calls)
-
-    failing_at(0)
-    copy = Path(shutil.copytree(bundle, tmp_path / "count"))
-    add_documents(copy, new_docs, threads=1)
-    steps, old, new = len(calls), set(passages(bundle)), set(passages(copy))
-    assert steps >= 8, calls
+    whole, steps, runs = faults.failed_updates(monkeypatch, bundle, tmp_path,
+                                               lambda b: add_documents(b, new_docs, threads=1))
+    old, new = set(passages(bundle)), set(passages(whole))
+    assert steps >= 8
     seen = set()
-    for k in range(1, steps + 1):
-        calls.clear()
-        failing_at(k)
-        b = Path(shutil.copytree(bundle, tmp_path / f"k{k}"))
-        with pytest.raises(OSError, match="injected"):
-            add_documents(b, new_docs, threads=1)
-        monkeypatch.undo()
+    for k, b in runs:
         state = set(passages(b))
         assert state in (old, new), k
         seen.add("new" if state == new else "old")

@@ -19,10 +19,12 @@ from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 2 moved the index and the passage store into corpus generations (bundle/versions.py).
 # Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
 # in place of an attention mask, which a version-2 reader would still try to feed.
+# Version 4 lets a corpus generation hold several index shards (GenerationSpec.shards), of which a
+# version-3 reader would search only the first.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -112,6 +114,9 @@ class GeneratorSpec:
     rotary_base: float = 0.0
     rotary_dim: int = 0
     rotary_interleaved: bool = False
+    # Prompt-lookup drafts where not `drafts_exact` too: the export found the answers unchanged
+    # within noise on `--dev` questions (parity.drafts holds the figures).
+    drafts: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ class IndexSpec:
     metric: str                    # "cos"
     dtype: str                     # "f16" | "i8" | "f32"
     ndim: int
-    count: int
+    count: int                     # vectors, under keys 0..count-1: rows from the shard's first (retrieval/shards.py)
     connectivity: int
     expansion_search: int
 
@@ -239,12 +244,24 @@ class PassageKVParity:
 
 
 @dataclass(frozen=True)
+class DraftParity:
+    """Prompt-lookup drafts against one-token steps on the shipped generator (greedy)."""
+    agreement: float               # mean share of one-token greedy's tokens that drafted decoding keeps, in order
+    prompts: int
+    new_tokens: int
+    dev_questions: int = 0         # `ragrt export --dev QA`: answer F1 on them with and without drafts
+    f1_without: float | None = None
+    f1_with: float | None = None
+
+
+@dataclass(frozen=True)
 class ParityReport:
     """What the export measured against PyTorch before writing the bundle."""
     encoder: EncoderParity
     generator: dict[str, GreedyAgreement]   # by quantization, every variant the export built
     used: str                      # the quantization this bundle's generator has
     passage_kv: PassageKVParity | None = None   # None: passage KV unavailable for this bundle
+    drafts: DraftParity | None = None           # None: not measured (older bundles)
 
 
 @dataclass(frozen=True)
@@ -294,12 +311,21 @@ class GenerationSpec:
     # and this seals manifest.json, which lists no checksum of itself.
     manifest_sha256: str
     files: dict[str, FileEntry]
-    index: IndexSpec
+    index: IndexSpec               # the vector index, or its first shard
     passages: PassagesSpec
     documents: int
+    # The index's other shards, in row order (retrieval/shards.py); empty: one index.
+    shards: tuple[IndexSpec, ...] = ()
+
+    @property
+    def index_shards(self) -> tuple[IndexSpec, ...]:
+        return (self.index, *self.shards)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        raw = dataclasses.asdict(self)
+        if not self.shards:
+            del raw["shards"]          # a one-shard generation.json reads as before shards existed
+        return json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> "GenerationSpec":
@@ -307,7 +333,14 @@ class GenerationSpec:
                         where)
 
     def referenced_paths(self) -> list[str]:
-        return [self.index.path, self.passages.data, self.passages.offsets]
+        return [*(s.path for s in self.index_shards), self.passages.data, self.passages.offsets]
+
+
+def written_version(*, shards: int) -> int:
+    """The schema_version a bundle is written with: the oldest that describes it, so that older ragrt
+    opens every bundle it reads right (git writes repositoryformatversion 0 until an extension needs 1).
+    Only a sharded index needs version 4; a new version adds its own condition here."""
+    return 4 if shards > 1 else 3
 
 
 def _json_object(text: str, where: str, schema: str, kind: str) -> dict:

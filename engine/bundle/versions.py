@@ -1,10 +1,11 @@
 """Corpus generations: the index and the passage store, replaced as one unit by renaming a pointer.
 
     corpus/CURRENT                    "gen-000002 <sha256 of its generation.json>\\n"
-    corpus/gen-000002/generation.json GenerationSpec: files, index, passages
+    corpus/gen-000002/generation.json GenerationSpec: files, index (and its shards), passages
     corpus/gen-000002/...             the files it lists
 
-A generation directory is never modified once named `gen-*`. An update builds the next one in a
+A generation directory is never modified once named `gen-*`, nor is any file in it, so an update
+may hard-link the files it leaves as they are (index shards no update touched) into the next one. An update builds the next one in a
 temporary directory, fsyncs it, renames it to `gen-N`, then replaces CURRENT with `os.replace`: a
 process killed at any point leaves CURRENT naming either the old generation or the new one.
 The generation before the current one is kept until the next update, so a reader that read the
@@ -159,14 +160,14 @@ def staging(bundle: Path) -> Iterator[Path]:
 
 
 def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, index: IndexSpec,
-            passages: PassagesSpec, documents: int) -> Generation:
+            passages: PassagesSpec, documents: int, shards: tuple[IndexSpec, ...] = ()) -> Generation:
     """Seals `staged` as generation `number` and makes it current; the one swap readers can see."""
     bundle = Path(bundle)
     corpus = bundle / CORPUS_DIR
     spec = GenerationSpec(
         schema=GENERATION_SCHEMA, number=number, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         manifest_sha256=manifest_sha256, files=file_entries(staged, [p for p in staged.rglob("*") if p.is_file()]),
-        index=index, passages=passages, documents=documents)
+        index=index, passages=passages, documents=documents, shards=tuple(shards))
     (staged / GENERATION_FILE).write_text(spec.to_json(), encoding="utf-8")
     fsync_tree(staged)
     target = corpus / f"gen-{number:06d}"

@@ -1,7 +1,9 @@
 """`ragrt index add` / `ragrt index remove`: a new corpus generation, without a re-export.
 
-Both copy the current generation's index and passage store into a staging directory, change the
-copy, and publish it (engine/bundle/versions.py): a crash leaves the old corpus or the new one. New
+Both write the next generation into a staging directory and publish it (engine/bundle/versions.py):
+a crash leaves the old corpus or the new one. The passage store is written whole; of the index
+shards (retrieval/shards.py) only those the update changes are rewritten (the one receiving added
+passages, those losing removed ones), the others hard-linked from the current generation. New
 documents are chunked with the bundle's chunking settings and embedded by its own encoder, so they
 are indistinguishable from exported ones. A generation with a passage KV store
 (`--passage-kv all`) passes one on: the new generation's store is written whole, each kept block
@@ -17,6 +19,7 @@ removing every passage.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -28,12 +31,13 @@ from ragrt.bundle.reader import Bundle
 from ragrt.corpus.documents import chunk_documents, located_documents
 from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
 from ragrt.errors import CorpusError
-from ragrt.bundle.versions import DATA_FILE, INDEX_FILE, OFFSETS_FILE, Generation, publish, remove_unused, staging, update_lock
+from ragrt.bundle.versions import DATA_FILE, OFFSETS_FILE, Generation, publish, remove_unused, staging, update_lock
 from ragrt.bundle.manifest import PassagesSpec
 from ragrt.decoding.blockstore import has_store, write_store
 from ragrt.runtime.sessions import SessionConfig
 from ragrt.retrieval.index import build_index, open_index
 from ragrt.retrieval.passages import Passage, PassageStore, document_of, passage_text, write_passage_store
+from ragrt.retrieval.shards import first_rows, receiving_shard
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,13 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
             raise CorpusError(f"{corpus}: the documents have no text to index")
         encoder = TextEncoder.from_spec(bundle.root, m.encoder, SessionConfig(threads=threads))
         vectors = encoder.embed_all([passage_text(p) for p in new])
-        index = _open_index(gen, view=False)          # a private, writable copy of the current graph
-        index.add(np.arange(len(store), len(store) + len(new), dtype=np.uint64), vectors)
-        return _publish(bundle, gen, index, chain(_records(store), new), added=len(new), removed=0,
+        counts = [s.count for s in gen.spec.index_shards]
+        j = receiving_shard(counts)
+        index = _open_index(gen, j, view=False)       # a private, writable copy of the shard's graph
+        index.add(np.arange(counts[j], counts[j] + len(new), dtype=np.uint64), vectors)
+        end = first_rows(counts)[j] + counts[j]       # the new rows follow the shard's own
+        records = chain((store.get(row) for row in range(end)), new, (store.get(row) for row in range(end, len(store))))
+        return _publish(bundle, gen, {j: index}, records, added=len(new), removed=0,
                         documents=len(have) + len(docs), threads=threads)
 
 
@@ -89,11 +97,17 @@ def remove_ids(bundle_path: str | Path, ids_file: str | Path, *, threads: int = 
             # as export refuses an empty corpus: an engine without passages has nothing to answer from
             raise CorpusError(f"{ids_file}: these ids are every passage in the bundle; nothing was removed")
         documents = len({document_of(ids[row]) for row in keep})
-        old = _open_index(gen, view=True)
-        # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
-        index = build_index(np.vstack(old.get(keep)), gen.spec.index)
+        rebuilt = {}
+        specs = gen.spec.index_shards
+        for j, (spec, first) in enumerate(zip(specs, first_rows([s.count for s in specs]))):
+            if any(first <= row < first + spec.count for row in drop):
+                old = _open_index(gen, j, view=True)
+                kept_keys = np.array([key for key in range(spec.count) if first + key not in drop], dtype=np.uint64)
+                # The stored vectors, copied as they are (f16/i8), so kept passages score exactly as before.
+                vectors = np.vstack(old.get(kept_keys)) if len(kept_keys) else np.empty((0, spec.ndim), np.float32)
+                rebuilt[j] = build_index(vectors, spec)
         kept = (store.get(int(row)) for row in keep)
-        return _publish(bundle, gen, index, kept, added=0, removed=len(drop), documents=documents, threads=threads)
+        return _publish(bundle, gen, rebuilt, kept, added=0, removed=len(drop), documents=documents, threads=threads)
 
 
 def read_ids(path: Path) -> list[tuple[str, str]]:
@@ -125,14 +139,24 @@ def _records(store: PassageStore) -> Iterator[Passage]:
     return (store.get(row) for row in range(len(store)))
 
 
-def _open_index(gen: Generation, *, view: bool):
-    return open_index(gen.file(gen.spec.index.path), gen.spec.index, view=view)
+def _open_index(gen: Generation, shard: int, *, view: bool):
+    spec = gen.spec.index_shards[shard]
+    return open_index(gen.file(spec.path), spec, view=view)
 
 
-def _publish(bundle: Bundle, gen: Generation, index, records: Iterator[Passage], *,
+def _publish(bundle: Bundle, gen: Generation, changed: dict, records: Iterator[Passage], *,
              added: int, removed: int, documents: int, threads: int) -> UpdateResult:
+    """`changed`: the new index of each shard the update changed, by shard number."""
     with staging(bundle.root) as tmp:
-        index.save(str(tmp / INDEX_FILE))
+        shards = []
+        for j, spec in enumerate(gen.spec.index_shards):
+            (tmp / spec.path).parent.mkdir(parents=True, exist_ok=True)
+            if j in changed:
+                changed[j].save(str(tmp / spec.path))
+                spec = dataclasses.replace(spec, count=len(changed[j]))
+            else:
+                os.link(gen.file(spec.path), tmp / spec.path)    # never written again: see bundle/versions.py
+            shards.append(spec)
         count = write_passage_store(tmp / DATA_FILE, tmp / OFFSETS_FILE, records)
         if has_store(gen):
             # The generator is opened only here: most bundles have no store, and it costs a session.
@@ -140,6 +164,6 @@ def _publish(bundle: Bundle, gen: Generation, index, records: Iterator[Passage],
             write_store(bundle.root, bundle.manifest, tmp, _records(written),
                         session_config=SessionConfig(device="cpu", threads=threads), reuse=gen.path)
         new = publish(bundle.root, tmp, number=gen.spec.number + 1, manifest_sha256=bundle.manifest_sha256,
-                      index=dataclasses.replace(gen.spec.index, path=INDEX_FILE, count=count),
+                      index=shards[0], shards=tuple(shards[1:]),
                       passages=PassagesSpec(DATA_FILE, OFFSETS_FILE, count), documents=documents)
     return UpdateResult(new.name, added, removed, count, documents)

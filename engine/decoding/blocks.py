@@ -74,6 +74,11 @@ def rotate_keys(keys: np.ndarray, delta: int, spec: GeneratorSpec) -> np.ndarray
     return out
 
 
+# Blocks are kept in float16, in memory and in the `--passage-kv all` store: half the bytes of the
+# float32 cache, and a block found (in either place) is the very block a miss would compute.
+BLOCK_DTYPE = np.dtype(np.float16)
+
+
 class BlockCache:
     """Computed blocks by content key, least recently used first out, within a byte budget.
 
@@ -123,13 +128,15 @@ class PassageKV:
     Safe to share between threads, as the engine is.
     """
 
-    def __init__(self, decoder: PackedDecoder, graph_id: str, cache: BlockCache | None = None, store=None):
+    def __init__(self, decoder: PackedDecoder, graph_id: str, cache: BlockCache | None = None, store=None,
+                 dtype: np.dtype = BLOCK_DTYPE):
         if not decoder.spec.rotary_base:
             raise ValueError("this generator's rotary positions are unknown (re-export the bundle)")
         self.decoder = decoder
         self.graph_id = graph_id
         self.cache = cache if cache is not None else BlockCache(PASSAGE_KV_CACHE_MB << 20)
         self.store = store                 # precomputed blocks (`--passage-kv all`): .get(key) -> array | None
+        self.dtype = np.dtype(dtype)       # of the blocks kept
         self._prefixes: dict[tuple[int, ...], tuple[list[np.ndarray], bytes]] = {}
         self._lock = threading.Lock()
 
@@ -159,7 +166,7 @@ class PassageKV:
         if kv is not None:
             stats.reused += 1
             return kv
-        kv = self.compute(prefix, ids)
+        kv = self.compute(prefix, ids).astype(self.dtype)
         self.cache.put(key, kv)
         stats.computed += 1
         return kv

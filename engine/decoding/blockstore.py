@@ -8,8 +8,8 @@ A generation has a store when its files list passage_kv.idx; `ragrt index add/re
 next generation's store beside its passages (corpus/update.py). Keys are `PassageKV.key`s, which
 name the graph, the prefix and the block's tokens, so a block is found only for the very tokens it
 was computed from: a changed passage misses and is computed at question time, never served stale.
-Stored in float16, half the disk and page cache of float32: tests/test_passage_kv_store.py holds
-the logits from float16 blocks to those from float32 ones, with the same greedy answers.
+Stored in float16 (BLOCK_DTYPE), as the in-memory cache keeps them: half the disk and page cache of
+float32, and the same logits whether a block was precomputed, cached or computed at question time.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from ragrt.bundle.atomic import atomic_open
 from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.versions import PASSAGE_KV_FILE, PASSAGE_KV_INDEX, Generation
-from ragrt.decoding.blocks import PassageKV, unavailable
+from ragrt.decoding.blocks import BLOCK_DTYPE, PassageKV, unavailable
 from ragrt.decoding.generator import open_decoder
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.errors import BundleError, UserInputError
@@ -36,7 +36,6 @@ from ragrt.runtime.sessions import SessionConfig, create_session
 
 log = logging.getLogger("ragrt")
 
-STORE_DTYPE = np.dtype(np.float16)
 _ENTRY = np.dtype([("key", "V16"), ("offset", "<u8"), ("n_tokens", "<u4")])
 
 
@@ -67,8 +66,8 @@ class BlockStore:
 
     def __init__(self, data: np.ndarray, entries: np.ndarray, *, graph_id: str, prefix: tuple[int, ...],
                  shape: tuple[int, int, int], dtype: np.dtype):
-        self._data = data                                  # flat, STORE_DTYPE
-        self._rows = {bytes(e["key"]): (int(e["offset"]) // STORE_DTYPE.itemsize, int(e["n_tokens"])) for e in entries}
+        self._data = data                                  # flat, BLOCK_DTYPE
+        self._rows = {bytes(e["key"]): (int(e["offset"]) // BLOCK_DTYPE.itemsize, int(e["n_tokens"])) for e in entries}
         self.graph_id, self.prefix = graph_id, prefix
         self.shape = shape                                 # (layers x {key, value}, kv_heads, head_dim)
         self.dtype = dtype                                 # what `get` returns: the decoder's cache dtype
@@ -81,13 +80,13 @@ class BlockStore:
             entries, graph_id, prefix, shape = z["blocks"], str(z["graph_id"]), z["prefix"], z["shape"]
         size = data_path.stat().st_size
         two_l, heads, dim = (int(x) for x in shape)
-        per_token = two_l * heads * dim * STORE_DTYPE.itemsize
+        per_token = two_l * heads * dim * BLOCK_DTYPE.itemsize
         if entries.dtype != _ENTRY:
             raise BundleError(f"{index_path}: not a passage KV index; the bundle is corrupted")
         ends = entries["offset"] + entries["n_tokens"].astype(np.uint64) * per_token
         if len(ends) and int(ends.max()) > size:
             raise BundleError(f"{index_path}: its blocks do not fit {data_path}; the bundle is corrupted")
-        data = np.memmap(data_path, dtype=STORE_DTYPE, mode="r") if size else np.empty(0, STORE_DTYPE)
+        data = np.memmap(data_path, dtype=BLOCK_DTYPE, mode="r") if size else np.empty(0, BLOCK_DTYPE)
         return cls(data, entries, graph_id=graph_id, prefix=tuple(int(t) for t in prefix),
                    shape=(two_l, heads, dim), dtype=np.dtype(dtype))
 
@@ -131,7 +130,7 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
             plan.setdefault(passage_kv.key(prefix, ids), np.asarray(ids, dtype=np.int64))
     spec = passage_kv.decoder.spec
     shape = (2 * spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    per_token = int(np.prod(shape)) * STORE_DTYPE.itemsize
+    per_token = int(np.prod(shape)) * BLOCK_DTYPE.itemsize
     tokens = sum(len(ids) for ids in plan.values())
     free = shutil.disk_usage(directory).free
     if tokens * per_token > free:
@@ -148,7 +147,7 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
             if kv is None:
                 kv = passage_kv.compute(prefix, ids.tolist())
                 computed += 1
-            f.write(np.ascontiguousarray(kv, dtype=STORE_DTYPE).tobytes())
+            f.write(np.ascontiguousarray(kv, dtype=BLOCK_DTYPE).tobytes())
             entries[i] = (key, offset, len(ids))
             offset += len(ids) * per_token
             bar.update(1)

@@ -4,7 +4,7 @@ A RAG answer mostly quotes its passages, so the tokens that followed the last fe
 tokens somewhere in the prompt are a good guess for what comes next (prompt-lookup
 decoding). The decoder checks every draft against its own greedy choice in one forward pass,
 so the output is the plain greedy output whatever the drafts are; good drafts only make it
-arrive in fewer passes.
+arrive in fewer passes. (transformers has prompt lookup too, but only for torch models.)
 """
 from __future__ import annotations
 

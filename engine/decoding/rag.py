@@ -78,9 +78,9 @@ def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: S
     blocks = BlockStats() if passage_kv is not None else None
     if mode == "concat":
         prompt, length, truncated = _prompt(builder, question, passages, passage_kv is not None)
-        # Checking drafts runs several tokens in one pass; only where the export measured that
-        # exact do they get the numbers a one-token step would, keeping plain greedy's output.
-        lookup = PromptLookup() if decoder.spec.drafts_exact else None
+        # Checking drafts runs several tokens in one pass: only where the export measured that
+        # exact, or the answers unchanged within noise, as a one-token step would give them.
+        lookup = PromptLookup() if decoder.spec.drafts_exact or decoder.spec.drafts else None
         tokens = generate(decoder, prompt, config, lookup, passage_kv=passage_kv, blocks=blocks)
         return Run(tokens, length, truncated, blocks)
     prompts, lengths, cut = zip(*(_prompt(builder, question, [p], passage_kv is not None) for p in passages))

@@ -6,6 +6,9 @@ generator. Temperature 0 is greedy: the argmax of the processed logits.
 
 Penalties look at the answer's own tokens only, never the prompt: a RAG answer should quote its
 passages, and penalising passage tokens would push it away from them.
+
+Written here in numpy: transformers' logits processors need torch, and onnxruntime-genai's
+search runs only inside its own generator, over its own model.
 """
 from __future__ import annotations
 

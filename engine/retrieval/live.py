@@ -54,4 +54,4 @@ class LiveRetriever:
 
 
 def _retriever(gen: Generation, encoder: TextEncoder) -> Retriever:
-    return Retriever.open(gen.path, gen.spec.index, gen.spec.passages, encoder)
+    return Retriever.open(gen.path, gen.spec.index, gen.spec.passages, encoder, shards=gen.spec.shards)

@@ -1,4 +1,4 @@
-"""`Retriever`: question -> top-k passages, through a memory-mapped USearch index."""
+"""`Retriever`: question -> top-k passages, through memory-mapped USearch index shards."""
 from __future__ import annotations
 
 import math
@@ -14,6 +14,7 @@ from ragrt.runtime.madvise import advise_random
 from ragrt.bundle.manifest import IndexSpec, PassagesSpec
 from ragrt.retrieval.index import open_index
 from ragrt.retrieval.passages import Passage, PassageStore
+from ragrt.retrieval.shards import ShardedIndex
 
 
 def search_breadth(count: int, floor: int) -> int:
@@ -34,21 +35,27 @@ class Hit(Passage):
 
 
 class Retriever:
-    def __init__(self, index, store: PassageStore, encoder: TextEncoder):
+    def __init__(self, index: ShardedIndex, store: PassageStore, encoder: TextEncoder):
         self.index = index
         self.store = store
         self.encoder = encoder
 
     @classmethod
-    def open(cls, root: Path, spec: IndexSpec, passages: PassagesSpec, encoder: TextEncoder) -> "Retriever":
-        """`root` is the directory the specs' paths are relative to: a corpus generation."""
-        path = root / spec.path
-        index = open_index(path, spec)
-        index.expansion_search = search_breadth(len(index), spec.expansion_search)
-        advise_random(path)        # queries hop all over the file: readahead only evicts wanted pages
+    def open(cls, root: Path, spec: IndexSpec, passages: PassagesSpec, encoder: TextEncoder, *,
+             shards: tuple[IndexSpec, ...] = ()) -> "Retriever":
+        """`root` is the directory the specs' paths are relative to: a corpus generation. `spec` is the
+        index or its first shard, `shards` the others (GenerationSpec's fields)."""
+        indexes = []
+        for s in (spec, *shards):
+            path = root / s.path
+            index = open_index(path, s)
+            index.expansion_search = search_breadth(len(index), s.expansion_search)
+            advise_random(path)    # queries hop all over the file: readahead only evicts wanted pages
+            indexes.append(index)
+        index = ShardedIndex(indexes)
         store = PassageStore.open(root / passages.data, root / passages.offsets, count=passages.count)
-        if len(store) != spec.count:
-            raise BundleError(f"{root}: the index holds {spec.count} passages but the store {len(store)}")
+        if len(store) != len(index):
+            raise BundleError(f"{root}: the index holds {len(index)} passages but the store {len(store)}")
         return cls(index, store, encoder)
 
     def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
@@ -61,10 +68,8 @@ class Retriever:
         k = min(int(k), len(self.store))
         if k == 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
-        matches = self.index.search(np.ascontiguousarray(queries), k)
-        # usearch answers one query with Matches and several with BatchMatches.
-        per_query = [matches] if len(queries) == 1 else [matches[i] for i in range(len(queries))]
-        return [[self._hit(int(key), float(dist)) for key, dist in zip(m.keys, m.distances)] for m in per_query]
+        rows, distances = self.index.search(np.ascontiguousarray(queries), k)
+        return [[self._hit(int(row), float(d)) for row, d in zip(r, ds) if row >= 0] for r, ds in zip(rows, distances)]
 
     def retrieve(self, query: str, k: int) -> list[Hit]:
         return self.search(self.encoder.embed_all([query]), k)[0]

@@ -5,7 +5,8 @@ prompts prefilled as one batch, then merged into the running batch) and drops th
 finished, so a request never waits for a whole batch to end and a long answer never holds
 back a short one. Each row keeps its own stop condition: EOS, its token limit, its deadline,
 or its reader going away. Prompts in block layout (passage KV) and plain ones share a batch;
-each row counts its own reused and computed blocks.
+each row counts its own reused and computed blocks. Continuous batching as vLLM and TGI do it,
+written here because their schedulers drive their own model runners, not an onnxruntime session.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ragrt.decoding.rag import Run, start
+from ragrt.decoding.rag import Run
 from ragrt.engine import AnswerStream, Engine, Prepared
 from ragrt.errors import RagrtError
 from ragrt.serve.batcher import Batcher
@@ -57,8 +57,7 @@ def batched_stream(engine: Engine, batcher: Batcher, prepared: Prepared, *, dead
     KV the prompt goes in blocks, and the row counts its own reused and computed ones."""
     p = prepared
     if p.mode != "concat":
-        return engine.answer_stream(p, start(p.mode, engine.decoder, p.builder, p.question, p.passages,
-                                             p.prior, p.decoding, p.passage_kv))
+        return engine.answer_stream(p)
     if p.passage_kv is not None:
         prompt, truncated = p.builder.build_blocks(p.question, p.passages)
         tokens = batcher.submit(prompt, p.decoding, deadline_s=deadline_s)

@@ -124,7 +124,11 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
         raise RagrtError(f"the fused generator graph comes in {', '.join(FUSED_PRECISIONS)}, not {precision}")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".builder.", dir=out_dir) as tmp:
-        cmd = [sys.executable, "-m", "ragrt.export.onnx.genai_build", "-i", str(checkpoint), "-o", f"{tmp}/out",
+        # The builder runs in `tmp`, so every path it gets is absolute: a relative checkpoint
+        # would read as a model hub id there.
+        tmp = str(Path(tmp).resolve())
+        cmd = [sys.executable, "-m", "ragrt.export.onnx.genai_build", "-i", str(Path(checkpoint).resolve()),
+               "-o", f"{tmp}/out",
                "-p", precision, "-e", "cuda" if precision == "fp16" else "cpu", "-c", f"{tmp}/cache"]
         if FUSED_PRECISIONS[precision]:
             cmd += ["--extra_options", *FUSED_PRECISIONS[precision]]
