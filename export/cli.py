@@ -1,10 +1,11 @@
 """`ragrt export`'s arguments, declared beside the pipeline they configure.
 
-`ragrt --help` builds this parser, so this module imports nothing but argparse: no torch.
+`ragrt --help` builds this parser, so this module imports only the standard library: no torch.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passage-kv", choices=["lazy", "all"], default="lazy",
                    help="passage keys and values: lazy, computed when a question first retrieves a passage "
                         "(default); all, every passage's precomputed into the corpus (disk: tokens x KV bytes)")
+    p.add_argument("--dev", type=Path, default=None, metavar="QA",
+                   help="held-out Q/A JSONL: answer F1 with full prefill, with passage KV and with prompt-lookup "
+                        "drafts, recorded in the manifest; passage KV and drafts become defaults only where "
+                        "their F1 holds within a point")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="chunk and embed the corpus on a Ray cluster (needs ragrt[ray]): no value or `local` "

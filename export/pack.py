@@ -26,6 +26,12 @@ PASSAGE_TEMPLATE = "{title}\n{text}"
 # Chosen on the FAQ dev split (benchmarks/answer_defaults.py, figures in benchmarks/README.md):
 # greedy answers of the small generators loop; these two stop it and raised F1.
 DECODING = DecodingDefaults(repetition_penalty=1.2, no_repeat_ngram_size=4)
+# `ragrt export --dev` scores these on the dev questions and keeps the best F1 whose answers
+# loop at most LOOP_LIMIT of the time (a fine-tuned generator may not need the penalty).
+DECODING_CANDIDATES = {"repetition_penalty=1.2,no_repeat_ngram_size=4": DECODING,
+                       "no_repeat_ngram_size=4": DecodingDefaults(no_repeat_ngram_size=4),
+                       "greedy": DecodingDefaults()}
+LOOP_LIMIT = 0.05
 # Tasks beyond question answering; `ragrt ask --task NAME` and the server's "task" pick one.
 TASKS = {
     "summarize": TaskPrompt(

@@ -27,14 +27,14 @@ from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FIL
 from ragrt.bundle.integrity import sha256_file
 from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpec, CorpusProvenance,
                              EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, Manifest,
-                             ModelSource, ParityReport, PassageKVParity, PassagesSpec, RagDefaults, written_version)
+                             DecodingScore, ModelSource, ParityReport, PassageKVParity, PassagesSpec, RagDefaults, written_version)
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.runtime.sessions import SessionConfig
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
-from ragrt.export.pack import DECODING, library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
+from ragrt.export.pack import DECODING, DECODING_CANDIDATES, LOOP_LIMIT, library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
 
 log = logging.getLogger("ragrt.export")
 
@@ -448,19 +448,33 @@ def passage_kv_on_by_default(parity: PassageKVParity) -> bool:
 
 
 def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
-    """Answer F1 on the dev questions with full prefill, with passage KV, and with prompt-lookup
-    drafts where they are not exact; the manifest with those figures and the defaults they decide."""
+    """Answer F1 on the dev questions with each candidate decoding default, then (with the chosen
+    one) with passage KV, and with prompt-lookup drafts where they are not exact; the manifest with
+    those figures and the defaults they decide."""
     from ragrt.engine import Engine
+    from ragrt.decoding.sampling import DecodingConfig
     from ragrt.evaluate import evaluate, read_qa
     items = read_qa(dev)
     engine = Engine.open(bundle)
     parity, rag, generator = manifest.parity, manifest.rag, manifest.generator
 
+    scores = {}
+    for label, candidate in DECODING_CANDIDATES.items():
+        _say(f"answering the {len(items)} dev questions with decoding {label}")
+        a = evaluate(engine, items, passage_kv="off", **dataclasses.asdict(candidate)).answer
+        scores[label] = DecodingScore(f1=round(a["f1"], 4), loop_rate=round(a["loop_rate"], 4))
+    fit = [label for label, sc in scores.items() if sc.loop_rate <= LOOP_LIMIT] or [next(iter(scores))]
+    chosen = max(fit, key=lambda label: scores[label].f1)        # ties: the first listed
+    rag = dataclasses.replace(rag, decoding=DECODING_CANDIDATES[chosen])
+    parity = dataclasses.replace(parity, decoding=scores)
+    engine.decoding = DecodingConfig.of(rag.decoding, rag.max_new_tokens)
+    _say("dev F1 / loop rate: " + ", ".join(f"{k} {v.f1:.3f} / {v.loop_rate:.3f}" for k, v in scores.items())
+         + f": default {chosen}")
+
     def f1(**options) -> float:
         return round(evaluate(engine, items, **options).answer["f1"], 4)
 
-    _say(f"answering the {len(items)} dev questions with full prefill")
-    full = f1(passage_kv="off")
+    full = scores[chosen].f1
     if parity.passage_kv:
         _say("... with passage KV")
         blocks = dataclasses.replace(parity.passage_kv, dev_questions=len(items), f1_full=full, f1_blocks=f1(passage_kv="on"))

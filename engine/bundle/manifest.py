@@ -244,6 +244,13 @@ class PassageKVParity:
 
 
 @dataclass(frozen=True)
+class DecodingScore:
+    """One candidate decoding default on `ragrt export --dev` questions."""
+    f1: float
+    loop_rate: float               # share of answers that loop (docs/eval.md)
+
+
+@dataclass(frozen=True)
 class DraftParity:
     """Prompt-lookup drafts against one-token steps on the shipped generator (greedy)."""
     agreement: float               # mean share of one-token greedy's tokens that drafted decoding keeps, in order
@@ -262,6 +269,8 @@ class ParityReport:
     used: str                      # the quantization this bundle's generator has
     passage_kv: PassageKVParity | None = None   # None: passage KV unavailable for this bundle
     drafts: DraftParity | None = None           # None: not measured (older bundles)
+    # With --dev: each candidate decoding default (labelled by its options) on the dev questions.
+    decoding: dict[str, DecodingScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
