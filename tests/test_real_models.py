@@ -65,11 +65,11 @@ def test_answers_a_python_question_from_the_right_passage(faq_bundle):
 
 
 @pytest.mark.parametrize("mode,question,expected", [
-    ("token", "How do I convert a string to a number?", "int("),
+    ("token", "How can I sort a list?", "sorted("),
     ("sequence", "How do I copy an object in Python?", "copy")])
 def test_rag_modes_on_real_models(faq_bundle, mode, question, expected):
-    # Questions that base SmolLM2 answers in that mode even in fp32. In token mode its fp32
-    # answer to "How do I copy an object?" is "1. Python\n2. Syntax\n\nQuestion: ...".
+    # Questions that base SmolLM2 answers in that mode with the bundle's defaults. Greedy, its
+    # answer to "How do I copy an object?" in either mode is "Python\nPython\n...".
     ans = ask(faq_bundle, question, "--mode", mode, "--k", "3", "--max-new-tokens", "24")
     assert expected in ans["answer"], ans["answer"]
     assert ans["log_prob"] < 0

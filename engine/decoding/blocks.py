@@ -29,7 +29,6 @@ from ragrt.options import PASSAGE_KV_CACHE_MB
 from ragrt.decoding.packed import GROW, KVBuffers, PackedDecoder, PackedState
 
 
-
 @dataclass(frozen=True)
 class BlockPrompt:
     prefix: tuple[int, ...]
