@@ -445,6 +445,9 @@ def worker(args) -> None:
     spec = json.loads(Path(args._spec).read_text())
     if args._worker == "prepare":
         result = {"artefact": prepare(spec["engine"], Path(spec["checkpoint"]))}
+    elif args._worker == "rag_prompt":
+        prompt, eos, layout = build_rag_prompt(spec["bundle"], spec["question"], spec["k"], spec["threads"])
+        result = {"prompt": prompt, "eos": eos, "layout": layout}
     else:
         import resource
         run = LOADERS[kind_of(spec["engine"])](spec)
@@ -634,7 +637,8 @@ def plot(results: dict, path: str) -> None:
     b = results["batch"]
     panels = [("ttft_ms", "time to first token (ms, lower is better)"),
               ("decode_tok_s_b1", "decode tokens/s, batch 1"),
-              ("decode_tok_s_b8", f"decode tokens/s, batch {b} (all streams)"),
+              ("decode_tok_s_b8", f"decode tokens/s, batch {b} (all streams)") if b > 1 else
+              ("total_ms_p50", f"prompt to last of {results['new_tokens']} tokens, p50 (ms, lower is better)"),
               ("peak_rss_mb", "peak RSS (MB)")]
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     for ax, (key, title) in zip(axes.flat, panels):
@@ -744,7 +748,13 @@ def main(argv=None) -> None:
     from ragrt.export.models import checkpoint_name, generator_checkpoint
     layout = None
     if args.rag_prompt:
-        prompt, eos, layout = build_rag_prompt(args.bundle[0], args.question, args.k, args.threads)
+        # In a worker: an engine opened here would raise every later worker's peak RSS, which
+        # Linux carries across fork.
+        built = call_worker("rag_prompt", {"bundle": args.bundle[0], "question": args.question, "k": args.k,
+                                           "threads": args.threads}, args.timeout)
+        if "status" in built:
+            raise SystemExit(f"building the RAG prompt failed: {built['status']}")
+        prompt, eos, layout = built["prompt"], built["eos"], built["layout"]
     else:
         prompt, eos = build_prompt(args.bundle[0], args.prompt_tokens, args.threads)
         if len(prompt) != args.prompt_tokens:
