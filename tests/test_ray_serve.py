@@ -132,12 +132,15 @@ def test_a_replica_killed_under_load_loses_no_request(ray, base):
     assert len(replicas) == 2
 
     def ask(i: int) -> tuple[int, dict]:
-        r = post(base, "/v1/ask", {"question": f"{QUESTION} ({i})", "max_new_tokens": 48})
+        # Long answers (no EOS before 200 tokens), so the kill lands while most are decoding.
+        r = post(base, "/v1/ask", {"question": f"{QUESTION} ({i})", "max_new_tokens": 200, "min_new_tokens": 200})
         return r.status_code, r.json()
 
     with ThreadPoolExecutor(20) as pool:
         futures = [pool.submit(ask, i) for i in range(20)]
-        time.sleep(0.5)
+        end = time.monotonic() + 5                 # the replicas are busy once the first answer is back
+        while not any(f.done() for f in futures) and time.monotonic() < end:
+            time.sleep(0.02)
         assert sum(f.done() for f in futures) < len(futures) / 2, "the kill must come while requests run"
         victim = replicas[0]
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
