@@ -151,17 +151,23 @@ def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
     return tokens
 
 
-def passage_kv_parity(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec, *,
-                      trained: bool, prompts: int, new_tokens: int) -> PassageKVParity | None:
-    """Block mode against full prefill on the shipped graph; None where passage KV is unavailable."""
-    from ragrt.decoding.blocks import unavailable
-    decoder = open_decoder(create_session(model_path, SessionConfig()), spec)
-    if unavailable(decoder, prompt):
-        return None
+def shipped_generator(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec,
+                      new_tokens: int) -> tuple:
+    """The bundle's generator graph opened as the engine opens it, and its prompt builder: what
+    the bundle-time checks (passage KV, drafts) run on, opened once for both."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    builder = PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens)
+    return (open_decoder(create_session(model_path, SessionConfig()), spec),
+            PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens))
+
+
+def passage_kv_parity(decoder, builder: PromptBuilder, *, trained: bool, prompts: int,
+                      new_tokens: int) -> PassageKVParity | None:
+    """Block mode against full prefill on the shipped graph; None where passage KV is unavailable."""
+    from ragrt.decoding.blocks import unavailable
+    if unavailable(decoder, builder.spec):
+        return None
     share, n = block_agreement(decoder, builder, prompts, new_tokens)
     return PassageKVParity(trained=trained, agreement=round(share, 4), prompts=n, new_tokens=new_tokens)
 
@@ -189,19 +195,14 @@ def block_agreement(decoder, builder: PromptBuilder, n: int, new_tokens: int, *,
     return (agree / total if total else 1.0), len(prompts)
 
 
-def draft_parity(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec, *,
-                 prompts: int, new_tokens: int) -> DraftParity:
+def draft_parity(decoder, builder: PromptBuilder, *, prompts: int, new_tokens: int) -> DraftParity:
     """Greedy with prompt-lookup drafts against one token per pass, on the built-in prompts: the
     share of each one-token answer that the drafted answer repeats before they part, averaged."""
-    decoder = open_decoder(create_session(model_path, SessionConfig()), spec)
-    tokenizer = load_tokenizer(tokenizer_path)
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    builder = PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens)
+    eos = decoder.spec.eos_token_ids
     shares = []
     for ids in parity_prompt_ids(builder, prompts):
-        alone = _until_eos(list(greedy(decoder, ids, new_tokens)), spec.eos_token_ids)
-        drafted = _until_eos(list(greedy(decoder, ids, new_tokens, PromptLookup())), spec.eos_token_ids)
+        alone = _until_eos(list(greedy(decoder, ids, new_tokens)), eos)
+        drafted = _until_eos(list(greedy(decoder, ids, new_tokens, PromptLookup())), eos)
         same = len(os.path.commonprefix([alone, drafted]))
         shares.append(same / max(len(alone), len(drafted), 1))
     return DraftParity(agreement=round(float(np.mean(shares)), 4), prompts=len(shares), new_tokens=new_tokens)

@@ -377,7 +377,7 @@ def run_export(cfg: ExportConfig) -> Path:
         _say(f"{len(passages)} passages of up to {cfg.chunk_tokens} tokens")
 
         from ragrt.export.onnx.graphs import graph_rotary
-        from ragrt.export.parity import draft_parity, passage_kv_parity
+        from ragrt.export.parity import draft_parity, passage_kv_parity, shipped_generator
         from ragrt.export.train.finetune import training_record
         enc_source = ModelSource(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
         gen_source = ModelSource(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
@@ -385,15 +385,16 @@ def run_export(cfg: ExportConfig) -> Path:
                             **(graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused" else {}))
         prompt = templates(gen_meta["prompt"]["chat"])
         trained = bool(training_record(gen_ckpt).get("block_attention"))
-        block_parity = passage_kv_parity(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
-                                         generator, prompt, trained=trained, prompts=cfg.parity_prompts,
+        shipped = shipped_generator(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
+                                    generator, prompt, PARITY_NEW_TOKENS)
+        block_parity = passage_kv_parity(*shipped, trained=trained, prompts=cfg.parity_prompts,
                                          new_tokens=PARITY_NEW_TOKENS)
         if block_parity:
             _say(f"passage KV vs full prefill, {block_parity.prompts} prompts of 3 passages: teacher-forced top-1 "
                  f"agreement {block_parity.agreement:.3f} (generator {'trained' if trained else 'not trained'} "
                  "with --block-attention)")
-        drafts = draft_parity(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json", generator, prompt,
-                              prompts=cfg.parity_prompts, new_tokens=PARITY_NEW_TOKENS)
+        drafts = draft_parity(*shipped, prompts=cfg.parity_prompts, new_tokens=PARITY_NEW_TOKENS)
+        del shipped                             # the session's memory, before embedding
         _say(f"prompt-lookup drafts vs one token per pass, {drafts.prompts} prompts: {drafts.agreement:.3f} of the "
              f"greedy tokens kept ({'exact' if generator.drafts_exact else 'not exact'}; used "
              f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
