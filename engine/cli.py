@@ -208,7 +208,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     parts: dict[str, int] = {}
     for path, f in m.files.items():
         parts[path.split("/")[0]] = parts.get(path.split("/")[0], 0) + f.bytes
-    print(f"bundle {bundle.root}  (schema {m.schema_version}, ragrt {m.ragrt_version}, built {m.created_at})")
+    gen = bundle.generation.spec
+    # An update may need a newer schema than the export did (a segmented passage store, schema 5).
+    schema = max(m.schema_version, gen.schema_version)
+    print(f"bundle {bundle.root}  (schema {schema}, ragrt {m.ragrt_version}, built {m.created_at})")
     print(f"  files       {len(m.files)}, {size / 1e6:.1f} MB: "
           + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(parts.items())))
     print(f"  encoder     {m.encoder.source.name}  {m.encoder.quantization}, dim {m.encoder.dim}, "
@@ -216,12 +219,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
           f"{m.generator.num_layers} layers, context {m.generator.max_context}, {m.generator.cache} cache, "
           f"{'batch-invariant' if m.generator.batch_invariant else 'batches run row by row'}")
-    gen = bundle.generation.spec
     print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.passages.count} passages, "
           f"{gen.index.dtype}, {gen.index.metric}")
     if gen.shards:
         print(f"  shards      {len(gen.index_shards)}: " + ", ".join(
             f"{s.count} passages ({gen.files[s.path].bytes / 1e6:.1f} MB)" for s in gen.index_shards))
+    if gen.passages.segments:
+        print(f"  segments    {len(gen.passages.data_files)} passage data files (`ragrt index add` adds one, "
+              "`index remove` joins them): " + ", ".join(
+                  f"{gen.files[rel].bytes / 1e6:.1f} MB" for rel in gen.passages.data_files))
     from ragrt.bundle.versions import PASSAGE_KV_FILE
     if PASSAGE_KV_FILE in gen.files:
         print(f"  kv store    {gen.files[PASSAGE_KV_FILE].bytes / 1e6:.1f} MB: every passage's keys and values, "
@@ -266,8 +272,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ragrt.bundle.reader import Bundle
     bundle = Bundle.open(args.bundle, verify=True)
     shards = len(bundle.generation.spec.index_shards)
+    segments = len(bundle.generation.spec.passages.data_files)
     print(f"ok: {bundle.file_count()} files match their sha256 in {bundle.root} (corpus {bundle.generation.name}"
-          f"{f', {shards} index shards' if shards > 1 else ''})")
+          f"{f', {shards} index shards' if shards > 1 else ''}"
+          f"{f', {segments} passage segments' if segments > 1 else ''})")
     return 0
 
 

@@ -505,5 +505,6 @@ def reseal(bundle: Path, manifest: Manifest) -> None:
             (gen / rel).parent.mkdir(parents=True, exist_ok=True)
             os.link(old.path / rel, gen / rel)
         publish(bundle, gen, number=old.spec.number + 1, manifest_sha256=sha256_file(bundle / MANIFEST_NAME),
-                index=old.spec.index, shards=old.spec.shards, passages=old.spec.passages, documents=old.spec.documents)
+                index=old.spec.index, shards=old.spec.shards, passages=old.spec.passages, documents=old.spec.documents,
+                linked_from=old)
     shutil.rmtree(old.path)

@@ -24,8 +24,7 @@ SEED = 6
 
 def passage_ids(bundle: Path) -> frozenset[str]:
     gen = Bundle.open(bundle).generation
-    spec = gen.spec.passages
-    store = PassageStore.open(gen.file(spec.data), gen.file(spec.offsets), count=spec.count)
+    store = PassageStore.open(gen.path, gen.spec.passages)
     return frozenset(store.get(i).id for i in range(len(store)))
 
 

@@ -49,8 +49,7 @@ def bundle(kv_bundle, tmp_path) -> Path:
 
 def generation_passages(bundle: Path) -> list[Passage]:
     gen = Bundle.open(bundle).generation
-    spec = gen.spec.passages
-    store = PassageStore.open(gen.file(spec.data), gen.file(spec.offsets), count=spec.count)
+    store = PassageStore.open(gen.path, gen.spec.passages)
     return [store.get(i) for i in range(len(store))]
 
 

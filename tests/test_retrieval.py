@@ -66,22 +66,23 @@ def test_store_round_trip_and_corruption(tmp_path):
     data, offsets = tmp_path / "data.bin", tmp_path / "offsets.npy"
     assert write_passage_store(data, offsets, records) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "offsets.npy"]
-    store = PassageStore.open(data, offsets, count=3)
+    store = PassageStore.open(tmp_path, PassagesSpec("data.bin", "offsets.npy", 3))
     # Nothing is read whole: the data file is an mmap and the offsets a memmap.
-    assert isinstance(store._data, mmap.mmap) and isinstance(store._offsets, np.memmap)
+    assert isinstance(store._segments[0], mmap.mmap) and isinstance(store._starts, np.memmap)
     assert len(store) == 3 and [store.get(i) for i in range(3)] == records
+    assert list(store.ids()) == ["a#0", "b#0", "c#0"]
     assert store.row_of("b#0") == 1
     with pytest.raises(UserInputError, match="no passage with id"):
         store.row_of("zzz")
     with pytest.raises(UserInputError, match="out of range"):
         store.get(3)
     with pytest.raises(BundleError, match="expected uint64\\[5\\]"):
-        PassageStore.open(data, offsets, count=4)
+        PassageStore.open(tmp_path, PassagesSpec("data.bin", "offsets.npy", 4))
     with pytest.raises(BundleError, match="missing"):
-        PassageStore.open(tmp_path / "nope.bin", offsets, count=3)
+        PassageStore.open(tmp_path, PassagesSpec("nope.bin", "offsets.npy", 3))
     data.write_bytes(data.read_bytes() + b"junk")
     with pytest.raises(BundleError, match="offsets do not cover"):
-        PassageStore.open(data, offsets, count=3)
+        PassageStore.open(tmp_path, PassagesSpec("data.bin", "offsets.npy", 3))
 
 
 def test_store_write_failure_keeps_the_old_store(tmp_path):
@@ -95,7 +96,7 @@ def test_store_write_failure_keeps_the_old_store(tmp_path):
     with pytest.raises(RuntimeError):
         write_passage_store(data, offsets, broken())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "offsets.npy"]
-    assert PassageStore.open(data, offsets, count=1).get(0).text == "old"
+    assert PassageStore.open(tmp_path, PassagesSpec("data.bin", "offsets.npy", 1)).get(0).text == "old"
 
 
 def test_corrupted_record_is_a_bundle_error(tmp_path):
@@ -105,7 +106,7 @@ def test_corrupted_record_is_a_bundle_error(tmp_path):
     blob[1] = ord("!")
     data.write_bytes(bytes(blob))
     with pytest.raises(BundleError, match="passage record 0 is corrupted"):
-        PassageStore.open(data, offsets, count=2).get(0)
+        PassageStore.open(tmp_path, PassagesSpec("data.bin", "offsets.npy", 2)).get(0)
 
 
 def _build(records, encoder, root, **kw):

@@ -32,8 +32,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def passages(bundle: Path) -> dict[str, str]:
     gen = Bundle.open(bundle).generation
-    spec = gen.spec.passages
-    store = PassageStore.open(gen.file(spec.data), gen.file(spec.offsets), count=spec.count)
+    store = PassageStore.open(gen.path, gen.spec.passages)
     return {r.id: r.text for r in (store.get(i) for i in range(len(store)))}
 
 

@@ -19,12 +19,15 @@ from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Version 2 moved the index and the passage store into corpus generations (bundle/versions.py).
 # Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
 # in place of an attention mask, which a version-2 reader would still try to feed.
 # Version 4 lets a corpus generation hold several index shards (GenerationSpec.shards), of which a
 # version-3 reader would search only the first.
+# Version 5 lets a passage store hold several data files (PassagesSpec.segments), of which a
+# version-4 reader would read only the first. `ragrt index add` makes them, and never rewrites the
+# manifest (the generation seals its sha256), so generation.json carries its own schema_version.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -174,9 +177,18 @@ class IndexSpec:
 
 @dataclass(frozen=True)
 class PassagesSpec:
-    data: str                      # concatenated UTF-8 JSON records {"id", "title", "text"}
-    offsets: str                   # .npy uint64 [count + 1]; record i is data[offsets[i]:offsets[i+1]]
+    """UTF-8 JSON records {"id", "title", "text"} in one data file or, since schema 5, in several
+    (segments), read as one concatenation: `data`, then each of `segments`."""
+    data: str                      # the first data file
+    # The row table, .npy uint64. One data file: [count + 1], record i is data[offsets[i]:offsets[i+1]].
+    # With segments: [count, 2], record i is concatenation[offsets[i, 0]:offsets[i, 1]].
+    offsets: str
     count: int
+    segments: tuple[str, ...] = ()  # the data files after `data` (retrieval/passages.py)
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        return (self.data, *self.segments)
 
 
 @dataclass(frozen=True)
@@ -295,11 +307,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, *, where: str = MANIFEST_NAME) -> "Manifest":
         raw = _json_object(text, where, SCHEMA, "ragrt bundle manifest")
-        version = raw.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise BundleError(
-                f"{where}: bundle schema_version {version!r} is newer than this ragrt reads "
-                f"({SCHEMA_VERSION}); upgrade ragrt")
+        version = _readable_version(raw, where)
         if version < FIRST_READABLE_VERSION:
             raise BundleError(f"{where}: bundle schema_version {version} predates corpus generations; "
                               f"rebuild it with `ragrt export --force`")
@@ -325,6 +333,9 @@ class GenerationSpec:
     documents: int
     # The index's other shards, in row order (retrieval/shards.py); empty: one index.
     shards: tuple[IndexSpec, ...] = ()
+    # written_version of this generation, which may need a newer schema than the manifest it was
+    # built for; 0: written before generations recorded one (the manifest's version describes them).
+    schema_version: int = 0
 
     @property
     def index_shards(self) -> tuple[IndexSpec, ...]:
@@ -334,22 +345,38 @@ class GenerationSpec:
         raw = dataclasses.asdict(self)
         if not self.shards:
             del raw["shards"]          # a one-shard generation.json reads as before shards existed
+        if not self.passages.segments:
+            del raw["passages"]["segments"]     # and a one-file store as before segments
         return json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> "GenerationSpec":
-        return _checked(_build(cls, _json_object(text, where, GENERATION_SCHEMA, "ragrt corpus generation"), where),
-                        where)
+        raw = _json_object(text, where, GENERATION_SCHEMA, "ragrt corpus generation")
+        if "schema_version" in raw:
+            _readable_version(raw, where)
+        return _checked(_build(cls, raw, where), where)
 
     def referenced_paths(self) -> list[str]:
-        return [*(s.path for s in self.index_shards), self.passages.data, self.passages.offsets]
+        return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets]
 
 
-def written_version(*, shards: int) -> int:
-    """The schema_version a bundle is written with: the oldest that describes it, so that older ragrt
-    opens every bundle it reads right (git writes repositoryformatversion 0 until an extension needs 1).
-    Only a sharded index needs version 4; a new version adds its own condition here."""
+def written_version(*, shards: int, segments: int = 1) -> int:
+    """The schema_version a bundle (or a corpus generation) is written with: the oldest that describes
+    it, so that older ragrt opens every bundle it reads right (git writes repositoryformatversion 0 until
+    an extension needs 1). A segmented passage store needs version 5, a sharded index 4; a new version
+    adds its own condition here. Export writes one segment."""
+    if segments > 1:
+        return 5
     return 4 if shards > 1 else 3
+
+
+def _readable_version(raw: dict, where: str) -> int:
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{where}: bundle schema_version {version!r} is newer than this ragrt reads "
+            f"({SCHEMA_VERSION}); upgrade ragrt")
+    return version
 
 
 def _json_object(text: str, where: str, schema: str, kind: str) -> dict:

@@ -5,9 +5,11 @@
     corpus/gen-000002/...             the files it lists
 
 A generation directory is never modified once named `gen-*`, nor is any file in it, so an update
-may hard-link the files it leaves as they are (index shards no update touched) into the next one. An update builds the next one in a
-temporary directory, fsyncs it, renames it to `gen-N`, then replaces CURRENT with `os.replace`: a
-process killed at any point leaves CURRENT naming either the old generation or the new one.
+may hard-link the files it leaves as they are (index shards it did not touch, passage store segments)
+into the next one, and `publish` takes their checksums from the generation they came from instead of
+reading them again. An update builds the next one in a temporary directory, fsyncs it, renames it
+to `gen-N`, then replaces CURRENT with `os.replace`: a process killed at any point leaves CURRENT
+naming either the old generation or the new one.
 The generation before the current one is kept until the next update, so a reader that read the
 pointer just before a swap still finds its files; readers that have files open keep them anyway
 (POSIX keeps unlinked files readable).
@@ -27,21 +29,28 @@ from typing import Iterator
 
 from ragrt.bundle.atomic import atomic_write_text, fsync_dir, fsync_tree
 from ragrt.errors import BundleError, UserInputError
-from ragrt.bundle.integrity import check_files, check_inside, file_entries, sha256_file
-from ragrt.bundle.manifest import GENERATION_SCHEMA, GenerationSpec, IndexSpec, PassagesSpec
+from ragrt.bundle.integrity import check_files, check_inside, sha256_file
+from ragrt.bundle.manifest import GENERATION_SCHEMA, FileEntry, GenerationSpec, IndexSpec, PassagesSpec, written_version
 
 CORPUS_DIR = "corpus"
 POINTER = "CURRENT"
 LOCK = "LOCK"
 GENERATION_FILE = "generation.json"
 INDEX_FILE = "vectors.usearch"     # a generation's files; their names are recorded in generation.json
-DATA_FILE = "passages.bin"
+DATA_FILE = "passages.bin"         # a one-file passage store, and the first data file of a segmented one
 OFFSETS_FILE = "offsets.npy"
+ROWS_FILE = "rows.npy"              # a segmented store's row table (retrieval/passages.py)
 PASSAGE_KV_FILE = "passage_kv.bin"  # optional (`ragrt export --passage-kv all`): decoding/blockstore.py
 PASSAGE_KV_INDEX = "passage_kv.idx"
 _POINTER = re.compile(r"(gen-(\d{6})) ([0-9a-f]{64})\n")
 _GENERATION_DIR = re.compile(r"gen-(\d{6})")
 _OPEN_ATTEMPTS = 3
+
+
+def segment_file(number: int) -> str:
+    """The passage data file `ragrt index add` writes for generation `number`: at most one per generation,
+    so never the name of one the generation links."""
+    return f"passages.{number:06d}.bin"
 
 
 @dataclass(frozen=True)
@@ -160,14 +169,17 @@ def staging(bundle: Path) -> Iterator[Path]:
 
 
 def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, index: IndexSpec,
-            passages: PassagesSpec, documents: int, shards: tuple[IndexSpec, ...] = ()) -> Generation:
-    """Seals `staged` as generation `number` and makes it current; the one swap readers can see."""
+            passages: PassagesSpec, documents: int, shards: tuple[IndexSpec, ...] = (),
+            linked_from: Generation | None = None) -> Generation:
+    """Seals `staged` as generation `number` and makes it current; the one swap readers can see.
+    `linked_from`: the generation some staged files are hard links into, whose entries they keep."""
     bundle = Path(bundle)
     corpus = bundle / CORPUS_DIR
     spec = GenerationSpec(
         schema=GENERATION_SCHEMA, number=number, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        manifest_sha256=manifest_sha256, files=file_entries(staged, [p for p in staged.rglob("*") if p.is_file()]),
-        index=index, passages=passages, documents=documents, shards=tuple(shards))
+        manifest_sha256=manifest_sha256, files=_entries(staged, linked_from),
+        index=index, passages=passages, documents=documents, shards=tuple(shards),
+        schema_version=written_version(shards=1 + len(shards), segments=len(passages.data_files)))
     (staged / GENERATION_FILE).write_text(spec.to_json(), encoding="utf-8")
     fsync_tree(staged)
     target = corpus / f"gen-{number:06d}"
@@ -176,6 +188,30 @@ def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, in
     atomic_write_text(corpus / POINTER, f"{target.name} {sha256_file(target / GENERATION_FILE)}\n")
     remove_unused(bundle)
     return Generation(target, spec)
+
+
+def _entries(staged: Path, linked_from: Generation | None) -> dict[str, FileEntry]:
+    """Every staged file's sha256 and size, by its relative path. A file that is the very file (same
+    inode, same size) `linked_from` lists under that path keeps its entry there instead of being read
+    again, gigabytes on a large corpus: a generation's files never change, so the entry still holds,
+    and a file damaged since fails verification as it would have, where hashing it would bless it."""
+    entries = {}
+    for p in sorted(p for p in staged.rglob("*") if p.is_file()):
+        rel, st = p.relative_to(staged).as_posix(), p.stat()
+        old = linked_from.spec.files.get(rel) if linked_from else None
+        if old and old.bytes == st.st_size and _inode(linked_from.file(rel)) == (st.st_dev, st.st_ino):
+            entries[rel] = old
+        else:
+            entries[rel] = FileEntry(sha256_file(p), st.st_size)
+    return entries
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def remove_unused(bundle: Path) -> None:

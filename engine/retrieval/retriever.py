@@ -53,7 +53,7 @@ class Retriever:
             advise_random(path)    # queries hop all over the file: readahead only evicts wanted pages
             indexes.append(index)
         index = ShardedIndex(indexes)
-        store = PassageStore.open(root / passages.data, root / passages.offsets, count=passages.count)
+        store = PassageStore.open(root, passages)
         if len(store) != len(index):
             raise BundleError(f"{root}: the index holds {len(index)} passages but the store {len(store)}")
         return cls(index, store, encoder)
