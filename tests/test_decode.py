@@ -215,6 +215,29 @@ def test_prompt_lookup_keeps_greedy_output_in_fewer_passes(decoder, max_draft, c
     assert saved > 0          # some drafts were accepted, so some passes were saved
 
 
+@pytest.mark.parametrize("options", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=3),
+                                     dict(repetition_penalty=1.2, no_repeat_ngram_size=4, min_new_tokens=30)])
+def test_prompt_lookup_keeps_penalized_greedy_output(decoder, options):
+    """Drafts are checked against the chooser's own pick, penalties and bans included, so a
+    deterministic decoding gives the same tokens with drafts as one token per pass."""
+    from ragrt.decoding.generator import generate
+    from ragrt.decoding.lookup import PromptLookup
+    rng = np.random.default_rng(7)
+    counting = CountingSession(decoder.session)
+    speculative = open_decoder(counting, decoder.spec)
+    config = DecodingConfig(max_new_tokens=40, **options)
+    saved = 0
+    for _ in range(6):
+        chunk = rng.integers(3, decoder.spec.vocab_size, 6).tolist()
+        prompt = chunk * 3 + rng.integers(3, decoder.spec.vocab_size, 4).tolist() + chunk[:3]
+        plain = list(generate(decoder, prompt, config))
+        counting.calls = 0
+        fast = list(generate(speculative, prompt, config, PromptLookup(max_draft=4, min_ngram=1)))
+        assert fast == plain
+        saved += len(plain) - counting.calls
+    assert saved > 0
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_match():
     from ragrt.decoding.lookup import PromptLookup
     lookup = PromptLookup(max_draft=3, max_ngram=2, min_ngram=1)

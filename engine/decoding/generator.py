@@ -92,15 +92,16 @@ def generate(decoder, prompt: Sequence[int] | BlockPrompt, config: DecodingConfi
              blocks: BlockStats | None = None) -> Iterator[int]:
     """One answer's tokens until EOS or the limit; stopping the iteration stops the work.
 
-    With `lookup` and plain greedy decoding, each pass also checks the tokens it drafts and keeps
-    those that match greedy's own choice: the same tokens, in fewer passes.
+    With `lookup` and greedy decoding (penalties and bans included: the choice is a function of
+    the logits and the answer so far), each pass also checks the tokens it drafts and keeps those
+    the chooser itself picks after each: the same tokens, in fewer passes.
     """
     stop = set(decoder.spec.eos_token_ids)
     choose = TokenChooser(config, decoder.spec.eos_token_ids)
     gen = Generator(decoder, passage_kv=passage_kv, blocks=blocks)
     gen.add_prompts([prompt])
     context = list(prompt.ids if isinstance(prompt, BlockPrompt) else prompt)
-    drafting = lookup is not None and config.is_plain_greedy
+    drafting = lookup is not None and config.is_greedy
     while len(choose.answer) < config.max_new_tokens:
         token = choose(gen.logits[0])
         if token in stop:
@@ -115,14 +116,14 @@ def generate(decoder, prompt: Sequence[int] | BlockPrompt, config: DecodingConfi
             gen.append(np.array([token], dtype=np.int64))
             continue
         logits = gen.append_run([token, *draft])
-        choices = logits.argmax(axis=-1)                 # greedy's pick after each run token
         accepted = 0
-        while accepted < len(draft) and choices[accepted] == draft[accepted]:
-            accepted += 1
-        for t in draft[:accepted]:
+        for t in draft:
+            if choose(logits[accepted]) != t:            # the pick a one-token step would make here
+                choose.answer.pop()                      # made again from the same logits next round
+                break
             if t in stop:
                 return
-            choose.answer.append(int(t))
+            accepted += 1
             yield int(t)
         context.extend(draft[:accepted])
         gen.rewind(len(draft) - accepted, logits[accepted])

@@ -52,7 +52,7 @@ class DecodingConfig(DecodingDefaults):
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Argmax of the raw logits: what drafts and exactness checks reproduce token for token."""
+        """Argmax of the raw logits: what the export's exactness checks reproduce token for token."""
         return (self.is_greedy and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
                 and self.min_new_tokens == 0)
 
