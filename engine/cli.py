@@ -433,11 +433,12 @@ def _add_finetune(sub) -> None:
     f.add_argument("--encoder", default=None, help="HF checkpoint (default: packaged all-MiniLM-L6-v2)")
     f.add_argument("--generator", default=None, help="HF checkpoint (default: packaged SmolLM2-135M-Instruct)")
     f.add_argument("--epochs", type=int, default=3, help="retriever epochs (default 3)")
-    f.add_argument("--generator-epochs", type=int, default=1, help="generator epochs (default 1)")
+    f.add_argument("--generator-epochs", type=int, default=3, help="generator epochs (default 3)")
     f.add_argument("--lr", type=float, default=3e-5, help="retriever learning rate (default 3e-5)")
     f.add_argument("--generator-lr", type=float, default=3e-5, help="generator learning rate (default 3e-5)")
     f.add_argument("--batch-size", type=int, default=16, help="questions per retriever step (default 16)")
-    f.add_argument("--k", type=int, default=3, help="passages in a generator training prompt (default 3)")
+    f.add_argument("--k", type=int, default=5,
+                   help="passages in a generator training prompt (default 5, as the bundle's prompts hold)")
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (merged before saving) instead of all weights")
     f.add_argument("--joint", action="store_true",
                    help="RAG marginal likelihood over the top-k: the query encoder learns from the generator")
