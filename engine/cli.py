@@ -443,13 +443,13 @@ def _add_finetune(sub) -> None:
     f.add_argument("--joint", action="store_true",
                    help="RAG marginal likelihood over the top-k: the query encoder learns from the generator")
     f.add_argument("--block-attention", action="store_true",
-                   help="also train the generator on prompts in block layout under the block mask (each passage "
-                        "sees the prefix and itself, the question and answer see everything; Block-Attention, "
-                        "arXiv 2409.15355), so it learns to read prompts assembled from passage KV reused across "
-                        "questions; ragrt export then measures block-mode answers. Not with --joint")
+                   help="also train the generator on prompts read from passage KV as the engine reads them (each "
+                        "passage run after the prefix alone, the question and answer over all of them; "
+                        "Block-Attention, arXiv 2409.15355), so it learns to read prompts assembled from passage KV "
+                        "reused across questions; ragrt export then measures block-mode answers. Not with --joint")
     f.add_argument("--block-attention-mix", type=float, default=0.5,
-                   help="with --block-attention, the share of each epoch's generator examples trained under "
-                        "the plain causal mask instead, so full prefill keeps working (default 0.5)")
+                   help="with --block-attention, the share of each epoch's generator examples trained on the "
+                        "plain prompt instead, so full prefill keeps working (default 0.5)")
     f.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
     f.add_argument("--max-steps", type=int, default=0, help="stop each phase after N optimizer steps (smoke tests)")
     f.set_defaults(func=cmd_finetune)

@@ -7,7 +7,7 @@ import torch
 
 from ragrt.errors import CorpusError, UserInputError
 from ragrt.export.train.contrastive import SCALE, contrastive_loss, mine_hard_negatives
-from ragrt.export.train.sft import (IGNORE, PREFIX, SEES_ALL, additive_mask, block_example, block_mask,
+from ragrt.export.train.sft import (IGNORE, block_example, block_logits, block_loss,
                                     rag_marginal_nll, sft_example)
 
 QA_ROWS = [
@@ -49,21 +49,7 @@ def test_loss_mask_covers_the_answer_only(tiny_generator_dir):
     assert labels == [IGNORE] * len(prompt) + answer + [2]
 
 
-def test_block_mask_structure():
-    segments = [PREFIX, PREFIX, 0, 0, 1, 1, SEES_ALL, SEES_ALL]
-    P, B0, B1, T = (0, 1), (2, 3), (4, 5), (6, 7)
-    sees = {0: P[:1], 1: P, 2: P + B0[:1], 3: P + B0, 4: P + B1[:1], 5: P + B1,
-            6: P + B0 + B1 + T[:1], 7: P + B0 + B1 + T}
-    want = torch.zeros(8, 8, dtype=torch.bool)
-    for t, row in sees.items():
-        want[t, list(row)] = True
-    assert torch.equal(block_mask(segments), want)
-    bias = additive_mask(want, torch.float32)
-    assert bias.shape == (1, 1, 8, 8)
-    assert torch.equal(bias[0, 0] == 0, want) and bias.min() == torch.finfo(torch.float32).min
-
-
-def test_block_example_segments_follow_the_block_layout(tiny_generator_dir):
+def test_block_example_is_the_engine_block_prompt(tiny_generator_dir):
     from dataclasses import replace as dc_replace
 
     from transformers import AutoTokenizer
@@ -75,35 +61,34 @@ def test_block_example_segments_follow_the_block_layout(tiny_generator_dir):
     spec = prompt_spec(hf.chat_template, lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
     builder = PromptBuilder(dc_replace(spec, passage="{title}\n{text}"), hf.backend_tokenizer, budget=400)
     passages = [Passage("a#0", "A", "first passage"), Passage("b#0", "B", "the second one")]
-    ids, labels, segments = block_example(builder, "Q?", passages, "the answer", eos_id=2, max_answer_tokens=64)
-    prompt, _ = builder.build_blocks("Q?", passages)
-    answer = hf.backend_tokenizer.encode("the answer", add_special_tokens=False).ids + [2]
-    assert ids == prompt.ids + answer and labels == [IGNORE] * len(prompt.ids) + answer
-    assert segments == ([PREFIX] * len(prompt.prefix) + [0] * len(prompt.blocks[0]) + [1] * len(prompt.blocks[1])
-                        + [SEES_ALL] * (len(prompt.tail) + len(answer)))
+    prompt, answer = block_example(builder, "Q?", passages, "the answer", eos_id=2, max_answer_tokens=64)
+    assert prompt == builder.build_blocks("Q?", passages)[0] and len(prompt.blocks) == 2
+    assert answer == hf.backend_tokenizer.encode("the answer", add_special_tokens=False).ids + [2]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_hf_llama_honours_the_block_mask(tiny_generator_dir, attn):
-    """Block 2 never sees block 1 under the block mask; under the causal mask it does."""
+def test_block_loss_trains_what_block_logits_reads(tiny_generator_dir):
+    """The loss is the answer's cross-entropy under block_logits (which tests/test_passage_kv.py
+    holds to the engine's assembly), and a changed earlier block reaches the answer only through
+    the tail, never a later block's own states."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float32, attn_implementation=attn).eval()
-    segments = [PREFIX] * 3 + [0] * 4 + [1] * 4 + [2] * 4 + [SEES_ALL] * 3
+
+    from ragrt.decoding.blocks import BlockPrompt
+    model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float64).eval()
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, model.config.vocab_size, len(segments)).tolist()
-    changed = ids[:7] + rng.integers(3, model.config.vocab_size, 4).tolist() + ids[11:]
-    assert changed != ids
-    mask = additive_mask(block_mask(segments), torch.float32)
-    block2 = slice(11, 15)
+    ids = lambda n: tuple(int(t) for t in rng.integers(3, model.config.vocab_size, n))
+    prompt = BlockPrompt(ids(5), (ids(6), ids(4)), ids(3))
+    answer = list(ids(4))
     with torch.no_grad():
-        def logits(x, m):
-            return model(input_ids=torch.tensor([x]), attention_mask=m).logits[0]
-        blocked, blocked_changed = logits(ids, mask), logits(changed, mask)
-        causal, causal_changed = logits(ids, None), logits(changed, None)
-    torch.testing.assert_close(blocked[block2], blocked_changed[block2], rtol=0, atol=1e-6)
-    assert not torch.allclose(causal[block2], causal_changed[block2], atol=1e-4)
-    assert not torch.allclose(blocked[-1], blocked_changed[-1], atol=1e-4), "the tail must see every block"
-    torch.testing.assert_close(blocked[:7], causal[:7], rtol=0, atol=1e-5)   # prefix and block 0: causal already
+        logits = block_logits(model, prompt, answer[:-1])
+        want = torch.nn.functional.cross_entropy(logits[len(prompt.tail) - 1:], torch.tensor(answer))
+        torch.testing.assert_close(block_loss(model, prompt, answer), want)
+        # Full attention over the same tokens is another prompt: the loss must differ.
+        seq = torch.tensor([[*prompt.ids, *answer]])
+        full = model(seq).logits[0, len(prompt.ids) - 1:-1]
+        assert abs(torch.nn.functional.cross_entropy(full, torch.tensor(answer)) - want) > 1e-4
+    loss = block_loss(model, prompt, answer)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_joint_marginal_matches_float64_reference():
@@ -145,15 +130,15 @@ def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_pat
     from ragrt.export import pack
     from ragrt.export.train import finetune
     cfg = _config(tiny_corpus, qa_file, tmp_path / "a", tiny_encoder_dir, tiny_generator_dir, **mode)
-    masked = []
+    from_blocks = []
     if cfg.block_attention:
         # Block attention needs passages that render alike at every rank.
         monkeypatch.setattr(pack, "PASSAGE_TEMPLATE", "{title}\n{text}")
-        real_block_mask = finetune.block_mask
-        monkeypatch.setattr(finetune, "block_mask", lambda segments: masked.append(1) or real_block_mask(segments))
+        real_block_loss = finetune.block_loss
+        monkeypatch.setattr(finetune, "block_loss", lambda *a: from_blocks.append(1) or real_block_loss(*a))
     finetune.run_finetune(cfg)
-    if cfg.block_attention:     # both masks trained: 3 of the 5 examples under the block mask, 2 causal
-        assert len(masked) == 3
+    if cfg.block_attention:     # both prompts trained: 3 of the 5 examples read from blocks, 2 plain
+        assert len(from_blocks) == 3
     record = {"block_attention": cfg.block_attention, "block_attention_mix": 0.5}
     assert finetune.training_record(tmp_path / "a" / "generator") == record
     assert json.loads((tmp_path / "a" / "finetune.json").read_text())["config"]["block_attention"] == str(cfg.block_attention)
@@ -163,7 +148,7 @@ def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_pat
     real_step = finetune.Trainer.step
     calls = []
 
-    # Block attention is stopped inside the generator phase (after 6 retriever steps), where its masks are drawn.
+    # Block attention is stopped inside the generator phase (after 6 retriever steps), where its examples are drawn.
     crash_at = 8 if cfg.block_attention else 5
 
     def crash_on_a_step(self, loss):

@@ -44,36 +44,18 @@ def test_one_block_is_full_prefill(decoder):
 
 
 def test_assembly_equals_pytorch_block_reference(decoder, tiny_generator_dir):
-    """Several blocks against PyTorch in float64, built independently: each block run after the
-    prefix at positions starting right after it, its keys turned by HF's own rotary to their
-    place in the prompt, then the tail run over the assembled cache at contiguous positions."""
+    """Several blocks against PyTorch in float64, as fine-tuning reads them (sft.block_logits):
+    each block run after the prefix at positions starting right after it, its keys turned by HF's
+    own rotary to their place in the prompt, then the tail run over the assembled cache at
+    contiguous positions. So the generator trains on the very prompt the engine assembles."""
     import torch
-    from transformers import DynamicCache, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import rotate_half
+    from transformers import LlamaForCausalLM
 
+    from ragrt.export.train.sft import block_logits
     p = _prompt(np.random.default_rng(2), decoder.spec.vocab_size)
     model = LlamaForCausalLM.from_pretrained(tiny_generator_dir, torch_dtype=torch.float64).eval()
-    n = len(p.prefix)
     with torch.no_grad():
-        pre = model(torch.tensor([p.prefix]), use_cache=True).past_key_values
-        layers = [[pre.layers[i].keys, pre.layers[i].values] for i in range(len(pre.layers))]
-        offset = n
-        for block in p.blocks:
-            cache = DynamicCache()
-            for i, (k, v) in enumerate(layers):
-                cache.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
-            out = model(torch.tensor([block]), past_key_values=cache,
-                        position_ids=torch.arange(n, n + len(block))[None], use_cache=True).past_key_values
-            cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.tensor([[offset - n]]))
-            for i, (k, v) in enumerate(layers):
-                bk, bv = out.layers[i].keys[:, :, n:], out.layers[i].values[:, :, n:]
-                layers[i] = [torch.cat([k, bk * cos + rotate_half(bk) * sin], dim=2), torch.cat([v, bv], dim=2)]
-            offset += len(block)
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(layers):
-            cache.update(k, v, i)
-        ref = model(torch.tensor([p.tail]), past_key_values=cache,
-                    position_ids=torch.arange(offset, offset + len(p.tail))[None]).logits[0, -1].numpy()
+        ref = block_logits(model, p, [])[-1].numpy()
     got, state = PassageKV(decoder, "g", dtype=np.float32).prefill([p])
     np.testing.assert_allclose(got[0], ref, atol=5e-4)
     assert state.lengths.tolist() == [len(p.ids)]

@@ -7,10 +7,11 @@ Phases, each resumable from its last checkpoint:
    passages + question -> answer), loss on answer tokens only; full or LoRA (merged);
    with `joint`, instead the RAG marginal likelihood sum_c P(c|q) P(a|q,c) over the top-k,
    so the query encoder also learns from the generator (passage vectors stay frozen);
-   with `block_attention`, on block-layout prompts under the block mask (each passage sees
-   the prefix and itself, the rest sees everything; Block-Attention, arXiv 2409.15355), a
-   seeded share `block_attention_mix` of each epoch under the causal mask, so the generator
-   reads prompts assembled from reused passage KV and full prefill alike.
+   with `block_attention`, on prompts read from passage KV as the engine reads them (each
+   passage run after the prefix alone, then turned to its place; Block-Attention, arXiv
+   2409.15355; sft.block_logits), a seeded share `block_attention_mix` of each epoch on the
+   plain prompt, so the generator reads prompts assembled from reused passage KV and full
+   prefill alike.
 RUN/encoder and RUN/generator are HF checkpoints that `ragrt export` takes as they are.
 Dropout stays off, so a resumed run ends bit-identical to an uninterrupted one.
 """
@@ -36,8 +37,7 @@ from ragrt.retrieval.passages import Passage, passage_text
 from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import prompt_spec
-from ragrt.export.train.sft import (additive_mask, block_example, block_mask, rag_marginal_nll, sequence_logprobs,
-                                    sft_example)
+from ragrt.export.train.sft import block_example, block_loss, rag_marginal_nll, sequence_logprobs, sft_example
 
 TRAINING_RECORD = "ragrt-training.json"     # in the saved generator: how it was trained, for the export
 
@@ -323,8 +323,8 @@ def generator_builder(cfg, gen_ckpt):
 
 
 def block_rows(cfg, n: int, epoch: int) -> set[int]:
-    """The examples this epoch trains under the block mask; the others (a share `block_attention_mix`)
-    under the causal mask. Drawn from the seed and the epoch, so a resumed run draws the same."""
+    """The examples this epoch trains on prompts read from passage KV; the others (a share
+    `block_attention_mix`) on the plain prompt. Drawn from the seed and the epoch, so a resumed run draws the same."""
     if not cfg.block_attention:
         return set()
     full = random.Random(cfg.seed * 1000 + 29 + epoch).sample(range(n), round(cfg.block_attention_mix * n))
@@ -337,8 +337,6 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
     hf_tok, builder = generator_builder(cfg, gen_ckpt)
     resume = run / "checkpoint" / "generator"
     resuming = resume.is_dir()
-    # sdpa adds a 4-D float mask to the scores as given (tests check the block mask is honoured);
-    # flash-attention would drop it.
     model = AutoModelForCausalLM.from_pretrained(resume if resuming and not cfg.lora else gen_ckpt, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     model.eval()
@@ -365,7 +363,7 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
     while state.epoch < cfg.generator_epochs and not trainer.done():
         order = list(range(len(items)))
         random.Random(cfg.seed * 1000 + 17 + state.epoch).shuffle(order)
-        under_block_mask = block_rows(cfg, len(items), state.epoch)
+        from_blocks = block_rows(cfg, len(items), state.epoch)
         for s in range(state.step - state.epoch * per_epoch, per_epoch):
             total = 0.0
             batch = order[s * cfg.grad_accumulation:(s + 1) * cfg.grad_accumulation]
@@ -375,12 +373,11 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
                     d = torch.tensor(np.stack([frozen[r] for r in contexts[i]]))
                     loss = rag_marginal_nll(q, d, sequence_logprobs(model, examples[i], pad_id), cfg.temperature)
                 else:
-                    if i in under_block_mask:
-                        ids, labels, segments = blocked[i]
-                        mask = additive_mask(block_mask(segments), model.dtype)
+                    if i in from_blocks:
+                        loss = block_loss(model, *blocked[i])
                     else:
-                        (ids, labels), mask = examples[i], None
-                    loss = model(input_ids=torch.tensor([ids]), attention_mask=mask, labels=torch.tensor([labels])).loss
+                        ids, labels = examples[i]
+                        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
                 (loss / len(batch)).backward()
                 total += loss.item() / len(batch)
             trainer.step(total)

@@ -1,15 +1,14 @@
 """Generator fine-tuning pieces: examples on the engine's own prompt, the answer-only loss mask,
-the block-attention mask, and the RAG marginal likelihood for joint training."""
+prompts read from passage KV as the engine reads them, and the RAG marginal likelihood for joint training."""
 from __future__ import annotations
 
 from typing import Sequence
 
+from ragrt.decoding.blocks import BlockPrompt
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage
 
 IGNORE = -100                  # label value that PyTorch's cross-entropy skips
-PREFIX = -1                    # segment of the fixed prefix: every token sees it
-SEES_ALL = -2                  # segment of the tail and the answer: causal attention over everything
 
 
 def _answer_ids(builder: PromptBuilder, answer: str, eos_id: int, max_answer_tokens: int) -> list[int]:
@@ -26,32 +25,57 @@ def sft_example(builder: PromptBuilder, question: str, passages: Sequence[Passag
 
 
 def block_example(builder: PromptBuilder, question: str, passages: Sequence[Passage], answer: str,
-                  eos_id: int, max_answer_tokens: int) -> tuple[list[int], list[int], list[int]]:
-    """(input_ids, labels, segments) on the prompt in block layout, as the engine assembles it
-    from passage KV: segments are PREFIX, the block's index (0-based), or SEES_ALL (tail, answer)."""
+                  eos_id: int, max_answer_tokens: int) -> tuple[BlockPrompt, list[int]]:
+    """(prompt, answer ids and EOS): the prompt in block layout, as the engine assembles it from passage KV."""
     prompt, _ = builder.build_blocks(question, passages)
-    answer_ids = _answer_ids(builder, answer, eos_id, max_answer_tokens)
-    segments = [PREFIX] * len(prompt.prefix) + [i for i, b in enumerate(prompt.blocks) for _ in b]
-    segments += [SEES_ALL] * (len(prompt.tail) + len(answer_ids))
-    return prompt.ids + answer_ids, [IGNORE] * len(prompt.ids) + answer_ids, segments
+    return prompt, _answer_ids(builder, answer, eos_id, max_answer_tokens)
 
 
-def block_mask(segments: Sequence[int]):
-    """(T, T) bool, True where token t attends to s: causal, and s in the prefix, or in t's own
-    block, or t in the tail or answer. A block never sees an earlier one, as when its KV is
-    computed with the prefix alone as past. Positions stay 0..T-1, as the engine turns keys."""
+def block_logits(model, prompt: BlockPrompt, continuation: Sequence[int]):
+    """Logits (len(tail) + len(continuation), V) over the tail and `continuation`, the prompt read
+    as the engine reads it from passage KV (decoding/blocks.py): each block run after the prefix
+    alone, at positions starting right after it, its keys turned by the model's own rotary to
+    their place in the prompt, then the tail run over the assembled cache at contiguous positions.
+    Differentiable, so training sees the very states inference assembles: a block mask at
+    contiguous positions would compute a block's deeper states at its place in the prompt, where
+    the engine computes them once, right after the prefix."""
     import torch
-    seg = torch.tensor(segments)
-    query, key = seg[:, None], seg[None, :]
-    causal = torch.ones(len(segments), len(segments), dtype=torch.bool).tril()
-    return causal & ((key == PREFIX) | (key == query) | (query == SEES_ALL))
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import rotate_half
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model     # a LoRA model's own
+    n = len(prompt.prefix)
+    prefix = model(torch.tensor([prompt.prefix]), use_cache=True).past_key_values
+    layers = range(len(prefix.layers))
+    keys = [[prefix.layers[i].keys] for i in layers]
+    values = [[prefix.layers[i].values] for i in layers]
+
+    def cache(parts_k, parts_v):
+        c = DynamicCache()
+        for i in layers:
+            c.update(torch.cat(parts_k[i], dim=2), torch.cat(parts_v[i], dim=2), i)
+        return c
+
+    offset = n
+    for block in prompt.blocks:
+        past = cache([k[:1] for k in keys], [v[:1] for v in values])
+        out = model(torch.tensor([block]), past_key_values=past, position_ids=torch.arange(n, n + len(block))[None],
+                    use_cache=True).past_key_values
+        cos, sin = base.model.rotary_emb(keys[0][0], torch.tensor([[offset - n]]))
+        for i in layers:
+            k, v = out.layers[i].keys[:, :, n:], out.layers[i].values[:, :, n:]
+            keys[i].append(k * cos + rotate_half(k) * sin)
+            values[i].append(v)
+        offset += len(block)
+    seq = [*prompt.tail, *continuation]
+    return model(torch.tensor([seq]), past_key_values=cache(keys, values),
+                 position_ids=torch.arange(offset, offset + len(seq))[None]).logits[0]
 
 
-def additive_mask(allowed, dtype):
-    """(1, 1, T, T) float: 0 where attended, the dtype's lowest value elsewhere. HF takes a 4-D
-    mask as it is and adds it to the scores (sdpa and eager attention; flash-attention drops it)."""
+def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int]):
+    """Mean cross-entropy of the answer after a prompt read from passage KV (`block_logits`)."""
     import torch
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    logits = block_logits(model, prompt, answer_ids[:-1])[len(prompt.tail) - 1:]      # row j predicts answer j
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids))
 
 
 def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
