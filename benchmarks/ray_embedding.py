@@ -12,9 +12,10 @@ configuration in turn on the same documents:
   so the time covers Ray Data's chunking tasks, starting the actor pool (each actor opens the
   graph), the transfers and the driver's gathering, not the cluster's start.
 
-`per_thread` is passages/s divided by the threads at work (A x T), the figure that carries over
-to a cluster; `max_abs_diff` is the largest difference of any vector component from the first
-local run's vectors.
+Every configuration runs `--rounds` times, the configurations alternating, and the median is
+reported. `per_thread` is passages/s divided by the threads at work (A x T), the figure that
+carries over to a cluster; `max_abs_diff` is the largest difference of any vector component from
+the first configuration's vectors.
 
 Scaling to N nodes of C cores, actors of T threads: N x C / T actors, so the embedding rate is
 about N x C x per_thread(Ray, T), as long as the driver keeps up. The driver receives, per
@@ -83,12 +84,14 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
     ap.add_argument("--local", default="1,2", help="thread counts of the local runs")
     ap.add_argument("--ray", default="1x2,2x1", help="ACTORSxTHREADS of the Ray runs")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every configuration, alternating; medians reported")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     import ray
     from tokenizers import Tokenizer
 
+    from ragrt.bundle.atomic import atomic_write_text
     from ragrt.export.models import encoder_checkpoint
     from ragrt.export.pipeline import encoder_graphs
     enc_dir = encoder_graphs(encoder_checkpoint(None))
@@ -97,36 +100,40 @@ def main() -> None:
              "max_length": meta["max_length"], "dim": meta["dim"]}
     docs = first_documents(args.corpus, Tokenizer.from_file(str(files["tokenizer"])), args.limit)
 
-    runs, reference = [], None
-    for threads in (int(t) for t in args.local.split(",") if t):
-        seconds, vectors = run_local(docs, files, threads)
-        runs.append({"path": "local", "actors": 1, "threads": threads, "seconds": seconds, "vectors": vectors})
-        reference = vectors if reference is None else reference
+    configs = [("local", 1, int(t)) for t in args.local.split(",") if t]
+    configs += [("ray", *(int(x) for x in spec.split("x"))) for spec in args.ray.split(",") if spec]
+    seconds: dict[tuple, list[float]] = {c: [] for c in configs}
+    vectors: dict[tuple, np.ndarray] = {}
+    # Rounds alternate the paths, so a noisy stretch of a shared machine hits both alike.
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     try:
-        for spec in (s for s in args.ray.split(",") if s):
-            actors, threads = (int(x) for x in spec.split("x"))
-            seconds, vectors = run_ray(docs, files, actors, threads)
-            runs.append({"path": "ray", "actors": actors, "threads": threads, "seconds": seconds, "vectors": vectors})
+        for _ in range(args.rounds):
+            for c in configs:
+                path, actors, threads = c
+                s, vectors[c] = run_local(docs, files, threads) if path == "local" else run_ray(docs, files, actors,
+                                                                                                threads)
+                seconds[c].append(s)
     finally:
         ray.shutdown()
 
-    passages = len(runs[0]["vectors"])
-    reference = reference if reference is not None else runs[0]["vectors"]
+    reference = vectors[configs[0]]
+    passages = len(reference)
     results = []
-    for r in runs:
-        rate = passages / r["seconds"]
-        results.append({"path": r["path"], "actors": r["actors"], "threads": r["threads"],
-                        "seconds": round(r["seconds"], 2), "passages_per_s": round(rate, 1),
-                        "per_thread": round(rate / (r["actors"] * r["threads"]), 1),
-                        "max_abs_diff": float(np.abs(r["vectors"] - reference).max())})
-        print(f"{r['path']:5} {r['actors']} x {r['threads']} threads: {results[-1]['seconds']:7.2f} s, "
+    for c in configs:
+        path, actors, threads = c
+        median = float(np.median(seconds[c]))
+        rate = passages / median
+        results.append({"path": path, "actors": actors, "threads": threads, "seconds": round(median, 2),
+                        "rounds": [round(s, 2) for s in seconds[c]], "passages_per_s": round(rate, 1),
+                        "per_thread": round(rate / (actors * threads), 1),
+                        "max_abs_diff": float(np.abs(vectors[c] - reference).max())})
+        print(f"{path:5} {actors} x {threads} threads: {median:7.2f} s (median of {len(seconds[c])}), "
               f"{rate:7.1f} passages/s, {results[-1]['per_thread']:6.1f} per thread, "
               f"max |diff| {results[-1]['max_abs_diff']:.1e}")
     report = {"corpus": str(args.corpus), "documents": len(docs), "passages": passages, "cpus": args.cpus,
               "cores": os.cpu_count(), "runs": results}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
