@@ -20,9 +20,11 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# The tests also run on Ray (tests marked ray); `make demo` does without its ~750 MB.
+# The tests also run on Ray (tests marked ray); `make demo` does without its ~750 MB. The [ray]
+# extra of pyproject.toml, read from there, so ragrt itself is not reinstalled.
+RAY_EXTRA = $(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["ray"])'
 $(BIN)/.ray: $(BIN)/.installed
-	$(BIN)/pip install -q -e '.[ray]'
+	$(RAY_EXTRA) | xargs $(BIN)/pip install -q
 	touch $@
 
 data/python-docs-demo.jsonl: | $(BIN)/.installed
