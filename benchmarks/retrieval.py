@@ -301,12 +301,13 @@ def faiss_worker(index_path: str, q_path: str, gt_path: str, efs: list[int], def
 
 # --- the run --------------------------------------------------------------------------------------
 
-def query(worker, data: Path, *args, cap_mib: int | None = None) -> dict:
+def query(worker, data: Path | list[Path], *args, cap_mib: int | None = None) -> dict:
     """`worker(*args)` in its own process; with `cap_mib`, inside a memory cgroup of that size, with
-    `data` (the file the worker reads) first dropped from the page cache."""
+    `data` (the file or files the worker reads) first dropped from the page cache."""
     if cap_mib is None:
         return in_subprocess(worker, *args)
-    drop_page_cache(data)
+    for path in data if isinstance(data, list) else [data]:
+        drop_page_cache(path)
     with memory_cgroup(cap_mib) as group:
         try:
             r = in_subprocess(in_cgroup, str(group), worker, *args)

@@ -42,10 +42,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CACHE, CgroupError, atomic_target, digest, drop_page_cache, in_cgroup, in_subprocess,  # noqa: E402
-                    limit_threads, memory, memory_cgroup, oom_kills, report, save_json, save_npy)
-from retrieval import K, _tqdm, base_texts, base_vectors, derived_path, exact_topk, recall  # noqa: E402
-from concurrent.futures.process import BrokenProcessPool  # noqa: E402
+from common import (CACHE, CgroupError, atomic_target, digest, in_subprocess, limit_threads, memory,  # noqa: E402
+                    report, save_json, save_npy)
+from retrieval import K, _tqdm, base_texts, base_vectors, derived_path, exact_topk, query, recall  # noqa: E402
 
 SWEEP = (128, 256, 512, 1024)
 
@@ -139,17 +138,6 @@ def generation_files(bundle_path: Path) -> list[Path]:
     return [gen.file(rel) for rel in gen.spec.files]
 
 
-def capped_search(bundle_path: Path, args: tuple, cap_mib: int) -> dict:
-    for f in generation_files(bundle_path):
-        drop_page_cache(f)
-    with memory_cgroup(cap_mib) as group:
-        try:
-            r = in_subprocess(in_cgroup, str(group), search_worker, *args)
-        except BrokenProcessPool:
-            return {"status": f"killed: over the {cap_mib} MiB memory cap" if oom_kills(group) else "the worker died"}
-    return {**r, "memory_cap_mib": cap_mib}
-
-
 def index_add(bundle_path: Path, texts, n_add: int, threads: int) -> dict:
     """`ragrt index add` of n_add one-passage documents, as a user runs it."""
     from ragrt.bundle.reader import Bundle
@@ -239,8 +227,8 @@ def run(bundle_path: str, *, corpus: str | None, n: int, work: Path, shards: int
           file=sys.stderr, flush=True)
     # Under a cap every query reads most of what it visits from storage: score those answered
     # one at a time within the budget, not all of them.
-    out["search"] = (capped_search(target, (*args, [], threads, budget_s, False), memory_cap_mib) if memory_cap_mib
-                     else in_subprocess(search_worker, *args, [], threads, budget_s))
+    out["search"] = query(search_worker, generation_files(target), *args, [], threads, budget_s,
+                          not memory_cap_mib, cap_mib=memory_cap_mib)
     if n_add:
         print(f"[scale] ragrt index add of {n_add} passages", file=sys.stderr, flush=True)
         out["add"] = index_add(target, real, n_add, threads)
