@@ -229,9 +229,9 @@ def usearch_build(vec_path: str, index_path: str, spec, expansion_add: int, thre
 
 def usearch_worker(index_path: str, spec, q_path: str, gt_path: str, efs: list[int], default_ef: int, threads: int,
                    budget_s: float) -> dict:
-    from ragrt.retrieval.index import open_index
+    from ragrt.retrieval.index import open_index, stored
     from ragrt.runtime.madvise import advise_random
-    queries, truth = np.load(q_path), np.load(gt_path)
+    queries, truth = stored(np.load(q_path), spec), np.load(gt_path)      # cast as the engine casts them
     before = memory()
     index = open_index(Path(index_path), spec)
     advise_random(index_path)                        # as engine/retrieval/retriever.py opens it
@@ -322,7 +322,7 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
         seed: int = 0, memory_cap_mib: int | None = None) -> dict:
     limit_threads(threads)          # inherited by the spawned engine processes
     from ragrt.bundle.reader import Bundle
-    from ragrt.retrieval.index import EXPANSION_ADD as expansion_add
+    from ragrt.retrieval.index import EXPANSION_ADD as expansion_add, i8_scale
     bundle = Bundle.open(bundle_path)
     ix = bundle.generation.spec.index
     engines = list(engines)
@@ -359,10 +359,11 @@ def run(bundle_path: str, *, corpus: str | None = None, sizes=(100_000,), n_base
             r["file_mib"] = round(v_path.stat().st_size / 2**20, 1)
             row["engines"]["numpy exact"] = r
         if "usearch" in engines:
-            key = digest(v_path.name, ix.dtype, ix.connectivity, expansion_add)
+            scale = i8_scale(np.load(v_path, mmap_mode="r")) if ix.dtype == "i8" else None   # as export sets it
+            key = digest(v_path.name, ix.dtype, ix.connectivity, expansion_add, scale)
             path = CACHE / f"usearch-{key}.usearch"
             meta = path.with_name(path.name + ".json")
-            spec = dataclasses.replace(ix, path=path.name, count=n)       # the bundle's settings, n vectors
+            spec = dataclasses.replace(ix, path=path.name, count=n, i8_scale=scale)   # the bundle's settings, n vectors
             if not (path.exists() and meta.exists()):
                 save_json(meta, in_subprocess(usearch_build, str(v_path), str(path), spec, expansion_add, threads))
             print(f"[retrieval {n:,}] usearch view", file=sys.stderr, flush=True)

@@ -173,7 +173,7 @@ def run(bundle_path: str, *, corpus: str | None, n: int, work: Path, shards: int
         memory_cap_mib: int | None = None, n_add: int = 1000, sweep=SWEEP, seed: int = 0) -> dict:
     limit_threads(threads)
     from ragrt.bundle.reader import Bundle
-    from ragrt.retrieval.index import EXPANSION_ADD
+    from ragrt.retrieval.index import EXPANSION_ADD, i8_scale
     from ragrt.retrieval.shards import first_rows, shard_path, shard_sizes
     src = Bundle.open(bundle_path)
     ix = src.generation.spec.index
@@ -191,10 +191,11 @@ def run(bundle_path: str, *, corpus: str | None, n: int, work: Path, shards: int
             save_npy(gt_path, exact_topk(np.load(v_path, mmap_mode="r"), np.load(q_path), K, bar=bar))
 
     sizes = shard_sizes(n, shards)
+    scale = i8_scale(np.load(v_path, mmap_mode="r")) if dtype == "i8" else None     # as export sets it
     specs, files, builds = [], [], []
     for j, (first, size) in enumerate(zip(first_rows(sizes), sizes)):
-        s = dataclasses.replace(ix, path=shard_path(ix.path, j, shards), dtype=dtype, count=size)
-        f = CACHE / f"shard-{digest(v_path.name, first, size, dtype, ix.connectivity, EXPANSION_ADD)}.usearch"
+        s = dataclasses.replace(ix, path=shard_path(ix.path, j, shards), dtype=dtype, count=size, i8_scale=scale)
+        f = CACHE / f"shard-{digest(v_path.name, first, size, dtype, ix.connectivity, EXPANSION_ADD, scale)}.usearch"
         meta = f.with_name(f.name + ".json")
         if not (f.exists() and meta.exists()):
             print(f"[scale] building shard {j + 1}/{shards} ({size:,} vectors, {dtype})", file=sys.stderr, flush=True)
@@ -209,7 +210,8 @@ def run(bundle_path: str, *, corpus: str | None, n: int, work: Path, shards: int
     real = [(title, text or title) for title, _, text in (t.partition("\n") for t in texts)]   # passage_text's layout
     publish_s = write_generation(target, files, specs, real, n)
 
-    out = {"passages": n, "shards": shards, "budget_s": budget_s, "dtype": dtype, "connectivity": ix.connectivity,
+    out = {"passages": n, "shards": shards, "budget_s": budget_s, "dtype": dtype, "i8_scale": scale,
+           "connectivity": ix.connectivity,
            "expansion_add": EXPANSION_ADD, "threads": threads, "queries": n_queries, "k": K,
            "base": {"source": source, "count": len(base)}, "memory_cap_mib": memory_cap_mib,
            "build": {"seconds": round(sum(b["build_s"] for b in builds), 1),

@@ -84,10 +84,12 @@ def build_index(passages: Sequence[Passage], vectors: np.ndarray, *,
     index_path = Path(index_path)
     t1 = time.perf_counter()
     ndim = vectors.shape[1]
+    scale = usearch_index.i8_scale(vectors) if dtype == "i8" and len(vectors) else None
     specs, start = [], 0
     for j, count in enumerate(shard_sizes(len(passages), shards)):
         spec = IndexSpec(path=shard_path(index_path.name, j, shards), metric=usearch_index.METRIC, dtype=dtype,
-                         ndim=ndim, count=count, connectivity=connectivity, expansion_search=expansion_search)
+                         ndim=ndim, count=count, connectivity=connectivity, expansion_search=expansion_search,
+                         i8_scale=scale)
         what = "building index" if shards == 1 else f"building index shard {j + 1}/{shards}"
         index = usearch_index.build_index(vectors[start:start + count], spec, expansion_add=expansion_add,
                                           log=what if progress else False)

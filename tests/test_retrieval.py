@@ -1,3 +1,4 @@
+import dataclasses
 import mmap
 import sys
 
@@ -116,8 +117,7 @@ def _build(records, encoder, root, **kw):
 
 
 def _specs(built, expansion_search=64):
-    return (IndexSpec("v.usearch", built.metric, built.dtype, built.ndim, built.count, built.connectivity,
-                      expansion_search),
+    return (dataclasses.replace(built.shards[0], expansion_search=expansion_search),
             PassagesSpec("d.bin", "o.npy", built.count))
 
 
@@ -169,6 +169,41 @@ def test_retriever_open_memory_maps_and_checks_the_manifest(encoder, tmp_path):
     (tmp_path / "v.usearch").write_bytes(b"garbage" * 100)
     with pytest.raises(BundleError, match="not a readable USearch index"):
         Retriever.open(tmp_path, *_specs(built), encoder)
+
+
+def test_i8_index_casts_vectors_and_queries_with_its_scale(tmp_path):
+    """Anisotropic unit vectors (a few directions plus noise, as embeddings crowd): ragrt's cast keeps
+    exact search closer to float32's than usearch's own cast does, for the index and its queries."""
+    from usearch.index import Index
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((20, 384)).astype(np.float32)
+
+    def unit(n):
+        v = directions[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, 384)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    vectors, queries = unit(3000), unit(50)
+    records = [Passage(f"p{i}", "", f"text {i}") for i in range(len(vectors))]
+    built = build_index(records, vectors, index_path=tmp_path / "v.usearch", data_path=tmp_path / "d.bin",
+                        offsets_path=tmp_path / "o.npy", dtype="i8", progress=False)
+    spec = built.shards[0]
+    assert spec.i8_scale == pytest.approx(127 / np.quantile(np.abs(vectors), 0.9999), rel=1e-6) and spec.i8_scale > 127
+    retriever = Retriever.open(tmp_path, *_specs(built), None)
+    assert np.abs(retriever.index.get(np.arange(5)) - vectors[:5]).max() <= 0.5 / spec.i8_scale + 1e-7
+    truth = np.argsort(-queries @ vectors.T, axis=1)[:, :10]
+
+    def recall(found):
+        return np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+
+    plain = Index(ndim=384, metric="cos", dtype="i8")
+    plain.add(np.arange(len(vectors)), vectors)
+    theirs = recall(plain.search(queries, 10, exact=True).keys)
+    (index,) = retriever.index.shards
+    ours = recall(index.search(np.clip(np.rint(queries * spec.i8_scale), -127, 127).astype(np.int8), 10,
+                               exact=True).keys)
+    assert ours > theirs + 0.03, (ours, theirs)
+    hits = retriever.search(queries, 10)
+    assert recall([[h.row for h in row] for row in hits]) > theirs      # the engine casts its queries too
 
 
 def test_passage_embeddings_are_cached_by_encoder_and_content(encoder, monkeypatch, tmp_path):

@@ -173,6 +173,9 @@ class IndexSpec:
     count: int                     # vectors, under keys 0..count-1: rows from the shard's first (retrieval/shards.py)
     connectivity: int
     expansion_search: int
+    # i8 only: stored int8 = round(unit vector × i8_scale), clipped to ±127; queries are cast the same
+    # way (retrieval/index.py). None: usearch's own cast (× 127), as bundles written before it.
+    i8_scale: float | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from ragrt.bundle.versions import (DATA_FILE, OFFSETS_FILE, ROWS_FILE, Generatio
 from ragrt.bundle.manifest import PassagesSpec
 from ragrt.decoding.blockstore import has_store, write_store
 from ragrt.runtime.sessions import SessionConfig
-from ragrt.retrieval.index import build_index, open_index
+from ragrt.retrieval.index import build_index, open_index, stored
 from ragrt.retrieval.passages import (Passage, PassageStore, add_segment, document_of, passage_text,
                                       write_passage_store)
 from ragrt.retrieval.shards import first_rows, receiving_shard
@@ -73,7 +73,8 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
         counts = [s.count for s in gen.spec.index_shards]
         j = receiving_shard(counts)
         index = _open_index(gen, j, view=False)       # a private, writable copy of the shard's graph
-        index.add(np.arange(counts[j], counts[j] + len(new), dtype=np.uint64), vectors)
+        keys = np.arange(counts[j], counts[j] + len(new), dtype=np.uint64)
+        index.add(keys, stored(vectors, gen.spec.index_shards[j]))
         end = first_rows(counts)[j] + counts[j]       # the new rows follow the shard's own
         with staging(bundle.root) as tmp:
             for rel in store.spec.data_files:

@@ -52,7 +52,7 @@ class Retriever:
             index.expansion_search = search_breadth(len(index), s.expansion_search)
             advise_random(path)    # queries hop all over the file: readahead only evicts wanted pages
             indexes.append(index)
-        index = ShardedIndex(indexes)
+        index = ShardedIndex(indexes, spec.i8_scale if spec.dtype == "i8" else None)
         store = PassageStore.open(root, passages)
         if len(store) != len(index):
             raise BundleError(f"{root}: the index holds {len(index)} passages but the store {len(store)}")

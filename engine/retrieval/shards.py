@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ragrt.errors import BundleError
+from ragrt.retrieval.index import to_int8
 
 
 def shard_sizes(count: int, shards: int) -> list[int]:
@@ -51,10 +52,12 @@ def shard_path(path: str, shard: int, shards: int) -> str:
 
 
 class ShardedIndex:
-    """Opened USearch indexes, shard j's keys offset by its first row; reads only, so threads may share it."""
+    """Opened USearch indexes, shard j's keys offset by its first row; reads only, so threads may share it.
+    `i8_scale`: the shards' IndexSpec.i8_scale (one for all of a generation's), which queries are cast by."""
 
-    def __init__(self, shards: Sequence):
+    def __init__(self, shards: Sequence, i8_scale: float | None = None):
         self.shards = tuple(shards)
+        self.i8_scale = i8_scale
         ndims = {index.ndim for index in self.shards}
         if len(ndims) != 1:
             raise BundleError(f"the index shards have {sorted(ndims)} dims; the corpus is corrupted")
@@ -76,11 +79,13 @@ class ShardedIndex:
         for j in np.unique(shard):
             at = shard == j
             out[at] = np.asarray(self.shards[j].get((rows[at] - starts[j]).astype(np.uint64)), dtype=np.float32)
-        return out
+        return out / self.i8_scale if self.i8_scale else out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, distances), each (n, k) for queries (n, ndim), best first; row -1 (distance inf)
         where fewer than k were found."""
+        if self.i8_scale:
+            queries = to_int8(queries, self.i8_scale)
         if self._pool is None:
             return _top(self.shards[0], queries, k)
         found = list(self._pool.map(lambda index: _top(index, queries, k), self.shards))
