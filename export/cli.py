@@ -47,6 +47,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                         "their F1 holds within a point")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="chunk and embed the corpus on a Ray cluster (needs ragrt[ray]): no value or `local` "
-                        "starts one on this machine, else connect to ADDRESS (ray://host:10001 or host:6379); "
-                        "the corpus may then also be Parquet (columns id, text, title)")
+                   help="chunk and embed the corpus on a Ray cluster (needs ragrt[ray]), and with --passage-kv "
+                        "all compute the passages' KV there too: no value or `local` starts one on this machine, "
+                        "else connect to ADDRESS (ray://host:10001 or host:6379); the corpus may then also be "
+                        "Parquet (columns id, text, title)")

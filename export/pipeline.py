@@ -429,8 +429,14 @@ def run_export(cfg: ExportConfig) -> Path:
             _say(f"indexed {built.count} passages{f' in {cfg.shards} shards' if cfg.shards > 1 else ''}: embedding {seconds:.1f} s"
                  f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
             if cfg.passage_kv == "all":
-                from ragrt.decoding.blockstore import write_store
-                kv = write_store(tmp, manifest, gen, passages)
+                from ragrt.decoding.blockstore import graph_id, write_store
+                compute = None
+                if cfg.ray is not None:
+                    from ragrt.export.ray_passage_kv import RayBlocks, blocks_on_ray
+                    _say(f"computing passage KV on Ray ({cfg.ray}) with the bundle's generator")
+                    compute = blocks_on_ray(RayBlocks(address=cfg.ray), model=tmp / manifest.generator.model,
+                                            spec=manifest.generator, graph_id=graph_id(manifest))
+                kv = write_store(tmp, manifest, gen, passages, compute=compute)
                 _say(f"passage KV: {kv.blocks} blocks, {kv.tokens} tokens, {kv.bytes / 1e6:.1f} MB")
             publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=documents,
                     index=built.shards[0], shards=built.shards[1:],

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -94,16 +95,24 @@ def embed_on_ray(corpus: Sequence[Document] | Path, ray_config: RayEmbedding, *,
     """Chunks `corpus` (documents, or a Parquet path from `read_corpus`) and embeds its passages on
     Ray. Uses the process's Ray connection if there is one, else opens one to `ray_config.address`
     and closes it at the end."""
+    with connected(ray_config.address):
+        return _embed(corpus, ray_config, model=model, tokenizer=tokenizer, max_length=max_length, dim=dim,
+                      max_tokens=max_tokens, overlap=overlap, progress=progress)
+
+
+@contextmanager
+def connected(address: str) -> Iterator[None]:
+    """The process's Ray connection if there is one, else one to `address` ("local": a cluster
+    started on this machine), closed on exit."""
     import ray
     started = not ray.is_initialized()
     if started:
-        if ray_config.address == "local":
+        if address == "local":
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
         else:
-            ray.init(address=ray_config.address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING)
     try:
-        return _embed(corpus, ray_config, model=model, tokenizer=tokenizer, max_length=max_length, dim=dim,
-                      max_tokens=max_tokens, overlap=overlap, progress=progress)
+        yield
     finally:
         if started:
             ray.shutdown()

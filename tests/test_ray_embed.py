@@ -141,3 +141,27 @@ def test_without_ray_the_plain_export_works_and_ray_says_what_to_install(tiny_co
                            capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert len(Engine.open(tmp_path / "p").retrieve("parse JSON", k=10)) == 5
+
+
+def test_passage_kv_on_ray_equals_local(local_cluster, tiny_bundle, tmp_path):
+    """`--ray --passage-kv all`: blocks computed by an actor pool are the local export's, in its order."""
+    from ragrt.bundle.reader import Bundle
+    from ragrt.decoding.blockstore import BlockStore, graph_id, write_store
+    from ragrt.export.ray_passage_kv import RayBlocks, blocks_on_ray
+    from ragrt.retrieval.passages import PassageStore
+    bundle = Bundle.open(tiny_bundle)
+    m, gen = bundle.manifest, bundle.generation
+    store = PassageStore.open(gen.path, gen.spec.passages)
+    passages = [store.get(i) for i in range(len(store))]
+    (tmp_path / "local").mkdir()
+    (tmp_path / "ray").mkdir()
+    local = write_store(tiny_bundle, m, tmp_path / "local", passages)
+    compute = blocks_on_ray(RayBlocks(actors=2, batch_blocks=2), model=bundle.path(m.generator.model),
+                            spec=m.generator, graph_id=graph_id(m))
+    on_ray = write_store(tiny_bundle, m, tmp_path / "ray", passages, compute=compute)
+    assert on_ray == local and local.computed == local.blocks > 2
+    a, b = BlockStore.open(tmp_path / "local"), BlockStore.open(tmp_path / "ray")
+    assert a.keys() == b.keys() and (a.graph_id, a.prefix) == (b.graph_id, b.prefix)
+    for key in a.keys():
+        np.testing.assert_allclose(b.stored(key).astype(np.float32), a.stored(key).astype(np.float32),
+                                   atol=2e-3, rtol=1e-3)

@@ -114,10 +114,16 @@ class BlockStore:
         return None if kv is None else kv.astype(self.dtype, copy=False)
 
 
+# Computes blocks elsewhere (export/ray_passage_kv.py): given the prefix and the blocks' token ids,
+# yields their keys and values in that order, as `PassageKV.compute` gives them.
+ComputeBlocks = Callable[[tuple[int, ...], list[np.ndarray]], Iterable[np.ndarray]]
+
+
 def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder, passages: Iterable[Passage], *,
-                 reuse: BlockStore | None = None) -> StoreSummary:
+                 reuse: BlockStore | None = None, compute: ComputeBlocks | None = None) -> StoreSummary:
     """Writes the store of `passages` into `directory`: each distinct block once, copied from `reuse`
-    when it holds it, else computed. Refuses, before writing, a store larger than the free disk space.
+    when it holds it, else computed (by `passage_kv`, or by `compute`). Refuses, before writing, a
+    store larger than the free disk space.
 
     Passages too long to be a block even with an empty question are left out, as every question
     would leave them out. The data goes in first and the index last, each renamed into place."""
@@ -138,6 +144,9 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
                              f"{directory} has {free / 1e9:.2f} GB free; free some space or use --passage-kv lazy")
     if reuse is not None and (reuse.graph_id, reuse.prefix) != (passage_kv.graph_id, prefix):
         reuse = None           # made for another graph or prompt: none of its keys can match
+    missing = [ids for key, ids in plan.items() if reuse is None or reuse.stored(key) is None]
+    blocks = iter(compute(prefix, missing) if compute is not None and missing
+                  else (passage_kv.compute(prefix, ids.tolist()) for ids in missing))
     entries = np.zeros(len(plan), dtype=_ENTRY)
     offset = computed = 0
     with atomic_open(Path(directory) / PASSAGE_KV_FILE, "wb") as f, \
@@ -145,7 +154,9 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
         for i, (key, ids) in enumerate(plan.items()):
             kv = reuse.stored(key) if reuse is not None else None
             if kv is None:
-                kv = passage_kv.compute(prefix, ids.tolist())
+                kv = next(blocks)
+                if kv.shape != (shape[0], shape[1], len(ids), shape[2]):
+                    raise RuntimeError(f"a computed block has shape {kv.shape}, not that of its {len(ids)} tokens")
                 computed += 1
             f.write(np.ascontiguousarray(kv, dtype=BLOCK_DTYPE).tobytes())
             entries[i] = (key, offset, len(ids))
@@ -160,7 +171,8 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
 
 
 def write_store(bundle_root: Path, manifest: Manifest, directory: Path, passages: Iterable[Passage], *,
-                session_config: SessionConfig | None = None, reuse: Path | None = None) -> StoreSummary:
+                session_config: SessionConfig | None = None, reuse: Path | None = None,
+                compute: ComputeBlocks | None = None) -> StoreSummary:
     """`write_blocks` with the bundle's own generator, opened as the engine opens it (on the CPU, where
     passage KV is assembled); `reuse`: a generation directory whose store supplies the blocks it holds."""
     from ragrt.retrieval.encoder import load_tokenizer
@@ -172,7 +184,7 @@ def write_store(bundle_root: Path, manifest: Manifest, directory: Path, passages
     tokenizer = load_tokenizer(Path(bundle_root) / manifest.generator.tokenizer)
     passage_kv = PassageKV(decoder, graph_id(manifest))
     old = BlockStore.open(reuse) if reuse is not None else None
-    return write_blocks(directory, passage_kv, qa_builder(manifest, tokenizer), passages, reuse=old)
+    return write_blocks(directory, passage_kv, qa_builder(manifest, tokenizer), passages, reuse=old, compute=compute)
 
 
 class LiveBlockStore:
