@@ -17,6 +17,11 @@ reported. `per_thread` is passages/s divided by the threads at work (A x T), the
 carries over to a cluster; `max_abs_diff` is the largest difference of any vector component from
 the first configuration's vectors.
 
+With `--passage-kv BUNDLE`, the same configurations also write `--passage-kv all`'s store for the
+bundle's first `--blocks` passages (rows "local kv" and "ray kv", in blocks/s; `max_abs_diff` is
+then over the first block, float16): a block is a generator pass, far more work per passage
+than embedding, so the same arithmetic gives the cluster's block rate.
+
 Scaling to N nodes of C cores, actors of T threads: N x C / T actors, so the embedding rate is
 about N x C x per_thread(Ray, T), as long as the driver keeps up. The driver receives, per
 passage, its text and a dim x 4-byte vector (384-d: 1.5 KB) and writes them into one array;
@@ -77,6 +82,36 @@ def run_ray(docs, files: dict, actors: int, threads: int) -> tuple[float, np.nda
     return time.perf_counter() - t0, out.vectors
 
 
+def bundle_passages(bundle: Path, limit: int):
+    from ragrt.bundle.reader import Bundle
+    from ragrt.retrieval.passages import PassageStore
+    gen = Bundle.open(bundle).generation
+    store = PassageStore.open(gen.path, gen.spec.passages)
+    return [store.get(i) for i in range(min(limit, len(store)))]
+
+
+def run_blocks(bundle: Path, passages, actors: int, threads: int, on_ray: bool) -> tuple[float, np.ndarray]:
+    """`--passage-kv all`'s store of `passages`, written locally with `threads` threads or on Ray;
+    returns the seconds and the first block (the check that both paths agree)."""
+    import tempfile
+
+    from ragrt.bundle.reader import Bundle
+    from ragrt.decoding.blockstore import BlockStore, graph_id, write_store
+    from ragrt.export.ray_passage_kv import RayBlocks, blocks_on_ray
+    from ragrt.runtime.sessions import SessionConfig
+    m = Bundle.open(bundle).manifest
+    compute = (blocks_on_ray(RayBlocks(actors=actors, threads=threads), model=bundle / m.generator.model,
+                             spec=m.generator, graph_id=graph_id(m)) if on_ray else None)
+    with tempfile.TemporaryDirectory(prefix="ragrt-kv-bench-") as tmp:
+        t0 = time.perf_counter()
+        write_store(bundle, m, Path(tmp), passages, session_config=SessionConfig(device="cpu", threads=threads),
+                    compute=compute)
+        seconds = time.perf_counter() - t0
+        store = BlockStore.open(Path(tmp))
+        first = np.array(store.stored(sorted(store.keys())[0]), dtype=np.float32)
+    return seconds, first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "faq" / "corpus.jsonl")
@@ -85,6 +120,9 @@ def main() -> None:
     ap.add_argument("--local", default="1,2", help="thread counts of the local runs")
     ap.add_argument("--ray", default="1x2,2x1", help="ACTORSxTHREADS of the Ray runs")
     ap.add_argument("--rounds", type=int, default=3, help="runs of every configuration, alternating; medians reported")
+    ap.add_argument("--passage-kv", type=Path, default=None, metavar="BUNDLE",
+                    help="also time `--passage-kv all` on this bundle's first --blocks passages, locally and on Ray")
+    ap.add_argument("--blocks", type=int, default=64, help="passages whose blocks --passage-kv computes")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -102,6 +140,9 @@ def main() -> None:
 
     configs = [("local", 1, int(t)) for t in args.local.split(",") if t]
     configs += [("ray", *(int(x) for x in spec.split("x"))) for spec in args.ray.split(",") if spec]
+    kv_passages = bundle_passages(args.passage_kv, args.blocks) if args.passage_kv else []
+    if kv_passages:
+        configs += [(f"{path} kv", actors, threads) for path, actors, threads in configs]
     seconds: dict[tuple, list[float]] = {c: [] for c in configs}
     vectors: dict[tuple, np.ndarray] = {}
     # Rounds alternate the paths, so a noisy stretch of a shared machine hits both alike.
@@ -110,28 +151,34 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in configs:
                 path, actors, threads = c
-                s, vectors[c] = run_local(docs, files, threads) if path == "local" else run_ray(docs, files, actors,
-                                                                                                threads)
+                if path.endswith(" kv"):
+                    s, vectors[c] = run_blocks(args.passage_kv, kv_passages, actors, threads, path == "ray kv")
+                elif path == "local":
+                    s, vectors[c] = run_local(docs, files, threads)
+                else:
+                    s, vectors[c] = run_ray(docs, files, actors, threads)
                 seconds[c].append(s)
     finally:
         ray.shutdown()
 
-    reference = vectors[configs[0]]
-    passages = len(reference)
+    passages = len(vectors[configs[0]])
     results = []
     for c in configs:
         path, actors, threads = c
+        kv = path.endswith(" kv")
+        reference = vectors[next(x for x in configs if x[0].endswith(" kv") == kv)]
         median = float(np.median(seconds[c]))
-        rate = passages / median
+        rate = (len(kv_passages) if kv else passages) / median
         results.append({"path": path, "actors": actors, "threads": threads, "seconds": round(median, 2),
                         "rounds": [round(s, 2) for s in seconds[c]], "passages_per_s": round(rate, 1),
                         "per_thread": round(rate / (actors * threads), 1),
                         "max_abs_diff": float(np.abs(vectors[c] - reference).max())})
-        print(f"{path:5} {actors} x {threads} threads: {median:7.2f} s (median of {len(seconds[c])}), "
-              f"{rate:7.1f} passages/s, {results[-1]['per_thread']:6.1f} per thread, "
+        print(f"{path:8} {actors} x {threads} threads: {median:7.2f} s (median of {len(seconds[c])}), "
+              f"{rate:7.1f} {'blocks' if kv else 'passages'}/s, {results[-1]['per_thread']:6.1f} per thread, "
               f"max |diff| {results[-1]['max_abs_diff']:.1e}")
     report = {"corpus": str(args.corpus), "documents": len(docs), "passages": passages, "cpus": args.cpus,
-              "cores": os.cpu_count(), "runs": results}
+              "cores": os.cpu_count(), "passage_kv_bundle": str(args.passage_kv) if kv_passages else None,
+              "passage_kv_blocks": len(kv_passages), "runs": results}
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
 

@@ -26,7 +26,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="generator graph: fused, onnxruntime-genai's builder graph decoded in place (default, "
                         "fastest); optimum, optimum's export (any attention mask)")
     p.add_argument("--index-dtype", choices=["f16", "i8", "f32"], default="f16",
-                   help="how the index stores passage vectors (default f16)")
+                   help="how the index stores passage vectors (default f16); i8 halves the index (unit vectors "
+                        "cast to int8 with a scale fitted to the embeddings, recorded in the manifest)")
     p.add_argument("--shards", type=int, default=1,
                    help="split the index into this many files of consecutive passages, searched in parallel; "
                         "`ragrt index add/remove` then rewrite only the shards they change (default 1)")

@@ -37,8 +37,16 @@ def stored(vectors: np.ndarray, spec: IndexSpec) -> np.ndarray:
     return to_int8(vectors, spec.i8_scale)
 
 
-def to_int8(vectors: np.ndarray, scale: float) -> np.ndarray:
-    return np.clip(np.rint(vectors * scale), -127, 127).astype(np.int8)
+def to_int8(vectors: np.ndarray, scale: float, chunk: int = 65536) -> np.ndarray:
+    """round(vectors × scale) clipped to ±127, a chunk of rows at a time (a 625,000-row shard would
+    otherwise hold float32 temporaries of 1 GB each)."""
+    out = np.empty(vectors.shape, dtype=np.int8)
+    for start in range(0, len(vectors), chunk):
+        x = np.multiply(vectors[start:start + chunk], scale, dtype=np.float32)
+        np.rint(x, out=x)
+        np.clip(x, -127, 127, out=x)
+        out[start:start + chunk] = x
+    return out
 
 
 def new_index(spec: IndexSpec, *, expansion_add: int = EXPANSION_ADD):
