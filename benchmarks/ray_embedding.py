@@ -13,9 +13,11 @@ configuration in turn on the same documents:
   graph), the transfers and the driver's gathering, not the cluster's start.
 
 Every configuration runs `--rounds` times, the configurations alternating, and the median is
-reported. `per_thread` is passages/s divided by the threads at work (A x T), the figure that
-carries over to a cluster; `max_abs_diff` is the largest difference of any vector component from
-the first configuration's vectors.
+reported. `per_thread` is passages/s divided by the threads at work (A x T); for Ray,
+`steady_per_thread` is the same after the pool's first round of batches (one per actor), so
+without the pool's start: the per-worker figure that carries over to a cluster. (The local
+timing starts after its session is open.) `max_abs_diff` is the largest difference of any vector
+component from the first configuration's vectors.
 
 With `--passage-kv BUNDLE`, the same configurations also write `--passage-kv all`'s store for the
 bundle's first `--blocks` passages (rows "local kv" and "ray kv", in blocks/s; `max_abs_diff` is
@@ -23,10 +25,10 @@ then over the first block, float16): a block is a generator pass, far more work 
 than embedding, so the same arithmetic gives the cluster's block rate.
 
 Scaling to N nodes of C cores, actors of T threads: N x C / T actors, so the embedding rate is
-about N x C x per_thread(Ray, T), as long as the driver keeps up. The driver receives, per
+about N x C x steady_per_thread(Ray, T), as long as the driver keeps up. The driver receives, per
 passage, its text and a dim x 4-byte vector (384-d: 1.5 KB) and writes them into one array;
 gathering runs at hundreds of MB/s, so it bounds the rate only past ~10^5 passages/s. Time for
-P passages: P / (N x C x per_thread) + the pool's start (a few seconds per actor, in parallel)
+P passages: P / (N x C x steady_per_thread) + the pool's start (a few seconds per actor, in parallel)
 + chunking (tokenizing, spread over the same CPUs). Example: per_thread 40 passages/s, 4 nodes
 of 16 cores, 1 thread per actor: 2,560 passages/s, a 1M-passage corpus in ~6.5 min of
 embedding; one 16-core machine alone: ~26 min. The index build after it stays on the driver.
@@ -74,12 +76,13 @@ def run_local(docs, files: dict, threads: int) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, vectors
 
 
-def run_ray(docs, files: dict, actors: int, threads: int) -> tuple[float, np.ndarray]:
+def run_ray(docs, files: dict, actors: int, threads: int) -> tuple[float, np.ndarray, float]:
+    """Seconds, vectors and the pool's steady rate (passages/s after the first batch)."""
     from ragrt.export.ray_embed import RayEmbedding, embed_on_ray
     t0 = time.perf_counter()
     out = embed_on_ray(docs, RayEmbedding(actors=actors, threads=threads), **files, max_tokens=128, overlap=32,
                        progress=False)
-    return time.perf_counter() - t0, out.vectors
+    return time.perf_counter() - t0, out.vectors, out.steady_rate
 
 
 def bundle_passages(bundle: Path, limit: int):
@@ -118,7 +121,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000, help="passages to embed (at least; whole documents)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
     ap.add_argument("--local", default="1,2", help="thread counts of the local runs")
-    ap.add_argument("--ray", default="1x2,2x1", help="ACTORSxTHREADS of the Ray runs")
+    ap.add_argument("--ray", default="1x1,1x2,2x1", help="ACTORSxTHREADS of the Ray runs")
     ap.add_argument("--rounds", type=int, default=3, help="runs of every configuration, alternating; medians reported")
     ap.add_argument("--passage-kv", type=Path, default=None, metavar="BUNDLE",
                     help="also time `--passage-kv all` on this bundle's first --blocks passages, locally and on Ray")
@@ -144,6 +147,7 @@ def main() -> None:
     if kv_passages:
         configs += [(f"{path} kv", actors, threads) for path, actors, threads in configs]
     seconds: dict[tuple, list[float]] = {c: [] for c in configs}
+    steady: dict[tuple, list[float]] = {c: [] for c in configs}
     vectors: dict[tuple, np.ndarray] = {}
     # Rounds alternate the paths, so a noisy stretch of a shared machine hits both alike.
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
@@ -156,7 +160,8 @@ def main() -> None:
                 elif path == "local":
                     s, vectors[c] = run_local(docs, files, threads)
                 else:
-                    s, vectors[c] = run_ray(docs, files, actors, threads)
+                    s, vectors[c], rate = run_ray(docs, files, actors, threads)
+                    steady[c].append(rate)
                 seconds[c].append(s)
     finally:
         ray.shutdown()
@@ -173,9 +178,14 @@ def main() -> None:
                         "rounds": [round(s, 2) for s in seconds[c]], "passages_per_s": round(rate, 1),
                         "per_thread": round(rate / (actors * threads), 1),
                         "max_abs_diff": float(np.abs(vectors[c] - reference).max())})
+        if steady[c]:
+            steady_rate = float(np.median(steady[c]))
+            results[-1].update(steady_passages_per_s=round(steady_rate, 1),
+                               steady_per_thread=round(steady_rate / (actors * threads), 1))
         print(f"{path:8} {actors} x {threads} threads: {median:7.2f} s (median of {len(seconds[c])}), "
               f"{rate:7.1f} {'blocks' if kv else 'passages'}/s, {results[-1]['per_thread']:6.1f} per thread, "
-              f"max |diff| {results[-1]['max_abs_diff']:.1e}")
+              f"max |diff| {results[-1]['max_abs_diff']:.1e}"
+              + (f"; after the first round {results[-1]['steady_per_thread']:6.1f} per thread" if steady[c] else ""))
     report = {"corpus": str(args.corpus), "documents": len(docs), "passages": passages, "cpus": args.cpus,
               "cores": os.cpu_count(), "passage_kv_bundle": str(args.passage_kv) if kv_passages else None,
               "passage_kv_blocks": len(kv_passages), "runs": results}

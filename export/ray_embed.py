@@ -50,6 +50,16 @@ class RayEmbedded:
     nodes: dict[str, int]           # Ray node id -> passages its actors embedded
     actors: int
     threads: int
+    # When the pool's first round of batches (one per actor) had reached the driver, and the passages
+    # they held: the pool's start (chunking, actors opening the graph) is before it, and the rate
+    # after it is the pool's steady rate.
+    first_round_s: float = 0.0
+    first_round_rows: int = 0
+
+    @property
+    def steady_rate(self) -> float:
+        """Passages/s after the first round of batches."""
+        return (len(self.passages) - self.first_round_rows) / max(self.seconds - self.first_round_s, 1e-9)
 
 
 def require_ray() -> None:
@@ -157,8 +167,12 @@ def _embed(corpus, ray_config: RayEmbedding, *, model: Path, tokenizer: Path, ma
     nodes: dict[str, int] = {}
     with tqdm(total=total, desc=f"embedding passages on Ray ({actors} actors x {ray_config.threads} threads)",
               unit="passage", disable=not progress) as bar:
+        first, batches = (0.0, 0), 0
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(batch["id"])
+            batches += 1
+            if batches <= actors:
+                first = (time.perf_counter() - t0, len(passages) + n)
             vectors[len(passages):len(passages) + n] = batch["vector"]
             passages += [Passage(str(i), str(t), str(x)) for i, t, x in zip(batch["id"], batch["title"], batch["text"])]
             for node in batch["node"]:
@@ -167,7 +181,7 @@ def _embed(corpus, ray_config: RayEmbedding, *, model: Path, tokenizer: Path, ma
     if len(passages) != total:
         raise RuntimeError(f"Ray returned {len(passages)} embedded passages of {total}")
     _check_unique(passages, corpus)
-    return RayEmbedded(passages, vectors, time.perf_counter() - t0, nodes, actors, ray_config.threads)
+    return RayEmbedded(passages, vectors, time.perf_counter() - t0, nodes, actors, ray_config.threads, *first)
 
 
 def _parquet_columns(path: Path) -> list[str]:

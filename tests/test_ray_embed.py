@@ -119,6 +119,8 @@ def test_embedding_spans_two_nodes_and_equals_local(two_nodes, tiny_corpus, enco
     assert on_ray.actors == 2
     assert sorted(on_ray.nodes) == sorted(n.node_id for n in two_nodes.list_all_nodes())
     assert sum(on_ray.nodes.values()) == len(on_ray.passages)
+    # The pool's first round is one batch per actor: 2 passages each here.
+    assert 0 < on_ray.first_round_rows <= 4 and 0 < on_ray.first_round_s <= on_ray.seconds and on_ray.steady_rate > 0
     assert_same_embedding(on_ray, local_embedding(tiny_corpus, encoder_files, **SMALL))
     assert not ray.is_initialized()           # it opened the connection, so it closed it
 
