@@ -110,6 +110,18 @@ def embed_on_ray(corpus: Sequence[Document] | Path, ray_config: RayEmbedding, *,
                       max_tokens=max_tokens, overlap=overlap, progress=progress)
 
 
+def ordered_pool(actors: int | None, threads: int) -> int:
+    """Sets Ray Data up for an actor pool whose results come back in input order, and returns the
+    pool's size: `actors`, or the cluster's CPUs // `threads`. Progress is the caller's own bar."""
+    import ray
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    ctx.enable_progress_bars = False
+    return actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+
+
 @contextmanager
 def connected(address: str) -> Iterator[None]:
     """The process's Ray connection if there is one, else one to `address` ("local": a cluster
@@ -131,17 +143,13 @@ def connected(address: str) -> Iterator[None]:
 def _embed(corpus, ray_config: RayEmbedding, *, model: Path, tokenizer: Path, max_length: int, dim: int,
            max_tokens: int, overlap: int, progress: bool) -> RayEmbedded:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
     from tqdm import tqdm
 
     if ray_config.threads < 1 or (ray_config.actors is not None and ray_config.actors < 1) \
             or ray_config.batch_rows < 1:
         raise UserInputError(f"Ray embedding needs at least one actor, thread and row per batch, got {ray_config}")
-    actors = ray_config.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // ray_config.threads)
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True     # passage order is row order, the index's keys
-    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    ctx.enable_progress_bars = False                # ours below counts passages, with an ETA
+    actors = ordered_pool(ray_config.actors, ray_config.threads)     # passage order is row order, the index's keys
 
     t0 = time.perf_counter()
     if isinstance(corpus, Path):

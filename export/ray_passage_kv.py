@@ -20,7 +20,7 @@ from ragrt.bundle.manifest import GeneratorSpec
 from ragrt.decoding.blocks import BLOCK_DTYPE
 from ragrt.decoding.blockstore import ComputeBlocks
 from ragrt.errors import UserInputError
-from ragrt.export.ray_embed import ACTOR_START_TIMEOUT_S, connected
+from ragrt.export.ray_embed import connected, ordered_pool
 from ragrt.runtime.sessions import SessionConfig
 
 
@@ -46,13 +46,9 @@ def blocks_on_ray(config: RayBlocks, *, model: Path, spec: GeneratorSpec, graph_
 def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str, prefix: tuple[int, ...],
              blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
-    actors = config.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.threads)
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True     # the store is written in plan order
-    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    ctx.enable_progress_bars = False                # write_blocks' bar counts the blocks
+    actors = ordered_pool(config.actors, config.threads)     # the store is written in plan order
     # Materialized before the actor pool starts, so no task of this stage waits for a CPU the actors hold.
     items = ray.data.from_items([{"row": i, "ids": ids.astype(np.int64).tolist()} for i, ids in enumerate(blocks)]) \
         .repartition(target_num_rows_per_block=config.batch_blocks).materialize()
