@@ -1,11 +1,14 @@
 """Load test: N concurrent HTTP clients ask the server for D seconds, with micro-batching and without.
 
     python benchmarks/load.py --bundle BUNDLE --clients 16 --duration 60 --json load.json
+    python benchmarks/load.py --bundle BUNDLE --passage-kv [--also OTHER ...] --json load.json
 
 Both runs use the same server code, bundle, questions, clients and duration; only
 `max_batch` differs (16 against 1, which decodes one answer at a time). With --passage-kv,
 both runs are batched and the requests differ: passage KV off, then on (the server's blocks
-start cold, so the second run's misses count). Each client sends its next question as soon
+start cold, so the second run's misses count); --also adds a run with passage KV on for each
+other bundle (an int8 KV cache export of the same corpus, say), against the same kv-off run.
+Each client sends its next question as soon
 as its answer arrives. Reported: requests, errors (any non-200 or transport failure), latency
 p50/p95/p99 and answers/s.
 """
@@ -43,6 +46,9 @@ class LoadResult:
     p99_ms: float
     answers_per_s: float
     tokens_per_s: float
+    prefill_share: float           # of the wall time, the batcher prefilling admitted prompts
+    step_share: float              # of the wall time, the batcher stepping its rows
+    mean_batch: float              # tokens per step: rows decoding together, on average
 
 
 def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: int | None,
@@ -98,14 +104,20 @@ def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max
         wait_ready(base)
         # One answer first, so neither run pays for onnxruntime's first-call setup.
         httpx.post(f"{base}/v1/ask", json={"question": questions[0], "max_new_tokens": 4}, timeout=600)
+        batcher = app.state.services.batcher
+        before = batcher.stats()
         lat, errors, tokens, wall = run_clients(base, clients=clients, duration_s=duration_s,
                                                 max_new_tokens=max_new_tokens, questions=questions, k=k,
                                                 passage_kv=passage_kv)
+        after = batcher.stats()
+    steps = after.steps - before.steps
     ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
     return LoadResult(label or f"max_batch={max_batch}", max_batch, clients, round(wall, 1), len(lat) + errors,
                       errors, round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1),
                       round(float(np.percentile(ms, 99)), 1),
-                      round(len(lat) / wall, 3), round(tokens / wall, 1))
+                      round(len(lat) / wall, 3), round(tokens / wall, 1),
+                      round((after.prefill_s - before.prefill_s) / wall, 3), round((after.step_s - before.step_s) / wall, 3),
+                      round((after.tokens - before.tokens) / max(steps, 1), 2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,22 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--passage-kv", action="store_true",
                    help="compare passage KV off and on (both batched) instead of batched and unbatched")
-    p.add_argument("--json", default=None, help="write both results here")
+    p.add_argument("--also", nargs="+", default=[], metavar="BUNDLE",
+                   help="with --passage-kv: more bundles to run with passage KV on, in the same run")
+    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    runs = ((("kv off", args.max_batch, "off"), ("kv on", args.max_batch, "on")) if args.passage_kv
-            else (("batched", args.max_batch, None), ("unbatched", 1, None)))
+    if args.also and not args.passage_kv:
+        p.error("--also needs --passage-kv")
+    runs = (((args.bundle, "kv off", args.max_batch, "off"), (args.bundle, "kv on", args.max_batch, "on"),
+             *((b, f"kv on {Path(b).name}", args.max_batch, "on") for b in args.also)) if args.passage_kv
+            else ((args.bundle, "batched", args.max_batch, None), (args.bundle, "unbatched", 1, None)))
     results = []
-    for label, batch, passage_kv in runs:
-        r = measure(args.bundle, max_batch=batch, clients=args.clients, duration_s=args.duration,
+    for bundle, label, batch, passage_kv in runs:
+        r = measure(bundle, max_batch=batch, clients=args.clients, duration_s=args.duration,
                     max_new_tokens=args.max_new_tokens, threads=args.threads, label=label, k=args.k,
                     passage_kv=passage_kv)
         print(f"{r.label:10s} max_batch={r.max_batch:<3d} clients={r.clients} {r.duration_s:.0f} s: "
               f"{r.requests} requests, {r.errors} errors, p50 {r.p50_ms:.0f} ms, p95 {r.p95_ms:.0f} ms, "
-              f"p99 {r.p99_ms:.0f} ms, {r.answers_per_s:.2f} answers/s, {r.tokens_per_s:.1f} tokens/s", flush=True)
+              f"p99 {r.p99_ms:.0f} ms, {r.answers_per_s:.2f} answers/s, {r.tokens_per_s:.1f} tokens/s; batcher "
+              f"prefilling {r.prefill_share:.0%} and stepping {r.step_share:.0%} of the time, "
+              f"{r.mean_batch:.1f} tokens per decoder call", flush=True)
         results.append(r)
-    better, base = (results[1], results[0]) if args.passage_kv else (results[0], results[1])
-    print(f"{better.label} against {base.label}: {better.answers_per_s / max(base.answers_per_s, 1e-9):.2f}x "
-          "the answers/s")
+    base, better = (results[0], results[1:]) if args.passage_kv else (results[1], results[:1])
+    for r in better:
+        print(f"{r.label} against {base.label}: {r.answers_per_s / max(base.answers_per_s, 1e-9):.2f}x the answers/s")
     if args.json:
         atomic_write_text(args.json, json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0

@@ -1,8 +1,9 @@
 """Where a decode step's time goes: onnxruntime's own per-operator share of kernel time for
-one bundle's generator, stepping one row at several context lengths (or, with --prefill,
-prefilling prompts of those lengths: the time to first token).
+one bundle's generator, stepping one row (or --rows rows, as the server's batcher does) at
+several context lengths, or, with --prefill, prefilling prompts of those lengths: the time to
+first token.
 
-    python benchmarks/step_profile.py BUNDLE [--context 32 320 700] [--steps 40] [--threads 2] [--prefill]
+    python benchmarks/step_profile.py BUNDLE [--context 32 320 700] [--rows 1] [--steps 40] [--threads 2] [--prefill]
 
 The engine's decoder drives the session (buffers bound in place, as in `ask`), so the
 profile is of the real step. Profiling slows the kernels it watches too, so it gives each
@@ -19,14 +20,14 @@ import time
 from pathlib import Path
 
 
-def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False) -> float:
-    """Seconds per step after a `context`-token prompt (three untimed steps first), or per
-    prefill of that prompt."""
+def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False, rows: int = 1) -> float:
+    """Seconds per step of `rows` rows after a `context`-token prompt each (three untimed steps
+    first), or per prefill of that prompt."""
     import numpy as np
     from ragrt.decoding.generator import open_decoder
     decoder = open_decoder(session, spec)
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, spec.vocab_size, context)]
-    logits, state = decoder.prefill([prompt])
+    logits, state = decoder.prefill([prompt] * (1 if prefill else rows))
     if prefill:
         start = time.perf_counter()
         for _ in range(steps):
@@ -40,17 +41,17 @@ def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False)
     return (time.perf_counter() - start) / steps
 
 
-def profile(model: Path, spec, context: int, steps: int, threads: int, prefill: bool = False) -> dict:
+def profile(model: Path, spec, context: int, steps: int, threads: int, prefill: bool = False, rows: int = 1) -> dict:
     import onnxruntime as ort
     from ragrt.runtime.sessions import SessionConfig, create_session
-    wall = _timed_steps(create_session(model, SessionConfig("cpu", threads)), spec, context, steps, prefill)
+    wall = _timed_steps(create_session(model, SessionConfig("cpu", threads)), spec, context, steps, prefill, rows)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "step")
         session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        _timed_steps(session, spec, context, steps, prefill)
+        _timed_steps(session, spec, context, steps, prefill, rows)
         events = json.loads(Path(session.end_profiling()).read_text())
     # Only the timed passes: the last `steps` runs of the profile (a row prefills in one run).
     first = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-steps]["ts"]
@@ -59,7 +60,7 @@ def profile(model: Path, spec, context: int, steps: int, threads: int, prefill: 
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
             per_op[e["args"]["op_name"]] += e["dur"] / steps / 1e3
     kernels = sum(per_op.values())
-    return {"context": context, "step_ms": wall * 1e3,
+    return {"context": context, "rows": rows, "step_ms": wall * 1e3,
             "kernel_share": {op: ms / kernels for op, ms in per_op.most_common()}}
 
 
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, nargs="+", default=[32, 320, 700],
                     help="prompt lengths to step after (default: 32 320 700)")
     ap.add_argument("--steps", type=int, default=40, help="timed steps (or prefills) per context length")
+    ap.add_argument("--rows", type=int, default=1, help="rows stepping together (default: 1)")
     ap.add_argument("--prefill", action="store_true", help="profile prefilling the prompt instead of stepping after it")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -80,9 +82,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.bundle} ({spec.quantization}, {args.threads} threads):")
     for n in args.context:
-        r = profile(args.bundle / spec.model, spec, n, args.steps, args.threads, args.prefill)
+        r = profile(args.bundle / spec.model, spec, n, args.steps, args.threads, args.prefill, args.rows)
         top = ", ".join(f"{op} {share:.0%}" for op, share in list(r["kernel_share"].items())[:4])
-        what = "per prefill" if args.prefill else "per step"
+        what = "per prefill" if args.prefill else f"per step of {args.rows} row(s)"
         print(f"  context {n:5d}: {r['step_ms']:.2f} ms {what}; kernel time: {top}", flush=True)
 
 

@@ -152,6 +152,8 @@ def test_metrics_count_requests_tokens_and_queue(base):
         assert (name, ()) in samples
     assert samples[("ragrt_generated_tokens_total", ())] > 0
     assert samples[("ragrt_decoder_steps_total", ())] > 0
+    assert samples[("ragrt_decoder_seconds_total", (("phase", "prefill"),))] > 0
+    assert samples[("ragrt_decoder_seconds_total", (("phase", "step"),))] > 0
 
 
 def test_each_app_keeps_its_own_metrics(base, tiny_bundle, engine):

@@ -90,6 +90,8 @@ class BatcherStats:
     active: int
     tokens: int                    # generated since start
     steps: int                     # decoder calls (prefills and steps) since start
+    prefill_s: float               # seconds spent prefilling admitted prompts since start
+    step_s: float                  # seconds spent in decoder steps (and choosing their tokens) since start
 
 
 class Batcher:
@@ -110,6 +112,7 @@ class Batcher:
         self._active = 0
         self._tokens = 0
         self._steps = 0
+        self._prefill_s = self._step_s = 0.0
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="ragrt-batcher", daemon=True)
         self._thread.start()
@@ -135,7 +138,8 @@ class Batcher:
 
     def stats(self) -> BatcherStats:
         with self._cond:
-            return BatcherStats(len(self._waiting), self._active, self._tokens, self._steps)
+            return BatcherStats(len(self._waiting), self._active, self._tokens, self._steps,
+                                self._prefill_s, self._step_s)
 
     def close(self, timeout: float | None = None) -> None:
         """Takes no new work; returns once every queued and running request has finished."""
@@ -165,12 +169,16 @@ class Batcher:
                 with self._cond:
                     self._active = len(rows) + len(new)
                 if new:
+                    t0 = time.perf_counter()
                     gen.add_prompts([r.prompt for r in new], [r.blocks for r in new])
                     rows += new
                     self._steps += 1
+                    self._prefill_s += time.perf_counter() - t0
                 if not rows:
                     continue
+                t0 = time.perf_counter()
                 rows = self._step(rows, gen)
+                self._step_s += time.perf_counter() - t0
                 if not rows:
                     gen = self._generator()           # the next request must not join finished rows
             except Exception as e:  # a failed decoder call fails the rows it carried, not the server

@@ -62,5 +62,10 @@ class Metrics:
         yield CounterMetricFamily("ragrt_generated_tokens", "Tokens decoded by the batcher.", value=stats.tokens)
         yield CounterMetricFamily("ragrt_decoder_steps", "Decoder calls (prefills and steps) by the batcher.",
                                   value=stats.steps)
+        seconds = CounterMetricFamily("ragrt_decoder_seconds", "Seconds the batcher spent prefilling and stepping.",
+                                      labels=["phase"])
+        seconds.add_metric(["prefill"], stats.prefill_s)
+        seconds.add_metric(["step"], stats.step_s)
+        yield seconds
         yield GaugeMetricFamily("ragrt_queue_depth", "Requests waiting for a decoder batch slot.", value=stats.waiting)
         yield GaugeMetricFamily("ragrt_batch_size", "Requests decoding together now.", value=stats.active)
