@@ -138,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         index_dtype=args.index_dtype,
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
-        parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, shards=args.shards,
+        parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, kv_cache=args.kv_cache,
+        shards=args.shards,
         ray=args.ray, dev=args.dev)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")

@@ -16,6 +16,7 @@ from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.reader import Bundle
 from ragrt.decoding.blocks import BlockCache, PassageKV, unavailable
 from ragrt.decoding.blockstore import graph_id, live_store
+from ragrt.decoding.kvquant import load_kv_scales
 from ragrt.decoding.generator import open_decoder
 from ragrt.decoding.prompt import PromptBuilder, Turn
 from ragrt.decoding.rag import Run, check_mode, passage_prior, start
@@ -78,7 +79,8 @@ class Engine:
         self.manifest = m
         self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
         self.corpus = LiveRetriever(bundle, self.encoder)
-        self.decoder = open_decoder(create_session(bundle.path(m.generator.model), session_config), m.generator)
+        self.decoder = open_decoder(create_session(bundle.path(m.generator.model), session_config), m.generator,
+                                    load_kv_scales(bundle.root, m.generator))
         self.tokenizer = load_tokenizer(bundle.path(m.generator.tokenizer))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()

@@ -152,13 +152,13 @@ def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 
 
 def shipped_generator(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec,
-                      new_tokens: int) -> tuple:
-    """The bundle's generator graph opened as the engine opens it, and its prompt builder: what
-    the bundle-time checks (passage KV, drafts) run on, opened once for both."""
+                      new_tokens: int, kv_scales: np.ndarray | None = None) -> tuple:
+    """The bundle's generator graph opened as the engine opens it (`kv_scales` for an int8 cache),
+    and its prompt builder: what the bundle-time checks (passage KV, drafts) run on, opened once for both."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return (open_decoder(create_session(model_path, SessionConfig()), spec),
+    return (open_decoder(create_session(model_path, SessionConfig()), spec, kv_scales),
             PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens))
 
 

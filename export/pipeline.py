@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from ragrt import __version__
 from ragrt.bundle.reader import Bundle
 from ragrt.corpus.documents import chunk_documents, read_documents
@@ -27,9 +29,10 @@ from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FIL
 from ragrt.bundle.integrity import sha256_file
 from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpec, CorpusProvenance,
                              EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, Manifest,
-                             DecodingScore, ModelSource, ParityReport, PassageKVParity, PassagesSpec, RagDefaults, written_version)
+                             DecodingScore, KVCacheParity, ModelSource, ParityReport, PassageKVParity, PassagesSpec,
+                             PromptSpec, RagDefaults, written_version)
 from ragrt.decoding.prompt import PromptBuilder
-from ragrt.runtime.sessions import SessionConfig
+from ragrt.runtime.sessions import SessionConfig, create_session
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
@@ -71,6 +74,7 @@ class ExportConfig:
     graph: str = "fused"
     dev: Path | None = None                 # QA JSONL: F1 with and without passage KV decides its default
     passage_kv: str = "lazy"                # lazy: blocks computed at question time; all: precomputed into the corpus
+    kv_cache: str = "float32"               # the generator's KV cache: float32, or int8 (quant/kvcache.py)
     shards: int = 1                         # index shards of consecutive passages (retrieval/shards.py)
     ray: str | None = None                  # chunk and embed on Ray: "local" or a cluster address (ray_embed.py)
 
@@ -313,6 +317,11 @@ def _validate(cfg: ExportConfig) -> None:
         raise UserInputError(f"--shards must be at least 1, got {cfg.shards}")
     if cfg.passage_kv == "all" and cfg.graph != "fused":
         raise UserInputError("--passage-kv all needs the fused generator graph: drop --graph optimum")
+    if cfg.kv_cache not in ("float32", "int8"):
+        raise UserInputError(f"--kv-cache must be float32 or int8, got {cfg.kv_cache!r}")
+    if cfg.kv_cache == "int8" and (cfg.graph != "fused" or cfg.quantize == "fp16"):
+        raise UserInputError("--kv-cache int8 needs the fused generator graph on the CPU: drop --graph optimum "
+                             "and --quantize fp16")
     if Path(cfg.out).exists() and not cfg.force:
         raise UserInputError(f"{cfg.out} already exists; pass --force to replace it")
 
@@ -385,8 +394,11 @@ def run_export(cfg: ExportConfig) -> Path:
                             **(graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused" else {}))
         prompt = templates(gen_meta["prompt"]["chat"])
         trained = bool(training_record(gen_ckpt).get("block_attention"))
+        kv_parity, kv_scales = None, None
+        if cfg.kv_cache == "int8":
+            generator, kv_scales, kv_parity = int8_kv_cache(tmp, generator, prompt, passages, cfg.parity_prompts)
         shipped = shipped_generator(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
-                                    generator, prompt, PARITY_NEW_TOKENS)
+                                    generator, prompt, PARITY_NEW_TOKENS, kv_scales)
         block_parity = passage_kv_parity(*shipped, trained=trained, prompts=cfg.parity_prompts,
                                          new_tokens=PARITY_NEW_TOKENS)
         if block_parity:
@@ -399,7 +411,8 @@ def run_export(cfg: ExportConfig) -> Path:
              f"greedy tokens kept ({'exact' if generator.drafts_exact else 'not exact'}; used "
              f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
         manifest = Manifest(
-            schema=SCHEMA, schema_version=written_version(shards=cfg.shards), ragrt_version=__version__, created_at=now(),
+            schema=SCHEMA, schema_version=written_version(shards=cfg.shards, kv_int8=kv_parity is not None),
+            ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
                                 max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
@@ -410,7 +423,7 @@ def run_export(cfg: ExportConfig) -> Path:
             corpus=CorpusProvenance(source=str(cfg.corpus), documents=documents, passages=len(passages),
                                     embedded_with="fp32"),
             parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q,
-                                passage_kv=block_parity, drafts=drafts),
+                                passage_kv=block_parity, drafts=drafts, kv_cache=kv_parity),
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)
@@ -430,12 +443,14 @@ def run_export(cfg: ExportConfig) -> Path:
                  f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
             if cfg.passage_kv == "all":
                 from ragrt.decoding.blockstore import graph_id, write_store
+                from ragrt.decoding.kvquant import load_kv_scales
                 compute = None
                 if cfg.ray is not None:
                     from ragrt.export.ray_passage_kv import RayBlocks, blocks_on_ray
                     _say(f"computing passage KV on Ray ({cfg.ray}) with the bundle's generator")
                     compute = blocks_on_ray(RayBlocks(address=cfg.ray), model=tmp / manifest.generator.model,
-                                            spec=manifest.generator, graph_id=graph_id(manifest))
+                                            spec=manifest.generator, graph_id=graph_id(manifest),
+                                            kv_scales=load_kv_scales(tmp, manifest.generator))
                 kv = write_store(tmp, manifest, gen, passages, compute=compute)
                 _say(f"passage KV: {kv.blocks} blocks, {kv.tokens} tokens, {kv.bytes / 1e6:.1f} MB")
             publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=documents,
@@ -446,6 +461,47 @@ def run_export(cfg: ExportConfig) -> Path:
             reseal(tmp, dev_decisions(tmp, cfg.dev, manifest))
         Bundle.open(tmp, verify=True)           # the reader must accept what the writer wrote
     return Path(cfg.out)
+
+
+KV_CALIBRATION_PROMPTS = 8     # of k=5 corpus passages each, beside the built-in calibration prompts
+
+
+def int8_kv_cache(bundle: Path, generator: GeneratorSpec, prompt: PromptSpec, passages: list,
+                  parity_prompts: int) -> tuple[GeneratorSpec, np.ndarray, KVCacheParity]:
+    """Rewrites the staged bundle's generator to keep an int8 cache (quant/kvcache.py), with scales
+    fitted on the built-in calibration prompts and on prompts of the corpus's own passages; returns
+    its spec, the scales and its agreement with the float cache on the parity prompts."""
+    import random
+
+    from ragrt.decoding.generator import open_decoder
+    from ragrt.export.parity import parity_prompt_ids, shipped_generator
+    from ragrt.export.quant.kvcache import fit_kv_scales, kv_agreement, quantize_kv_graph
+    from ragrt.export.quant.rowquant import CALIBRATION_PROMPTS, calibration_prompt_ids
+
+    model = bundle / generator.model
+    decoder, builder = shipped_generator(model, bundle / generator.tokenizer, generator, prompt, PARITY_NEW_TOKENS)
+    sample = random.Random(0).sample(passages, min(len(passages), 5 * KV_CALIBRATION_PROMPTS))
+    questions = [q for q, _ in CALIBRATION_PROMPTS]
+    calibration = calibration_prompt_ids(builder) + [
+        builder.build(questions[i % len(questions)], sample[5 * i:5 * i + 5]).ids
+        for i in range(len(sample) // 5)]
+    scales = fit_kv_scales(decoder, calibration)
+    float_model = model.with_name("model.float-kv.onnx")
+    os.replace(model, float_model)
+    quantize_kv_graph(float_model, model, scales)
+    np.save(bundle / "generator" / "kv_scales.npy", scales)
+    spec = replace(generator, kv_dtype="int8", kv_scales="generator/kv_scales.npy")
+    int8_decoder = open_decoder(create_session(model, SessionConfig()), spec, scales)
+    parity = kv_agreement(decoder, int8_decoder, parity_prompt_ids(builder, parity_prompts), PARITY_NEW_TOKENS,
+                          sum(len(ids) for ids in calibration))
+    del decoder
+    float_model.unlink()
+    _say(f"int8 KV cache: scales from {parity.calibration_tokens} prompt tokens; teacher-forced top-1 agreement "
+         f"with the float cache {parity.agreement:.3f} over {parity.prompts} prompts")
+    if parity.agreement < MIN_QUANT_AGREEMENT:
+        raise RagrtError(f"the int8 KV cache disagrees with the float cache (teacher-forced top-1 agreement "
+                         f"{parity.agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --kv-cache float32")
+    return spec, scales, parity
 
 
 def passage_kv_on_by_default(parity: PassageKVParity) -> bool:

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from ragrt.bundle.manifest import GeneratorSpec
-from ragrt.decoding.blocks import BLOCK_DTYPE
+from ragrt.decoding.blocks import block_dtype
 from ragrt.decoding.blockstore import ComputeBlocks
 from ragrt.errors import UserInputError
 from ragrt.export.ray_embed import connected, ordered_pool
@@ -32,19 +32,21 @@ class RayBlocks:
     batch_blocks: int = 8           # blocks per actor call
 
 
-def blocks_on_ray(config: RayBlocks, *, model: Path, spec: GeneratorSpec, graph_id: str) -> ComputeBlocks:
-    """A `ComputeBlocks` that runs on Ray: `model` is the bundle's generator graph, `graph_id` its checksum."""
+def blocks_on_ray(config: RayBlocks, *, model: Path, spec: GeneratorSpec, graph_id: str,
+                  kv_scales: np.ndarray | None = None) -> ComputeBlocks:
+    """A `ComputeBlocks` that runs on Ray: `model` is the bundle's generator graph, `graph_id` its checksum,
+    `kv_scales` its int8 cache's scales."""
     if config.threads < 1 or config.batch_blocks < 1 or (config.actors is not None and config.actors < 1):
         raise UserInputError(f"Ray passage KV needs at least one actor, thread and block per call, got {config}")
 
     def compute(prefix: tuple[int, ...], blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
         with connected(config.address):
-            yield from _compute(config, model, spec, graph_id, prefix, blocks)
+            yield from _compute(config, model, spec, graph_id, kv_scales, prefix, blocks)
     return compute
 
 
-def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str, prefix: tuple[int, ...],
-             blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
+def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str, kv_scales: np.ndarray | None,
+             prefix: tuple[int, ...], blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -56,7 +58,7 @@ def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str,
         _BlockComputer, batch_size=config.batch_blocks, batch_format="numpy", num_cpus=config.threads,
         compute=ActorPoolStrategy(size=min(actors, len(blocks))),
         fn_constructor_kwargs={"graph": ray.put(Path(model).read_bytes()), "spec": spec, "graph_id": graph_id,
-                               "prefix": prefix, "threads": config.threads})
+                               "kv_scales": kv_scales, "prefix": prefix, "threads": config.threads})
     two_l, heads, dim = 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim
     expected = 0
     for batch in computed.iter_batches(batch_size=None, batch_format="numpy"):
@@ -64,7 +66,7 @@ def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str,
             if int(row) != expected:
                 raise RuntimeError(f"Ray returned block {int(row)} where block {expected} was due")
             n = len(blocks[expected])
-            yield np.frombuffer(kv, dtype=BLOCK_DTYPE).reshape(two_l, heads, n, dim)
+            yield np.frombuffer(kv, dtype=block_dtype(spec.kv_dtype)).reshape(two_l, heads, n, dim)
             expected += 1
     if expected != len(blocks):
         raise RuntimeError(f"Ray returned {expected} blocks of {len(blocks)}")
@@ -73,7 +75,8 @@ def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str,
 class _BlockComputer:
     """One actor of the pool: the generator graph, opened once, computing batch after batch of blocks."""
 
-    def __init__(self, *, graph, spec: GeneratorSpec, graph_id: str, prefix: tuple[int, ...], threads: int):
+    def __init__(self, *, graph, spec: GeneratorSpec, graph_id: str, kv_scales: np.ndarray | None,
+                 prefix: tuple[int, ...], threads: int):
         import ray
         from ragrt.decoding.blocks import PassageKV
         from ragrt.decoding.generator import open_decoder
@@ -81,11 +84,11 @@ class _BlockComputer:
         self._dir = tempfile.TemporaryDirectory(prefix="ragrt-generator-")
         path = Path(self._dir.name) / "model.onnx"
         path.write_bytes(ray.get(graph))
-        decoder = open_decoder(create_session(path, SessionConfig(device="cpu", threads=threads)), spec)
+        decoder = open_decoder(create_session(path, SessionConfig(device="cpu", threads=threads)), spec, kv_scales)
         self.passage_kv = PassageKV(decoder, graph_id)
         self.prefix = tuple(prefix)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        kv = [np.ascontiguousarray(self.passage_kv.compute(self.prefix, [int(t) for t in ids]), dtype=BLOCK_DTYPE)
-              .tobytes() for ids in batch["ids"]]
+        kv = [np.ascontiguousarray(self.passage_kv.compute(self.prefix, [int(t) for t in ids]),
+                                   dtype=self.passage_kv.dtype).tobytes() for ids in batch["ids"]]
         return {"row": batch["row"], "kv": np.array(kv, dtype=object)}

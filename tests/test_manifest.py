@@ -93,11 +93,14 @@ def test_corpus_and_parity_keep_the_json_older_bundles_have():
     raw = json.loads(sample_manifest().to_json())
     assert raw["corpus"] == {"source": "corpus.jsonl", "documents": 3, "passages": 5, "embedded_with": "fp32"}
     # Fields only get added: what older bundles wrote is all still there, and what they lack reads as None.
-    assert set(raw["parity"]) == {"encoder", "generator", "used", "passage_kv", "drafts", "decoding"}
+    assert set(raw["parity"]) == {"encoder", "generator", "used", "passage_kv", "drafts", "decoding", "kv_cache"}
     assert raw["parity"]["used"] == "fp32"
-    del raw["parity"]["passage_kv"], raw["parity"]["drafts"], raw["parity"]["decoding"]
-    parity = Manifest.from_json(json.dumps(raw)).parity
-    assert parity.passage_kv is None and parity.drafts is None and parity.decoding == {}
+    del raw["parity"]["passage_kv"], raw["parity"]["drafts"], raw["parity"]["decoding"], raw["parity"]["kv_cache"]
+    del raw["generator"]["kv_scales"]
+    m = Manifest.from_json(json.dumps(raw))
+    parity = m.parity
+    assert parity.passage_kv is None and parity.drafts is None and parity.decoding == {} and parity.kv_cache is None
+    assert m.generator.kv_scales == ""
     assert set(raw["parity"]["encoder"]) == {"fp32_cosine_mean", "fp32_cosine_min", "int8_cosine_mean", "int8_cosine_min",
                                              "w8a8_cosine_mean", "w8a8_cosine_min", "texts"}
     assert set(raw["parity"]["generator"]["fp32"]) == {"exact_match", "prefix_agreement", "teacher_forced_top1", "prompts",

@@ -19,7 +19,7 @@ from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Version 2 moved the index and the passage store into corpus generations (bundle/versions.py).
 # Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
 # in place of an attention mask, which a version-2 reader would still try to feed.
@@ -28,6 +28,8 @@ SCHEMA_VERSION = 5
 # Version 5 lets a passage store hold several data files (PassagesSpec.segments), of which a
 # version-4 reader would read only the first. `ragrt index add` makes them, and never rewrites the
 # manifest (the generation seals its sha256), so generation.json carries its own schema_version.
+# Version 6 lets a packed graph keep its cache in int8 (GeneratorSpec.kv_dtype "int8", with
+# kv_scales), which a version-5 reader would bind as a float cache.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -96,7 +98,9 @@ class GeneratorSpec:
     pad_token_id: int
     max_context: int               # prompt + new tokens never exceed this
     source: ModelSource
-    kv_dtype: str = "float32"
+    kv_dtype: str = "float32"      # "float32" | "float16" | "int8" (a packed graph exported with --kv-cache int8)
+    # The int8 cache's per-channel scales, a float32 .npy (decoding/kvquant.py); "" for a float cache.
+    kv_scales: str = ""
     # Measured by the export's parity check: whether greedy tokens stay the same when rows
     # share a pass (else batches run row by row), when a cached prompt start stands in for its
     # prefill (else no prefix cache), and when drafts are checked several tokens per pass
@@ -247,6 +251,15 @@ class GreedyAgreement:
 
 
 @dataclass(frozen=True)
+class KVCacheParity:
+    """The int8 KV cache (`--kv-cache int8`) against the float cache, on the shipped graph."""
+    agreement: float               # share of the float cache's greedy tokens the int8 cache also ranks first
+    prompts: int
+    new_tokens: int
+    calibration_tokens: int        # prompt tokens the scales were fitted on
+
+
+@dataclass(frozen=True)
 class PassageKVParity:
     """Prompts in blocks from reused passage KV against full prefill, on the shipped generator."""
     trained: bool                  # the generator was fine-tuned with `ragrt finetune --block-attention`
@@ -284,6 +297,7 @@ class ParityReport:
     used: str                      # the quantization this bundle's generator has
     passage_kv: PassageKVParity | None = None   # None: passage KV unavailable for this bundle
     drafts: DraftParity | None = None           # None: not measured (older bundles)
+    kv_cache: KVCacheParity | None = None       # None: a float cache
     # With --dev: each candidate decoding default (labelled by its options) on the dev questions.
     decoding: dict[str, DecodingScore] = field(default_factory=dict)
 
@@ -314,10 +328,17 @@ class Manifest:
         if version < FIRST_READABLE_VERSION:
             raise BundleError(f"{where}: bundle schema_version {version} predates corpus generations; "
                               f"rebuild it with `ragrt export --force`")
-        return _checked(_build(cls, raw, where), where)
+        manifest = _checked(_build(cls, raw, where), where)
+        g = manifest.generator
+        if g.kv_dtype not in ("float32", "float16", "int8"):
+            raise BundleError(f"{where}: generator kv_dtype {g.kv_dtype!r} is not float32, float16 or int8")
+        if g.kv_dtype == "int8" and (g.cache != "packed" or not g.kv_scales):
+            raise BundleError(f"{where}: an int8 KV cache needs a packed graph and its kv_scales")
+        return manifest
 
     def referenced_paths(self) -> list[str]:
-        return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer]
+        return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer,
+                *([self.generator.kv_scales] if self.generator.kv_scales else [])]
 
 
 @dataclass(frozen=True)
@@ -363,11 +384,13 @@ class GenerationSpec:
         return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets]
 
 
-def written_version(*, shards: int, segments: int = 1) -> int:
+def written_version(*, shards: int, segments: int = 1, kv_int8: bool = False) -> int:
     """The schema_version a bundle (or a corpus generation) is written with: the oldest that describes
     it, so that older ragrt opens every bundle it reads right (git writes repositoryformatversion 0 until
-    an extension needs 1). A segmented passage store needs version 5, a sharded index 4; a new version
-    adds its own condition here. Export writes one segment."""
+    an extension needs 1). An int8 KV cache needs version 6, a segmented passage store 5, a sharded
+    index 4; a new version adds its own condition here. Export writes one segment."""
+    if kv_int8:
+        return 6
     if segments > 1:
         return 5
     return 4 if shards > 1 else 3

@@ -26,6 +26,7 @@ import numpy as np
 
 from ragrt.bundle.manifest import GeneratorSpec, PromptSpec
 from ragrt.options import PASSAGE_KV_CACHE_MB
+from ragrt.decoding.kvquant import KV_INT8, dequantize, quantize
 from ragrt.decoding.packed import GROW, KVBuffers, PackedDecoder, PackedState
 
 
@@ -74,8 +75,14 @@ def rotate_keys(keys: np.ndarray, delta: int, spec: GeneratorSpec) -> np.ndarray
 
 
 # Blocks are kept in float16, in memory and in the `--passage-kv all` store: half the bytes of the
-# float32 cache, and a block found (in either place) is the very block a miss would compute.
+# float32 cache, and a block found (in either place) is the very block a miss would compute. An
+# int8 cache's blocks are kept as the graph wrote them, in int8.
 BLOCK_DTYPE = np.dtype(np.float16)
+
+
+def block_dtype(kv_dtype: str | np.dtype) -> np.dtype:
+    """How blocks of a cache of this type are kept."""
+    return KV_INT8 if np.dtype(kv_dtype) == KV_INT8 else BLOCK_DTYPE
 
 
 class BlockCache:
@@ -128,14 +135,14 @@ class PassageKV:
     """
 
     def __init__(self, decoder: PackedDecoder, graph_id: str, cache: BlockCache | None = None, store=None,
-                 dtype: np.dtype = BLOCK_DTYPE):
+                 dtype: np.dtype | None = None):
         if not decoder.spec.rotary_base:
             raise ValueError("this generator's rotary positions are unknown (re-export the bundle)")
         self.decoder = decoder
         self.graph_id = graph_id
         self.cache = cache if cache is not None else BlockCache(PASSAGE_KV_CACHE_MB << 20)
         self.store = store                 # precomputed blocks (`--passage-kv all`): .get(key) -> array | None
-        self.dtype = np.dtype(dtype)       # of the blocks kept
+        self.dtype = block_dtype(decoder.kv_dtype) if dtype is None else np.dtype(dtype)   # of the blocks kept
         self._prefixes: dict[tuple[int, ...], tuple[list[np.ndarray], bytes]] = {}
         self._lock = threading.Lock()
 
@@ -202,13 +209,19 @@ class PassageKV:
         for a, kv in zip(arrays, self._prefix(prompt.prefix)[0]):
             a[row, :, :p] = kv
         offset = p
+        scales = self.decoder.kv_scales
         for ids in prompt.blocks:
             kv = self.block(prompt.prefix, ids, stats)
             n = len(ids)
             for i, a in enumerate(arrays):
-                # Even entries are keys (past names run k0, v0, k1, v1, ...).
-                a[row, :, offset:offset + n] = (rotate_keys(kv[i].astype(a.dtype), offset - p, self.decoder.spec)
-                                                if i % 2 == 0 else kv[i])
+                # Even entries are keys (past names run k0, v0, k1, v1, ...); an int8 key is turned in float.
+                if i % 2:
+                    a[row, :, offset:offset + n] = kv[i]
+                elif scales is None:
+                    a[row, :, offset:offset + n] = rotate_keys(kv[i].astype(a.dtype), offset - p, self.decoder.spec)
+                else:
+                    turned = rotate_keys(dequantize(kv[i], scales[i]), offset - p, self.decoder.spec)
+                    a[row, :, offset:offset + n] = quantize(turned, scales[i])
             offset += n
         stats.assemble_ms += (time.perf_counter() - t0) * 1e3
         tail = np.asarray([prompt.tail], dtype=np.int64)

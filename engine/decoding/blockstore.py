@@ -1,15 +1,17 @@
 """The passage KV store: every passage's block precomputed into its corpus generation (`--passage-kv all`).
 
-    passage_kv.bin   the blocks back to back, float16, each (layers x {key, value}, kv_heads, n_tokens, head_dim)
+    passage_kv.bin   the blocks back to back, each (layers x {key, value}, kv_heads, n_tokens, head_dim)
     passage_kv.idx   .npz: `blocks` (16-byte content key, byte offset, n_tokens), and the identity the keys
-                     were made with: `graph_id` (the generator's sha256), `prefix` (the qa task's token ids)
+                     were made with: `graph_id` (the generator's sha256), `prefix` (the qa task's token ids);
+                     `dtype` of the blocks (absent: float16)
 
 A generation has a store when its files list passage_kv.idx; `ragrt index add/remove` then write the
 next generation's store beside its passages (corpus/update.py). Keys are `PassageKV.key`s, which
 name the graph, the prefix and the block's tokens, so a block is found only for the very tokens it
 was computed from: a changed passage misses and is computed at question time, never served stale.
-Stored in float16 (BLOCK_DTYPE), as the in-memory cache keeps them: half the disk and page cache of
-float32, and the same logits whether a block was precomputed, cached or computed at question time.
+Stored as the in-memory cache keeps them (`block_dtype`: float16, int8 for an int8 cache): half the
+disk and page cache of float32 or less, and the same logits whether a block was precomputed, cached
+or computed at question time.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.versions import PASSAGE_KV_FILE, PASSAGE_KV_INDEX, Generation
 from ragrt.decoding.blocks import BLOCK_DTYPE, PassageKV, unavailable
 from ragrt.decoding.generator import open_decoder
+from ragrt.decoding.kvquant import load_kv_scales
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.errors import BundleError, UserInputError
 from ragrt.retrieval.passages import Passage
@@ -66,8 +69,8 @@ class BlockStore:
 
     def __init__(self, data: np.ndarray, entries: np.ndarray, *, graph_id: str, prefix: tuple[int, ...],
                  shape: tuple[int, int, int], dtype: np.dtype):
-        self._data = data                                  # flat, BLOCK_DTYPE
-        self._rows = {bytes(e["key"]): (int(e["offset"]) // BLOCK_DTYPE.itemsize, int(e["n_tokens"])) for e in entries}
+        self._data = data                                  # flat, as stored
+        self._rows = {bytes(e["key"]): (int(e["offset"]) // data.itemsize, int(e["n_tokens"])) for e in entries}
         self.graph_id, self.prefix = graph_id, prefix
         self.shape = shape                                 # (layers x {key, value}, kv_heads, head_dim)
         self.dtype = dtype                                 # what `get` returns: the decoder's cache dtype
@@ -78,15 +81,19 @@ class BlockStore:
         data_path, index_path = Path(directory) / PASSAGE_KV_FILE, Path(directory) / PASSAGE_KV_INDEX
         with np.load(index_path, allow_pickle=False) as z:
             entries, graph_id, prefix, shape = z["blocks"], str(z["graph_id"]), z["prefix"], z["shape"]
+            stored = str(z["dtype"]) if "dtype" in z else BLOCK_DTYPE.name
+        if stored not in ("float16", "int8"):
+            raise BundleError(f"{index_path}: blocks of type {stored!r}, not float16 or int8; the bundle is corrupted")
+        stored = np.dtype(stored)
         size = data_path.stat().st_size
         two_l, heads, dim = (int(x) for x in shape)
-        per_token = two_l * heads * dim * BLOCK_DTYPE.itemsize
+        per_token = two_l * heads * dim * stored.itemsize
         if entries.dtype != _ENTRY:
             raise BundleError(f"{index_path}: not a passage KV index; the bundle is corrupted")
         ends = entries["offset"] + entries["n_tokens"].astype(np.uint64) * per_token
         if len(ends) and int(ends.max()) > size:
             raise BundleError(f"{index_path}: its blocks do not fit {data_path}; the bundle is corrupted")
-        data = np.memmap(data_path, dtype=BLOCK_DTYPE, mode="r") if size else np.empty(0, BLOCK_DTYPE)
+        data = np.memmap(data_path, dtype=stored, mode="r") if size else np.empty(0, stored)
         return cls(data, entries, graph_id=graph_id, prefix=tuple(int(t) for t in prefix),
                    shape=(two_l, heads, dim), dtype=np.dtype(dtype))
 
@@ -136,7 +143,8 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
             plan.setdefault(passage_kv.key(prefix, ids), np.asarray(ids, dtype=np.int64))
     spec = passage_kv.decoder.spec
     shape = (2 * spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    per_token = int(np.prod(shape)) * BLOCK_DTYPE.itemsize
+    stored = passage_kv.dtype
+    per_token = int(np.prod(shape)) * stored.itemsize
     tokens = sum(len(ids) for ids in plan.values())
     free = shutil.disk_usage(directory).free
     if tokens * per_token > free:
@@ -158,13 +166,13 @@ def write_blocks(directory: Path, passage_kv: PassageKV, builder: PromptBuilder,
                 if kv.shape != (shape[0], shape[1], len(ids), shape[2]):
                     raise RuntimeError(f"a computed block has shape {kv.shape}, not that of its {len(ids)} tokens")
                 computed += 1
-            f.write(np.ascontiguousarray(kv, dtype=BLOCK_DTYPE).tobytes())
+            f.write(np.ascontiguousarray(kv, dtype=stored).tobytes())
             entries[i] = (key, offset, len(ids))
             offset += len(ids) * per_token
             bar.update(1)
     buf = io.BytesIO()
     np.savez(buf, blocks=entries, graph_id=np.array(passage_kv.graph_id), prefix=np.asarray(prefix, dtype=np.int64),
-             shape=np.asarray(shape, dtype=np.int64))
+             shape=np.asarray(shape, dtype=np.int64), dtype=np.array(stored.name))
     with atomic_open(Path(directory) / PASSAGE_KV_INDEX, "wb") as f:
         f.write(buf.getvalue())
     return StoreSummary(len(plan), tokens, offset, computed)
@@ -177,7 +185,8 @@ def write_store(bundle_root: Path, manifest: Manifest, directory: Path, passages
     passage KV is assembled); `reuse`: a generation directory whose store supplies the blocks it holds."""
     from ragrt.retrieval.encoder import load_tokenizer
     decoder = open_decoder(create_session(Path(bundle_root) / manifest.generator.model,
-                                          session_config or SessionConfig(device="cpu")), manifest.generator)
+                                          session_config or SessionConfig(device="cpu")), manifest.generator,
+                           load_kv_scales(bundle_root, manifest.generator))
     why = unavailable(decoder, manifest.prompt)
     if why is not None:
         raise UserInputError(f"passage KV cannot be precomputed for this bundle: {why}; use --passage-kv lazy")

@@ -21,10 +21,11 @@ from ragrt.decoding.packed import PackedDecoder
 from ragrt.decoding.sampling import DecodingConfig, TokenChooser
 
 
-def open_decoder(session, spec: GeneratorSpec):
-    """The decoder for the spec's cache layout and batching."""
+def open_decoder(session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None):
+    """The decoder for the spec's cache layout and batching; `kv_scales` for an int8 cache
+    (`ragrt.decoding.kvquant.load_kv_scales`)."""
     if spec.cache == "packed":
-        return PackedDecoder(session, spec)
+        return PackedDecoder(session, spec, kv_scales)
     decoder = Decoder(session, spec)
     return RowByRowDecoder(decoder) if decoder.row_by_row else decoder
 

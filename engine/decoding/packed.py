@@ -41,10 +41,10 @@ class KVBuffers:
     def logits_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, object]:
         """An array of this shape and the OrtValue that shares its memory; the last one is kept,
         since steps ask for the same shape again and again. Logits come in the cache's float
-        type (float16 graphs compute in float16 throughout)."""
+        type (float16 graphs compute in float16 throughout), in float32 beside an int8 cache."""
         if self.logits is None or self.logits[0].shape != shape:
             from onnxruntime import OrtValue
-            array = np.empty(shape, dtype=self.dtype)
+            array = np.empty(shape, dtype=self.dtype if self.dtype.kind == "f" else np.float32)
             self.logits = array, OrtValue.ortvalue_from_numpy(array)
         return self.logits
 
@@ -174,12 +174,16 @@ class PackedState:
 
 
 class PackedDecoder(Decoder):
-    """Prefill runs row by row whatever `row_by_row` says; it decides whether steps share a pass."""
+    """Prefill runs row by row whatever `row_by_row` says; it decides whether steps share a pass.
+    `kv_scales`: an int8 cache's scales (decoding/kvquant.py), which the graph holds too."""
     layout = "packed"
 
-    def __init__(self, session, spec: GeneratorSpec):
+    def __init__(self, session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None):
         super().__init__(session, spec)
         self.kv_device = KVDevice.of(session)     # None: host numpy buffers
+        if (self.kv_dtype.kind == "i") != (kv_scales is not None):
+            raise ValueError("an int8 cache needs its kv_scales, and only an int8 cache has them")
+        self.kv_scales = kv_scales
 
     def empty_state(self, batch: int, capacity: int = GROW) -> PackedState:
         count = len(self.past_names)
