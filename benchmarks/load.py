@@ -6,7 +6,7 @@
 Both runs use the same server code, bundle, questions, clients and duration; only
 `max_batch` differs (16 against 1, which decodes one answer at a time). With --passage-kv,
 both runs are batched and the requests differ: passage KV off, then on (the server's blocks
-start cold, so the second run's misses count); --also adds a run with passage KV on for each
+start cold, so the second run's misses count, unless --warm asks each question once first); --also adds a run with passage KV on for each
 other bundle (an int8 KV cache export of the same corpus, say), against the same kv-off run.
 Each client sends its next question as soon
 as its answer arrives. Reported: requests, errors (any non-200 or transport failure), latency
@@ -97,13 +97,20 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
 
 def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max_new_tokens: int | None,
             threads: int = 0, questions: list[str] = QUESTIONS, label: str = "", k: int | None = None,
-            passage_kv: str | None = None) -> LoadResult:
+            passage_kv: str | None = None, warm: bool = False) -> LoadResult:
     app = create_app(ServerConfig(bundle=bundle, max_batch=max_batch, max_queue=max(64, clients), threads=threads,
                                   timeout_s=600))
     with background(app) as base:
         wait_ready(base)
-        # One answer first, so neither run pays for onnxruntime's first-call setup.
-        httpx.post(f"{base}/v1/ask", json={"question": questions[0], "max_new_tokens": 4}, timeout=600)
+        # One answer first, so neither run pays for onnxruntime's first-call setup; `warm`: one
+        # first token per question, so passage KV starts with their blocks computed.
+        for q in (questions if warm else questions[:1]):
+            body = {"question": q, "max_new_tokens": 4 if not warm else 1}
+            if warm and passage_kv is not None:
+                body["passage_kv"] = passage_kv
+            if k is not None:
+                body["k"] = k
+            httpx.post(f"{base}/v1/ask", json=body, timeout=600)
         batcher = app.state.services.batcher
         before = batcher.stats()
         lat, errors, tokens, wall = run_clients(base, clients=clients, duration_s=duration_s,
@@ -131,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--passage-kv", action="store_true",
                    help="compare passage KV off and on (both batched) instead of batched and unbatched")
+    p.add_argument("--warm", action="store_true",
+                   help="ask each question once before timing, so passage KV runs start with their blocks cached "
+                        "(the steady state of a server whose questions repeat); default: cold")
     p.add_argument("--also", nargs="+", default=[], metavar="BUNDLE",
                    help="with --passage-kv: more bundles to run with passage KV on, in the same run")
     p.add_argument("--json", default=None, help="write the results here")
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for bundle, label, batch, passage_kv in runs:
         r = measure(bundle, max_batch=batch, clients=args.clients, duration_s=args.duration,
                     max_new_tokens=args.max_new_tokens, threads=args.threads, label=label, k=args.k,
-                    passage_kv=passage_kv)
+                    passage_kv=passage_kv, warm=args.warm)
         print(f"{r.label:10s} max_batch={r.max_batch:<3d} clients={r.clients} {r.duration_s:.0f} s: "
               f"{r.requests} requests, {r.errors} errors, p50 {r.p50_ms:.0f} ms, p95 {r.p95_ms:.0f} ms, "
               f"p99 {r.p99_ms:.0f} ms, {r.answers_per_s:.2f} answers/s, {r.tokens_per_s:.1f} tokens/s; batcher "
