@@ -32,7 +32,7 @@ from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpe
                              DecodingScore, KVCacheParity, ModelSource, ParityReport, PassageKVParity, PassagesSpec,
                              PromptSpec, RagDefaults, written_version)
 from ragrt.decoding.prompt import PromptBuilder
-from ragrt.runtime.sessions import SessionConfig, create_session
+from ragrt.runtime.sessions import SessionConfig
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
@@ -394,11 +394,12 @@ def run_export(cfg: ExportConfig) -> Path:
                             **(graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused" else {}))
         prompt = templates(gen_meta["prompt"]["chat"])
         trained = bool(training_record(gen_ckpt).get("block_attention"))
-        kv_parity, kv_scales = None, None
+        kv_parity = None
         if cfg.kv_cache == "int8":
-            generator, kv_scales, kv_parity = int8_kv_cache(tmp, generator, prompt, passages, cfg.parity_prompts)
-        shipped = shipped_generator(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
-                                    generator, prompt, PARITY_NEW_TOKENS, kv_scales)
+            generator, shipped, kv_parity = int8_kv_cache(tmp, generator, prompt, passages, cfg.parity_prompts)
+        else:
+            shipped = shipped_generator(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
+                                        generator, prompt, PARITY_NEW_TOKENS)
         block_parity = passage_kv_parity(*shipped, trained=trained, prompts=cfg.parity_prompts,
                                          new_tokens=PARITY_NEW_TOKENS)
         if block_parity:
@@ -467,13 +468,13 @@ KV_CALIBRATION_PROMPTS = 8     # of k=5 corpus passages each, beside the built-i
 
 
 def int8_kv_cache(bundle: Path, generator: GeneratorSpec, prompt: PromptSpec, passages: list,
-                  parity_prompts: int) -> tuple[GeneratorSpec, np.ndarray, KVCacheParity]:
+                  parity_prompts: int) -> tuple[GeneratorSpec, tuple, KVCacheParity]:
     """Rewrites the staged bundle's generator to keep an int8 cache (quant/kvcache.py), with scales
     fitted on the built-in calibration prompts and on prompts of the corpus's own passages; returns
-    its spec, the scales and its agreement with the float cache on the parity prompts."""
+    its spec, the shipped generator opened (as `shipped_generator` gives it) and its agreement with
+    the float cache on the parity prompts."""
     import random
 
-    from ragrt.decoding.generator import open_decoder
     from ragrt.export.parity import parity_prompt_ids, shipped_generator
     from ragrt.export.quant.kvcache import fit_kv_scales, kv_agreement, quantize_kv_graph
     from ragrt.export.quant.rowquant import CALIBRATION_PROMPTS, calibration_prompt_ids
@@ -491,8 +492,8 @@ def int8_kv_cache(bundle: Path, generator: GeneratorSpec, prompt: PromptSpec, pa
     quantize_kv_graph(float_model, model, scales)
     np.save(bundle / "generator" / "kv_scales.npy", scales)
     spec = replace(generator, kv_dtype="int8", kv_scales="generator/kv_scales.npy")
-    int8_decoder = open_decoder(create_session(model, SessionConfig()), spec, scales)
-    parity = kv_agreement(decoder, int8_decoder, parity_prompt_ids(builder, parity_prompts), PARITY_NEW_TOKENS,
+    shipped = shipped_generator(model, bundle / generator.tokenizer, spec, prompt, PARITY_NEW_TOKENS, scales)
+    parity = kv_agreement(decoder, shipped[0], parity_prompt_ids(builder, parity_prompts), PARITY_NEW_TOKENS,
                           sum(len(ids) for ids in calibration))
     del decoder
     float_model.unlink()
@@ -501,7 +502,7 @@ def int8_kv_cache(bundle: Path, generator: GeneratorSpec, prompt: PromptSpec, pa
     if parity.agreement < MIN_QUANT_AGREEMENT:
         raise RagrtError(f"the int8 KV cache disagrees with the float cache (teacher-forced top-1 agreement "
                          f"{parity.agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --kv-cache float32")
-    return spec, scales, parity
+    return spec, shipped, parity
 
 
 def passage_kv_on_by_default(parity: PassageKVParity) -> bool:
