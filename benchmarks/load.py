@@ -6,8 +6,9 @@
 Both runs use the same server code, bundle, questions, clients and duration; only
 `max_batch` differs (16 against 1, which decodes one answer at a time). With --passage-kv,
 both runs are batched and the requests differ: passage KV off, then on (the server's blocks
-start cold, so the second run's misses count, unless --warm asks each question once first); --also adds a run with passage KV on for each
-other bundle (an int8 KV cache export of the same corpus, say), against the same kv-off run.
+start cold, so the second run's misses count, unless --warm asks each question once first);
+--also adds a run with passage KV on (with --also-off, off too) for each other bundle (the
+same corpus exported another way, say), all against the first kv-off run.
 Each client sends its next question as soon
 as its answer arrives. Reported: requests, errors (any non-200 or transport failure), latency
 p50/p95/p99 and answers/s.
@@ -143,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(the steady state of a server whose questions repeat); default: cold")
     p.add_argument("--also", nargs="+", default=[], metavar="BUNDLE",
                    help="with --passage-kv: more bundles to run with passage KV on, in the same run")
+    p.add_argument("--also-off", action="store_true",
+                   help="run the --also bundles with passage KV off too (each against the first run, all the same)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.also and not args.passage_kv:
         p.error("--also needs --passage-kv")
+    if args.also_off and not args.also:
+        p.error("--also-off needs --also")
     runs = (((args.bundle, "kv off", args.max_batch, "off"), (args.bundle, "kv on", args.max_batch, "on"),
-             *((b, f"kv on {Path(b).name}", args.max_batch, "on") for b in args.also)) if args.passage_kv
+             *((b, f"kv {kv} {Path(b).name}", args.max_batch, kv) for b in args.also
+               for kv in (("off", "on") if args.also_off else ("on",)))) if args.passage_kv
             else ((args.bundle, "batched", args.max_batch, None), (args.bundle, "unbatched", 1, None)))
     results = []
     for bundle, label, batch, passage_kv in runs:

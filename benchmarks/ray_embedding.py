@@ -100,12 +100,11 @@ def run_blocks(bundle: Path, passages, actors: int, threads: int, on_ray: bool) 
 
     from ragrt.bundle.reader import Bundle
     from ragrt.decoding.blockstore import BlockStore, graph_id, write_store
-    from ragrt.decoding.kvquant import load_kv_scales
     from ragrt.export.ray_passage_kv import RayBlocks, blocks_on_ray
     from ragrt.runtime.sessions import SessionConfig
     m = Bundle.open(bundle).manifest
-    compute = (blocks_on_ray(RayBlocks(actors=actors, threads=threads), model=bundle / m.generator.model,
-                             spec=m.generator, graph_id=graph_id(m), kv_scales=load_kv_scales(bundle, m.generator))
+    compute = (blocks_on_ray(RayBlocks(actors=actors, threads=threads), root=bundle, spec=m.generator,
+                             graph_id=graph_id(m))
                if on_ray else None)
     with tempfile.TemporaryDirectory(prefix="ragrt-kv-bench-") as tmp:
         t0 = time.perf_counter()

@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 
-def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False, rows: int = 1) -> float:
+def _timed_steps(decoder, context: int, steps: int, prefill: bool = False, rows: int = 1) -> float:
     """Seconds per step of `rows` rows after a `context`-token prompt each (three untimed steps
     first), or per prefill of that prompt."""
     import numpy as np
-    from ragrt.decoding.generator import open_decoder
-    decoder = open_decoder(session, spec)
-    prompt = [int(t) for t in np.random.default_rng(0).integers(100, spec.vocab_size, context)]
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, decoder.spec.vocab_size, context)]
     logits, state = decoder.prefill([prompt] * (1 if prefill else rows))
     if prefill:
         start = time.perf_counter()
@@ -41,17 +39,28 @@ def _timed_steps(session, spec, context: int, steps: int, prefill: bool = False,
     return (time.perf_counter() - start) / steps
 
 
-def profile(model: Path, spec, context: int, steps: int, threads: int, prefill: bool = False, rows: int = 1) -> dict:
+def profile(bundle: Path, spec, context: int, steps: int, threads: int, prefill: bool = False, rows: int = 1) -> dict:
+    """The graph that runs the timed passes is profiled: the model for prefill, the step graph
+    (where the bundle has one) for steps."""
     import onnxruntime as ort
+    from ragrt.decoding.generator import load_decoder, open_decoder
+    from ragrt.decoding.kvquant import load_kv_scales
     from ragrt.runtime.sessions import SessionConfig, create_session
-    wall = _timed_steps(create_session(model, SessionConfig("cpu", threads)), spec, context, steps, prefill, rows)
+    config = SessionConfig("cpu", threads)
+    wall = _timed_steps(load_decoder(bundle, spec, config), context, steps, prefill, rows)
+    profiled = spec.model if prefill or not spec.step_model else spec.step_model
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "step")
-        session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        _timed_steps(session, spec, context, steps, prefill, rows)
+        session = ort.InferenceSession(str(bundle / profiled), opts, providers=["CPUExecutionProvider"])
+        if profiled == spec.model:
+            step = create_session(bundle / spec.step_model, config) if spec.step_model else None
+            decoder = open_decoder(session, spec, load_kv_scales(bundle, spec), step)
+        else:
+            decoder = open_decoder(create_session(bundle / spec.model, config), spec, load_kv_scales(bundle, spec), session)
+        _timed_steps(decoder, context, steps, prefill, rows)
         events = json.loads(Path(session.end_profiling()).read_text())
     # Only the timed passes: the last `steps` runs of the profile (a row prefills in one run).
     first = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-steps]["ts"]
@@ -82,7 +91,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.bundle} ({spec.quantization}, {args.threads} threads):")
     for n in args.context:
-        r = profile(args.bundle / spec.model, spec, n, args.steps, args.threads, args.prefill, args.rows)
+        r = profile(args.bundle, spec, n, args.steps, args.threads, args.prefill, args.rows)
         top = ", ".join(f"{op} {share:.0%}" for op, share in list(r["kernel_share"].items())[:4])
         what = "per prefill" if args.prefill else f"per step of {args.rows} row(s)"
         print(f"  context {n:5d}: {r['step_ms']:.2f} ms {what}; kernel time: {top}", flush=True)

@@ -219,6 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"max {m.encoder.max_length} tokens")
     print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
           f"{m.generator.num_layers} layers, context {m.generator.max_context}, {m.generator.cache} cache, "
+          f"{'int8 cache for decode steps (step graph), ' if m.generator.step_model else ''}"
           f"{'batch-invariant' if m.generator.batch_invariant else 'batches run row by row'}")
     print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.passages.count} passages, "
           f"{gen.index.dtype}, {gen.index.metric}")
@@ -266,6 +267,9 @@ def _parity_lines(parity: ParityReport) -> list[str]:
         lines.append(f"generator {q} vs PyTorch: " + ", ".join(
             f"{k} {v:.3f}" for k, v in sorted(asdict(fig).items()) if isinstance(v, float)))
     lines.append(f"this bundle holds the {parity.used} generator")
+    if parity.kv_cache:
+        lines.append(f"int8 KV cache vs float: teacher_forced_top1 {parity.kv_cache.agreement:.3f} "
+                     f"(scales from {parity.kv_cache.calibration_tokens} prompt tokens)")
     return lines
 
 

@@ -16,8 +16,7 @@ from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.reader import Bundle
 from ragrt.decoding.blocks import BlockCache, PassageKV, unavailable
 from ragrt.decoding.blockstore import graph_id, live_store
-from ragrt.decoding.kvquant import load_kv_scales
-from ragrt.decoding.generator import open_decoder
+from ragrt.decoding.generator import load_decoder
 from ragrt.decoding.prompt import PromptBuilder, Turn
 from ragrt.decoding.rag import Run, check_mode, passage_prior, start
 from ragrt.decoding.sampling import DecodingConfig
@@ -26,7 +25,7 @@ from ragrt.options import HISTORY_IN_QUERY, MAX_K, MAX_TURNS, PASSAGE_KV_CACHE_M
 from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
 from ragrt.retrieval.live import LiveRetriever
 from ragrt.retrieval.retriever import Hit, Retriever
-from ragrt.runtime.sessions import SessionConfig, create_session
+from ragrt.runtime.sessions import SessionConfig
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,7 @@ class Engine:
         self.manifest = m
         self.encoder = TextEncoder.from_spec(bundle.root, m.encoder, session_config)
         self.corpus = LiveRetriever(bundle, self.encoder)
-        self.decoder = open_decoder(create_session(bundle.path(m.generator.model), session_config), m.generator,
-                                    load_kv_scales(bundle.root, m.generator))
+        self.decoder = load_decoder(bundle.root, m.generator, session_config)
         self.tokenizer = load_tokenizer(bundle.path(m.generator.tokenizer))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()

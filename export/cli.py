@@ -42,10 +42,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passage-kv", choices=["lazy", "all"], default="lazy",
                    help="passage keys and values: lazy, computed when a question first retrieves a passage "
                         "(default); all, every passage's precomputed into the corpus (disk: tokens x KV bytes)")
-    p.add_argument("--kv-cache", choices=["float32", "int8"], default="float32",
-                   help="the generator's KV cache: float32 (default); int8, scales fitted on the corpus, a quarter "
-                        "of the bytes each decode step reads (faster batched and long-context decoding, slower "
-                        "prefill of long prompts; best with passage KV on), its agreement with float32 recorded")
+    p.add_argument("--kv-cache", choices=["auto", "int8", "float32"], default="auto",
+                   help="the KV cache decode steps read: int8 adds a step graph (same weights, scales fitted on "
+                        "the corpus) that reads a quarter of float32's bytes per step, for faster batched and "
+                        "long-context decoding, while prompts still prefill in float; auto (default) keeps it "
+                        "where its teacher-forced agreement with float32 is at least 0.9, int8 "
+                        "insists (refusing below 0.8), float32 leaves it out")
     p.add_argument("--dev", type=Path, default=None, metavar="QA",
                    help="held-out Q/A JSONL: answer F1 with full prefill, with passage KV and with prompt-lookup "
                         "drafts, recorded in the manifest; passage KV and drafts become defaults only where "

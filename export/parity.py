@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ragrt.decoding.generator import Generator, greedy, greedy_batch, open_decoder
+from ragrt.decoding.generator import Generator, greedy, greedy_batch, load_decoder, open_decoder
 from ragrt.decoding.decoder import Decoder
 from ragrt.decoding.lookup import PromptLookup
 from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
@@ -151,14 +151,13 @@ def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
     return tokens
 
 
-def shipped_generator(model_path: Path, tokenizer_path: Path, spec: GeneratorSpec, prompt: PromptSpec,
-                      new_tokens: int, kv_scales: np.ndarray | None = None) -> tuple:
-    """The bundle's generator graph opened as the engine opens it (`kv_scales` for an int8 cache),
-    and its prompt builder: what the bundle-time checks (passage KV, drafts) run on, opened once for both."""
-    tokenizer = load_tokenizer(tokenizer_path)
+def shipped_generator(root: Path, spec: GeneratorSpec, prompt: PromptSpec, new_tokens: int) -> tuple:
+    """The staged bundle's generator opened as the engine opens it (its step graph too), and its
+    prompt builder: what the bundle-time checks (passage KV, drafts) run on, opened once for both."""
+    tokenizer = load_tokenizer(Path(root) / spec.tokenizer)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return (open_decoder(create_session(model_path, SessionConfig()), spec, kv_scales),
+    return (load_decoder(root, spec, SessionConfig()),
             PromptBuilder(prompt, tokenizer, budget=spec.max_context - new_tokens))
 
 

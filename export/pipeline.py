@@ -30,7 +30,7 @@ from ragrt.bundle.integrity import sha256_file
 from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpec, CorpusProvenance,
                              EncoderParity, EncoderSpec, GeneratorIO, GeneratorSpec, GreedyAgreement, Manifest,
                              DecodingScore, KVCacheParity, ModelSource, ParityReport, PassageKVParity, PassagesSpec,
-                             PromptSpec, RagDefaults, written_version)
+                             RagDefaults, written_version)
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.runtime.sessions import SessionConfig
 
@@ -74,7 +74,7 @@ class ExportConfig:
     graph: str = "fused"
     dev: Path | None = None                 # QA JSONL: F1 with and without passage KV decides its default
     passage_kv: str = "lazy"                # lazy: blocks computed at question time; all: precomputed into the corpus
-    kv_cache: str = "float32"               # the generator's KV cache: float32, or int8 (quant/kvcache.py)
+    kv_cache: str = "auto"                  # decode steps' KV cache: auto, int8 (quant/kvcache.py) or float32
     shards: int = 1                         # index shards of consecutive passages (retrieval/shards.py)
     ray: str | None = None                  # chunk and embed on Ray: "local" or a cluster address (ray_embed.py)
 
@@ -317,8 +317,8 @@ def _validate(cfg: ExportConfig) -> None:
         raise UserInputError(f"--shards must be at least 1, got {cfg.shards}")
     if cfg.passage_kv == "all" and cfg.graph != "fused":
         raise UserInputError("--passage-kv all needs the fused generator graph: drop --graph optimum")
-    if cfg.kv_cache not in ("float32", "int8"):
-        raise UserInputError(f"--kv-cache must be float32 or int8, got {cfg.kv_cache!r}")
+    if cfg.kv_cache not in ("auto", "float32", "int8"):
+        raise UserInputError(f"--kv-cache must be auto, float32 or int8, got {cfg.kv_cache!r}")
     if cfg.kv_cache == "int8" and (cfg.graph != "fused" or cfg.quantize == "fp16"):
         raise UserInputError("--kv-cache int8 needs the fused generator graph on the CPU: drop --graph optimum "
                              "and --quantize fp16")
@@ -394,12 +394,10 @@ def run_export(cfg: ExportConfig) -> Path:
                             **(graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused" else {}))
         prompt = templates(gen_meta["prompt"]["chat"])
         trained = bool(training_record(gen_ckpt).get("block_attention"))
+        shipped = shipped_generator(tmp, generator, prompt, PARITY_NEW_TOKENS)
         kv_parity = None
-        if cfg.kv_cache == "int8":
-            generator, shipped, kv_parity = int8_kv_cache(tmp, generator, prompt, passages, cfg.parity_prompts)
-        else:
-            shipped = shipped_generator(tmp / "generator" / "model.onnx", tmp / "generator" / "tokenizer.json",
-                                        generator, prompt, PARITY_NEW_TOKENS)
+        if int8_steps(cfg):
+            generator, shipped, kv_parity = int8_kv_cache(tmp, generator, shipped, passages, cfg)
         block_parity = passage_kv_parity(*shipped, trained=trained, prompts=cfg.parity_prompts,
                                          new_tokens=PARITY_NEW_TOKENS)
         if block_parity:
@@ -412,7 +410,7 @@ def run_export(cfg: ExportConfig) -> Path:
              f"greedy tokens kept ({'exact' if generator.drafts_exact else 'not exact'}; used "
              f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
         manifest = Manifest(
-            schema=SCHEMA, schema_version=written_version(shards=cfg.shards, kv_int8=kv_parity is not None),
+            schema=SCHEMA, schema_version=written_version(shards=cfg.shards),
             ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
@@ -444,14 +442,12 @@ def run_export(cfg: ExportConfig) -> Path:
                  f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
             if cfg.passage_kv == "all":
                 from ragrt.decoding.blockstore import graph_id, write_store
-                from ragrt.decoding.kvquant import load_kv_scales
                 compute = None
                 if cfg.ray is not None:
                     from ragrt.export.ray_passage_kv import RayBlocks, blocks_on_ray
                     _say(f"computing passage KV on Ray ({cfg.ray}) with the bundle's generator")
-                    compute = blocks_on_ray(RayBlocks(address=cfg.ray), model=tmp / manifest.generator.model,
-                                            spec=manifest.generator, graph_id=graph_id(manifest),
-                                            kv_scales=load_kv_scales(tmp, manifest.generator))
+                    compute = blocks_on_ray(RayBlocks(address=cfg.ray), root=tmp, spec=manifest.generator,
+                                            graph_id=graph_id(manifest))
                 kv = write_store(tmp, manifest, gen, passages, compute=compute)
                 _say(f"passage KV: {kv.blocks} blocks, {kv.tokens} tokens, {kv.bytes / 1e6:.1f} MB")
             publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=documents,
@@ -465,44 +461,55 @@ def run_export(cfg: ExportConfig) -> Path:
 
 
 KV_CALIBRATION_PROMPTS = 8     # of k=5 corpus passages each, beside the built-in calibration prompts
+# `--kv-cache auto` keeps the int8 step graph only above this teacher-forced agreement with the
+# float cache (the demo bundle measures about 0.95); `--kv-cache int8` above MIN_QUANT_AGREEMENT.
+KV_AUTO_AGREEMENT = 0.9
 
 
-def int8_kv_cache(bundle: Path, generator: GeneratorSpec, prompt: PromptSpec, passages: list,
-                  parity_prompts: int) -> tuple[GeneratorSpec, tuple, KVCacheParity]:
-    """Rewrites the staged bundle's generator to keep an int8 cache (quant/kvcache.py), with scales
-    fitted on the built-in calibration prompts and on prompts of the corpus's own passages; returns
-    its spec, the shipped generator opened (as `shipped_generator` gives it) and its agreement with
-    the float cache on the parity prompts."""
+def int8_steps(cfg: ExportConfig) -> bool:
+    """Whether the export tries an int8 step graph: asked for, or `auto` where onnxruntime's fused
+    CPU graph can keep one (not fp16, whose cache already halves the bytes, nor the optimum graph)."""
+    return cfg.kv_cache == "int8" or (cfg.kv_cache == "auto" and cfg.graph == "fused" and cfg.quantize != "fp16")
+
+
+def int8_kv_cache(bundle: Path, generator: GeneratorSpec, shipped: tuple, passages: list,
+                  cfg: ExportConfig) -> tuple[GeneratorSpec, tuple, KVCacheParity | None]:
+    """Adds the int8 step graph (quant/kvcache.py) to the staged bundle, with scales fitted on the
+    built-in calibration prompts and on prompts of the corpus's own passages; returns its spec and the
+    generator opened with it (as `shipped_generator` gives it), and the step graph's agreement with the
+    float cache on the parity prompts. Under `auto`, a step graph that disagrees is left out."""
     import random
 
-    from ragrt.export.parity import parity_prompt_ids, shipped_generator
-    from ragrt.export.quant.kvcache import fit_kv_scales, kv_agreement, quantize_kv_graph
+    from ragrt.decoding.generator import load_decoder
+    from ragrt.export.parity import parity_prompt_ids
+    from ragrt.export.quant.kvcache import fit_kv_scales, kv_agreement, write_step_graph
     from ragrt.export.quant.rowquant import CALIBRATION_PROMPTS, calibration_prompt_ids
 
-    model = bundle / generator.model
-    decoder, builder = shipped_generator(model, bundle / generator.tokenizer, generator, prompt, PARITY_NEW_TOKENS)
+    decoder, builder = shipped
     sample = random.Random(0).sample(passages, min(len(passages), 5 * KV_CALIBRATION_PROMPTS))
     questions = [q for q, _ in CALIBRATION_PROMPTS]
     calibration = calibration_prompt_ids(builder) + [
         builder.build(questions[i % len(questions)], sample[5 * i:5 * i + 5]).ids
         for i in range(len(sample) // 5)]
     scales = fit_kv_scales(decoder, calibration)
-    float_model = model.with_name("model.float-kv.onnx")
-    os.replace(model, float_model)
-    quantize_kv_graph(float_model, model, scales)
+    write_step_graph(bundle / generator.model, bundle / generator.weights, bundle / "generator" / "step.onnx", scales)
     np.save(bundle / "generator" / "kv_scales.npy", scales)
-    spec = replace(generator, kv_dtype="int8", kv_scales="generator/kv_scales.npy")
-    shipped = shipped_generator(model, bundle / generator.tokenizer, spec, prompt, PARITY_NEW_TOKENS, scales)
-    parity = kv_agreement(decoder, shipped[0], parity_prompt_ids(builder, parity_prompts), PARITY_NEW_TOKENS,
+    spec = replace(generator, step_model="generator/step.onnx", kv_scales="generator/kv_scales.npy")
+    with_steps = load_decoder(bundle, spec, SessionConfig()), builder
+    parity = kv_agreement(decoder, with_steps[0], parity_prompt_ids(builder, cfg.parity_prompts), PARITY_NEW_TOKENS,
                           sum(len(ids) for ids in calibration))
-    del decoder
-    float_model.unlink()
-    _say(f"int8 KV cache: scales from {parity.calibration_tokens} prompt tokens; teacher-forced top-1 agreement "
-         f"with the float cache {parity.agreement:.3f} over {parity.prompts} prompts")
-    if parity.agreement < MIN_QUANT_AGREEMENT:
+    _say(f"int8 KV cache for decode steps: scales from {parity.calibration_tokens} prompt tokens; teacher-forced "
+         f"top-1 agreement with the float cache {parity.agreement:.3f} over {parity.prompts} prompts")
+    floor = MIN_QUANT_AGREEMENT if cfg.kv_cache == "int8" else KV_AUTO_AGREEMENT
+    if parity.agreement >= floor:
+        return spec, with_steps, parity
+    if cfg.kv_cache == "int8":
         raise RagrtError(f"the int8 KV cache disagrees with the float cache (teacher-forced top-1 agreement "
-                         f"{parity.agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --kv-cache float32")
-    return spec, shipped, parity
+                         f"{parity.agreement:.2f} < {floor}); export with --kv-cache float32")
+    _say(f"int8 KV cache left out (agreement below {floor}): decode steps keep the float cache")
+    for name in ("step.onnx", "kv_scales.npy"):
+        (bundle / "generator" / name).unlink()
+    return generator, shipped, None
 
 
 def passage_kv_on_by_default(parity: PassageKVParity) -> bool:

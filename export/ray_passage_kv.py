@@ -2,7 +2,7 @@
 
 A block is a generator pass over a passage's ~120 tokens after the prompt's prefix, far more work
 than embedding it, so the store is where a cluster gains most. The pattern is ray_embed.py's:
-each actor opens the bundle's own generator graph once (sent through Ray's object store) and
+each actor opens the bundle's own generator graph once (its files sent through Ray's object store) and
 runs `PassageKV.compute`, the function the local export and the engine run, so a block is the
 same wherever it ran; the driver writes the blocks into the store in order
 (decoding/blockstore.py: `write_blocks`).
@@ -32,20 +32,19 @@ class RayBlocks:
     batch_blocks: int = 8           # blocks per actor call
 
 
-def blocks_on_ray(config: RayBlocks, *, model: Path, spec: GeneratorSpec, graph_id: str,
-                  kv_scales: np.ndarray | None = None) -> ComputeBlocks:
-    """A `ComputeBlocks` that runs on Ray: `model` is the bundle's generator graph, `graph_id` its checksum,
-    `kv_scales` its int8 cache's scales."""
+def blocks_on_ray(config: RayBlocks, *, root: Path, spec: GeneratorSpec, graph_id: str) -> ComputeBlocks:
+    """A `ComputeBlocks` that runs on Ray: the generator of the bundle at `root` (the graph blocks are
+    computed by; `graph_id` its checksum)."""
     if config.threads < 1 or config.batch_blocks < 1 or (config.actors is not None and config.actors < 1):
         raise UserInputError(f"Ray passage KV needs at least one actor, thread and block per call, got {config}")
 
     def compute(prefix: tuple[int, ...], blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
         with connected(config.address):
-            yield from _compute(config, model, spec, graph_id, kv_scales, prefix, blocks)
+            yield from _compute(config, root, spec, graph_id, prefix, blocks)
     return compute
 
 
-def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str, kv_scales: np.ndarray | None,
+def _compute(config: RayBlocks, root: Path, spec: GeneratorSpec, graph_id: str,
              prefix: tuple[int, ...], blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
     import ray
     from ray.data import ActorPoolStrategy
@@ -57,8 +56,8 @@ def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str,
     computed = items.map_batches(
         _BlockComputer, batch_size=config.batch_blocks, batch_format="numpy", num_cpus=config.threads,
         compute=ActorPoolStrategy(size=min(actors, len(blocks))),
-        fn_constructor_kwargs={"graph": ray.put(Path(model).read_bytes()), "spec": spec, "graph_id": graph_id,
-                               "kv_scales": kv_scales, "prefix": prefix, "threads": config.threads})
+        fn_constructor_kwargs={"files": {p: ray.put((Path(root) / p).read_bytes()) for p in _graph_files(root, spec)},
+                               "spec": spec, "graph_id": graph_id, "prefix": prefix, "threads": config.threads})
     two_l, heads, dim = 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim
     expected = 0
     for batch in computed.iter_batches(batch_size=None, batch_format="numpy"):
@@ -72,19 +71,25 @@ def _compute(config: RayBlocks, model: Path, spec: GeneratorSpec, graph_id: str,
         raise RuntimeError(f"Ray returned {expected} blocks of {len(blocks)}")
 
 
+def _graph_files(root: Path, spec: GeneratorSpec) -> list[str]:
+    """What opening the generator graph reads: the graph, its weights file, an int8 graph's scales."""
+    return [p for p in (spec.model, spec.weights, spec.kv_scales if spec.kv_dtype == "int8" else "")
+            if p and (Path(root) / p).exists()]
+
+
 class _BlockComputer:
     """One actor of the pool: the generator graph, opened once, computing batch after batch of blocks."""
 
-    def __init__(self, *, graph, spec: GeneratorSpec, graph_id: str, kv_scales: np.ndarray | None,
-                 prefix: tuple[int, ...], threads: int):
+    def __init__(self, *, files: dict, spec: GeneratorSpec, graph_id: str, prefix: tuple[int, ...], threads: int):
         import ray
         from ragrt.decoding.blocks import PassageKV
-        from ragrt.decoding.generator import open_decoder
-        from ragrt.runtime.sessions import create_session
+        from ragrt.decoding.generator import load_decoder
         self._dir = tempfile.TemporaryDirectory(prefix="ragrt-generator-")
-        path = Path(self._dir.name) / "model.onnx"
-        path.write_bytes(ray.get(graph))
-        decoder = open_decoder(create_session(path, SessionConfig(device="cpu", threads=threads)), spec, kv_scales)
+        for rel, ref in files.items():
+            path = Path(self._dir.name) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(ray.get(ref))
+        decoder = load_decoder(Path(self._dir.name), spec, SessionConfig(device="cpu", threads=threads), steps=False)
         self.passage_kv = PassageKV(decoder, graph_id)
         self.prefix = tuple(prefix)
 

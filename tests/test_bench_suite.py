@@ -90,11 +90,11 @@ def test_step_profile_splits_kernel_time_by_operator(tiny_bundle):
     from ragrt.bundle.manifest import read_manifest
     from step_profile import profile
     spec = read_manifest(tiny_bundle).generator
-    r = profile(tiny_bundle / spec.model, spec, context=12, steps=3, threads=1)
+    r = profile(tiny_bundle, spec, context=12, steps=3, threads=1)
     assert r["step_ms"] > 0 and r["context"] == 12
     assert sum(r["kernel_share"].values()) == pytest.approx(1.0)
     assert "MatMul" in "".join(r["kernel_share"])       # the graph's projections were profiled
-    prefill = profile(tiny_bundle / spec.model, spec, context=12, steps=2, threads=1, prefill=True)
+    prefill = profile(tiny_bundle, spec, context=12, steps=2, threads=1, prefill=True)
     assert prefill["step_ms"] > 0 and sum(prefill["kernel_share"].values()) == pytest.approx(1.0)
 
 

@@ -15,6 +15,9 @@ KINDS = {
     "encoder/model.onnx": "encoder graph",
     "encoder/tokenizer.json": "encoder tokenizer",
     "generator/model.onnx": "generator graph",
+    "generator/model.onnx.data": "generator weights",
+    "generator/step.onnx": "generator step graph",
+    "generator/kv_scales.npy": "int8 cache scales",
     "generator/tokenizer.json": "generator tokenizer",
     "corpus/CURRENT": "corpus pointer",
     "corpus/gen-000001/generation.json": "generation",
@@ -55,7 +58,9 @@ def test_a_damaged_file_is_named(tiny_bundle, tmp_path, rel, how):
     except BundleError as e:
         assert name in str(e) or (name == "CURRENT" and "generation.json" in str(e)), str(e)
     else:
-        # Only a model file with a flipped byte can still load: its weights are numbers either way.
-        # Open checks model sizes only (hashing them is `verify`'s job, asserted above).
-        assert how == "flipped" and rel.endswith(".onnx"), f"{rel} {how}: opened without an error"
+        # Only a model file with a flipped byte (a graph's, the weights' or the scales') can still load,
+        # or a weights file of garbage: weights are numbers either way. Open checks model sizes only
+        # (hashing them is `verify`'s job, asserted above).
+        assert (how == "flipped" and rel.endswith((".onnx", ".data", ".npy"))) or (
+            how == "garbage" and rel.endswith(".data")), f"{rel} {how}: opened without an error"
         engine.ask("How do I copy a list?", k=2, max_new_tokens=2)

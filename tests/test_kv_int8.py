@@ -1,6 +1,8 @@
-"""The int8 KV cache (`ragrt export --kv-cache int8`) on the tiny llama's fused graph: the graph
-stores round(x / scale), passage KV turns int8 keys, and blocks keep the graph's own int8."""
+"""The int8 KV cache (`ragrt export --kv-cache int8`) on the tiny llama's fused graph: a step graph
+over the same weights stores round(x / scale); prompts prefill in float and are quantized when they
+start stepping; passage KV keeps float blocks; schema-6 bundles, whose only graph is int8, still decode."""
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -23,18 +25,23 @@ def _ids(rng, vocab, n) -> list[int]:
 
 @pytest.fixture(scope="module")
 def decoders(tiny_fused_fp32, tiny_generator_dir, tmp_path_factory):
-    """(float-cache decoder, int8-cache decoder, scales) over the same weights."""
+    """(float decoder, decoder with the int8 step graph, the step graph alone as schema 6 ran it, scales)."""
     from ragrt.export.onnx.graphs import graph_rotary
-    from ragrt.export.quant.kvcache import fit_kv_scales, quantize_kv_graph
+    from ragrt.export.quant.kvcache import fit_kv_scales, write_step_graph
     path, spec = tiny_fused_fp32
     spec = replace(spec, **graph_rotary(tiny_generator_dir, path))
-    float_decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
+    root = tmp_path_factory.mktemp("kv-int8")
+    model = root / "model.onnx"
+    shutil.copy(path, model)
+    float_decoder = open_decoder(create_session(model, SessionConfig(threads=1)), spec)
     rng = np.random.default_rng(0)
     scales = fit_kv_scales(float_decoder, [_ids(rng, spec.vocab_size, n) for n in (40, 60, 80)])
-    out = tmp_path_factory.mktemp("kv-int8") / "model.onnx"
-    quantize_kv_graph(path, out, scales)
-    int8_spec = replace(spec, kv_dtype="int8", kv_scales="kv_scales.npy")
-    return float_decoder, open_decoder(create_session(out, SessionConfig(threads=1)), int8_spec, scales), scales
+    assert write_step_graph(model, root / "model.onnx.data", root / "step.onnx", scales) == spec.num_layers
+    step = create_session(root / "step.onnx", SessionConfig(threads=1))
+    with_steps = open_decoder(create_session(model, SessionConfig(threads=1)),
+                              replace(spec, step_model="step.onnx", kv_scales="kv_scales.npy"), scales, step)
+    int8_only = open_decoder(step, replace(spec, kv_dtype="int8", kv_scales="kv_scales.npy"), scales)
+    return float_decoder, with_steps, int8_only, scales
 
 
 def _prompt(rng, vocab) -> BlockPrompt:
@@ -43,68 +50,106 @@ def _prompt(rng, vocab) -> BlockPrompt:
 
 
 def test_key_scales_are_shared_by_rotary_pairs(decoders):
-    _, int8, scales = decoders
-    half = int8.spec.rotary_dim // 2
+    *_, scales = decoders
+    half = decoders[0].spec.rotary_dim // 2
     np.testing.assert_array_equal(scales[0::2, :, :half], scales[0::2, :, half:2 * half])
     assert scales.dtype == np.float32 and (scales > 0).all()
 
 
-def test_the_graph_stores_the_float_cache_rounded(decoders):
-    """The first layer's keys and values come before any attention, so the int8 graph stores the
-    float graph's, rounded (a last-bit difference may move one a step); later layers drift with the
-    rounding read back (on random weights, by up to a tenth of the logits' range)."""
-    float_decoder, int8, scales = decoders
-    ids = _ids(np.random.default_rng(1), int8.spec.vocab_size, 50)
-    want, fstate = float_decoder.prefill([ids])
-    got, qstate = int8.prefill([ids])
-    assert all(q.dtype == np.int8 for q in qstate.buffers.arrays)
-    for i in (0, 1):
-        f, q = fstate.buffers.arrays[i], qstate.buffers.arrays[i]
-        diff = np.abs(q[0, :, :50].astype(int) - quantize(f[0, :, :50], scales[i]).astype(int))
-        assert diff.max() <= 1 and diff.mean() < 0.01
-    assert 0 < np.abs(got - want).max() <= 0.15 * np.abs(want).max()
+def test_prompts_prefill_in_float_and_are_quantized_when_they_step(decoders):
+    """The first token is the float graph's own (the weights moved into an external file unchanged);
+    the cache the step graph then reads is the float cache rounded, row by row."""
+    float_decoder, with_steps, _, scales = decoders
+    rng = np.random.default_rng(1)
+    prompts = [_ids(rng, float_decoder.spec.vocab_size, n) for n in (50, 23)]
+    want, fstate = float_decoder.prefill(prompts)
+    got, state = with_steps.prefill(prompts)
+    np.testing.assert_array_equal(got, want)
+    assert state.buffers.dtype == np.float32
+    stepped = with_steps.stepping(state)
+    for f, q, scale in zip(fstate.buffers.arrays, stepped.buffers.arrays, scales):
+        for row, n in enumerate((50, 23)):
+            np.testing.assert_array_equal(q[row, :, :n], quantize(f[row, :, :n], scale))
 
 
-def test_the_graph_reads_its_cache_as_int8_times_scale(decoders):
-    """A step of the int8 graph over its cache is the float graph's step over that cache dequantized:
-    only the new token's own key and value, rounded in one and not the other, differ."""
-    float_decoder, int8, scales = decoders
-    ids = _ids(np.random.default_rng(7), int8.spec.vocab_size, 40)
-    _, qstate = int8.prefill([ids[:-1]])
+def test_the_step_graph_reads_its_cache_as_int8_times_scale(decoders):
+    """A step of the int8 graph is the float graph's step over that cache dequantized: only the new
+    token's own key and value, rounded in one and not the other, differ. It stores them rounded."""
+    float_decoder, with_steps, _, scales = decoders
+    ids = _ids(np.random.default_rng(7), float_decoder.spec.vocab_size, 40)
+    _, state = with_steps.prefill([ids[:-1]])
+    state = with_steps.stepping(state)
     fstate = float_decoder.empty_state(1, 64)
-    for a, q, scale in zip(fstate.buffers.arrays, qstate.buffers.arrays, scales):
+    for a, q, scale in zip(fstate.buffers.arrays, state.buffers.arrays, scales):
         a[0, :, :39] = dequantize(q[0, :, :39], scale)
     fstate = PackedState(fstate.buffers, fstate.slots, np.array([39]))
     last = np.array([ids[-1]], dtype=np.int64)
-    got, _ = int8.step(qstate, last)
-    want, _ = float_decoder.step(fstate, last)
-    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    got, after = with_steps.step(state, last)
+    want, fafter = float_decoder.step(fstate, last)
+    assert after.buffers.dtype == np.int8 and 0 < np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    for i in (0, 1):    # the first layer's new key and value come before any attention reads the cache
+        new = after.buffers.arrays[i][0, :, 39:40].astype(int)
+        assert np.abs(new - quantize(fafter.buffers.arrays[i][0, :, 39:40], scales[i]).astype(int)).max() <= 1
 
 
-def test_passage_kv_turns_int8_keys(decoders):
-    """Blocks on an int8 cache are kept in int8; assembled (keys turned in float, rounded back) they
-    give logits close to the float cache's block mode, and the prompt decodes on from them."""
-    float_decoder, int8, scales = decoders
-    p = _prompt(np.random.default_rng(2), int8.spec.vocab_size)
-    kv = PassageKV(int8, "g")
+def test_rows_joining_a_stepping_batch_are_quantized(decoders):
+    """The batcher's pattern: a prefilled row merges into rows already on the int8 cache, and then
+    decodes as it would alone."""
+    _, with_steps, _, _ = decoders
+    rng = np.random.default_rng(3)
+    a, b = (_ids(rng, with_steps.spec.vocab_size, n) for n in (30, 45))
+    gen = Generator(with_steps)
+    gen.add_prompts([a])
+    gen.append(gen.logits.argmax(-1))
+    gen.add_prompts([b])
+    assert gen.state.buffers.dtype == np.int8
+    gen.append(gen.logits.argmax(-1))
+    alone = Generator(with_steps)
+    alone.add_prompts([b])
+    alone.append(alone.logits.argmax(-1))
+    np.testing.assert_allclose(gen.logits[1], alone.logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_passage_kv_on_a_step_graph_is_the_float_graphs(decoders):
+    """Blocks come from the float graph and stay float16; the first token is the float bundle's, and
+    the row then decodes on the int8 cache."""
+    float_decoder, with_steps, _, _ = decoders
+    p = _prompt(np.random.default_rng(2), float_decoder.spec.vocab_size)
+    kv = PassageKV(with_steps, "g")
+    assert kv.dtype == np.float16
+    got, state = kv.prefill([p])
+    want, _ = PassageKV(float_decoder, "g").prefill([p])
+    np.testing.assert_array_equal(got, want)
+    gen = Generator(with_steps, state, got)
+    gen.append(got.argmax(-1))
+    assert gen.state.buffers.dtype == np.int8 and gen.logits.shape == (1, with_steps.spec.vocab_size)
+
+
+def test_a_schema_6_int8_graph_still_decodes_and_keeps_int8_blocks(decoders):
+    """Bundles written before step graphs: the int8 graph prefills too, and passage KV turns int8 keys
+    in float, giving logits close to the float cache's block mode."""
+    float_decoder, _, int8_only, scales = decoders
+    p = _prompt(np.random.default_rng(4), float_decoder.spec.vocab_size)
+    kv = PassageKV(int8_only, "g")
     assert kv.dtype == np.int8
     got, state = kv.prefill([p])
     want, fstate = PassageKV(float_decoder, "g", dtype=np.float32).prefill([p])
-    assert np.abs(got - want).max() <= 0.15 * np.abs(want).max()
-    n = len(p.ids) - len(p.tail)          # the prefix and the blocks; keys turned in float, rounded back
+    assert state.buffers.dtype == np.int8 and np.abs(got - want).max() <= 0.15 * np.abs(want).max()
+    n = len(p.ids) - len(p.tail)
     for i in (0, 1):
         f, q = fstate.buffers.arrays[i], state.buffers.arrays[i]
         assert np.abs(q[0, :, :n].astype(int) - quantize(f[0, :, :n], scales[i]).astype(int)).max() <= 1
-    gen = Generator(int8, state, got)
+    gen = Generator(int8_only, state, got)
     gen.append(got.argmax(-1))
-    assert gen.logits.shape == (1, int8.spec.vocab_size)
+    assert gen.logits.shape == (1, int8_only.spec.vocab_size)
 
 
-def test_export_writes_an_int8_cache_bundle_whose_store_answers_as_lazy(tiny_corpus, tiny_encoder_dir,
-                                                                        tiny_generator_dir, tmp_path):
-    """`ragrt export --kv-cache int8 --passage-kv all`: a schema-6 bundle with its scales and the
-    measured agreement; its store holds the graph's own int8 blocks (a quarter of float32's bytes),
-    and answers from it are those of blocks computed at question time."""
+def test_export_writes_a_step_graph_bundle_whose_store_answers_as_lazy(tiny_corpus, tiny_encoder_dir,
+                                                                       tiny_generator_dir, tmp_path):
+    """`ragrt export --kv-cache int8 --passage-kv all`: the step graph beside the graph, one weights
+    file for both, the scales and the measured agreement; older readers see a float bundle (schema 3).
+    Its store holds float16 blocks from the float graph, and answers from it are those of blocks
+    computed at question time."""
     from ragrt import Engine
     from ragrt.bundle.reader import Bundle
     from ragrt.decoding.blockstore import BlockStore
@@ -114,14 +159,16 @@ def test_export_writes_an_int8_cache_bundle_whose_store_answers_as_lazy(tiny_cor
                                   passage_kv="all", kv_cache="int8"))
     bundle = Bundle.open(out, verify=True)
     m = bundle.manifest
-    assert (m.schema_version, m.generator.kv_dtype, m.generator.kv_scales) == (6, "int8", "generator/kv_scales.npy")
-    assert m.parity.kv_cache.agreement >= 0.8 and m.parity.kv_cache.calibration_tokens > 0
-    store = BlockStore.open(bundle.generation.path, dtype=np.int8)
     g = m.generator
-    assert store.nbytes == store.tokens * 2 * g.num_layers * g.num_kv_heads * g.head_dim        # one byte each
+    assert (m.schema_version, g.kv_dtype, g.step_model, g.kv_scales) == (
+        3, "float32", "generator/step.onnx", "generator/kv_scales.npy")
+    assert g.weights in m.files and m.files[g.weights].bytes > 10 * m.files[g.model].bytes
+    assert m.parity.kv_cache.agreement >= 0.8 and m.parity.kv_cache.calibration_tokens > 0
+    store = BlockStore.open(bundle.generation.path)
+    assert store.nbytes == store.tokens * 2 * g.num_layers * g.num_kv_heads * g.head_dim * 2      # float16
     engine, lazy = Engine.open(out, threads=1), Engine.open(out, threads=1)
     lazy.passage_kv.store = None
-    assert engine.decoder.kv_dtype == np.int8
+    assert engine.decoder.step_dtype == np.int8
     computed = 0
     for q in ("How do I copy a list?", "What does the GIL do?"):
         a, b = (e.ask(q, k=3, passage_kv="on", max_new_tokens=10) for e in (engine, lazy))

@@ -158,8 +158,8 @@ def test_passage_kv_on_ray_equals_local(local_cluster, tiny_bundle, tmp_path):
     (tmp_path / "local").mkdir()
     (tmp_path / "ray").mkdir()
     local = write_store(tiny_bundle, m, tmp_path / "local", passages)
-    compute = blocks_on_ray(RayBlocks(actors=2, batch_blocks=2), model=bundle.path(m.generator.model),
-                            spec=m.generator, graph_id=graph_id(m))
+    compute = blocks_on_ray(RayBlocks(actors=2, batch_blocks=2), root=tiny_bundle, spec=m.generator,
+                            graph_id=graph_id(m))
     on_ray = write_store(tiny_bundle, m, tmp_path / "ray", passages, compute=compute)
     assert on_ray == local and local.computed == local.blocks > 2
     a, b = BlockStore.open(tmp_path / "local"), BlockStore.open(tmp_path / "ray")

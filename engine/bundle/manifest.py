@@ -29,7 +29,9 @@ SCHEMA_VERSION = 6
 # version-4 reader would read only the first. `ragrt index add` makes them, and never rewrites the
 # manifest (the generation seals its sha256), so generation.json carries its own schema_version.
 # Version 6 lets a packed graph keep its cache in int8 (GeneratorSpec.kv_dtype "int8", with
-# kv_scales), which a version-5 reader would bind as a float cache.
+# kv_scales), which a version-5 reader would bind as a float cache. Export no longer writes such
+# graphs: an int8 cache now lives in a step graph (GeneratorSpec.step_model) beside the float one,
+# which older readers ignore, decoding with `model` alone, so it needs no version of its own.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -98,8 +100,12 @@ class GeneratorSpec:
     pad_token_id: int
     max_context: int               # prompt + new tokens never exceed this
     source: ModelSource
-    kv_dtype: str = "float32"      # "float32" | "float16" | "int8" (a packed graph exported with --kv-cache int8)
-    # The int8 cache's per-channel scales, a float32 .npy (decoding/kvquant.py); "" for a float cache.
+    kv_dtype: str = "float32"      # "float32" | "float16" | "int8" (a packed graph of schema 6 that caches in int8)
+    # A second graph for decode steps (`--kv-cache int8`): the same weights (one external data file
+    # beside both), its packed cache in int8. `model` prefills in float, and a row's cache is
+    # quantized when it starts stepping. "" : `model` does everything. Older readers ignore it.
+    step_model: str = ""
+    # The int8 cache's per-channel scales, a float32 .npy (decoding/kvquant.py); "" without one.
     kv_scales: str = ""
     # Measured by the export's parity check: whether greedy tokens stay the same when rows
     # share a pass (else batches run row by row), when a cached prompt start stands in for its
@@ -124,6 +130,11 @@ class GeneratorSpec:
     # Prompt-lookup drafts where not `drafts_exact` too: the export found the answers unchanged
     # within noise on `--dev` questions (parity.drafts holds the figures).
     drafts: bool = False
+
+    @property
+    def weights(self) -> str:
+        """The external weights file `model` and `step_model` share; absent where `model` holds its own."""
+        return self.model + ".data"
 
 
 @dataclass(frozen=True)
@@ -332,13 +343,13 @@ class Manifest:
         g = manifest.generator
         if g.kv_dtype not in ("float32", "float16", "int8"):
             raise BundleError(f"{where}: generator kv_dtype {g.kv_dtype!r} is not float32, float16 or int8")
-        if g.kv_dtype == "int8" and (g.cache != "packed" or not g.kv_scales):
+        if (g.kv_dtype == "int8" or g.step_model) and (g.cache != "packed" or not g.kv_scales):
             raise BundleError(f"{where}: an int8 KV cache needs a packed graph and its kv_scales")
         return manifest
 
     def referenced_paths(self) -> list[str]:
         return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer,
-                *([self.generator.kv_scales] if self.generator.kv_scales else [])]
+                *[p for p in (self.generator.step_model, self.generator.kv_scales) if p]]
 
 
 @dataclass(frozen=True)
@@ -384,13 +395,11 @@ class GenerationSpec:
         return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets]
 
 
-def written_version(*, shards: int, segments: int = 1, kv_int8: bool = False) -> int:
+def written_version(*, shards: int, segments: int = 1) -> int:
     """The schema_version a bundle (or a corpus generation) is written with: the oldest that describes
     it, so that older ragrt opens every bundle it reads right (git writes repositoryformatversion 0 until
-    an extension needs 1). An int8 KV cache needs version 6, a segmented passage store 5, a sharded
-    index 4; a new version adds its own condition here. Export writes one segment."""
-    if kv_int8:
-        return 6
+    an extension needs 1). A segmented passage store needs version 5, a sharded index 4; a new version
+    adds its own condition here. Export writes one segment."""
     if segments > 1:
         return 5
     return 4 if shards > 1 else 3

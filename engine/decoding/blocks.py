@@ -209,7 +209,7 @@ class PassageKV:
         for a, kv in zip(arrays, self._prefix(prompt.prefix)[0]):
             a[row, :, :p] = kv
         offset = p
-        scales = self.decoder.kv_scales
+        scales = self.decoder.kv_scales if arrays[0].dtype == KV_INT8 else None
         for ids in prompt.blocks:
             kv = self.block(prompt.prefix, ids, stats)
             n = len(ids)

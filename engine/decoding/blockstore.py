@@ -15,6 +15,7 @@ or computed at question time.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import shutil
@@ -30,12 +31,11 @@ from ragrt.bundle.atomic import atomic_open
 from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.versions import PASSAGE_KV_FILE, PASSAGE_KV_INDEX, Generation
 from ragrt.decoding.blocks import BLOCK_DTYPE, PassageKV, unavailable
-from ragrt.decoding.generator import open_decoder
-from ragrt.decoding.kvquant import load_kv_scales
+from ragrt.decoding.generator import load_decoder
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.errors import BundleError, UserInputError
 from ragrt.retrieval.passages import Passage
-from ragrt.runtime.sessions import SessionConfig, create_session
+from ragrt.runtime.sessions import SessionConfig
 
 log = logging.getLogger("ragrt")
 
@@ -55,8 +55,11 @@ def has_store(gen: Generation) -> bool:
 
 
 def graph_id(manifest: Manifest) -> str:
-    """What `PassageKV` salts keys with: the generator graph's sha256, as the engine passes it."""
-    return manifest.files[manifest.generator.model].sha256
+    """What `PassageKV` salts keys with, as the engine passes it: the generator graph's sha256, and
+    where the graph keeps its weights in a file of their own, a digest of both."""
+    g = manifest.generator
+    ids = [manifest.files[path].sha256 for path in (g.model, g.weights) if path in manifest.files]
+    return ids[0] if len(ids) == 1 else hashlib.sha256(":".join(ids).encode()).hexdigest()
 
 
 def qa_builder(manifest: Manifest, tokenizer: Tokenizer) -> PromptBuilder:
@@ -184,9 +187,8 @@ def write_store(bundle_root: Path, manifest: Manifest, directory: Path, passages
     """`write_blocks` with the bundle's own generator, opened as the engine opens it (on the CPU, where
     passage KV is assembled); `reuse`: a generation directory whose store supplies the blocks it holds."""
     from ragrt.retrieval.encoder import load_tokenizer
-    decoder = open_decoder(create_session(Path(bundle_root) / manifest.generator.model,
-                                          session_config or SessionConfig(device="cpu")), manifest.generator,
-                           load_kv_scales(bundle_root, manifest.generator))
+    decoder = load_decoder(bundle_root, manifest.generator, session_config or SessionConfig(device="cpu"),
+                           steps=False)
     why = unavailable(decoder, manifest.prompt)
     if why is not None:
         raise UserInputError(f"passage KV cannot be precomputed for this bundle: {why}; use --passage-kv lazy")

@@ -9,6 +9,7 @@ it, so the decoder's state never leaves this object.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -17,17 +18,28 @@ from ragrt.bundle.manifest import GeneratorSpec
 from ragrt.decoding.blocks import BlockPrompt, BlockStats, PassageKV
 from ragrt.decoding.decoder import Decoder, RowByRowDecoder
 from ragrt.decoding.lookup import PromptLookup
-from ragrt.decoding.packed import PackedDecoder
+from ragrt.decoding.kvquant import KV_INT8, load_kv_scales
+from ragrt.decoding.packed import KVDevice, PackedDecoder
 from ragrt.decoding.sampling import DecodingConfig, TokenChooser
+from ragrt.runtime.sessions import SessionConfig, create_session
 
 
-def open_decoder(session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None):
+def open_decoder(session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None):
     """The decoder for the spec's cache layout and batching; `kv_scales` for an int8 cache
-    (`ragrt.decoding.kvquant.load_kv_scales`)."""
+    (`ragrt.decoding.kvquant.load_kv_scales`), `step_session` the step graph's (`spec.step_model`)."""
     if spec.cache == "packed":
-        return PackedDecoder(session, spec, kv_scales)
+        return PackedDecoder(session, spec, kv_scales, step_session)
     decoder = Decoder(session, spec)
     return RowByRowDecoder(decoder) if decoder.row_by_row else decoder
+
+
+def load_decoder(root: Path, spec: GeneratorSpec, config: SessionConfig, *, steps: bool = True):
+    """A bundle's generator as the engine opens it: its graph, and its step graph where it has one,
+    the device is the CPU and `steps` (computing passage KV only prefills, so it passes False)."""
+    session = create_session(Path(root) / spec.model, config)
+    step = steps and bool(spec.step_model) and KVDevice.of(session) is None
+    scales = load_kv_scales(root, spec) if step or np.dtype(spec.kv_dtype) == KV_INT8 else None
+    return open_decoder(session, spec, scales, create_session(Path(root) / spec.step_model, config) if step else None)
 
 
 class Generator:

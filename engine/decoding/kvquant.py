@@ -1,8 +1,9 @@
 """The int8 KV cache: its per-channel scales, and moving cached keys between int8 and float.
 
-A generator exported with `ragrt export --kv-cache int8` keeps its cache in int8:
-GroupQueryAttention stores each new key and value as round(x / scale), per layer, kv head and
-channel, and reads the cache back as int8 x scale, with the scales the export fitted
+A generator exported with `ragrt export --kv-cache int8` decodes on an int8 cache (its step
+graph; schema-6 bundles: its only graph): GroupQueryAttention stores each new key and value as
+round(x / scale), per layer, kv head and channel, and reads the cache back as int8 x scale, with
+the scales the export fitted
 (`GeneratorSpec.kv_scales`: one (kv_heads, head_dim) row per past, k0, v0, k1, v1, ...). A
 batched decode step on the CPU is bound by reading the cache; int8 reads a quarter of float32's
 bytes. Key scales are equal across each rotary pair, so a key turned by R(delta) (passage KV)
@@ -21,8 +22,8 @@ KV_INT8 = np.dtype(np.int8)
 
 
 def load_kv_scales(root: Path, spec: GeneratorSpec) -> np.ndarray | None:
-    """The scales of an int8 cache, (2 x layers, kv_heads, head_dim) float32; None for a float cache."""
-    if np.dtype(spec.kv_dtype) != KV_INT8:
+    """The scales of an int8 cache, (2 x layers, kv_heads, head_dim) float32; None without one."""
+    if not spec.kv_scales:
         return None
     path = Path(root) / spec.kv_scales
     try:

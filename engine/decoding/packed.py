@@ -11,6 +11,11 @@ run every slot in one pass, each row at its own length.
 
 On CUDA the buffers live in device memory (`DeviceKVBuffers`): a step binds slot windows by
 address, so the cache never crosses the bus; only token ids, lengths and the logits do.
+
+A bundle exported with `--kv-cache int8` adds a step graph whose cache is int8: prompts are
+prefilled by the float graph (onnxruntime's int8 cache is slow to prefill), and a row's cache is
+quantized into int8 buffers when it starts stepping, where reading a quarter of the bytes makes
+a batched step faster.
 """
 from __future__ import annotations
 
@@ -23,17 +28,21 @@ import numpy as np
 
 from ragrt.decoding.decoder import Decoder
 from ragrt.bundle.manifest import GeneratorIO, GeneratorSpec
+from ragrt.decoding.kvquant import KV_INT8, quantize
 from ragrt.decoding.slotcopy import slot_copy_model
 
 GROW = 256              # capacity is kept a multiple of this many positions
 
 
 class KVBuffers:
-    """Per-layer key/value arrays (slots, kv_heads, capacity, head_dim) in host memory, grown by doubling."""
+    """Per-layer key/value arrays (slots, kv_heads, capacity, head_dim) in host memory, grown by doubling.
+    `scales`: an int8 cache's (decoding/kvquant.py), with which float rows copied in are quantized."""
 
-    def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int):
+    def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int, dtype: np.dtype,
+                 scales: np.ndarray | None = None):
         self.shape = (spec.num_kv_heads, spec.head_dim)
-        self.dtype = np.dtype(spec.kv_dtype)
+        self.dtype = np.dtype(dtype)
+        self.scales = scales
         self.arrays = [self._alloc(slots, _round_up(capacity)) for _ in range(count)]
         self.bindings: dict[tuple[int, int], object] = {}
         self.logits: tuple[np.ndarray, object] | None = None
@@ -70,9 +79,15 @@ class KVBuffers:
             io.bind_ortvalue_output(out_name, value)
 
     def copy_slot(self, target: int, source: "KVBuffers", slot: int, n: int) -> None:
-        """The first n positions of `source`'s slot into this buffer's `target` slot."""
-        for dst, src in zip(self.arrays, source.arrays):
-            dst[target, :, :n] = src[slot, :, :n]
+        """The first n positions of `source`'s slot into this buffer's `target` slot (float into int8: quantized)."""
+        if source.dtype == self.dtype:
+            for dst, src in zip(self.arrays, source.arrays):
+                dst[target, :, :n] = src[slot, :, :n]
+        elif self.dtype == KV_INT8 and source.dtype.kind == "f":
+            for dst, src, scale in zip(self.arrays, source.arrays, self.scales):
+                dst[target, :, :n] = quantize(src[slot, :, :n], scale)
+        else:
+            raise ValueError(f"cannot copy a {source.dtype} cache into a {self.dtype} one")
 
     def reserve(self, slots: int, capacity: int, used: int) -> None:
         """Makes room for `slots` rows of `capacity` positions, keeping the first `used` of each."""
@@ -95,9 +110,10 @@ class DeviceKVBuffers(KVBuffers):
     same device: growing, prefix reuse and rows joining or leaving stay on the device too.
     """
 
-    def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int, device: "KVDevice"):
+    def __init__(self, spec: GeneratorSpec, count: int, slots: int, capacity: int, dtype: np.dtype,
+                 device: "KVDevice"):
         self.device = device
-        super().__init__(spec, count, slots, capacity)
+        super().__init__(spec, count, slots, capacity, dtype)
 
     def _alloc(self, slots: int, capacity: int):
         from onnxruntime import OrtValue
@@ -175,28 +191,48 @@ class PackedState:
 
 class PackedDecoder(Decoder):
     """Prefill runs row by row whatever `row_by_row` says; it decides whether steps share a pass.
-    `kv_scales`: an int8 cache's scales (decoding/kvquant.py), which the graph holds too."""
+    `step_session`: the step graph (an int8 cache), where the bundle has one; `kv_scales`: an int8
+    cache's scales (decoding/kvquant.py), which the graph holds too. States carry their cache's type,
+    and each pass runs on the graph of that type."""
     layout = "packed"
 
-    def __init__(self, session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None):
+    def __init__(self, session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None):
         super().__init__(session, spec)
         self.kv_device = KVDevice.of(session)     # None: host numpy buffers
-        if (self.kv_dtype.kind == "i") != (kv_scales is not None):
+        self.step_session = session if step_session is None else step_session
+        self.step_dtype = self.kv_dtype if step_session is None else KV_INT8    # the cache steps run on
+        if (KV_INT8 in (self.kv_dtype, self.step_dtype)) != (kv_scales is not None):
             raise ValueError("an int8 cache needs its kv_scales, and only an int8 cache has them")
+        if step_session is not None and self.kv_device is not None:
+            raise ValueError("a step graph's cache is quantized in host memory; on a GPU the graph runs alone")
         self.kv_scales = kv_scales
 
-    def empty_state(self, batch: int, capacity: int = GROW) -> PackedState:
-        count = len(self.past_names)
-        buffers = (KVBuffers(self.spec, count, batch, capacity) if self.kv_device is None
-                   else DeviceKVBuffers(self.spec, count, batch, capacity, self.kv_device))
+    def empty_state(self, batch: int, capacity: int = GROW, dtype: np.dtype | None = None) -> PackedState:
+        """Room for `batch` rows, in the prefilling graph's cache type unless `dtype` says otherwise."""
+        count, dtype = len(self.past_names), self.kv_dtype if dtype is None else dtype
+        buffers = (KVBuffers(self.spec, count, batch, capacity, dtype, self.kv_scales) if self.kv_device is None
+                   else DeviceKVBuffers(self.spec, count, batch, capacity, dtype, self.kv_device))
         return PackedState(buffers, np.arange(batch), np.zeros(batch, dtype=np.int64))
+
+    def stepping(self, state: PackedState) -> PackedState:
+        """The state in the step graph's cache type: a prefilled row's float cache quantized, once."""
+        if state.buffers.dtype == self.step_dtype:
+            return state
+        old = state.buffers
+        new = self.empty_state(old.slots, old.capacity, self.step_dtype)
+        for slot, n in zip(state.slots, state.lengths):
+            new.buffers.copy_slot(int(slot), old, int(slot), int(n))
+        return PackedState(new.buffers, state.slots, state.lengths)
+
+    def _session(self, buffers: KVBuffers):
+        return self.session if buffers.dtype == self.kv_dtype else self.step_session
 
     def _binding(self, buffers: KVBuffers, start: int, stop: int):
         """An IOBinding of slots [start, stop), each past bound as its own present."""
         key = (start, stop)
         io = buffers.bindings.get(key)
         if io is None:
-            io = self.session.io_binding()
+            io = self._session(buffers).io_binding()
             buffers.bind(io, self.past_names, self.output_names[1:], start, stop)
             buffers.bindings[key] = io
         return io
@@ -213,7 +249,7 @@ class PackedDecoder(Decoder):
         # the whole cache included, on each step.
         out = buffers.logits_buffer((stop - start, num_logits, self.spec.vocab_size))
         io.bind_ortvalue_output(self.io.logits, out[1])
-        self.session.run_with_iobinding(io)
+        self._session(buffers).run_with_iobinding(io)
         return out[0].copy()
 
     def forward(self, state: PackedState, tokens: np.ndarray, new_mask: np.ndarray,
@@ -247,6 +283,7 @@ class PackedDecoder(Decoder):
 
     def step(self, state: PackedState, tokens: np.ndarray) -> tuple[np.ndarray, PackedState]:
         """One token (B,) per row, all rows in one pass over the slots they span."""
+        state = self.stepping(state)
         if self.row_by_row and len(state.slots) > 1:
             logits, state = self.forward(state, tokens[:, None], np.ones((len(tokens), 1), dtype=np.int64))
             return logits[:, -1], state
@@ -279,7 +316,8 @@ class PackedDecoder(Decoder):
         return PackedState(state.buffers, slots, lengths)
 
     def merge(self, a: PackedState, b: PackedState) -> PackedState:
-        """Copies b's rows into free slots of a's buffers."""
+        """Copies b's rows into free slots of a's buffers (in the step graph's cache type)."""
+        a = self.stepping(a)
         buffers = a.buffers
         taken = set(a.slots.tolist())
         free = [s for s in range(buffers.slots) if s not in taken]

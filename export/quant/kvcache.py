@@ -1,13 +1,15 @@
-"""`ragrt export --kv-cache int8`: the generator keeps its KV cache in int8.
+"""`ragrt export --kv-cache int8`: the generator decodes on an int8 KV cache.
 
 onnxruntime's GroupQueryAttention quantizes the cache itself when told to (k_quant_type and
 v_quant_type PER_CHANNEL, kv_cache_bit_width 8, k_scale and v_scale inputs): it stores
 round(x / scale) and reads int8 x scale back, so only the graph's cache inputs and outputs
-change type. The scales are fitted here, per layer, kv head and channel, from what the float
-graph writes on calibration prompts: the largest |value| times VALUE_MARGIN, and for keys the
-largest norm of each rotary pair (channels i and i + rotary_dim / 2), which a key keeps at every
-position, so keys turned by R(delta) for passage KV stay in range. Scales land in the graph and
-in kv_scales.npy beside it (the runtime turns int8 keys with them).
+change type. That graph is slow to prefill a long prompt, so it ships as a step graph beside the
+float one, both reading one external weights file (`GeneratorSpec.step_model`). The scales are
+fitted here, per layer, kv head and channel, from what the float graph writes on calibration
+prompts: the largest |value| times VALUE_MARGIN, and for keys the largest norm of each rotary
+pair (channels i and i + rotary_dim / 2), which a key keeps at every position, so keys turned by
+R(delta) for passage KV stay in range. Scales land in the step graph and in kv_scales.npy (the
+runtime quantizes prefilled rows and turns int8 keys with them).
 """
 from __future__ import annotations
 
@@ -40,13 +42,18 @@ def fit_kv_scales(decoder, prompts: list[list[int]]) -> np.ndarray:
     return np.maximum(peak / 127, np.finfo(np.float32).tiny).astype(np.float32)
 
 
-def quantize_kv_graph(src: Path, dst: Path, scales: np.ndarray) -> int:
-    """Writes `src` with every GroupQueryAttention keeping an int8 cache; returns how many it changed."""
+def write_step_graph(model: Path, weights: Path, step: Path, scales: np.ndarray) -> int:
+    """Moves `model`'s weights into `weights` (beside it) and writes `step`: the same graph over the
+    same weights file, every GroupQueryAttention keeping an int8 cache; returns how many it changed."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(src))
-    graph = model.graph
+    weights.unlink(missing_ok=True)            # onnx appends to an existing file
+    onnx.save(onnx.load(str(model)), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=weights.name, size_threshold=1024)
+    weights.chmod(model.stat().st_mode & 0o777)     # onnx creates it owner-only; the bundle's files are alike
+    graph_model = onnx.load(str(model), load_external_data=False)   # initializers still point into `weights`
+    graph = graph_model.graph
     changed = 0
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":
@@ -63,22 +70,27 @@ def quantize_kv_graph(src: Path, dst: Path, scales: np.ndarray) -> int:
     for value in [*graph.input, *graph.output]:
         if value.name.startswith(("past_key_values.", "present.")):
             value.type.tensor_type.elem_type = TensorProto.INT8
-    onnx.save(model, str(dst))
+    onnx.save(graph_model, str(step))
     return changed
 
 
-def kv_agreement(float_decoder, int8_decoder, prompts: list[list[int]], new_tokens: int,
+def kv_agreement(float_decoder, decoder, prompts: list[list[int]], new_tokens: int,
                  calibration_tokens: int) -> KVCacheParity:
-    """Teacher-forced: the share of the float cache's greedy tokens that the int8 cache ranks first."""
+    """Teacher-forced: the share of the float cache's greedy tokens that `decoder` (prefilling in
+    float, then decoding on its step graph's int8 cache) ranks first."""
     from ragrt.decoding.generator import greedy
     hits = total = 0
     for ids in prompts:
         reference = list(greedy(float_decoder, ids, new_tokens))
         if not reference:
             continue
-        seq = np.array([ids + reference[:-1]])
-        logits, _ = int8_decoder.forward(int8_decoder.empty_state(1), seq, np.ones_like(seq), num_logits=len(reference))
-        hits += int((logits[0].argmax(-1) == np.array(reference)).sum())
+        first, state = decoder.prefill([ids])
+        seq = np.array([reference[:-1]], dtype=np.int64)
+        picks = [int(first[0].argmax())]
+        if seq.shape[1]:
+            logits, _ = decoder.forward(decoder.stepping(state), seq, np.ones_like(seq), num_logits=seq.shape[1])
+            picks += logits[0].argmax(-1).tolist()
+        hits += int((np.array(picks) == np.array(reference)).sum())
         total += len(reference)
     return KVCacheParity(agreement=round(hits / max(total, 1), 4), prompts=len(prompts), new_tokens=new_tokens,
                          calibration_tokens=calibration_tokens)
