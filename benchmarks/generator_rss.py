@@ -3,8 +3,9 @@
     python benchmarks/generator_rss.py BUNDLE [--prompt-tokens 315] [--new-tokens 64] [--threads 2]
 
 The generation benchmark's RSS is a whole worker (encoder, index, prefix cache, imports);
-this isolates the generator, the figure issue 4's 300 MB goal is about. Run it once per
-bundle: ru_maxrss is a process's peak, so one process measures one bundle.
+this isolates the generator (its step graph too, where the bundle has one), the figure issue
+4's 300 MB goal is about. Run it once per bundle: ru_maxrss is a process's peak, so one
+process measures one bundle.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ def main(argv=None) -> None:
     import numpy as np
     import onnxruntime  # noqa: F401  (counted in the baseline)
     baseline = memory()["peak_rss_mib"]
-    from ragrt.decoding.generator import open_decoder
+    from ragrt.decoding.generator import load_decoder
     from ragrt.bundle.manifest import read_manifest
-    from ragrt.runtime.sessions import SessionConfig, create_session
+    from ragrt.runtime.sessions import SessionConfig
     from ragrt.errors import RagrtError
     try:
         spec = read_manifest(args.bundle).generator
-        decoder = open_decoder(create_session(args.bundle / spec.model, SessionConfig("cpu", args.threads)), spec)
+        decoder = load_decoder(args.bundle, spec, SessionConfig("cpu", args.threads))     # its step graph too
     except RagrtError as e:
         raise SystemExit(f"error: {e}") from None
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, spec.vocab_size, args.prompt_tokens)]
