@@ -180,3 +180,22 @@ def test_export_writes_a_step_graph_bundle_whose_store_answers_as_lazy(tiny_corp
     raw["generator"]["kv_scales"] = ""
     with pytest.raises(BundleError, match="an int8 KV cache needs a packed graph and its kv_scales"):
         Manifest.from_json(json.dumps(raw))
+
+
+def test_auto_leaves_out_a_step_graph_that_disagrees(tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path,
+                                                     monkeypatch):
+    """`--kv-cache auto` below its agreement floor: no step graph, no scales, a float bundle that
+    records no int8 figures (the weights stay in their external file, which the manifest lists)."""
+    from ragrt import Engine
+    from ragrt.bundle.reader import Bundle
+    from ragrt.export import pipeline
+    monkeypatch.setattr(pipeline, "KV_AUTO_AGREEMENT", 1.01)
+    out = pipeline.run_export(pipeline.ExportConfig(corpus=tiny_corpus, out=tmp_path / "bundle", encoder=tiny_encoder_dir,
+                                                    generator=tiny_generator_dir, quantize="fp32", parity_prompts=3,
+                                                    max_context=512))
+    m = Bundle.open(out, verify=True).manifest
+    assert (m.generator.step_model, m.generator.kv_scales, m.parity.kv_cache) == ("", "", None)
+    assert not (out / "generator" / "step.onnx").exists() and not (out / "generator" / "kv_scales.npy").exists()
+    engine = Engine.open(out, threads=1)
+    assert engine.decoder.step_dtype == np.float32
+    assert engine.ask("How do I copy a list?", k=2, max_new_tokens=4).new_tokens > 0
