@@ -3,11 +3,10 @@
 A generator exported with `ragrt export --kv-cache int8` decodes on an int8 cache (its step
 graph; schema-6 bundles: its only graph): GroupQueryAttention stores each new key and value as
 round(x / scale), per layer, kv head and channel, and reads the cache back as int8 x scale, with
-the scales the export fitted
-(`GeneratorSpec.kv_scales`: one (kv_heads, head_dim) row per past, k0, v0, k1, v1, ...). A
-batched decode step on the CPU is bound by reading the cache; int8 reads a quarter of float32's
-bytes. Key scales are equal across each rotary pair, so a key turned by R(delta) (passage KV)
-stays within range.
+the scales the export fitted (`GeneratorSpec.kv_scales`: one (kv_heads, head_dim) row per past,
+k0, v0, k1, v1, ...). A batched decode step on the CPU is bound by reading the cache; int8 reads a
+quarter of float32's bytes. Key scales are equal across each rotary pair, so a key turned by
+R(delta) (passage KV) stays within range.
 """
 from __future__ import annotations
 
