@@ -14,7 +14,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL file ({id, text, title?} a line) or a directory of .txt/.md/.rst/.html")
     p.add_argument("--out", required=True, help="bundle directory to write (refused if it exists, unless --force)")
     p.add_argument("--quantize", choices=["int8", "w8a8", "int4", "fp32", "fp16"], default="int8",
-                   help="generator weights: int8 in blocks of 32, closest to fp32 (default); w8a8 (fused graph): "
+                   help="generator weights: int8 in blocks of 64, closest to fp32 (default); w8a8 (fused graph): "
                         "int8 weights and per-token int8 activations, first token sooner, further from fp32; "
                         "int4 (AWQ-scaled, GPTQ-rounded): smallest and fastest at batch 1, furthest from fp32; "
                         "fp32: none; fp16 (fused graph): for --device cuda")

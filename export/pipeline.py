@@ -195,7 +195,7 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from ragrt.export.onnx.graphs import describe_generator
+    from ragrt.export.onnx.graphs import FUSED_PRECISIONS, describe_generator
     from ragrt.export.parity import onnx_agreement, parity_prompt_ids, torch_greedy
 
     def build(tmp: Path) -> None:
@@ -227,7 +227,10 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
         meta["parity"] = {variant: asdict(a)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    recipe = f"export-v{GENERATOR_EXPORT_VERSION}" if graph == "optimum" else f"fused-v{FUSED_EXPORT_VERSION}"
+    if graph == "optimum":
+        recipe = f"export-v{GENERATOR_EXPORT_VERSION}"
+    else:   # the builder's options are part of the recipe, so changing one variant's rebuilds only that one
+        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *FUSED_PRECISIONS.get(variant, ())])
     return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused",
                       content_key(checkpoint, recipe, f"parity-{parity_prompts}", variant), build,
                       lineage=content_key(checkpoint, f"parity-{parity_prompts}"), recipe=recipe)

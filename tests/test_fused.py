@@ -39,6 +39,10 @@ def test_fused_graph_ops(fused):
         inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
         assert {spec.io.seqlens_k, spec.io.total_sequence_length} <= inputs and "attention_mask" not in inputs
         assert "ReduceSum" not in ops
+    # int8's weight blocks are the builder option FUSED_PRECISIONS names (the speed-measured 64).
+    nbits = [n for n in onnx.load(str(fused["int8"][0]), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nbits and {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {64}
 
 
 def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):

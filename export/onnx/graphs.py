@@ -105,7 +105,9 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 # gets its accuracy from AWQ scaling of the checkpoint beforehand (awq.py) and GPTQ rounding of
 # the graph's weights afterwards (gptq.py). fp16 is the builder's CUDA graph; onnxruntime's CPU
 # provider runs it too (slower than fp32), which is how its parity is measured without a GPU.
-FUSED_PRECISIONS = {"fp32": (), "int8": (), "int4": (), "fp16": ()}
+# int8 takes blocks of 64, which its int8-compute kernel runs faster than 32 and, unlike 128,
+# with the same numbers whatever the batch (benchmarks/README.md, "int8 weight blocks").
+FUSED_PRECISIONS = {"fp32": (), "int8": ("block_size=64",), "int4": (), "fp16": ()}
 
 
 def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
