@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 from dataclasses import asdict
@@ -522,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ragrt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`ragrt info B | head`): stop quietly, as a tool killed by SIGPIPE does,
+        # and point stdout at /dev/null so that the interpreter's last flush fails no louder.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # the one place that turns an unexpected failure into exit 1
         if args.log_level == "debug":
             raise

@@ -48,6 +48,16 @@ def test_ask_text_and_info_and_verify(tiny_bundle):
     assert "match their sha256" in ragrt("verify", tiny_bundle, check_rc=0).stdout
 
 
+def test_a_reader_that_leaves_early_is_no_error(tiny_bundle):
+    """`ragrt info B | head -1`: the pipe closes before ragrt writes; it stops quietly, as a tool
+    killed by SIGPIPE does, with no 'internal error'."""
+    p = subprocess.Popen([sys.executable, "-m", "ragrt", "info", str(tiny_bundle)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and err == "", err
+
+
 def test_user_errors_are_one_line_with_exit_2(tiny_bundle, tmp_path):
     one_line_error(ragrt("ask", "--bundle", tmp_path / "nope", "q"), "no such bundle directory")
     one_line_error(ragrt("ask", "--bundle", tiny_bundle, "   "), "the question is empty")
