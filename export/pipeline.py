@@ -230,7 +230,8 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
     if graph == "optimum":
         recipe = f"export-v{GENERATOR_EXPORT_VERSION}"
     else:   # the builder's options are part of the recipe, so changing one variant's rebuilds only that one
-        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *FUSED_PRECISIONS.get(variant, ())])
+        built_as = "fp32" if variant == "w8a8" else variant      # w8a8 rewrites the builder's fp32 graph
+        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *FUSED_PRECISIONS.get(built_as, ())])
     return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused",
                       content_key(checkpoint, recipe, f"parity-{parity_prompts}", variant), build,
                       lineage=content_key(checkpoint, f"parity-{parity_prompts}"), recipe=recipe)
