@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ragrt.bundle.atomic import atomic_write_text
 from ragrt.errors import RagrtError
-from ragrt.options import PASSAGE_KV_CACHE_MB, PASSAGE_KV_MODES
+from ragrt.options import MODES, PASSAGE_KV_CACHE_MB, PASSAGE_KV_MODES
 
 if TYPE_CHECKING:       # the commands import what they use when they run, so `ragrt --help` starts fast
     from ragrt.bundle.manifest import Manifest, ParityReport
@@ -91,9 +91,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print()
     for w in ans.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print("\nsources:")
+    print(f"\nsources ({ans.grounded:.0%} of the answer's words are quoted from them; * marks those it quotes):")
     for i, s in enumerate(ans.sources, start=1):
-        print(f"  [{i}] {s.id}  score={s.score:.3f}  P(c|q)={s.prob:.3f}  {s.title}")
+        mark = "*" if s.quotes else " "
+        quoted = f"  quoted {sum(q.answer[1] - q.answer[0] for q in s.quotes)} chars" if s.quotes else ""
+        print(f" {mark}[{i}] {s.id}  score={s.score:.3f}  P(c|q)={s.prob:.3f}  {s.title}{quoted}")
     t = ans.timings_ms
     print(f"\n{ans.prompt_tokens} prompt tokens, {ans.new_tokens} new tokens; "
           f"embed {t['embed']:.0f} ms, retrieve {t['retrieve']:.0f} ms, prefill {t['prefill']:.0f} ms, "
@@ -191,8 +193,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     a = result.answer
     print(f"{result.n} questions, mode {args.mode or engine.manifest.rag.mode}")
     print("  retrieval  " + "  ".join(f"{k} {v:.3f}" for k, v in result.retrieval.items()))
-    print("  answer     " + "  ".join(f"{k} {a[k]:.3f}" for k in ("exact_match", "f1", "rouge_l", "loop_rate"))
+    print("  answer     " + "  ".join(f"{k} {a[k]:.3f}" for k in ("exact_match", "f1", "rouge_l", "grounded", "loop_rate"))
           + f" ({a['loops']} of {result.n} answers loop)")
+    for name, r in result.references.items():
+        words = f" (first {result.lead_words} words of the top passage)" if name == "lead" else " (mode extract)"
+        print(f"  {name:<10} " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()) + words)
+    print(f"  margin     f1 {result.margin_f1:+.3f} over the better quote reference")
     print("  latency_ms " + "  ".join(f"{k} {v:.0f}" for k, v in result.latency_ms.items()))
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -334,8 +340,9 @@ def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     """How an answer is made, shared by ask and eval; `_answer_options` passes them to the Engine.
     Decoding options belong here too, so that each command that answers offers them alike."""
     p.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's, 5)")
-    p.add_argument("--mode", choices=["concat", "token", "sequence"], default=None,
-                   help="concat: passages in one prompt (default); token: RAG-Token; sequence: RAG-Sequence")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="concat: passages in one prompt; token: RAG-Token; sequence: RAG-Sequence; extract: the "
+                        "passages' sentences that best answer, no generator (default: the bundle's, see `ragrt info`)")
     p.add_argument("--passage-kv", choices=PASSAGE_KV_MODES, default="auto",
                    help="reuse each passage's keys and values, computed once; auto follows the bundle's "
                         "measured default, see `ragrt info` (default: auto)")

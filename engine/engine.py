@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -14,6 +14,7 @@ from tokenizers.decoders import DecodeStream
 
 from ragrt.bundle.manifest import Manifest
 from ragrt.bundle.reader import Bundle
+from ragrt.citations import Quote, find_quotes, grounded_share
 from ragrt.decoding.blocks import BlockCache, PassageKV, unavailable
 from ragrt.decoding.blockstore import graph_id, live_store
 from ragrt.decoding.generator import load_decoder
@@ -35,6 +36,11 @@ class Source:
     score: float                   # cosine similarity of passage and question
     prob: float                    # P(c|q): softmax of the scores over the prior temperature
     text: str
+    quotes: tuple[Quote, ...] = () # the answer's runs copied from `text` (ragrt.citations), once answered
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "title": self.title, "score": self.score, "prob": self.prob, "text": self.text,
+                "quotes": [q.to_dict() for q in self.quotes]}
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,13 @@ class Answer:
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"    # "stop": EOS or a stop string; "length": max_new_tokens reached
     passage_kv: dict[str, int] | None = None   # {"reused", "computed"} blocks, when passage KV was on
+    grounded: float = 0.0          # share of the answer's words inside quotes of its sources
 
     def to_dict(self) -> dict:
         return {
             "answer": self.answer,
-            "sources": [vars(s) for s in self.sources],
+            "sources": [s.to_dict() for s in self.sources],
+            "grounded": self.grounded,
             "new_tokens": self.new_tokens,
             "prompt_tokens": self.prompt_tokens,
             "timings_ms": self.timings_ms,
@@ -178,7 +186,8 @@ class Engine:
         """Decodes a prepared request here (or wraps a `run` started elsewhere, as the batcher's)."""
         p = prepared
         if run is None:
-            run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding, p.passage_kv)
+            run = start(p.mode, self.decoder, p.builder, p.question, p.passages, p.prior, p.decoding, p.passage_kv,
+                        self.manifest.rag.extract)
         return AnswerStream(self.tokenizer, run, p, p.timings)
 
     def _start(self, question: str, **options) -> "AnswerStream":
@@ -252,8 +261,11 @@ class AnswerStream:
             timings["kv_assemble"] = run.blocks.assemble_ms
         warnings = ["the question or passages were truncated to fit the context window"] if run.truncated else []
         at_limit = not stopped and new_tokens >= p.decoding.max_new_tokens
+        text = text.strip()
+        sources = [replace(s, quotes=tuple(find_quotes(text, s.text))) for s in p.sources]
         self.answer = Answer(
-            answer=text.strip(), sources=p.sources, new_tokens=new_tokens, prompt_tokens=run.prompt_tokens,
+            answer=text, sources=sources, grounded=round(grounded_share(text, [q for s in sources for q in s.quotes]), 4),
+            new_tokens=new_tokens, prompt_tokens=run.prompt_tokens,
             timings_ms={k: round(v, 2) for k, v in timings.items()}, mode=p.mode,
             log_prob=run.log_prob, warnings=warnings, finish_reason="length" if at_limit else "stop",
             passage_kv=None if run.blocks is None else {"reused": run.blocks.reused, "computed": run.blocks.computed})

@@ -3,12 +3,15 @@
 Retrieval is scored at depth 10 against `positive_ids`; a positive names a passage
 (`doc#3`) or a whole document (`doc`), whose every passage then counts. Answers are
 scored against `answer` with SQuAD's normalisation (exact match, token F1) and ROUGE-L,
-and checked for loops (`is_loop`). docs/eval.md defines every figure. The metrics are the
+and checked for loops (`is_loop`). Beside them, two answers made without the generator from the
+same passages are scored the same way, as the reference a generator must beat: `lead` (the top
+passage's first words) and `extract` (mode extract). docs/eval.md defines every figure. The metrics are the
 standard formulas in a few lines each, so the runtime needs no `evaluate` or `rouge-score`.
 """
 from __future__ import annotations
 
 import re
+import statistics
 import string
 import time
 from collections import Counter
@@ -20,6 +23,7 @@ import numpy as np
 
 from ragrt.corpus.jsonl import iter_jsonl
 from ragrt.errors import CorpusError
+from ragrt.extract import extract, lead
 from ragrt.retrieval.passages import document_of
 
 if TYPE_CHECKING:
@@ -112,17 +116,33 @@ def is_relevant(passage_id: str, positives: tuple[str, ...]) -> bool:
     return passage_id in positives or document_of(passage_id) in positives
 
 
+REFERENCES = ("lead", "extract")
+
+
 @dataclass(frozen=True)
 class EvalResult:
     n: int
     retrieval: dict[str, float]
-    answer: dict[str, float]       # exact_match, f1, rouge_l, loop_rate (shares), loops (a count)
+    answer: dict[str, float]       # exact_match, f1, rouge_l, grounded, loop_rate (shares), loops (a count)
     latency_ms: dict[str, float]
     predictions: list[str]         # the generated answers, in the order of the items
+    references: dict[str, dict[str, float]]   # "lead", "extract": exact_match, f1, rouge_l
+    lead_words: int                # the lead reference's length: the median reference answer's, in words
+
+    @property
+    def margin_f1(self) -> float:
+        """The answers' F1 over the better of the two quote references (negative: a quote does better)."""
+        return self.answer["f1"] - max(r["f1"] for r in self.references.values())
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "retrieval": self.retrieval, "answer": self.answer, "latency_ms": self.latency_ms,
+        return {"n": self.n, "retrieval": self.retrieval, "answer": self.answer, "references": self.references,
+                "lead_words": self.lead_words, "margin_f1": self.margin_f1, "latency_ms": self.latency_ms,
                 "predictions": self.predictions}
+
+
+def _scores(predictions: list[str], items: list[QA]) -> dict[str, float]:
+    return {name: float(np.mean([fn(p, qa.answer) for p, qa in zip(predictions, items)]))
+            for name, fn in (("exact_match", exact_match), ("f1", token_f1), ("rouge_l", rouge_l))}
 
 
 def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], None] | None = None,
@@ -136,8 +156,10 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
     k = engine.manifest.rag.k if k is None else k
     # An invalid k goes through unchanged, so that `prepare` rejects it with its own message.
     depth = max(k, DEPTH) if type(k) is int and k >= 1 else k
+    lead_words = max(1, round(statistics.median(len(qa.answer.split()) for qa in items)))
     ranks: list[int | None] = []
-    em, f1, rl, loops, latency, predictions = [], [], [], [], [], []
+    loops, grounded, latency, predictions = [], [], [], []
+    quoted: dict[str, list[str]] = {name: [] for name in REFERENCES}
     for i, qa in enumerate(items):
         t0 = time.perf_counter()
         fetched = engine.prepare(qa.question, k=depth, **options)
@@ -150,9 +172,9 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
         ans = stream.answer
         latency.append((time.perf_counter() - t0) * 1e3)
         predictions.append(ans.answer)
-        em.append(exact_match(ans.answer, qa.answer))
-        f1.append(token_f1(ans.answer, qa.answer))
-        rl.append(rouge_l(ans.answer, qa.answer))
+        grounded.append(ans.grounded)
+        quoted["lead"].append(lead(p.passages, lead_words))
+        quoted["extract"].append(extract(p.question, p.passages, p.prior, engine.manifest.rag.extract))
         ids = engine.tokenizer.encode(ans.answer, add_special_tokens=False).ids
         loops.append(is_loop(ids, hit_limit=ans.finish_reason == "length"))
         if progress:
@@ -166,10 +188,12 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
         n=len(items),
         retrieval={"recall@1": recall(1), "recall@5": recall(5), "recall@10": recall(10),
                    "mrr@10": float(np.mean([1.0 / r if r else 0.0 for r in judged]))},
-        answer={"exact_match": float(np.mean(em)), "f1": float(np.mean(f1)), "rouge_l": float(np.mean(rl)),
+        answer={**_scores(predictions, items), "grounded": float(np.mean(grounded)),
                 "loop_rate": float(np.mean(loops)), "loops": int(sum(loops))},
         latency_ms={"p50": float(np.percentile(latency, 50)), "p95": float(np.percentile(latency, 95))},
         predictions=predictions,
+        references={name: _scores(answers, items) for name, answers in quoted.items()},
+        lead_words=lead_words,
     )
 
 

@@ -566,7 +566,33 @@ def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
         generator = dataclasses.replace(generator, drafts=drafts.f1_with >= full - 0.01)
         _say(f"dev F1: one token per pass {full:.3f}, drafts {drafts.f1_with:.3f}: drafts "
              f"{'on' if generator.drafts else 'off'}")
-    return dataclasses.replace(manifest, parity=parity, rag=rag, generator=generator)
+    generated = DecodingScore(f1=parity.passage_kv.f1_blocks if rag.passage_kv == "on" else full,
+                              loop_rate=scores[chosen].loop_rate)
+    rag, parity = answer_mode(engine, items, rag, parity, generated)
+    return dataclasses.replace(manifest, parity=parity, rag=rag, generator=generator,
+                               schema_version=max(manifest.schema_version, written_version(shards=1, mode=rag.mode)))
+
+
+EXTRACT_WORDS = (30, 45, 60, 80)      # candidate answer budgets of mode extract
+
+
+def answer_mode(engine, items: list, rag: RagDefaults, parity: ParityReport, generated: DecodingScore
+                ) -> tuple[RagDefaults, ParityReport]:
+    """Extract's answer budget fitted to the dev answers, then the default mode: extract where its dev
+    F1 beats the generated answers' (a generator that distorts its passages), concat otherwise."""
+    from ragrt.evaluate import evaluate
+    fits = {}
+    for words in EXTRACT_WORDS:
+        settings = dataclasses.replace(rag.extract, words=words)
+        engine.manifest = dataclasses.replace(engine.manifest, rag=dataclasses.replace(rag, extract=settings))
+        fits[words] = evaluate(engine, items, mode="extract").answer
+    words = max(EXTRACT_WORDS, key=lambda w: fits[w]["f1"])        # ties: the shortest
+    extracted = DecodingScore(f1=round(fits[words]["f1"], 4), loop_rate=round(fits[words]["loop_rate"], 4))
+    mode = "extract" if extracted.f1 > generated.f1 else "concat"
+    _say(f"dev F1: generated {generated.f1:.3f}, extract {extracted.f1:.3f} (at most {words} words): "
+         f"answer mode {mode} by default")
+    rag = dataclasses.replace(rag, mode=mode, extract=dataclasses.replace(rag.extract, words=words))
+    return rag, dataclasses.replace(parity, answer_modes={"concat": generated, "extract": extracted})
 
 
 def reseal(bundle: Path, manifest: Manifest) -> None:

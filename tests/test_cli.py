@@ -27,7 +27,7 @@ def one_line_error(out, pattern):
     assert pattern in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("mode", ["concat", "token", "sequence"])
+@pytest.mark.parametrize("mode", ["concat", "token", "sequence", "extract"])
 def test_ask_json(tiny_bundle, mode):
     out = ragrt("ask", "--bundle", tiny_bundle, "--json", "--k", "3", "--mode", mode, "--max-new-tokens", "8",
                 "How do I copy a list?", check_rc=0)
@@ -35,15 +35,23 @@ def test_ask_json(tiny_bundle, mode):
     assert set(ans) >= {"answer", "sources", "new_tokens", "prompt_tokens", "timings_ms"}
     assert set(ans["timings_ms"]) == {"embed", "retrieve", "prefill", "decode", "total"}
     assert len(ans["sources"]) == 3
-    assert set(ans["sources"][0]) == {"id", "title", "score", "prob", "text"}
+    assert set(ans["sources"][0]) == {"id", "title", "score", "prob", "text", "quotes"}
     assert sum(s["prob"] for s in ans["sources"]) == pytest.approx(1.0, abs=1e-6)
-    assert 0 < ans["new_tokens"] <= 8 and ans["prompt_tokens"] > 0
+    # Extract makes no prompt: its answer is the passage's sentence, in the generator's tokens.
+    assert 0 < ans["new_tokens"] <= 8 and (ans["prompt_tokens"] == 0) == (mode == "extract")
+    for s in ans["sources"]:
+        for q in s["quotes"]:
+            assert ans["answer"][q["answer"][0]:q["answer"][1]] == s["text"][q["passage"][0]:q["passage"][1]]
+    assert 0.0 <= ans["grounded"] <= 1.0
     assert [s["score"] for s in ans["sources"]] == sorted((s["score"] for s in ans["sources"]), reverse=True)
 
 
 def test_ask_text_and_info_and_verify(tiny_bundle):
     out = ragrt("ask", "--bundle", tiny_bundle, "--max-new-tokens", "4", "What is the GIL?", check_rc=0)
-    assert "sources:" in out.stdout
+    assert "sources (" in out.stdout
+    quoted = ragrt("ask", "--bundle", tiny_bundle, "--mode", "extract", "How do I copy a list?", check_rc=0).stdout
+    assert quoted.startswith("Use list.copy() or a slice a[:] to copy a list.")
+    assert "100% of the answer's words are quoted" in quoted and " *[1] lists#0" in quoted
     assert "passages" in ragrt("info", tiny_bundle, check_rc=0).stdout
     assert "match their sha256" in ragrt("verify", tiny_bundle, check_rc=0).stdout
 
@@ -63,6 +71,10 @@ def test_user_errors_are_one_line_with_exit_2(tiny_bundle, tmp_path):
     one_line_error(ragrt("ask", "--bundle", tiny_bundle, "   "), "the question is empty")
     one_line_error(ragrt("ask", "--bundle", tiny_bundle, "--k", "0", "q"), "k must be an integer from 1")
     one_line_error(ragrt("ask", "--bundle", tiny_bundle, "--max-new-tokens", "100000", "q"), "max_new_tokens must be")
+    one_line_error(ragrt("ask", "--bundle", tiny_bundle, "--mode", "extract", "--temperature", "0.7", "q"),
+                   "mode 'extract' quotes the passages and generates nothing, so it cannot sample")
+    out = ragrt("ask", "--bundle", tiny_bundle, "--mode", "quote", "q")
+    assert out.returncode == 2 and "invalid choice: 'quote'" in out.stderr and "Traceback" not in out.stderr
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
@@ -134,7 +146,11 @@ def test_eval_prints_and_writes_the_loop_count(tiny_bundle, tmp_path):
     out = ragrt("eval", "--bundle", tiny_bundle, "--qa", qa, "--max-new-tokens", "40", "--json", tmp_path / "e.json",
                 check_rc=0)
     result = json.loads((tmp_path / "e.json").read_text())
-    assert set(result["answer"]) == {"exact_match", "f1", "rouge_l", "loop_rate", "loops"}
+    assert set(result["answer"]) == {"exact_match", "f1", "rouge_l", "grounded", "loop_rate", "loops"}
+    assert set(result["references"]) == {"lead", "extract"} and result["lead_words"] == 2
+    best = max(r["f1"] for r in result["references"].values())
+    assert result["margin_f1"] == pytest.approx(result["answer"]["f1"] - best)
+    assert f"margin     f1 {result['margin_f1']:+.3f} over the better quote reference" in out.stdout
     loops = result["answer"]["loops"]
     assert isinstance(loops, int) and result["answer"]["loop_rate"] == loops / 2
     assert f"loop_rate {loops / 2:.3f} ({loops} of 2 answers loop)" in out.stdout

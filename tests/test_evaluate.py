@@ -49,8 +49,25 @@ def test_evaluate_on_the_tiny_bundle(tiny_bundle):
     assert result.retrieval["recall@1"] == pytest.approx(2 / 3)
     assert result.retrieval["recall@10"] == pytest.approx(2 / 3)
     assert result.retrieval["mrr@10"] == pytest.approx(2 / 3)
-    assert set(result.answer) == {"exact_match", "f1", "rouge_l", "loop_rate", "loops"}
+    assert set(result.answer) == {"exact_match", "f1", "rouge_l", "grounded", "loop_rate", "loops"}
     assert result.latency_ms["p95"] >= result.latency_ms["p50"] > 0
+    # The quote references, from the same passages: lead is the top passage's first word here
+    # (the median reference has one word), extract its whole sentence, which holds "json".
+    assert result.lead_words == 1
+    assert set(result.references) == {"lead", "extract"}
+    assert result.references["lead"]["f1"] == 0.0
+    assert result.references["extract"]["f1"] > 0.0
+    assert result.margin_f1 == result.answer["f1"] - result.references["extract"]["f1"]
+
+
+def test_mode_extract_answers_what_the_extract_reference_says(tiny_bundle):
+    from ragrt import Engine
+    engine = Engine.open(tiny_bundle)
+    items = [QA("How do I copy a list?", "Use list.copy() or a slice a[:] to copy a list.", ("lists",)),
+             QA("What does the GIL do?", "The GIL lets one thread run Python bytecode at a time.", ("gil",))]
+    result = evaluate(engine, items, mode="extract", k=2)
+    assert result.answer["f1"] == result.references["extract"]["f1"] and result.margin_f1 <= 0
+    assert result.answer["grounded"] == 1.0
 
 
 

@@ -93,7 +93,8 @@ def test_corpus_and_parity_keep_the_json_older_bundles_have():
     raw = json.loads(sample_manifest().to_json())
     assert raw["corpus"] == {"source": "corpus.jsonl", "documents": 3, "passages": 5, "embedded_with": "fp32"}
     # Fields only get added: what older bundles wrote is all still there, and what they lack reads as None.
-    assert set(raw["parity"]) == {"encoder", "generator", "used", "passage_kv", "drafts", "decoding", "kv_cache"}
+    assert set(raw["parity"]) == {"encoder", "generator", "used", "passage_kv", "drafts", "decoding", "kv_cache",
+                                  "answer_modes"}
     assert raw["parity"]["used"] == "fp32"
     del raw["parity"]["passage_kv"], raw["parity"]["drafts"], raw["parity"]["decoding"], raw["parity"]["kv_cache"]
     del raw["generator"]["kv_scales"]

@@ -55,6 +55,27 @@ def test_ask_equals_the_engine(base, engine):
     assert body["answer"] == ref.answer
     assert [s["id"] for s in body["sources"]] == [s.id for s in ref.sources]
     assert set(body["timings_ms"]) == {"embed", "retrieve", "prefill", "decode", "total"}
+    assert body["grounded"] == ref.grounded
+    assert [s["quotes"] for s in body["sources"]] == [[q.to_dict() for q in s.quotes] for s in ref.sources]
+
+
+def test_mode_extract_on_every_surface(base, engine):
+    """/v1/ask, its stream and the OpenAI endpoint answer with the passage's own sentence, quoted."""
+    ref = engine.ask(QUESTION, mode="extract")
+    assert ref.answer == "Use list.copy() or a slice a[:] to copy a list. Lists are mutable sequences."
+    assert ref.grounded == 1.0
+    body = post(base, "/v1/ask", {"question": QUESTION, "mode": "extract"}).json()
+    assert body["answer"] == ref.answer and body["mode"] == "extract" and body["prompt_tokens"] == 0
+    [quote] = body["sources"][0]["quotes"]
+    assert body["answer"][slice(*quote["answer"])] == body["sources"][0]["text"][slice(*quote["passage"])]
+    events = sse_events(post(base, "/v1/ask", {"question": QUESTION, "mode": "extract", "stream": True}).text)
+    assert "".join(json.loads(d)["text"] for e, d in events if e == "token").strip() == ref.answer
+    refused = post(base, "/v1/ask", {"question": QUESTION, "mode": "extract", "temperature": 0.8})
+    assert refused.status_code == 422 and "cannot sample" in refused.json()["error"]["message"]
+    chat = post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}],
+                                               "mode": "extract"}).json()
+    assert chat["choices"][0]["message"]["content"] == ref.answer and chat["grounded"] == 1.0
+    assert chat["sources"][0]["quotes"] == body["sources"][0]["quotes"]
 
 
 @pytest.mark.parametrize("mode", ["concat", "token"])

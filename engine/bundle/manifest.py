@@ -17,9 +17,10 @@ from typing import Any
 
 from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.errors import BundleError, UserInputError
+from ragrt.extract import ExtractSettings
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Version 2 moved the index and the passage store into corpus generations (bundle/versions.py).
 # Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
 # in place of an attention mask, which a version-2 reader would still try to feed.
@@ -32,6 +33,8 @@ SCHEMA_VERSION = 6
 # kv_scales), which a version-5 reader would bind as a float cache. Export no longer writes such
 # graphs: an int8 cache now lives in a step graph (GeneratorSpec.step_model) beside the float one,
 # which older readers ignore, decoding with `model` alone, so it needs no version of its own.
+# Version 7 lets the default answer mode be "extract" (RagDefaults.mode), which a version-6 reader
+# would refuse on every request that takes the default.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -212,13 +215,15 @@ class PassagesSpec:
 @dataclass(frozen=True)
 class RagDefaults:
     k: int = 5
-    mode: str = "concat"           # "concat" | "token" | "sequence"
+    mode: str = "concat"           # "concat" | "token" | "sequence" | "extract"
     temperature: float = 0.05      # P(c|q) = softmax(cosine / temperature)
     max_new_tokens: int = 128
     # Bundles written before decoding options existed decode greedily, as they always did.
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
     # "on" where the export measured block-mode answers as good as full prefill (see docs/bundle.md).
     passage_kv: str = "off"
+    # How mode "extract" picks sentences; older bundles take the defaults.
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
 
 
 @dataclass(frozen=True)
@@ -311,6 +316,8 @@ class ParityReport:
     kv_cache: KVCacheParity | None = None       # None: a float cache
     # With --dev: each candidate decoding default (labelled by its options) on the dev questions.
     decoding: dict[str, DecodingScore] = field(default_factory=dict)
+    # With --dev: each answer mode on the dev questions ("concat" with the chosen decoding, "extract").
+    answer_modes: dict[str, DecodingScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -395,11 +402,13 @@ class GenerationSpec:
         return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets]
 
 
-def written_version(*, shards: int, segments: int = 1) -> int:
+def written_version(*, shards: int, segments: int = 1, mode: str = "concat") -> int:
     """The schema_version a bundle (or a corpus generation) is written with: the oldest that describes
     it, so that older ragrt opens every bundle it reads right (git writes repositoryformatversion 0 until
     an extension needs 1). A segmented passage store needs version 5, a sharded index 4; a new version
     adds its own condition here. Export writes one segment."""
+    if mode == "extract":
+        return 7
     if segments > 1:
         return 5
     return 4 if shards > 1 else 3

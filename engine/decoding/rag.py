@@ -7,6 +7,9 @@
 - sequence: RAG-Sequence. Each passage proposes its answer; every distinct answer a is
             rescored by the marginal P(a|q) = sum_c P(c|q) p(a | q, c) and the best wins.
 
+- extract:  no generator: the passages' sentences that best answer the question (ragrt.extract),
+            given as the generator's tokens of that text, so every surface streams it alike.
+
 P(c|q) is the softmax of the retrieval cosine scores over a temperature.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ragrt.decoding.lookup import PromptLookup
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.decoding.sampling import DecodingConfig, TokenChooser
 from ragrt.errors import UserInputError
+from ragrt.extract import ExtractSettings, extract
 from ragrt.options import MODES
 from ragrt.retrieval.passages import Passage
 
@@ -69,12 +73,20 @@ def check_mode(mode: str, config: DecodingConfig) -> None:
     if mode == "sequence" and not config.is_greedy:
         raise UserInputError("mode 'sequence' ranks each passage's greedy answer by its marginal "
                              "probability; sampling does not apply: use temperature 0, or mode concat or token")
+    if mode == "extract" and not config.is_greedy:
+        raise UserInputError("mode 'extract' quotes the passages and generates nothing, so it cannot sample: "
+                             "use temperature 0, or mode concat or token")
 
 
 def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: Sequence[Passage],
-          prior: np.ndarray, config: DecodingConfig, passage_kv: PassageKV | None = None) -> Run:
+          prior: np.ndarray, config: DecodingConfig, passage_kv: PassageKV | None = None,
+          extract_settings: ExtractSettings = ExtractSettings()) -> Run:
     """Starts decoding; with `passage_kv`, prompts are in block layout and only their tails are prefilled."""
     check_mode(mode, config)
+    if mode == "extract":
+        text = extract(question, passages, prior, extract_settings)
+        ids = builder.tokenizer.encode(text, add_special_tokens=False).ids
+        return Run(iter(ids[:config.max_new_tokens]), 0, False)
     blocks = BlockStats() if passage_kv is not None else None
     if mode == "concat":
         prompt, length, truncated = _prompt(builder, question, passages, passage_kv is not None)

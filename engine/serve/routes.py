@@ -70,7 +70,8 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
     question, history = _conversation(req)
     limit = req.max_completion_tokens or req.max_tokens or engine.manifest.rag.max_new_tokens
     stream = await run_in_threadpool(lambda: services.start(question, max_new_tokens=limit, history=history,
-                                                            passage_kv=req.passage_kv, **req.decoding_options()))
+                                                            passage_kv=req.passage_kv, mode=req.mode,
+                                                            **req.decoding_options()))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def finish(answer: Answer) -> str:
@@ -82,8 +83,8 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
 
         def last(answer: Answer) -> list:
-            return [(None, chunk({}, finish(answer), sources=[vars(s) for s in answer.sources],
-                                 passage_kv=answer.passage_kv)), (None, "[DONE]")]
+            return [(None, chunk({}, finish(answer), sources=[s.to_dict() for s in answer.sources],
+                                 grounded=answer.grounded, passage_kv=answer.passage_kv)), (None, "[DONE]")]
 
         return sse(stream, lambda piece: (None, chunk({"content": piece})), last, services.metrics,
                    first=(None, chunk({"role": "assistant", "content": ""})))
@@ -93,7 +94,8 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
                          "finish_reason": finish(answer)}],
             "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
                       "total_tokens": answer.prompt_tokens + answer.new_tokens},
-            "sources": [vars(s) for s in answer.sources], "passage_kv": answer.passage_kv}
+            "sources": [s.to_dict() for s in answer.sources], "grounded": answer.grounded,
+            "passage_kv": answer.passage_kv}
 
 
 @api.get("/models", summary="OpenAI clients list models; this server has one")

@@ -17,6 +17,8 @@ VISIBLE = r"[^\s\x00-\x1f\x7f]"
 PASSAGE_KV_HELP = ('reuse each retrieved passage\'s keys and values: "on", "off", or "auto", the bundle\'s '
                    'measured default (`ragrt info`); "on" where the bundle has no passage KV is a 422')
 PASSAGE_KV_COUNTS = 'passage KV blocks {"reused", "computed"}, when it was on'
+MODE_HELP = ('how passages become the answer: "concat", "token", "sequence" (generated), or "extract" (the '
+             "passages' sentences that best answer, no generator); default: the bundle's (`ragrt info`)")
 
 
 def _integral(value):
@@ -63,7 +65,7 @@ class Decoding(BaseModel):
 class AskRequest(Strict, Decoding):
     question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
     k: Optional[Int(1, MAX_K)] = Field(None, description="passages to retrieve (default: the bundle's)")
-    mode: Optional[Literal[MODES]] = None
+    mode: Optional[Literal[MODES]] = Field(None, description=MODE_HELP)
     max_new_tokens: Optional[Int(1)] = Field(None, description="at most half the generator's context")
     prior_temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
                                                description="P(c|q) = softmax(score / T), in modes token and sequence")
@@ -74,17 +76,27 @@ class AskRequest(Strict, Decoding):
     passage_kv: Literal[PASSAGE_KV_MODES] = Field("auto", description=PASSAGE_KV_HELP)
 
 
+class QuoteOut(BaseModel):
+    answer: list[int] = Field(description="[a0, a1): characters of the answer")
+    passage: list[int] = Field(description="[p0, p1): characters of the source's text; answer[a0:a1] == text[p0:p1]")
+
+
 class SourceOut(BaseModel):
     id: str
     title: str
     score: float
     prob: float
     text: str
+    quotes: list[QuoteOut] = Field(description="the answer's runs of 4 or more words copied verbatim from this source")
+
+
+GROUNDED_HELP = "share of the answer's words inside quotes of its sources"
 
 
 class AskResponse(BaseModel):
     answer: str
     sources: list[SourceOut]
+    grounded: float = Field(description=GROUNDED_HELP)
     new_tokens: int
     prompt_tokens: int
     timings_ms: dict[str, float]
@@ -155,6 +167,7 @@ class ChatRequest(Decoding):
     stream: bool = False
     n: Optional[Literal[1]] = None
     passage_kv: Literal[PASSAGE_KV_MODES] = Field("auto", description="ragrt's extension: " + PASSAGE_KV_HELP)
+    mode: Optional[Literal[MODES]] = Field(None, description="ragrt's extension: " + MODE_HELP)
 
 
 class ChatChoiceMessage(BaseModel):
@@ -182,4 +195,5 @@ class ChatResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     sources: list[SourceOut] = Field(description="ragrt's addition: the passages the answer drew on")
+    grounded: float = Field(description="ragrt's addition: " + GROUNDED_HELP)
     passage_kv: Optional[dict[str, int]] = Field(None, description="ragrt's addition: " + PASSAGE_KV_COUNTS)
