@@ -129,3 +129,25 @@ def test_passage_kv_answers_from_the_right_passage(faq_bundle):
     assert any(i.startswith("faq/programming#how-do-i-copy-an-object-in-python") for i in ids), ids
     assert "copy" in first["answer"].lower(), first["answer"]
     assert first["passage_kv"]["computed"] == len(ids) and "kv_assemble" in first["timings_ms"]
+
+
+def test_quotes_are_verbatim_over_a_whole_qa_split(faq_bundle):
+    """Every quote of every answer of the FAQ dev split, generated and extracted, is the source's own text."""
+    from ragrt import Engine
+    from ragrt.export.data.faq import faq_items, split_of
+    engine = Engine.open(faq_bundle)
+    questions = [item.question for item in faq_items() if split_of(item.question) == "dev"]
+    assert len(questions) >= 30
+    quoted = {}
+    # Extract's answers stay whole (a token limit would cut a word, which no source then holds).
+    for mode, limit in (("concat", 32), ("extract", None)):
+        quoted[mode] = 0
+        for question in questions:
+            ans = engine.ask(question, mode=mode, max_new_tokens=limit)
+            for s in ans.sources:
+                for q in s.quotes:
+                    assert ans.answer[q.answer[0]:q.answer[1]] == s.text[q.passage[0]:q.passage[1]], (question, mode)
+                quoted[mode] += len(s.quotes)
+            if mode == "extract":
+                assert ans.grounded == 1.0, (question, ans.answer)
+    assert quoted["concat"] > 0 and quoted["extract"] >= len(questions)
