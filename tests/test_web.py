@@ -122,6 +122,8 @@ def test_the_page_asks_for_the_api_key(browser, tiny_bundle, tmp_path):
         page.goto(f"{url}/")
         page.wait_for_selector("#keyrow:not([hidden])")
         page.fill("#key", "s3cret")
+        page.locator("#key").blur()                              # the page then loads its choices
+        page.wait_for_function("() => document.querySelector('#mode').options.length > 0")
         ask(page, QUESTION, k=2)
         assert page.get_by_test_id("source").count() == 2
 
