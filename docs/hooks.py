@@ -34,6 +34,7 @@ def _targets(repo_path: str, text: str) -> list[str]:
 
 def on_files(files: Files, config) -> Files:
     root = Path(config.config_file_path).parent
+    _real.clear()                # `mkdocs serve` calls this again on every rebuild
     todo = list(PAGES) + [t for f in files.documentation_pages()
                           for t in _targets("docs/" + f.src_uri, f.content_string)]
     while todo:
