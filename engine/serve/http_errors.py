@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from ragrt.decoding.sampling import MAX_STOP_STRINGS
 from ragrt.errors import RagrtError, UserInputError
 from ragrt.serve.batcher import Closed, DeadlineExceeded, QueueFull
-from ragrt.serve.schemas import ErrorResponse
+from ragrt.serve.schemas import MAX_STOP_CHARS, ErrorResponse
 
 log = logging.getLogger("ragrt.server")
 
@@ -33,7 +33,8 @@ ERRORS = {code: {"model": ErrorResponse, "description": kind}
 
 # Fields whose pydantic errors would quote a regex or list every branch of a union: one message each.
 BLANK = {"question": "the question is empty", "query": "the query is empty"}
-FIELD_ERRORS = {"stop": f"give a string or a list of at most {MAX_STOP_STRINGS} strings, each 1 to 256 characters"}
+FIELD_ERRORS = {"stop": f"give a string or a list of at most {MAX_STOP_STRINGS} strings, "
+                        f"each 1 to {MAX_STOP_CHARS} characters"}
 
 
 def invalid_messages(errors: list[dict]) -> list[str]:

@@ -38,7 +38,8 @@ class Turn(Strict):
     content: str = Field(max_length=MAX_TEXT)
 
 
-StopString = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = Union[StopString, list[StopString]]
 
 
