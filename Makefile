@@ -2,7 +2,7 @@
 #   make demo        build the demo bundle (packaged models, FAQ, tutorial, HOWTOs and language reference
 #                    of the Python docs, about 4,000 passages) and answer a question
 #   make demo-full   the same over the whole Python docs (29,000 passages; the embedding takes far longer)
-#   make test        run the test suite, the Ray tests included (what CI runs)
+#   make test        run the test suite, the Ray tests, the browser test and the docs build included (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -45,7 +45,14 @@ demo: bundles/demo/manifest.json
 demo-full: bundles/pydocs/manifest.json
 	$(BIN)/ragrt ask --bundle bundles/pydocs "$(QUESTION)"
 
-test: $(BIN)/.ray
+# tests/test_web.py drives Debian's chromium through playwright (whose own browser download needs
+# the network); installed here when missing, as root. Without it that test skips, saying why.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium is missing and this is not root: tests/test_web.py will skip (apt-get install chromium)"; fi
+
+test: $(BIN)/.ray $(CHROMIUM)
 	$(BIN)/pytest -q -ra
 
 clean:

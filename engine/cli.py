@@ -63,13 +63,15 @@ def _export_module(name: str):
 SERVE_EPILOG = textwrap.dedent("""\
     examples:
       ragrt serve --bundle bundles/pydocs
-      curl -s localhost:8000/v1/ask -d '{"question": "How do I copy a list?"}'
-      curl -sN localhost:8000/v1/ask -d '{"question": "What is a generator?", "stream": true}'
+      curl -s localhost:8000/v1/ask -H 'content-type: application/json' -d '{"question": "How do I copy a list?"}'
+      curl -sN localhost:8000/v1/ask -H 'content-type: application/json' \
+           -d '{"question": "What is a generator?", "stream": true}'
       ragrt serve --bundle bundles/pydocs --host 0.0.0.0 --api-key-file key.txt --workers 2
       ragrt serve --bundle /srv/bundles/pydocs --ray auto --replicas 4 --host 0.0.0.0
 
     Endpoints: POST /v1/ask, /v1/chat/completions (OpenAI), /v1/retrieve, /v1/embed;
-    GET /healthz, /readyz, /metrics, /openapi.json. SIGTERM lets in-flight requests finish.
+    GET / (a web page to ask from; --no-web turns it off), /v1/options, /healthz, /readyz,
+    /metrics, /openapi.json. SIGTERM lets in-flight requests finish.
     """)
 
 
@@ -122,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(bundle=args.bundle, host=args.host, port=args.port, workers=args.workers,
                           api_key_file=args.api_key_file, max_batch=args.max_batch, max_queue=args.max_queue,
                           timeout_s=args.timeout, device=args.device, threads=args.threads, log_level=args.log_level,
-                          passage_kv_cache_mb=args.passage_kv_cache_mb)
+                          passage_kv_cache_mb=args.passage_kv_cache_mb, web=args.web)
     if args.ray is None:
         serve(config)
         return 0
@@ -206,6 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ragrt.bundle.manifest import SCHEMA_VERSION
     from ragrt.bundle.reader import Bundle
     bundle = Bundle.open(args.bundle)
     m = bundle.manifest
@@ -219,7 +222,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     gen = bundle.generation.spec
     # An update may need a newer schema than the export did (a segmented passage store, schema 5).
     schema = max(m.schema_version, gen.schema_version)
-    print(f"bundle {bundle.root}  (schema {schema}, ragrt {m.ragrt_version}, built {m.created_at})")
+    # A writer writes the oldest schema version that describes its bundle, so older ragrt opens it
+    # too: say so, or "schema 3" reads as out of date beside docs/bundle.md's latest version.
+    print(f"bundle {bundle.root}  (schema {schema}, the oldest that describes it; this ragrt reads up to "
+          f"{SCHEMA_VERSION}; ragrt {m.ragrt_version}, built {m.created_at})")
     print(f"  files       {len(m.files)}, {size / 1e6:.1f} MB: "
           + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(parts.items())))
     print(f"  encoder     {m.encoder.source.name}  {m.encoder.quantization}, dim {m.encoder.dim}, "
@@ -399,6 +405,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8, help="answers decoded together (1: no micro-batching)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond it, 429")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds each request may take")
+    s.add_argument("--no-web", dest="web", action="store_false",
+                   help="no web page at / (the page asks questions through the API, with its key)")
     r = s.add_argument_group("on Ray (needs ragrt[ray]; docs/server.md, Serving on Ray)")
     r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="deploy as a Ray Serve application: an ingress on --host/--port in front of --replicas "

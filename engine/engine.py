@@ -244,11 +244,14 @@ class AnswerStream:
                 text, stopped = text[:cut], True
                 self.close()
                 break
-            # A stop string may be forming at the end: hold back what could still begin one.
-            ready = len(text) - _held_back(text, stops)
+            # The answer is the stripped text, and the pieces must add up to it: hold back leading
+            # and trailing whitespace, and what could still begin a stop string.
+            shown = text.lstrip()
+            ready = min(len(shown) - _held_back(shown, stops), len(shown.rstrip()))
             if ready > emitted:
-                yield text[emitted:ready]
+                yield shown[emitted:ready]
                 emitted = ready
+        text = text.strip()
         if len(text) > emitted:
             yield text[emitted:]
         t_end = time.perf_counter()
@@ -260,9 +263,13 @@ class AnswerStream:
         if run.blocks is not None:
             timings["kv_assemble"] = run.blocks.assemble_ms
         warnings = ["the question or passages were truncated to fit the context window"] if run.truncated else []
+        # Only the passages the prompt holds are sources: the answer saw no others.
+        sources = p.sources[:run.passages_used]
+        if dropped := len(p.sources) - len(sources):
+            warnings.append(f"{dropped} of the {len(p.sources)} passages did not fit the context window and are "
+                            "not in the prompt or the sources: ask for fewer (k) or shorter answers (max_new_tokens)")
         at_limit = not stopped and new_tokens >= p.decoding.max_new_tokens
-        text = text.strip()
-        sources = [replace(s, quotes=tuple(find_quotes(text, s.text))) for s in p.sources]
+        sources = [replace(s, quotes=tuple(find_quotes(text, s.text))) for s in sources]
         self.answer = Answer(
             answer=text, sources=sources, grounded=round(grounded_share(text, [q for s in sources for q in s.quotes]), 4),
             new_tokens=new_tokens, prompt_tokens=run.prompt_tokens,

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ragrt.retrieval.encoder import TextEncoder
+from ragrt.retrieval.encoder import TextEncoder, embed_passages
 from ragrt.errors import UserInputError
 import ragrt.retrieval.index as usearch_index
 from ragrt.bundle.manifest import IndexSpec
@@ -29,20 +29,6 @@ class IndexBuild:
     expansion_search: int
     seconds_index: float
     shards: tuple[IndexSpec, ...]  # every shard, paths relative to the index's directory
-
-
-def embed_passages(passages: Sequence[Passage], encoder: TextEncoder, *, batch_size: int = 32,
-                   progress: bool = True) -> np.ndarray:
-    """(n, dim) float32, through the engine's own TextEncoder, so passages and queries share one code path."""
-    from tqdm import tqdm
-    vectors = np.empty((len(passages), encoder.dim), dtype=np.float32)
-    row = 0
-    with tqdm(total=len(passages), desc="embedding passages", unit="passage", disable=not progress) as bar:
-        for batch in encoder.embed((passage_text(p) for p in passages), batch_size=batch_size):
-            vectors[row:row + len(batch)] = batch
-            row += len(batch)
-            bar.update(len(batch))
-    return vectors
 
 
 def cached_embeddings(passages: Sequence[Passage], encoder: TextEncoder, model_key: str,

@@ -90,7 +90,10 @@ def test_requests_running_across_updates_never_fail(bundle, tmp_path):
     def ask_until_stopped():
         while not stop.is_set():
             try:
-                answers.append({s.id for s in engine.ask("copy a list", k=50, max_new_tokens=2).sources})
+                # Every passage retrieved, not only those the tiny context holds (the answer's sources).
+                prepared = engine.prepare("copy a list", k=50, max_new_tokens=2)
+                "".join(engine.answer_stream(prepared))
+                answers.append({s.id for s in prepared.sources})
             except Exception as e:  # any failure at all is what this test looks for
                 errors.append(e)
 

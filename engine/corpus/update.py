@@ -31,7 +31,7 @@ import numpy as np
 
 from ragrt.bundle.reader import Bundle
 from ragrt.corpus.documents import chunk_documents, located_documents
-from ragrt.retrieval.encoder import TextEncoder, load_tokenizer
+from ragrt.retrieval.encoder import TextEncoder, embed_passages, load_tokenizer
 from ragrt.errors import CorpusError
 from ragrt.bundle.versions import (DATA_FILE, OFFSETS_FILE, ROWS_FILE, Generation, publish, remove_unused,
                                    segment_file, staging, update_lock)
@@ -39,7 +39,7 @@ from ragrt.bundle.manifest import PassagesSpec
 from ragrt.decoding.blockstore import has_store, write_store
 from ragrt.runtime.sessions import SessionConfig
 from ragrt.retrieval.index import build_index, open_index, stored
-from ragrt.retrieval.passages import (Passage, PassageStore, add_segment, document_of, passage_text,
+from ragrt.retrieval.passages import (Passage, PassageStore, add_segment, document_of,
                                       write_passage_store)
 from ragrt.retrieval.shards import first_rows, receiving_shard
 
@@ -69,7 +69,7 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
         if not new:
             raise CorpusError(f"{corpus}: the documents have no text to index")
         encoder = TextEncoder.from_spec(bundle.root, m.encoder, SessionConfig(threads=threads))
-        vectors = encoder.embed_all([passage_text(p) for p in new])
+        vectors = embed_passages(new, encoder)
         counts = [s.count for s in gen.spec.index_shards]
         j = receiving_shard(counts)
         index = _open_index(gen, j, view=False)       # a private, writable copy of the shard's graph

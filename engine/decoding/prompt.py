@@ -72,10 +72,19 @@ class PromptBuilder:
         return question, truncated
 
     def build(self, question: str, passages: Sequence[Passage]) -> Prompt:
-        """Passages are added in rank order while they fit; the last one that does not is cut."""
+        """Passages are added in rank order while they fit; the last one that does not is cut.
+        The prompt is at most `budget` tokens long."""
         question, truncated = self._question(question)
-        # Tokens merge differently across part boundaries; a small margin absorbs that.
-        left = self.budget - self.count(self._render("", question)) - 8
+        # Tokens merge differently across part boundaries, so the parts' counts can add up to less
+        # than the whole: the margin grows by the overshoot until the whole fits.
+        margin = 8
+        while len((prompt := self._build(question, passages, margin, truncated)).ids) > self.budget \
+                and prompt.passages_used:
+            margin += len(prompt.ids) - self.budget
+        return prompt
+
+    def _build(self, question: str, passages: Sequence[Passage], margin: int, truncated: bool) -> Prompt:
+        left = self.budget - self.count(self._render("", question)) - margin
         parts: list[str] = []
         sep_tokens = self.count(self.spec.passage_separator)
         for n, p in enumerate(passages, start=1):

@@ -59,6 +59,7 @@ class Run:
     tokens: Iterator[int]
     prompt_tokens: int
     truncated: bool
+    passages_used: int                  # the leading passages the prompt holds (each of them, in token and sequence)
     blocks: BlockStats | None = None    # passage KV reused and computed, when the prompt was in blocks
 
     @property
@@ -86,29 +87,30 @@ def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: S
     if mode == "extract":
         text = extract(question, passages, prior, extract_settings)
         ids = builder.tokenizer.encode(text, add_special_tokens=False).ids
-        return Run(iter(ids[:config.max_new_tokens]), 0, False)
+        return Run(iter(ids[:config.max_new_tokens]), 0, False, len(passages))
     blocks = BlockStats() if passage_kv is not None else None
     if mode == "concat":
-        prompt, length, truncated = _prompt(builder, question, passages, passage_kv is not None)
+        prompt, length, truncated, used = concat_prompt(builder, question, passages, passage_kv is not None)
         # Checking drafts runs several tokens in one pass: only where the export measured that
         # exact, or the answers unchanged within noise, as a one-token step would give them.
         lookup = PromptLookup() if decoder.spec.drafts_exact or decoder.spec.drafts else None
         tokens = generate(decoder, prompt, config, lookup, passage_kv=passage_kv, blocks=blocks)
-        return Run(tokens, length, truncated, blocks)
-    prompts, lengths, cut = zip(*(_prompt(builder, question, [p], passage_kv is not None) for p in passages))
+        return Run(tokens, length, truncated, used, blocks)
+    prompts, lengths, cut, _ = zip(*(concat_prompt(builder, question, [p], passage_kv is not None) for p in passages))
     loop = _rag_token if mode == "token" else _rag_sequence
     gen = Generator(decoder, passage_kv=passage_kv, blocks=blocks)
-    return Run(Scored(loop(gen, list(prompts), prior, config)), max(lengths), any(cut), blocks)
+    return Run(Scored(loop(gen, list(prompts), prior, config)), max(lengths), any(cut), len(passages), blocks)
 
 
-def _prompt(builder: PromptBuilder, question: str, passages: Sequence[Passage], blocks: bool
-            ) -> tuple[list[int] | BlockPrompt, int, bool]:
-    """The prompt (token ids, or the block layout), its length, and whether anything was cut."""
+def concat_prompt(builder: PromptBuilder, question: str, passages: Sequence[Passage], blocks: bool
+                  ) -> tuple[list[int] | BlockPrompt, int, bool, int]:
+    """The prompt (token ids, or the block layout), its length, whether anything was cut, and how
+    many of the passages it holds."""
     if blocks:
         prompt, truncated = builder.build_blocks(question, passages)
-        return prompt, len(prompt.ids), truncated
+        return prompt, len(prompt.ids), truncated, len(prompt.blocks)
     built = builder.build(question, passages)
-    return built.ids, len(built.ids), built.truncated
+    return built.ids, len(built.ids), built.truncated, built.passages_used
 
 
 def _rag_token(gen: Generator, prompts: list, prior: np.ndarray, config: DecodingConfig):

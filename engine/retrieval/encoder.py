@@ -11,6 +11,7 @@ from ragrt.errors import BundleError, UserInputError
 from ragrt.bundle.manifest import EncoderSpec
 from ragrt.runtime.sessions import SessionConfig, create_session
 from ragrt.corpus.text import valid_unicode
+from ragrt.retrieval.passages import Passage, passage_text
 
 # Texts are sorted by length inside windows of this many batches, so a batch pads to a
 # similar length instead of to the longest text of the whole input.
@@ -104,3 +105,18 @@ class TextEncoder:
         if self._token_types:
             feed["token_type_ids"] = np.zeros_like(ids)
         return self.session.run([self.output], feed)[0]
+
+
+def embed_passages(passages: Sequence[Passage], encoder: TextEncoder, *, batch_size: int = 32,
+                   progress: bool = True) -> np.ndarray:
+    """(n, dim) float32, through the engine's own TextEncoder, so passages and queries share one code path
+    (`ragrt export` and `ragrt index add`)."""
+    from tqdm import tqdm      # a dependency of tokenizers' huggingface_hub, so present in the runtime too
+    vectors = np.empty((len(passages), encoder.dim), dtype=np.float32)
+    row = 0
+    with tqdm(total=len(passages), desc="embedding passages", unit="passage", disable=not progress) as bar:
+        for batch in encoder.embed((passage_text(p) for p in passages), batch_size=batch_size):
+            vectors[row:row + len(batch)] = batch
+            row += len(batch)
+            bar.update(len(batch))
+    return vectors

@@ -29,35 +29,55 @@ from ragrt.serve.http_errors import add_error_handlers
 from ragrt.serve.middleware import Auth, BodyLimit, Observe
 from ragrt.serve.routes import api, probes
 from ragrt.serve.services import Services
+from ragrt.serve.web import PATH as WEB_PATH, web
 
 CONFIG_ENV = "RAGRT_SERVE_CONFIG"      # how `--workers N` hands the config to each worker process
 DESCRIPTION = ("Retrieval-augmented answers from one ragrt bundle. With an API key configured, "
-               "every endpoint but /healthz needs `Authorization: Bearer KEY`.")
+               "every endpoint but /healthz (and the web page at /, which holds no data) needs "
+               "`Authorization: Bearer KEY`.")
 
 
-def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
-    """The ASGI app. With `engine`, it serves that open engine; otherwise it opens `config.bundle`."""
+def create_app(config: ServerConfig, engine: Engine | None = None, *, announce: bool = False) -> FastAPI:
+    """The ASGI app. With `engine`, it serves that open engine; otherwise it opens `config.bundle`.
+    With `announce`, it prints one line on stdout once the bundle is open (`ragrt serve`)."""
     api_key = read_api_key(config.api_key_file) if config.api_key_file else None
     app = FastAPI(title="ragrt", version=__version__, description=DESCRIPTION, lifespan=_lifespan)
     services = Services(config, engine)
     app.state.services = services
+    app.state.announce = announce
     add_error_handlers(app)
-    app.include_router(probes)
-    app.include_router(api)
+    routers = [probes, api, *([web] if config.web else [])]
+    for router in routers:
+        app.include_router(router)
     app.openapi = partial(_openapi, app, config, engine)
     # The last one added runs first: every request is observed, the refused ones too.
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(Auth, key=api_key)
+    app.add_middleware(Auth, key=api_key, open=frozenset(["/healthz", *([WEB_PATH] if config.web else [])]))
     # An included router is one entry of app.routes, so its routes are read from the router itself.
-    paths = {r.path for r in [*app.routes, *probes.routes, *api.routes] if isinstance(r, Route)}
+    paths = {r.path for r in [*app.routes, *(r for router in routers for r in router.routes)] if isinstance(r, Route)}
     app.add_middleware(Observe, metrics=services.metrics, paths=paths)
     return app
+
+
+def ready_line(config: ServerConfig, engine: Engine) -> str:
+    """What `ragrt serve` prints once it answers: where, which bundle, and its passage KV."""
+    kv = (f"unavailable ({engine.passage_kv_unavailable})" if engine.passage_kv is None else
+          f"{engine.manifest.rag.passage_kv} by default, on or off per request")
+    page = "the web page; the API under /v1" if config.web else "the API under /v1; no web page (--no-web)"
+    return f"ragrt serve: ready on http://{config.host}:{config.port}/ ({page}), bundle {config.bundle}, passage KV {kv}"
+
+
+def _announce(services: Services) -> None:
+    if services.engine is not None:        # a bundle that failed to open was logged as an error
+        print(ready_line(services.config, services.engine), flush=True)
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     services: Services = app.state.services
     opening = None if services.engine else asyncio.create_task(run_in_threadpool(services.open))
+    if opening is not None and app.state.announce:
+        opening.add_done_callback(lambda _: _announce(services))
     yield
     # uvicorn has let in-flight requests finish; the batcher now drains what is left.
     if opening is not None:
@@ -105,7 +125,7 @@ def background(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> Itera
 
 def app_from_env() -> FastAPI:
     """The factory each `--workers` process calls; the parent passes the config in the environment."""
-    return create_app(ServerConfig(**json.loads(os.environ[CONFIG_ENV])))
+    return create_app(ServerConfig(**json.loads(os.environ[CONFIG_ENV])), announce=True)
 
 
 def serve(config: ServerConfig) -> None:
@@ -122,4 +142,4 @@ def serve(config: ServerConfig) -> None:
         os.environ[CONFIG_ENV] = json.dumps(asdict(config))
         uvicorn.run("ragrt.serve.app:app_from_env", factory=True, workers=config.workers, **options)
     else:
-        uvicorn.run(create_app(config), **options)
+        uvicorn.run(create_app(config, announce=True), **options)

@@ -22,6 +22,7 @@ class ServerConfig:
     device: str = "auto"
     threads: int = 0
     passage_kv_cache_mb: int = PASSAGE_KV_CACHE_MB   # passage KV kept for reuse across requests
+    web: bool = True               # the web page at /
     log_level: str = "warning"
 
 

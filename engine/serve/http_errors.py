@@ -9,9 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ragrt.decoding.sampling import MAX_STOP_STRINGS
 from ragrt.errors import RagrtError, UserInputError
 from ragrt.serve.batcher import Closed, DeadlineExceeded, QueueFull
-from ragrt.serve.schemas import ErrorResponse
+from ragrt.serve.schemas import MAX_STOP_CHARS, ErrorResponse
 
 log = logging.getLogger("ragrt.server")
 
@@ -28,6 +29,28 @@ ERRORS = {code: {"model": ErrorResponse, "description": kind}
           for code, kind in [(401, "missing or wrong API key"), (413, "request body too large"),
                              (422, "invalid request"), (429, "queue full"),
                              (503, "not ready, shutting down, or deadline passed")]}
+
+
+# Fields whose pydantic errors would quote a regex or list every branch of a union: one message each.
+BLANK = {"question": "the question is empty", "query": "the query is empty"}
+FIELD_ERRORS = {"stop": f"give a string or a list of at most {MAX_STOP_STRINGS} strings, "
+                        f"each 1 to {MAX_STOP_CHARS} characters"}
+
+
+def invalid_messages(errors: list[dict]) -> list[str]:
+    """One "field: what is wrong" a location, in the words the CLI uses where it has them."""
+    messages: dict[str, str] = {}
+    for e in errors:
+        loc = [str(part) for part in e["loc"]]
+        loc = loc[1:] if loc[:1] == ["body"] else loc
+        field = loc[0] if loc else ""
+        if field in FIELD_ERRORS:
+            messages.setdefault(field, FIELD_ERRORS[field])
+        elif field in BLANK and e["type"] == "string_pattern_mismatch":
+            messages.setdefault(field, BLANK[field])
+        else:
+            messages.setdefault(".".join(loc), e["msg"])
+    return [f"{where}: {msg}" if where else msg for where, msg in messages.items()]
 
 
 def http_status(exc: BaseException) -> tuple[int, str]:
@@ -48,8 +71,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]]
-        return error(422, "; ".join(parts) or "invalid request", "invalid_request_error")
+        return error(422, "; ".join(invalid_messages(exc.errors())[:3]) or "invalid request", "invalid_request_error")
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):

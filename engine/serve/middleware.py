@@ -56,16 +56,17 @@ class _TooLarge(Exception):
 
 
 class Auth:
-    """Bearer-key check in front of every route but /healthz; with no key, everything passes."""
+    """Bearer-key check in front of every route but the `open` ones; with no key, everything passes."""
 
-    def __init__(self, app, key: str | None):
-        self.app, self.key = app, key
+    def __init__(self, app, key: str | None, open: frozenset[str]):
+        self.app, self.key, self.open = app, key, open
 
     async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] != "http" or scope["path"] == "/healthz":
+        if self.key is None or scope["type"] != "http" or scope["path"] in self.open:
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(header, b"Bearer " + self.key.encode()):
+        # The scheme is case-insensitive (RFC 7235): "bearer KEY" is as good as "Bearer KEY".
+        scheme, _, credentials = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(b" "), self.key.encode()):
             return await self.app(scope, receive, send)
         response = error(401, "missing or wrong API key: send Authorization: Bearer KEY", "unauthorized",
                          {"WWW-Authenticate": "Bearer"})

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ragrt.engine import Answer, Engine
 from ragrt.errors import UserInputError
+from ragrt.options import MAX_K, MODES, PASSAGE_KV_MODES
 from ragrt.serve.http_errors import ERRORS
 from ragrt.serve.schemas import (AskRequest, AskResponse, ChatRequest, ChatResponse, EmbedRequest, EmbedResponse,
                                  RetrieveRequest, RetrieveResponse)
@@ -96,6 +97,16 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
                       "total_tokens": answer.prompt_tokens + answer.new_tokens},
             "sources": [s.to_dict() for s in answer.sources], "grounded": answer.grounded,
             "passage_kv": answer.passage_kv}
+
+
+@api.get("/options", summary="the choices /v1/ask accepts, and this bundle's defaults (the web page's controls)")
+async def options(engine: Ready):
+    rag = engine.manifest.rag
+    return {"modes": list(MODES), "passage_kv_modes": list(PASSAGE_KV_MODES), "max_k": MAX_K,
+            "tasks": ["qa", *sorted(engine.manifest.prompt.tasks)],
+            "defaults": {"k": rag.k, "mode": rag.mode, "passage_kv": "auto", "max_new_tokens": rag.max_new_tokens},
+            "passage_kv": {"bundle_default": rag.passage_kv, "unavailable": engine.passage_kv_unavailable},
+            "bundle": engine.bundle.root.name}
 
 
 @api.get("/models", summary="OpenAI clients list models; this server has one")

@@ -40,7 +40,9 @@ class Turn(Strict):
     content: str = Field(max_length=MAX_TEXT)
 
 
-Stop = Union[str, list[Annotated[str, Field(min_length=1, max_length=256)]]]
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = Union[StopString, list[StopString]]
 
 
 class Decoding(BaseModel):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ragrt.decoding.rag import Run
+from ragrt.decoding.rag import Run, concat_prompt
 from ragrt.engine import AnswerStream, Engine, Prepared
 from ragrt.errors import RagrtError
 from ragrt.serve.batcher import Batcher
@@ -58,10 +58,6 @@ def batched_stream(engine: Engine, batcher: Batcher, prepared: Prepared, *, dead
     p = prepared
     if p.mode != "concat":
         return engine.answer_stream(p)
-    if p.passage_kv is not None:
-        prompt, truncated = p.builder.build_blocks(p.question, p.passages)
-        tokens = batcher.submit(prompt, p.decoding, deadline_s=deadline_s)
-        return engine.answer_stream(p, Run(tokens, len(prompt.ids), truncated, tokens.blocks))
-    built = p.builder.build(p.question, p.passages)
-    tokens = batcher.submit(built.ids, p.decoding, deadline_s=deadline_s)
-    return engine.answer_stream(p, Run(tokens, len(built.ids), built.truncated))
+    prompt, length, truncated, used = concat_prompt(p.builder, p.question, p.passages, p.passage_kv is not None)
+    tokens = batcher.submit(prompt, p.decoding, deadline_s=deadline_s)
+    return engine.answer_stream(p, Run(tokens, length, truncated, used, tokens.blocks))
