@@ -370,10 +370,12 @@ def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     d.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the answer before this text (repeatable, at most 4)")
     d.add_argument("--min-new-tokens", type=int, default=None, help="no end of answer before this many tokens")
+    d.add_argument("--copy-bias", type=float, default=None,
+                   help="above 0: favour the token that continues a run the answer copies from its passages (mode concat)")
 
 
 DECODING_FLAGS = ("temperature", "top_k", "top_p", "seed", "repetition_penalty", "repetition_window",
-                  "no_repeat_ngram_size", "stop", "min_new_tokens")
+                  "no_repeat_ngram_size", "stop", "min_new_tokens", "copy_bias")
 
 
 def _answer_options(args: argparse.Namespace) -> dict:

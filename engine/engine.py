@@ -268,7 +268,7 @@ class AnswerStream:
         if dropped := len(p.sources) - len(sources):
             warnings.append(f"{dropped} of the {len(p.sources)} passages did not fit the context window and are "
                             "not in the prompt or the sources: ask for fewer (k) or shorter answers (max_new_tokens)")
-        at_limit = not stopped and new_tokens >= p.decoding.max_new_tokens
+        at_limit = not stopped and new_tokens >= p.decoding.max_new_tokens and p.mode != "extract"
         sources = [replace(s, quotes=tuple(find_quotes(text, s.text))) for s in sources]
         self.answer = Answer(
             answer=text, sources=sources, grounded=round(grounded_share(text, [q for s in sources for q in s.quotes]), 4),

@@ -37,8 +37,12 @@ def test_ask_json(tiny_bundle, mode):
     assert len(ans["sources"]) == 3
     assert set(ans["sources"][0]) == {"id", "title", "score", "prob", "text", "quotes"}
     assert sum(s["prob"] for s in ans["sources"]) == pytest.approx(1.0, abs=1e-6)
-    # Extract makes no prompt: its answer is the passage's sentence, in the generator's tokens.
-    assert 0 < ans["new_tokens"] <= 8 and (ans["prompt_tokens"] == 0) == (mode == "extract")
+    # Extract makes no prompt, and its sentences stay whole past the token limit (a cut word is in no source).
+    if mode == "extract":
+        assert ans["prompt_tokens"] == 0 and ans["new_tokens"] > 8 and ans["finish_reason"] == "stop"
+        assert ans["grounded"] == 1.0
+    else:
+        assert 0 < ans["new_tokens"] <= 8 and ans["prompt_tokens"] > 0
     for s in ans["sources"]:
         for q in s["quotes"]:
             assert ans["answer"][q["answer"][0]:q["answer"][1]] == s["text"][q["passage"][0]:q["passage"][1]]

@@ -143,3 +143,23 @@ def test_batched_rows_sample_as_they_would_alone(engine):
 
 def test_a_tiny_temperature_samples_the_argmax():
     assert set(choose_all(DecodingConfig(temperature=5e-324, seed=0), [[0.0, 1.0, 0.5]] * 20)) == {1}
+
+
+def test_copy_bias_continues_the_run_the_answer_copies_from_the_prompt():
+    from ragrt.decoding.sampling import DecodingConfig, TokenChooser
+    prompt = [9, 5, 6, 7, 1, 5, 6, 2, 5, 3]
+    logits = np.zeros(10, dtype=np.float32)
+    logits[4] = 1.0                                   # the model's own choice
+    config = DecodingConfig(copy_bias=2.0)
+    assert not config.is_plain_greedy
+    choose = TokenChooser(config, [0], prompt)
+    choose.answer = [9, 5, 6]
+    assert choose(logits) == 7                        # the longest tail found, [9, 5, 6], was followed by 7
+    choose.answer = [1, 5, 6]
+    assert choose(logits) == 2                        # [1, 5, 6] -> 2: the longest run wins over the latest [5, 6]
+    choose.answer = [8, 8]
+    assert choose(logits) == 4                        # nothing copied: the logits decide
+    assert TokenChooser(config, [0])(logits) == 4     # no prompt: no bias
+    weak = TokenChooser(DecodingConfig(copy_bias=0.5), [0], prompt)
+    weak.answer = [9, 5, 6]
+    assert weak(logits) == 4                          # a bias below the logit gap changes nothing

@@ -110,10 +110,10 @@ def generate(decoder, prompt: Sequence[int] | BlockPrompt, config: DecodingConfi
     the chooser itself picks after each: the same tokens, in fewer passes.
     """
     stop = set(decoder.spec.eos_token_ids)
-    choose = TokenChooser(config, decoder.spec.eos_token_ids)
+    context = list(prompt.ids if isinstance(prompt, BlockPrompt) else prompt)
+    choose = TokenChooser(config, decoder.spec.eos_token_ids, context)
     gen = Generator(decoder, passage_kv=passage_kv, blocks=blocks)
     gen.add_prompts([prompt])
-    context = list(prompt.ids if isinstance(prompt, BlockPrompt) else prompt)
     drafting = lookup is not None and config.is_greedy
     while len(choose.answer) < config.max_new_tokens:
         token = choose(gen.logits[0])

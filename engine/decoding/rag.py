@@ -87,7 +87,8 @@ def start(mode: str, decoder, builder: PromptBuilder, question: str, passages: S
     if mode == "extract":
         text = extract(question, passages, prior, extract_settings)
         ids = builder.tokenizer.encode(text, add_special_tokens=False).ids
-        return Run(iter(ids[:config.max_new_tokens]), 0, False, len(passages))
+        # Whole sentences, never cut at max_new_tokens: a cut word is in no source. Its length is rag.extract.words.
+        return Run(iter(ids), 0, False, len(passages))
     blocks = BlockStats() if passage_kv is not None else None
     if mode == "concat":
         prompt, length, truncated, used = concat_prompt(builder, question, passages, passage_kv is not None)

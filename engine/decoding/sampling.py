@@ -5,7 +5,10 @@ ban until `min_new_tokens`, then temperature, top-k, top-p and a draw from the r
 generator. Temperature 0 is greedy: the argmax of the processed logits.
 
 Penalties look at the answer's own tokens only, never the prompt: a RAG answer should quote its
-passages, and penalising passage tokens would push it away from them.
+passages, and penalising passage tokens would push it away from them. `copy_bias` goes the other
+way: it adds to the logit of the token that continues the longest run of the answer's last tokens
+(up to COPY_NGRAM) found in the prompt, so an answer that started quoting a passage keeps quoting
+it (the spans prompt-lookup drafts find, lookup.py). It comes first, so the penalties still apply.
 
 Written here in numpy: transformers' logits processors need torch, and onnxruntime-genai's
 search runs only inside its own generator, over its own model.
@@ -21,6 +24,7 @@ import numpy as np
 from ragrt.errors import UserInputError
 
 MAX_STOP_STRINGS = 4       # OpenAI's limit, so its clients' requests fit ours
+COPY_NGRAM = 4             # the longest answer tail copy_bias looks up in the prompt
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class DecodingDefaults:
     repetition_window: int = 64         # the answer's latest tokens the penalty looks at
     no_repeat_ngram_size: int = 0       # n > 0: no n-gram occurs twice in the answer
     stop: tuple[str, ...] = ()          # the answer ends before the first of these strings
+    copy_bias: float = 0.0              # > 0: added to the logit that continues a run copied from the prompt
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class DecodingConfig(DecodingDefaults):
     def is_plain_greedy(self) -> bool:
         """Argmax of the raw logits: what the export's exactness checks reproduce token for token."""
         return (self.is_greedy and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
-                and self.min_new_tokens == 0)
+                and self.min_new_tokens == 0 and self.copy_bias == 0)
 
     def updated(self, max_context: int, **options) -> "DecodingConfig":
         """A copy with the options that are not None, checked; `max_context` bounds the answer length."""
@@ -85,6 +90,7 @@ class DecodingConfig(DecodingDefaults):
         _number("repetition_penalty", self.repetition_penalty, 1.0, 10.0)
         _integer("repetition_window", self.repetition_window, 1, max_context)
         _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 16)
+        _number("copy_bias", self.copy_bias, 0.0, 20.0)
         if (not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_STRINGS
                 or not all(isinstance(s, str) and s for s in self.stop)):
             raise UserInputError(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
@@ -104,11 +110,13 @@ def _number(name: str, value, low: float, high: float) -> None:
 class TokenChooser:
     """One answer's choice of next token: its config, its random generator, and its tokens so far."""
 
-    def __init__(self, config: DecodingConfig, eos_token_ids: Sequence[int]):
+    def __init__(self, config: DecodingConfig, eos_token_ids: Sequence[int], prompt: Sequence[int] = ()):
+        """`prompt`: the tokens copy_bias copies from (none: no bias)."""
         self.config = config
         self.eos = np.asarray(sorted(eos_token_ids), dtype=np.int64)
         self.rng = np.random.default_rng(config.seed)
         self.answer: list[int] = []
+        self.follows = following_tokens(prompt, COPY_NGRAM) if config.copy_bias and len(prompt) else {}
 
     def __call__(self, logits: np.ndarray) -> int:
         """The next token for logits (V,); remembers it."""
@@ -125,6 +133,11 @@ class TokenChooser:
         """The logits after the repetition penalty, the n-gram ban and the EOS ban, in float64."""
         c = self.config
         scores = logits.astype(np.float64)
+        if self.follows and self.answer:
+            tail = tuple(self.answer[-COPY_NGRAM:])
+            nxt = next((self.follows[tail[i:]] for i in range(len(tail)) if tail[i:] in self.follows), None)
+            if nxt is not None:
+                scores[nxt] += c.copy_bias
         if c.repetition_penalty != 1.0 and self.answer:
             seen = np.unique(self.answer[-c.repetition_window:])
             # CTRL's rule (as transformers and CTranslate2): shrink positive logits, grow negative ones.
@@ -153,6 +166,12 @@ class TokenChooser:
             cut = int(np.searchsorted(np.cumsum(probs), c.top_p)) + 1
             order, probs = order[:cut], probs[:cut] / probs[:cut].sum()
         return int(order[self.rng.choice(len(order), p=probs)])
+
+
+def following_tokens(prompt: Sequence[int], longest: int) -> dict[tuple[int, ...], int]:
+    """Every run of 1 to `longest` prompt tokens -> the token after its latest occurrence."""
+    ids = list(prompt)
+    return {tuple(ids[i:i + n]): ids[i + n] for n in range(1, longest + 1) for i in range(len(ids) - n)}
 
 
 def banned_tokens(answer: Sequence[int], n: int) -> set[int]:

@@ -120,7 +120,8 @@ class Batcher:
     def submit(self, prompt: Sequence[int] | BlockPrompt, config: DecodingConfig, *, deadline_s: float) -> "Tokens":
         """Queues one generation; iterate the result for its tokens (it raises the row's errors).
         A BlockPrompt needs the batcher's passage KV; the result's `blocks` then counts its blocks."""
-        choose, deadline = TokenChooser(config, self.decoder.spec.eos_token_ids), time.monotonic() + deadline_s
+        ids = prompt.ids if isinstance(prompt, BlockPrompt) else prompt
+        choose, deadline = TokenChooser(config, self.decoder.spec.eos_token_ids, ids), time.monotonic() + deadline_s
         if isinstance(prompt, BlockPrompt):
             if self.passage_kv is None:
                 raise ValueError("a block prompt needs a Batcher made with passage_kv")

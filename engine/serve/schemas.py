@@ -59,6 +59,8 @@ class Decoding(BaseModel):
     no_repeat_ngram_size: Optional[Int(0, 16)] = Field(None, description="n > 0: no n tokens repeat in the answer")
     stop: Optional[Stop] = Field(None, description=f"end the answer before this text (at most {MAX_STOP_STRINGS})")
     min_new_tokens: Optional[Int(0)] = Field(None, description="no end of answer before this many tokens")
+    copy_bias: Optional[float] = Field(None, ge=0, le=20, allow_inf_nan=False,
+                                       description="above 0: favour continuing a run the answer copies from its passages")
 
     def decoding_options(self) -> dict:
         return {name: getattr(self, name) for name in Decoding.model_fields}
