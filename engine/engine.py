@@ -30,6 +30,7 @@ from ragrt.runtime.sessions import SessionConfig
 
 log = logging.getLogger("ragrt")
 
+
 @dataclass(frozen=True)
 class Source:
     id: str
@@ -113,10 +114,10 @@ class Engine:
         return retriever.retrieve(_check_question(question), self._k(k), self._retrieval(retriever, retrieval))
 
     def ask(self, question: str, **options) -> Answer:
-        """Options: k, retrieval ("dense", "bm25", "hybrid"), mode, history (earlier turns), task ("qa", "summarize"), prior_temperature (of
-        P(c|q)), and the decoding options of `DecodingConfig` (temperature, top_k, top_p, seed,
-        repetition_penalty, repetition_window, no_repeat_ngram_size, stop, min_new_tokens,
-        max_new_tokens); what is not given comes from the bundle's manifest."""
+        """Options: k, retrieval ("dense", "bm25", "hybrid"), mode, history (earlier turns), task ("qa",
+        "summarize"), prior_temperature (of P(c|q)), and the decoding options of `DecodingConfig`
+        (temperature, top_k, top_p, seed, repetition_penalty, repetition_window, no_repeat_ngram_size,
+        stop, min_new_tokens, max_new_tokens); what is not given comes from the bundle's manifest."""
         stream = self._start(question, **options)
         for _ in stream:
             pass
