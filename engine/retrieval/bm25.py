@@ -1,9 +1,10 @@
 """BM25 over a corpus generation's passages, the sparse half of hybrid retrieval, and the fusion of rankings.
 
-bm25s (NumPy/SciPy sparse matrices; no Java as pyserini needs, no index server) writes its index as
+bm25s (NumPy sparse matrices; pyserini needs Java, rank-bm25 has no save format) writes its index as
 .npy arrays that `load(mmap=True)` memory-maps, plus a JSON vocabulary read into memory. Document i
 is row i of the passage store. bm25s cannot add or remove documents, so `ragrt index add/remove`
-build the index again from the new generation's passages (0.5 s for 4,065 passages here).
+build the index again from the new generation's passages (2 s for 4,065 passages, 10 s for
+29,182, on 2 busy cores).
 bm25s keeps no tokenizer with its index: queries are cut into words by `words`, as the passages
 were, and `TOKENIZER` names that way in the generation so that a changed one is refused, not
 silently mismatched.

@@ -95,7 +95,8 @@ class Retriever:
         depth = max(k, CANDIDATES) if retrieval == "hybrid" else k
         rows = self.bm25.search(query, depth)
         if retrieval == "hybrid":
-            rows = fuse([[h.row for h in self.search(vector[None], depth)[0]], rows], k)
+            dense, _ = self.index.search(np.asarray(vector[None], dtype=np.float32), depth)
+            rows = fuse([[int(row) for row in dense[0] if row >= 0], rows], k)
         return self._scored(rows, vector)
 
     def _scored(self, rows: list[int], vector: np.ndarray) -> list[Hit]:
