@@ -32,6 +32,8 @@ SCHEMA_VERSION = 6
 # kv_scales), which a version-5 reader would bind as a float cache. Export no longer writes such
 # graphs: an int8 cache now lives in a step graph (GeneratorSpec.step_model) beside the float one,
 # which older readers ignore, decoding with `model` alone, so it needs no version of its own.
+# Nor do a generation's BM25 index (GenerationSpec.bm25) and rag.retrieval: older readers ignore
+# both and answer with dense retrieval, as they always did.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
