@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ragrt.bundle.atomic import atomic_write_text
 from ragrt.errors import RagrtError
-from ragrt.options import MODES, PASSAGE_KV_CACHE_MB, PASSAGE_KV_MODES
+from ragrt.options import MODES, PASSAGE_KV_CACHE_MB, PASSAGE_KV_MODES, RETRIEVALS
 
 if TYPE_CHECKING:       # the commands import what they use when they run, so `ragrt --help` starts fast
     from ragrt.bundle.manifest import Manifest, ParityReport
@@ -193,8 +193,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     a = result.answer
-    print(f"{result.n} questions, mode {args.mode or engine.manifest.rag.mode}")
+    print(f"{result.n} questions, mode {args.mode or engine.manifest.rag.mode}, "
+          f"retrieval {args.retrieval or engine.manifest.rag.retrieval}")
     print("  retrieval  " + "  ".join(f"{k} {v:.3f}" for k, v in result.retrieval.items()))
+    for method, figures in result.retrieval_by_method.items():
+        print(f"    {method:<8} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     print("  answer     " + "  ".join(f"{k} {a[k]:.3f}" for k in ("exact_match", "f1", "rouge_l", "grounded", "loop_rate"))
           + f" ({a['loops']} of {result.n} answers loop)")
     for name, r in result.references.items():
@@ -249,6 +252,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               "precomputed (--passage-kv all)")
     print(f"  rag         k={m.rag.k} mode={m.rag.mode} temperature={m.rag.temperature} "
           f"max_new_tokens={m.rag.max_new_tokens}")
+    print(f"  retrieval   default {m.rag.retrieval}" + (f" ({m.rag.retrieval_reason})" if m.rag.retrieval_reason else "")
+          + ("; BM25 index of the passages too" if gen.bm25 else "; no BM25 index (dense only; re-export for one)"))
     print(f"  tasks       {', '.join(['qa', *sorted(m.prompt.tasks)])}")
     print(f"  passage kv  {_passage_kv_line(m)}")
     c = m.corpus
@@ -346,6 +351,9 @@ def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     """How an answer is made, shared by ask and eval; `_answer_options` passes them to the Engine.
     Decoding options belong here too, so that each command that answers offers them alike."""
     p.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's, 5)")
+    p.add_argument("--retrieval", choices=RETRIEVALS, default=None,
+                   help="dense: embeddings; bm25: words; hybrid: both, fused by reciprocal rank "
+                        "(default: the bundle's, see `ragrt info`)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="concat: passages in one prompt; token: RAG-Token; sequence: RAG-Sequence; extract: the "
                         "passages' sentences that best answer, no generator (default: the bundle's, see `ragrt info`)")
@@ -379,7 +387,7 @@ DECODING_FLAGS = ("temperature", "top_k", "top_p", "seed", "repetition_penalty",
 
 
 def _answer_options(args: argparse.Namespace) -> dict:
-    return dict(k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens,
+    return dict(k=args.k, retrieval=args.retrieval, mode=args.mode, max_new_tokens=args.max_new_tokens,
                 prior_temperature=args.prior_temperature, passage_kv=args.passage_kv,
                 **{name: getattr(args, name) for name in DECODING_FLAGS})
 

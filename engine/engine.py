@@ -1,6 +1,7 @@
 """`Engine`: one opened bundle, answering questions. Everything invariant is settled in `open`."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -28,12 +29,14 @@ from ragrt.retrieval.live import LiveRetriever
 from ragrt.retrieval.retriever import Hit, Retriever
 from ragrt.runtime.sessions import SessionConfig
 
+log = logging.getLogger("ragrt")
+
 
 @dataclass(frozen=True)
 class Source:
     id: str
     title: str
-    score: float                   # cosine similarity of passage and question
+    score: float                   # cosine similarity of passage and question, whichever retrieval found it
     prob: float                    # P(c|q): softmax of the scores over the prior temperature
     text: str
     quotes: tuple[Quote, ...] = () # the answer's runs copied from `text` (ragrt.citations), once answered
@@ -113,14 +116,16 @@ class Engine:
         """L2-normalised embeddings (n, dim), float32."""
         return self.encoder.embed_all(list(texts))
 
-    def retrieve(self, question: str, k: int | None = None) -> list[Hit]:
-        return self.retriever.retrieve(_check_question(question), self._k(k))
+    def retrieve(self, question: str, k: int | None = None, retrieval: str | None = None) -> list[Hit]:
+        """The top-k passages by `retrieval` ("dense", "bm25", "hybrid"; None: the bundle's default)."""
+        retriever = self.retriever
+        return retriever.retrieve(_check_question(question), self._k(k), self._retrieval(retriever, retrieval))
 
     def ask(self, question: str, **options) -> Answer:
-        """Options: k, mode, history (earlier turns), task ("qa", "summarize"), prior_temperature (of
-        P(c|q)), and the decoding options of `DecodingConfig` (temperature, top_k, top_p, seed,
-        repetition_penalty, repetition_window, no_repeat_ngram_size, stop, min_new_tokens,
-        max_new_tokens); what is not given comes from the bundle's manifest."""
+        """Options: k, retrieval ("dense", "bm25", "hybrid"), mode, history (earlier turns), task ("qa",
+        "summarize"), prior_temperature (of P(c|q)), and the decoding options of `DecodingConfig`
+        (temperature, top_k, top_p, seed, repetition_penalty, repetition_window, no_repeat_ngram_size,
+        stop, min_new_tokens, max_new_tokens); what is not given comes from the bundle's manifest."""
         stream = self._start(question, **options)
         for _ in stream:
             pass
@@ -136,6 +141,17 @@ class Engine:
             raise UserInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         return k
 
+    def _retrieval(self, retriever: Retriever, choice: str | None) -> str:
+        """A request's retrieval, checked; None follows the bundle's default while its corpus can."""
+        if choice is not None:
+            return retriever.check(choice)
+        default = self.manifest.rag.retrieval
+        if default not in retriever.retrievals:
+            # An older ragrt's `index add/remove` writes generations without BM25; they still answer.
+            log.warning("the bundle's default retrieval is %s, but its corpus has no BM25 index: dense", default)
+            return "dense"
+        return default
+
     def _passage_kv(self, choice: str) -> PassageKV | None:
         """The PassageKV for a request's `passage_kv` ("auto" follows the bundle's measured default)."""
         if choice not in PASSAGE_KV_MODES:
@@ -145,7 +161,7 @@ class Engine:
         wanted = choice == "on" or (choice == "auto" and self.manifest.rag.passage_kv == "on")
         return self.passage_kv if wanted else None
 
-    def prepare(self, question: str, *, k: int | None = None, mode: str | None = None,
+    def prepare(self, question: str, *, k: int | None = None, retrieval: str | None = None, mode: str | None = None,
                 history: Sequence[Turn | dict] | None = None, task: str = "qa",
                 prior_temperature: float | None = None, passage_kv: str = "auto", **decoding) -> "Prepared":
         """Checks the options, embeds, retrieves and sets up the prompt: everything before decoding.
@@ -155,6 +171,8 @@ class Engine:
         rag = self.manifest.rag
         question = _check_question(question)
         k = self._k(k)
+        retriever = self.retriever          # one corpus generation for the whole request
+        retrieval = self._retrieval(retriever, retrieval)
         config = self.decoding.updated(self.manifest.generator.max_context, **decoding)
         mode = rag.mode if mode is None else mode
         check_mode(mode, config)
@@ -172,11 +190,14 @@ class Engine:
 
         t0 = time.perf_counter()
         # A follow-up ("and in Python 2?") means little alone: the user's recent turns join the query.
-        recent = [t.content for t in turns if t.role == "user"][-HISTORY_IN_QUERY:]
-        query = self.encoder.embed_all([" ".join(recent + [question])])
+        query = " ".join([t.content for t in turns if t.role == "user"][-HISTORY_IN_QUERY:] + [question])
+        vector = self.encoder.embed_all([query])[0]
         t1 = time.perf_counter()
-        hits = self.retriever.search(query, k)[0]
+        hits = retriever.find(query, vector, k, retrieval)
         t2 = time.perf_counter()
+        if not hits:
+            raise UserInputError("no passage shares a word with the question, so BM25 found none; "
+                                 "ask with retrieval dense or hybrid")
         prior = passage_prior([h.score for h in hits], prior_temperature)
         sources = [Source(h.id, h.title, h.score, float(p), h.text) for h, p in zip(hits, prior)]
         return Prepared(question, mode, config, builder, hits, prior,

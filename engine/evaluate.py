@@ -1,7 +1,8 @@
 """`ragrt eval`: retrieval and answer quality of a bundle on a Q/A set, plus latency.
 
 Retrieval is scored at depth 10 against `positive_ids`; a positive names a passage
-(`doc#3`) or a whole document (`doc`), whose every passage then counts. Answers are
+(`doc#3`) or a whole document (`doc`), whose every passage then counts. It is scored for the
+retrieval the answers used and, without answering, for each retrieval the bundle offers. Answers are
 scored against `answer` with SQuAD's normalisation (exact match, token F1) and ROUGE-L,
 and checked for loops (`is_loop`). Beside them, two answers made without the generator from the
 same passages are scored the same way, as the reference a generator must beat: `lead` (the top
@@ -128,6 +129,7 @@ class EvalResult:
     predictions: list[str]         # the generated answers, in the order of the items
     references: dict[str, dict[str, float]]   # "lead", "extract": exact_match, f1, rouge_l
     lead_words: int                # the lead reference's length: the median reference answer's, in words
+    retrieval_by_method: dict[str, dict[str, float]]   # `retrieval`'s figures for each retrieval the bundle offers
 
     @property
     def margin_f1(self) -> float:
@@ -137,7 +139,7 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"n": self.n, "retrieval": self.retrieval, "answer": self.answer, "references": self.references,
                 "lead_words": self.lead_words, "margin_f1": self.margin_f1, "latency_ms": self.latency_ms,
-                "predictions": self.predictions}
+                "predictions": self.predictions, "retrieval_by_method": self.retrieval_by_method}
 
 
 def _scores(predictions: list[str], items: list[QA]) -> dict[str, float]:
@@ -163,8 +165,7 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
     for i, qa in enumerate(items):
         t0 = time.perf_counter()
         fetched = engine.prepare(qa.question, k=depth, **options)
-        ranks.append(next((r for r, s in enumerate(fetched.sources[:DEPTH], start=1)
-                           if is_relevant(s.id, qa.positive_ids)), None))
+        ranks.append(_rank([s.id for s in fetched.sources], qa))
         p = _top(fetched, k)
         stream = engine.answer_stream(p)
         for _ in stream:
@@ -179,22 +180,41 @@ def evaluate(engine: Engine, items: list[QA], *, progress: Callable[[int, int], 
         loops.append(is_loop(ids, hit_limit=ans.finish_reason == "length"))
         if progress:
             progress(i + 1, len(items))
-    judged = [r for r, qa in zip(ranks, items) if qa.positive_ids] or [None]
-
-    def recall(at: int) -> float:
-        return float(np.mean([r is not None and r <= at for r in judged]))
-
     return EvalResult(
         n=len(items),
-        retrieval={"recall@1": recall(1), "recall@5": recall(5), "recall@10": recall(10),
-                   "mrr@10": float(np.mean([1.0 / r if r else 0.0 for r in judged]))},
+        retrieval=_recall(ranks, items),
         answer={**_scores(predictions, items), "grounded": float(np.mean(grounded)),
                 "loop_rate": float(np.mean(loops)), "loops": int(sum(loops))},
         latency_ms={"p50": float(np.percentile(latency, 50)), "p95": float(np.percentile(latency, 95))},
         predictions=predictions,
         references={name: _scores(answers, items) for name, answers in quoted.items()},
         lead_words=lead_words,
+        retrieval_by_method=retrieval_recall(engine, items),
     )
+
+
+def retrieval_recall(engine: Engine, items: list[QA]) -> dict[str, dict[str, float]]:
+    """`EvalResult.retrieval` for each retrieval the bundle offers ("dense", "bm25", "hybrid"), from its
+    top 10 alone, without answering; the questions are embedded once, in batches."""
+    retriever = engine.retriever
+    vectors = engine.encoder.embed_all([qa.question for qa in items])
+    return {r: _recall([_rank([h.id for h in retriever.find(qa.question, v, DEPTH, r)], qa)
+                        for qa, v in zip(items, vectors)], items) for r in retriever.retrievals}
+
+
+def _rank(ids: list[str], qa: QA) -> int | None:
+    """The rank (from 1) of the first relevant passage among the top DEPTH `ids`, or None."""
+    return next((r for r, i in enumerate(ids[:DEPTH], start=1) if is_relevant(i, qa.positive_ids)), None)
+
+
+def _recall(ranks: list[int | None], items: list[QA]) -> dict[str, float]:
+    judged = [r for r, qa in zip(ranks, items) if qa.positive_ids] or [None]
+
+    def recall(at: int) -> float:
+        return float(np.mean([r is not None and r <= at for r in judged]))
+
+    return {"recall@1": recall(1), "recall@5": recall(5), "recall@10": recall(10),
+            "mrr@10": float(np.mean([1.0 / r if r else 0.0 for r in judged]))}
 
 
 def _top(prepared: Prepared, k: int) -> Prepared:

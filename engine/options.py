@@ -1,6 +1,7 @@
 """The choices and limits every surface accepts (Python API, CLI, HTTP schemas, export), defined once."""
 
 MODES = ("concat", "token", "sequence", "extract")   # how passages become an answer: ragrt.decoding.rag
+RETRIEVALS = ("dense", "bm25", "hybrid")          # how passages are found: ragrt.retrieval.retriever
 MAX_K = 50                                        # passages per question
 MAX_TURNS = 100                                   # earlier messages in a dialogue
 PASSAGE_KV_MODES = ("auto", "on", "off")          # reuse passage KV: ragrt.decoding.blocks; auto = the bundle's default

@@ -36,6 +36,7 @@ from ragrt.runtime.sessions import SessionConfig
 
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
+from ragrt.retrieval.bm25 import write_bm25
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import DECODING, DECODING_CANDIDATES, LOOP_LIMIT, library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
 
@@ -422,7 +423,7 @@ def run_export(cfg: ExportConfig) -> Path:
             generator=generator,
             prompt=prompt,
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
-            rag=RagDefaults(decoding=DECODING),
+            rag=RagDefaults(decoding=DECODING, retrieval="dense", retrieval_reason=NO_DEV_RETRIEVAL),
             corpus=CorpusProvenance(source=str(cfg.corpus), documents=documents, passages=len(passages),
                                     embedded_with="fp32"),
             parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q,
@@ -444,6 +445,7 @@ def run_export(cfg: ExportConfig) -> Path:
                                 offsets_path=gen / OFFSETS_FILE, dtype=cfg.index_dtype, shards=cfg.shards)
             _say(f"indexed {built.count} passages{f' in {cfg.shards} shards' if cfg.shards > 1 else ''}: embedding {seconds:.1f} s"
                  f"{'' if seconds else ' (cached: same encoder, same passages)'}, index {built.seconds_index:.1f} s")
+            bm25 = write_bm25(gen, passages)
             if cfg.passage_kv == "all":
                 from ragrt.decoding.blockstore import graph_id, write_store
                 compute = None
@@ -455,7 +457,7 @@ def run_export(cfg: ExportConfig) -> Path:
                 kv = write_store(tmp, manifest, gen, passages, compute=compute)
                 _say(f"passage KV: {kv.blocks} blocks, {kv.tokens} tokens, {kv.bytes / 1e6:.1f} MB")
             publish(tmp, gen, number=1, manifest_sha256=sha256_file(tmp / MANIFEST_NAME), documents=documents,
-                    index=built.shards[0], shards=built.shards[1:],
+                    index=built.shards[0], shards=built.shards[1:], bm25=bm25,
                     passages=PassagesSpec(data=DATA_FILE, offsets=OFFSETS_FILE, count=built.count))
         if cfg.dev:
             # Measured on the written bundle, so the manifest is written again with the figures.
@@ -522,16 +524,37 @@ def passage_kv_on_by_default(parity: PassageKVParity) -> bool:
             and parity.f1_blocks >= parity.f1_full - 0.01)
 
 
+NO_DEV_RETRIEVAL = "no --dev set: dense"
+# BM25 or hybrid becomes the default only this far above dense in dev recall@5 (issue 28): the
+# FAQ's dev split has 36 questions, on which one question is 2.8 points.
+RETRIEVAL_MARGIN = 0.03
+
+
+def retrieval_default(recall_at_5: dict[str, float]) -> tuple[str, str]:
+    """The default retrieval and the reason, from each retrieval's dev recall@5."""
+    figures = "dev recall@5 " + ", ".join(f"{r} {v:.3f}" for r, v in recall_at_5.items())
+    best = max((r for r in recall_at_5 if r != "dense"), key=recall_at_5.get, default=None)
+    if best and recall_at_5[best] >= recall_at_5["dense"] + RETRIEVAL_MARGIN:
+        return best, f"{figures}: {best}"
+    return "dense", f"{figures}: dense, as nothing else is {RETRIEVAL_MARGIN * 100:.0f} points above it"
+
+
 def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
-    """Answer F1 on the dev questions with each candidate decoding default, then (with the chosen
-    one) with passage KV, and with prompt-lookup drafts where they are not exact; the manifest with
-    those figures and the defaults they decide."""
+    """Recall@5 on the dev questions with each retrieval, then answer F1 with the chosen retrieval and
+    each candidate decoding default, then (with the chosen one) with passage KV, and with prompt-lookup
+    drafts where they are not exact; the manifest with those figures and the defaults they decide."""
     from ragrt.engine import Engine
     from ragrt.decoding.sampling import DecodingConfig
-    from ragrt.evaluate import evaluate, read_qa
+    from ragrt.evaluate import evaluate, read_qa, retrieval_recall
     items = read_qa(dev)
     engine = Engine.open(bundle)
     parity, rag, generator = manifest.parity, manifest.rag, manifest.generator
+
+    recall = {r: figures["recall@5"] for r, figures in retrieval_recall(engine, items).items()}
+    retrieval, reason = retrieval_default(recall)
+    rag = dataclasses.replace(rag, retrieval=retrieval, retrieval_reason=reason)
+    engine.manifest = dataclasses.replace(engine.manifest, rag=rag)     # the answers below use it
+    _say(f"retrieval: {reason}")
 
     scores = {}
     for label, candidate in DECODING_CANDIDATES.items():
@@ -606,5 +629,5 @@ def reseal(bundle: Path, manifest: Manifest) -> None:
             os.link(old.path / rel, gen / rel)
         publish(bundle, gen, number=old.spec.number + 1, manifest_sha256=sha256_file(bundle / MANIFEST_NAME),
                 index=old.spec.index, shards=old.spec.shards, passages=old.spec.passages, documents=old.spec.documents,
-                linked_from=old)
+                bm25=old.spec.bm25, linked_from=old)
     shutil.rmtree(old.path)

@@ -24,6 +24,11 @@ KINDS = {
     "corpus/gen-000001/vectors.usearch": "index",
     "corpus/gen-000001/passages.bin": "passage data",
     "corpus/gen-000001/offsets.npy": "passage offsets",
+    "corpus/gen-000001/bm25/data.csc.index.npy": "bm25 scores",
+    "corpus/gen-000001/bm25/indices.csc.index.npy": "bm25 rows",
+    "corpus/gen-000001/bm25/indptr.csc.index.npy": "bm25 word offsets",
+    "corpus/gen-000001/bm25/params.index.json": "bm25 parameters",
+    "corpus/gen-000001/bm25/vocab.index.json": "bm25 vocabulary",
 }
 
 

@@ -73,7 +73,8 @@ def test_mode_extract_answers_what_the_extract_reference_says(tiny_bundle):
 
 @pytest.mark.parametrize("mode", ["concat", "token", "sequence"])
 def test_evaluate_embeds_each_question_once_and_answers_as_ask(tiny_bundle, mode, monkeypatch):
-    """One embedding per question, yet the generator gets ask's k passages and weights, not the depth-10 search."""
+    """One embedding per question, yet the generator gets ask's k passages and weights, not the depth-10 search;
+    then one batch of them all for the recall of each retrieval."""
     from ragrt import Engine
     engine = Engine.open(tiny_bundle)
     questions = ["How do I copy a list?", "What is the GIL?", "How are files closed?"]
@@ -83,7 +84,7 @@ def test_evaluate_embeds_each_question_once_and_answers_as_ask(tiny_bundle, mode
     embed_all = engine.encoder.embed_all
     monkeypatch.setattr(engine.encoder, "embed_all", lambda texts: embedded.append(list(texts)) or embed_all(texts))
     result = evaluate(engine, items, k=2, mode=mode, max_new_tokens=12)
-    assert embedded == [[q] for q in questions]
+    assert embedded == [[q] for q in questions] + [questions]
     assert result.answer["exact_match"] == 1.0
     ranks = [next(r for r, h in enumerate(engine.retrieve(q, k=5), start=1) if h.id.startswith("lists"))
              for q in questions]

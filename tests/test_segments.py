@@ -103,7 +103,7 @@ def test_remove_after_adds_compacts_into_one_data_file(bundle, tmp_path):
     gen = Bundle.open(bundle, verify=True).generation
     spec = gen.spec.passages
     assert (spec.data, spec.offsets, spec.segments) == ("passages.bin", "offsets.npy", ())
-    assert sorted(gen.spec.files) == ["offsets.npy", "passages.bin", "vectors.usearch"]
+    assert sorted(gen.spec.files) == sorted(["offsets.npy", "passages.bin", "vectors.usearch", *gen.spec.bm25.paths])
     assert inode(gen.file("passages.bin")) != inode(linked)
     assert rows(bundle) == [p for p in before if p.id.split("#")[0] not in ("gil", "dict", "set")]
     assert gen.file("passages.bin").read_bytes() == b"".join(map(record, rows(bundle)))
@@ -126,7 +126,8 @@ def seal_as_before_segments(bundle: Path) -> None:
 def test_a_generation_from_before_segments_opens_and_updates(bundle, tmp_path):
     seal_as_before_segments(bundle)
     old = Bundle.open(bundle).generation
-    assert old.spec.schema_version == 0 and sorted(old.spec.files) == ["offsets.npy", "passages.bin", "vectors.usearch"]
+    assert old.spec.schema_version == 0 and sorted(old.spec.files) == sorted(
+        ["offsets.npy", "passages.bin", "vectors.usearch", *old.spec.bm25.paths])
     before = rows(bundle)
     assert [p.id for p in before] == ["lists#0", "json#0", "gil#0", "files#0", "gen#0"]
     with pytest.raises(CorpusError, match=r"new\.jsonl:1: document 'gil' is already in the bundle"):
@@ -187,6 +188,7 @@ def test_publish_hashes_a_linked_path_that_is_another_file(bundle, tmp_path):
     gen = Bundle.open(bundle).generation
     with versions.staging(bundle) as tmp:
         for rel in gen.spec.files:
+            (tmp / rel).parent.mkdir(exist_ok=True)
             shutil.copyfile(gen.file(rel), tmp / rel)
         blob = bytearray((tmp / "passages.bin").read_bytes())
         blob[-2] ^= 0x01                          # same size, other bytes

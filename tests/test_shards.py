@@ -71,7 +71,7 @@ def test_three_shards_answer_as_one_index(tiny_bundle, sharded_bundle):
     assert one.manifest.schema_version == 3 and one.generation.spec.index.path == "vectors.usearch"
     assert "shards" not in json.loads(one.generation.file(GENERATION_FILE).read_text())
     assert sorted(p.name for p in one.generation.path.iterdir()) == [
-        "generation.json", "offsets.npy", "passages.bin", "vectors.usearch"]
+        "bm25", "generation.json", "offsets.npy", "passages.bin", "vectors.usearch"]
     assert_same_answers(tiny_bundle, sharded_bundle)
     # A row's stored vector is found in whichever shard holds it.
     from ragrt import Engine

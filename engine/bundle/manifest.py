@@ -33,6 +33,8 @@ SCHEMA_VERSION = 7
 # kv_scales), which a version-5 reader would bind as a float cache. Export no longer writes such
 # graphs: an int8 cache now lives in a step graph (GeneratorSpec.step_model) beside the float one,
 # which older readers ignore, decoding with `model` alone, so it needs no version of its own.
+# Nor do a generation's BM25 index (GenerationSpec.bm25) and rag.retrieval: older readers ignore
+# both and answer with dense retrieval, as they always did.
 # Version 7 lets the default answer mode be "extract" (RagDefaults.mode), which a version-6 reader
 # would refuse on every request that takes the default.
 FIRST_READABLE_VERSION = 2
@@ -197,6 +199,19 @@ class IndexSpec:
 
 
 @dataclass(frozen=True)
+class Bm25Spec:
+    """A BM25 index of the generation's passages (retrieval/bm25.py): document i is passage row i."""
+    path: str                      # the directory of bm25s's files
+    files: tuple[str, ...]         # their names, which the generation's checksums must cover
+    count: int                     # documents
+    tokenizer: str                 # how words were cut; queries must be cut the same way
+
+    @property
+    def paths(self) -> list[str]:
+        return [f"{self.path}/{name}" for name in self.files]
+
+
+@dataclass(frozen=True)
 class PassagesSpec:
     """UTF-8 JSON records {"id", "title", "text"} in one data file or, since schema 5, in several
     (segments), read as one concatenation: `data`, then each of `segments`."""
@@ -224,6 +239,9 @@ class RagDefaults:
     passage_kv: str = "off"
     # How mode "extract" picks sentences; older bundles take the defaults.
     extract: ExtractSettings = field(default_factory=ExtractSettings)
+    # "dense" | "bm25" | "hybrid", chosen by the export on `--dev` recall@5 (bundles before it: dense).
+    retrieval: str = "dense"
+    retrieval_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -378,6 +396,8 @@ class GenerationSpec:
     # written_version of this generation, which may need a newer schema than the manifest it was
     # built for; 0: written before generations recorded one (the manifest's version describes them).
     schema_version: int = 0
+    # None: no BM25 index (generations written before ragrt kept one), so dense retrieval only.
+    bm25: Bm25Spec | None = None
 
     @property
     def index_shards(self) -> tuple[IndexSpec, ...]:
@@ -389,6 +409,8 @@ class GenerationSpec:
             del raw["shards"]          # a one-shard generation.json reads as before shards existed
         if not self.passages.segments:
             del raw["passages"]["segments"]     # and a one-file store as before segments
+        if self.bm25 is None:
+            del raw["bm25"]
         return json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -399,7 +421,8 @@ class GenerationSpec:
         return _checked(_build(cls, raw, where), where)
 
     def referenced_paths(self) -> list[str]:
-        return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets]
+        return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets,
+                *(self.bm25.paths if self.bm25 else ())]
 
 
 def written_version(*, shards: int, segments: int = 1, mode: str = "concat") -> int:

@@ -30,7 +30,8 @@ from typing import Iterator
 from ragrt.bundle.atomic import atomic_write_text, fsync_dir, fsync_tree
 from ragrt.errors import BundleError, UserInputError
 from ragrt.bundle.integrity import check_files, check_inside, sha256_file
-from ragrt.bundle.manifest import GENERATION_SCHEMA, FileEntry, GenerationSpec, IndexSpec, PassagesSpec, written_version
+from ragrt.bundle.manifest import (GENERATION_SCHEMA, Bm25Spec, FileEntry, GenerationSpec, IndexSpec, PassagesSpec,
+                                   written_version)
 
 CORPUS_DIR = "corpus"
 POINTER = "CURRENT"
@@ -170,7 +171,7 @@ def staging(bundle: Path) -> Iterator[Path]:
 
 def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, index: IndexSpec,
             passages: PassagesSpec, documents: int, shards: tuple[IndexSpec, ...] = (),
-            linked_from: Generation | None = None) -> Generation:
+            bm25: Bm25Spec | None = None, linked_from: Generation | None = None) -> Generation:
     """Seals `staged` as generation `number` and makes it current; the one swap readers can see.
     `linked_from`: the generation some staged files are hard links into, whose entries they keep."""
     bundle = Path(bundle)
@@ -178,7 +179,7 @@ def publish(bundle: Path, staged: Path, *, number: int, manifest_sha256: str, in
     spec = GenerationSpec(
         schema=GENERATION_SCHEMA, number=number, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         manifest_sha256=manifest_sha256, files=_entries(staged, linked_from),
-        index=index, passages=passages, documents=documents, shards=tuple(shards),
+        index=index, passages=passages, documents=documents, shards=tuple(shards), bm25=bm25,
         schema_version=written_version(shards=1 + len(shards), segments=len(passages.data_files)))
     (staged / GENERATION_FILE).write_text(spec.to_json(), encoding="utf-8")
     fsync_tree(staged)

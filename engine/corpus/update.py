@@ -8,6 +8,8 @@ the passage store and hard-links the old segments (retrieval/passages.py): besid
 it writes only the store's row table (16 bytes a passage) and the receiving shard. `remove` rewrites
 the store whole, compacted into one data file. New documents are chunked with the bundle's chunking
 settings and embedded by its own encoder, so they are indistinguishable from exported ones.
+The BM25 index (retrieval/bm25.py) is built again from the new generation's passages, since bm25s
+cannot change one in place; an update to a bundle exported before BM25 indexes gives it one.
 A generation with a passage KV store (`--passage-kv all`) passes one on: the new generation's store
 is written whole, each kept block copied from the old store and each new one computed by the
 bundle's generator, so it never holds the blocks of removed passages (and an `add` to such a bundle
@@ -38,6 +40,7 @@ from ragrt.bundle.versions import (DATA_FILE, OFFSETS_FILE, ROWS_FILE, Generatio
 from ragrt.bundle.manifest import PassagesSpec
 from ragrt.decoding.blockstore import has_store, write_store
 from ragrt.runtime.sessions import SessionConfig
+from ragrt.retrieval.bm25 import write_bm25
 from ragrt.retrieval.index import build_index, open_index, stored
 from ragrt.retrieval.passages import (Passage, PassageStore, add_segment, document_of,
                                       write_passage_store)
@@ -167,12 +170,13 @@ def _publish(bundle: Bundle, gen: Generation, tmp: Path, changed: dict, passages
         else:
             os.link(gen.file(spec.path), tmp / spec.path)    # never written again: see bundle/versions.py
         shards.append(spec)
+    written = PassageStore.open(tmp, passages)
+    bm25 = write_bm25(tmp, _records(written))
     if has_store(gen):
         # The generator is opened only here: most bundles have no store, and it costs a session.
-        written = PassageStore.open(tmp, passages)
         write_store(bundle.root, bundle.manifest, tmp, _records(written),
                     session_config=SessionConfig(device="cpu", threads=threads), reuse=gen.path)
     new = publish(bundle.root, tmp, number=gen.spec.number + 1, manifest_sha256=bundle.manifest_sha256,
-                  index=shards[0], shards=tuple(shards[1:]), passages=passages, documents=documents,
+                  index=shards[0], shards=tuple(shards[1:]), passages=passages, documents=documents, bm25=bm25,
                   linked_from=gen)
     return UpdateResult(new.name, added, removed, passages.count, documents)

@@ -54,4 +54,5 @@ class LiveRetriever:
 
 
 def _retriever(gen: Generation, encoder: TextEncoder) -> Retriever:
-    return Retriever.open(gen.path, gen.spec.index, gen.spec.passages, encoder, shards=gen.spec.shards)
+    return Retriever.open(gen.path, gen.spec.index, gen.spec.passages, encoder, shards=gen.spec.shards,
+                          bm25=gen.spec.bm25)

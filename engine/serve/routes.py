@@ -55,7 +55,7 @@ async def metrics(request: Request, services: Shared):
     200: {"content": {"text/event-stream": {}},
           "description": "JSON, or with stream: `token` events {text} then one `answer` event"}})
 async def ask(req: AskRequest, services: Shared, _: Ready):
-    options = dict(k=req.k, mode=req.mode, max_new_tokens=req.max_new_tokens, prior_temperature=req.prior_temperature,
+    options = dict(k=req.k, retrieval=req.retrieval, mode=req.mode, max_new_tokens=req.max_new_tokens, prior_temperature=req.prior_temperature,
                    **req.decoding_options(),
                    history=[t.model_dump() for t in req.history], task=req.task, passage_kv=req.passage_kv)
     stream = await run_in_threadpool(lambda: services.start(req.question, **options))
@@ -71,7 +71,7 @@ async def chat(req: ChatRequest, services: Shared, engine: Ready):
     question, history = _conversation(req)
     limit = req.max_completion_tokens or req.max_tokens or engine.manifest.rag.max_new_tokens
     stream = await run_in_threadpool(lambda: services.start(question, max_new_tokens=limit, history=history,
-                                                            passage_kv=req.passage_kv, mode=req.mode,
+                                                            passage_kv=req.passage_kv, mode=req.mode, retrieval=req.retrieval,
                                                             **req.decoding_options()))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -118,7 +118,7 @@ async def models(engine: Ready):
 @api.post("/retrieve", response_model=RetrieveResponse)
 async def retrieve(req: RetrieveRequest, engine: Ready):
     t0 = time.perf_counter()
-    hits = await run_in_threadpool(engine.retrieve, req.query, req.k)
+    hits = await run_in_threadpool(engine.retrieve, req.query, req.k, req.retrieval)
     return {"passages": [{"id": h.id, "title": h.title, "text": h.text, "score": h.score} for h in hits],
             "timings_ms": {"total": round((time.perf_counter() - t0) * 1e3, 2)}}
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ragrt.decoding.sampling import MAX_STOP_STRINGS
-from ragrt.options import MAX_K, MAX_TURNS, MODES, PASSAGE_KV_MODES
+from ragrt.options import MAX_K, MAX_TURNS, MODES, PASSAGE_KV_MODES, RETRIEVALS
 
 # Bounds on what one request may make the server hold; the engine checks the bundle's own limits.
 MAX_TEXT = 100_000
@@ -16,6 +16,8 @@ MAX_EMBED = 256
 VISIBLE = r"[^\s\x00-\x1f\x7f]"
 PASSAGE_KV_HELP = ('reuse each retrieved passage\'s keys and values: "on", "off", or "auto", the bundle\'s '
                    'measured default (`ragrt info`); "on" where the bundle has no passage KV is a 422')
+RETRIEVAL_HELP = ('"dense" (embeddings), "bm25" (words) or "hybrid" (both, fused by reciprocal rank); default: the '
+                  'bundle\'s (`ragrt info`); "bm25" or "hybrid" where the bundle has no BM25 index is a 422')
 PASSAGE_KV_COUNTS = 'passage KV blocks {"reused", "computed"}, when it was on'
 MODE_HELP = ('how passages become the answer: "concat", "token", "sequence" (generated), or "extract" (the '
              "passages' sentences that best answer, no generator); default: the bundle's (`ragrt info`)")
@@ -69,6 +71,7 @@ class Decoding(BaseModel):
 class AskRequest(Strict, Decoding):
     question: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
     k: Optional[Int(1, MAX_K)] = Field(None, description="passages to retrieve (default: the bundle's)")
+    retrieval: Optional[Literal[RETRIEVALS]] = Field(None, description=RETRIEVAL_HELP)
     mode: Optional[Literal[MODES]] = Field(None, description=MODE_HELP)
     max_new_tokens: Optional[Int(1)] = Field(None, description="at most half the generator's context")
     prior_temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
@@ -114,6 +117,7 @@ class AskResponse(BaseModel):
 class RetrieveRequest(Strict):
     query: str = Field(max_length=MAX_TEXT, pattern=VISIBLE)
     k: Optional[Int(1, MAX_K)] = None
+    retrieval: Optional[Literal[RETRIEVALS]] = Field(None, description=RETRIEVAL_HELP)
 
 
 class Passage(BaseModel):
@@ -161,7 +165,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(Decoding):
     """OpenAI's chat completion request, with ragrt's decoding options (top_k, repetition_penalty, ...)
-    and passage_kv accepted as extra body fields. Fields OpenAI has and ragrt does not use (frequency_penalty, logit_bias,
+    and passage_kv and retrieval accepted as extra body fields. Fields OpenAI has and ragrt does not use (frequency_penalty, logit_bias,
     tools) are ignored."""
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str = "ragrt"
@@ -172,6 +176,7 @@ class ChatRequest(Decoding):
     n: Optional[Literal[1]] = None
     passage_kv: Literal[PASSAGE_KV_MODES] = Field("auto", description="ragrt's extension: " + PASSAGE_KV_HELP)
     mode: Optional[Literal[MODES]] = Field(None, description="ragrt's extension: " + MODE_HELP)
+    retrieval: Optional[Literal[RETRIEVALS]] = Field(None, description="ragrt's extension: " + RETRIEVAL_HELP)
 
 
 class ChatChoiceMessage(BaseModel):
