@@ -145,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         overlap=args.overlap, max_context=args.max_context, force=args.force,
         parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, kv_cache=args.kv_cache,
         shards=args.shards,
-        ray=args.ray, dev=args.dev)
+        ray=args.ray, dev=args.dev, answer_mode=args.answer_mode)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
     return 0

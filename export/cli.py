@@ -1,11 +1,13 @@
 """`ragrt export`'s arguments, declared beside the pipeline they configure.
 
-`ragrt --help` builds this parser, so this module imports only the standard library: no torch.
+`ragrt --help` builds this parser, so this module imports only the standard library and ragrt.options: no torch.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from ragrt.options import MODES
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out Q/A JSONL: answer F1 with full prefill, with passage KV and with prompt-lookup "
                         "drafts, recorded in the manifest; passage KV and drafts become defaults only where "
                         "their F1 holds within a point")
+    p.add_argument("--answer-mode", choices=["auto", *MODES], default="auto",
+                   help="the bundle's default answer mode: auto (default) measures the generated answers and mode "
+                        "extract on --dev and keeps the better, concat without --dev; or name one")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="chunk and embed the corpus on a Ray cluster (needs ragrt[ray]), and with --passage-kv "

@@ -25,6 +25,7 @@ from ragrt.bundle.reader import Bundle
 from ragrt.corpus.documents import chunk_documents, read_documents
 from ragrt.retrieval.encoder import TextEncoder
 from ragrt.errors import RagrtError, UserInputError
+from ragrt.options import MODES
 from ragrt.bundle.versions import CORPUS_DIR, DATA_FILE, INDEX_FILE, OFFSETS_FILE, publish, staging
 from ragrt.bundle.integrity import sha256_file
 from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpec, CorpusProvenance,
@@ -78,6 +79,7 @@ class ExportConfig:
     kv_cache: str = "auto"                  # decode steps' KV cache: auto, int8 (quant/kvcache.py) or float32
     shards: int = 1                         # index shards of consecutive passages (retrieval/shards.py)
     ray: str | None = None                  # chunk and embed on Ray: "local" or a cluster address (ray_embed.py)
+    answer_mode: str = "auto"               # rag.mode; auto: the better on --dev answers, concat without --dev
 
 
 def _say(msg: str) -> None:
@@ -327,6 +329,8 @@ def _validate(cfg: ExportConfig) -> None:
     if cfg.kv_cache == "int8" and (cfg.graph != "fused" or cfg.quantize == "fp16"):
         raise UserInputError("--kv-cache int8 needs the fused generator graph on the CPU: drop --graph optimum "
                              "and --quantize fp16")
+    if cfg.answer_mode not in ("auto", *MODES):
+        raise UserInputError(f"--answer-mode must be auto or one of {', '.join(MODES)}, got {cfg.answer_mode!r}")
     if Path(cfg.out).exists() and not cfg.force:
         raise UserInputError(f"{cfg.out} already exists; pass --force to replace it")
 
@@ -414,8 +418,9 @@ def run_export(cfg: ExportConfig) -> Path:
         _say(f"prompt-lookup drafts vs one token per pass, {drafts.prompts} prompts: {drafts.agreement:.3f} of the "
              f"greedy tokens kept ({'exact' if generator.drafts_exact else 'not exact'}; used "
              f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
+        mode = "concat" if cfg.answer_mode == "auto" else cfg.answer_mode
         manifest = Manifest(
-            schema=SCHEMA, schema_version=written_version(shards=cfg.shards),
+            schema=SCHEMA, schema_version=written_version(shards=cfg.shards, mode=mode),
             ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
@@ -423,7 +428,7 @@ def run_export(cfg: ExportConfig) -> Path:
             generator=generator,
             prompt=prompt,
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
-            rag=RagDefaults(decoding=DECODING, retrieval="dense", retrieval_reason=NO_DEV_RETRIEVAL),
+            rag=RagDefaults(decoding=DECODING, retrieval="dense", retrieval_reason=NO_DEV_RETRIEVAL, mode=mode),
             corpus=CorpusProvenance(source=str(cfg.corpus), documents=documents, passages=len(passages),
                                     embedded_with="fp32"),
             parity=ParityReport(encoder=EncoderParity(**enc_meta["parity"]), generator=generator_parity, used=q,
@@ -461,7 +466,7 @@ def run_export(cfg: ExportConfig) -> Path:
                     passages=PassagesSpec(data=DATA_FILE, offsets=OFFSETS_FILE, count=built.count))
         if cfg.dev:
             # Measured on the written bundle, so the manifest is written again with the figures.
-            reseal(tmp, dev_decisions(tmp, cfg.dev, manifest))
+            reseal(tmp, dev_decisions(tmp, cfg.dev, manifest, choose_mode=cfg.answer_mode == "auto"))
         Bundle.open(tmp, verify=True)           # the reader must accept what the writer wrote
     return Path(cfg.out)
 
@@ -539,7 +544,7 @@ def retrieval_default(recall_at_5: dict[str, float]) -> tuple[str, str]:
     return "dense", f"{figures}: dense, as nothing else is {RETRIEVAL_MARGIN * 100:.0f} points above it"
 
 
-def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
+def dev_decisions(bundle: Path, dev: Path, manifest: Manifest, *, choose_mode: bool = True) -> Manifest:
     """Recall@5 on the dev questions with each retrieval, then answer F1 with the chosen retrieval and
     each candidate decoding default, then (with the chosen one) with passage KV, and with prompt-lookup
     drafts where they are not exact; the manifest with those figures and the defaults they decide."""
@@ -591,7 +596,7 @@ def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
              f"{'on' if generator.drafts else 'off'}")
     generated = DecodingScore(f1=parity.passage_kv.f1_blocks if rag.passage_kv == "on" else full,
                               loop_rate=scores[chosen].loop_rate)
-    rag, parity = answer_mode(engine, items, rag, parity, generated)
+    rag, parity = answer_mode(engine, items, rag, parity, generated, choose=choose_mode)
     return dataclasses.replace(manifest, parity=parity, rag=rag, generator=generator,
                                schema_version=max(manifest.schema_version, written_version(shards=1, mode=rag.mode)))
 
@@ -599,10 +604,10 @@ def dev_decisions(bundle: Path, dev: Path, manifest: Manifest) -> Manifest:
 EXTRACT_WORDS = (30, 45, 60, 80)      # candidate answer budgets of mode extract
 
 
-def answer_mode(engine, items: list, rag: RagDefaults, parity: ParityReport, generated: DecodingScore
-                ) -> tuple[RagDefaults, ParityReport]:
-    """Extract's answer budget fitted to the dev answers, then the default mode: extract where its dev
-    F1 beats the generated answers' (a generator that distorts its passages), concat otherwise."""
+def answer_mode(engine, items: list, rag: RagDefaults, parity: ParityReport, generated: DecodingScore, *,
+                choose: bool = True) -> tuple[RagDefaults, ParityReport]:
+    """Extract's answer budget fitted to the dev answers, then (`choose`) the default mode: extract where its
+    dev F1 beats the generated answers' (a generator that distorts its passages), concat otherwise."""
     from ragrt.evaluate import evaluate
     fits = {}
     for words in EXTRACT_WORDS:
@@ -611,9 +616,9 @@ def answer_mode(engine, items: list, rag: RagDefaults, parity: ParityReport, gen
         fits[words] = evaluate(engine, items, mode="extract").answer
     words = max(EXTRACT_WORDS, key=lambda w: fits[w]["f1"])        # ties: the shortest
     extracted = DecodingScore(f1=round(fits[words]["f1"], 4), loop_rate=round(fits[words]["loop_rate"], 4))
-    mode = "extract" if extracted.f1 > generated.f1 else "concat"
+    mode = ("extract" if extracted.f1 > generated.f1 else "concat") if choose else rag.mode
     _say(f"dev F1: generated {generated.f1:.3f}, extract {extracted.f1:.3f} (at most {words} words): "
-         f"answer mode {mode} by default")
+         f"answer mode {mode} by default{'' if choose else ' (--answer-mode)'}")
     rag = dataclasses.replace(rag, mode=mode, extract=dataclasses.replace(rag.extract, words=words))
     return rag, dataclasses.replace(parity, answer_modes={"concat": generated, "extract": extracted})
 

@@ -27,3 +27,21 @@ def test_dev_answers_choose_extract_where_it_beats_the_generator(tiny_corpus, ti
     answer = Engine.open(bundle).ask("How do I copy a list?")
     assert answer.mode == "extract" and answer.grounded == 1.0
     assert answer.answer.startswith("Use list.copy() or a slice a[:] to copy a list.")
+
+
+def test_answer_mode_named_at_export_is_the_default_without_dev(tiny_corpus, tiny_encoder_dir, tiny_generator_dir,
+                                                               tmp_path):
+    from ragrt import Engine
+    from ragrt.errors import UserInputError
+    from ragrt.export.pipeline import ExportConfig, run_export
+    import pytest
+    config = ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
+                          generator=tiny_generator_dir, quantize="fp32", parity_prompts=2, max_context=512,
+                          answer_mode="extract")
+    with pytest.raises(UserInputError, match="--answer-mode must be auto or one of"):
+        run_export(ExportConfig(**{**config.__dict__, "answer_mode": "quote"}))
+    bundle = run_export(config)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["rag"]["mode"] == "extract" and manifest["schema_version"] == 7
+    assert manifest["parity"]["answer_modes"] == {}
+    assert Engine.open(bundle).ask("What does the GIL do?").grounded == 1.0
