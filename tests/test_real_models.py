@@ -133,7 +133,10 @@ def test_passage_kv_answers_from_the_right_passage(faq_bundle):
 
 def test_quotes_are_verbatim_over_a_whole_qa_split(faq_bundle):
     """Every quote of every answer of the FAQ dev split, generated and extracted, is the source's own text."""
+    import re
+
     from ragrt import Engine
+    from ragrt.citations import MIN_QUOTE_WORDS
     from ragrt.export.data.faq import faq_items, split_of
     engine = Engine.open(faq_bundle)
     questions = [item.question for item in faq_items() if split_of(item.question) == "dev"]
@@ -148,6 +151,6 @@ def test_quotes_are_verbatim_over_a_whole_qa_split(faq_bundle):
                 for q in s.quotes:
                     assert ans.answer[q.answer[0]:q.answer[1]] == s.text[q.passage[0]:q.passage[1]], (question, mode)
                 quoted[mode] += len(s.quotes)
-            if mode == "extract":
-                assert ans.grounded == 1.0, (question, ans.answer)
+            if mode == "extract":       # all quoted, but for an answer too short to be a quote
+                assert ans.grounded == 1.0 or len(re.findall(r"\w+", ans.answer)) < MIN_QUOTE_WORDS, ans.answer
     assert quoted["concat"] > 0 and quoted["extract"] >= len(questions)
