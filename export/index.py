@@ -38,7 +38,7 @@ def embed_passages(passages: Sequence[Passage], encoder: TextEncoder, *, batch_s
     vectors = np.empty((len(passages), encoder.dim), dtype=np.float32)
     row = 0
     with tqdm(total=len(passages), desc="embedding passages", unit="passage", disable=not progress) as bar:
-        for batch in encoder.embed((passage_text(p) for p in passages), batch_size=batch_size):
+        for batch in encoder.embed((passage_text(p) for p in passages), batch_size=batch_size, passages=True):
             vectors[row:row + len(batch)] = batch
             row += len(batch)
             bar.update(len(batch))
@@ -64,7 +64,8 @@ def cached_embeddings(passages: Sequence[Passage], encoder: TextEncoder, model_k
         np.save(tmp / "vectors.npy", embed_passages(passages, encoder, progress=progress))
         spent[0] = time.perf_counter() - t0
 
-    entry = cached_dir("embeddings", content_key(model_key, digest.hexdigest(), f"max_length-{encoder.max_length}"), build)
+    entry = cached_dir("embeddings", content_key(model_key, digest.hexdigest(), f"max_length-{encoder.max_length}",
+                                                      f"prefix-{encoder.prefixes[True]}"), build)
     vectors = np.load(entry / "vectors.npy")
     if vectors.shape != (len(passages), encoder.dim):
         raise UserInputError(f"{entry}: cached embeddings have shape {vectors.shape}; delete that directory")

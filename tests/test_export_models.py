@@ -219,6 +219,29 @@ def test_checkpoint_checks(tiny_encoder_dir, tiny_generator_dir, tmp_path):
         generator_checkpoint(tmp_path)
 
 
+def test_packaged_names_and_gguf_files(tiny_generator_dir, tmp_path, monkeypatch):
+    import sys
+    from ragrt.export import models
+    with pytest.raises(RagrtError, match=r"'qwen-tiny' is neither a path nor a packaged generator "
+                                         r"\(packaged: smollm2-135m, gemma3-270m\)"):
+        generator_checkpoint("qwen-tiny")
+    with pytest.raises(RagrtError, match="neither a path nor a packaged encoder"):
+        encoder_checkpoint("bge-small")
+    # A name whose package is not installed says what to install.
+    for name, packaged in models.PACKAGED_GENERATORS.items():
+        monkeypatch.setitem(sys.modules, packaged.module, None)       # find_spec then finds nothing
+        with pytest.raises(RagrtError, match=f"the packaged model '{name}' is not installed: "
+                                             f"{packaged.install}"):
+            generator_checkpoint(name)
+    with pytest.raises(RagrtError, match="no such GGUF file"):
+        generator_checkpoint(tmp_path / "missing.gguf")
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file")
+    monkeypatch.setenv("RAGRT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RagrtError, match="transformers cannot read this GGUF file"):
+        generator_checkpoint(tmp_path / "broken.gguf")
+    assert not list((tmp_path / "cache" / "generator-hf").iterdir())     # nothing half-converted is kept
+
+
 # --- cache -----------------------------------------------------------------------------------
 
 @pytest.fixture

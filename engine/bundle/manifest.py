@@ -19,7 +19,7 @@ from ragrt.decoding.sampling import DecodingDefaults
 from ragrt.errors import BundleError, UserInputError
 
 SCHEMA = "ragrt.bundle"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Version 2 moved the index and the passage store into corpus generations (bundle/versions.py).
 # Version 3 lets a packed graph take each row's length (io.seqlens_k, io.total_sequence_length)
 # in place of an attention mask, which a version-2 reader would still try to feed.
@@ -32,6 +32,9 @@ SCHEMA_VERSION = 6
 # kv_scales), which a version-5 reader would bind as a float cache. Export no longer writes such
 # graphs: an int8 cache now lives in a step graph (GeneratorSpec.step_model) beside the float one,
 # which older readers ignore, decoding with `model` alone, so it needs no version of its own.
+# Version 7 records per-layer and scaled rotary (GeneratorSpec.rotary_inv_freq, local_rotary_layers),
+# which a version-6 reader would turn passage KV keys without, and the encoder's query and
+# passage prefixes (EncoderSpec), which it would not prepend.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -62,6 +65,11 @@ class EncoderSpec:
     # Exactly the graph's inputs: input_ids and attention_mask, and token_type_ids (fed zeros)
     # for graphs that kept it.
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    pooling: str = "mean"          # "mean" | "cls", done inside the graph
+    # Put before each question and each passage before embedding (e5's "query: " / "passage: ",
+    # bge's query instruction); since schema 7.
+    query_prefix: str = ""
+    passage_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,12 @@ class GeneratorSpec:
     rotary_base: float = 0.0
     rotary_dim: int = 0
     rotary_interleaved: bool = False
+    # Where layers differ from rotary_base's plain frequencies base ** (-2i / dim), each checked
+    # against the graph's table like it (schema 7). Scaled rotary (Llama 3.x's `llama3`, `linear`):
+    # the frequencies themselves. Gemma 3's sliding-window layers: their own base.
+    rotary_inv_freq: tuple[float, ...] = ()
+    local_rotary_layers: tuple[int, ...] = ()
+    rotary_local_base: float = 0.0
     # Prompt-lookup drafts where not `drafts_exact` too: the export found the answers unchanged
     # within noise on `--dev` questions (parity.drafts holds the figures).
     drafts: bool = False
@@ -395,11 +409,15 @@ class GenerationSpec:
         return [*(s.path for s in self.index_shards), *self.passages.data_files, self.passages.offsets]
 
 
-def written_version(*, shards: int, segments: int = 1) -> int:
+def written_version(*, shards: int, segments: int = 1, model_conventions: bool = False) -> int:
     """The schema_version a bundle (or a corpus generation) is written with: the oldest that describes
     it, so that older ragrt opens every bundle it reads right (git writes repositoryformatversion 0 until
     an extension needs 1). A segmented passage store needs version 5, a sharded index 4; a new version
-    adds its own condition here. Export writes one segment."""
+    adds its own condition here. Export writes one segment. `model_conventions`: the generator's
+    rotary differs by layer or from its base (GeneratorSpec.rotary_inv_freq, local_rotary_layers), or the
+    encoder pools by CLS or prefixes its texts (EncoderSpec), which an older reader would not apply."""
+    if model_conventions:
+        return 7
     if segments > 1:
         return 5
     return 4 if shards > 1 else 3

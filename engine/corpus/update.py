@@ -69,7 +69,7 @@ def add_documents(bundle_path: str | Path, corpus: str | Path, *, threads: int =
         if not new:
             raise CorpusError(f"{corpus}: the documents have no text to index")
         encoder = TextEncoder.from_spec(bundle.root, m.encoder, SessionConfig(threads=threads))
-        vectors = encoder.embed_all([passage_text(p) for p in new])
+        vectors = encoder.embed_all([passage_text(p) for p in new], passages=True)
         counts = [s.count for s in gen.spec.index_shards]
         j = receiving_shard(counts)
         index = _open_index(gen, j, view=False)       # a private, writable copy of the shard's graph
