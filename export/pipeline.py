@@ -205,7 +205,7 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from ragrt.export.onnx.graphs import FUSED_PRECISIONS, describe_generator
+    from ragrt.export.onnx.graphs import builder_options, describe_generator
     from ragrt.export.parity import onnx_agreement, parity_prompt_ids, torch_greedy
 
     def build(tmp: Path) -> None:
@@ -241,7 +241,7 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
         recipe = f"export-v{GENERATOR_EXPORT_VERSION}"
     else:   # the builder's options are part of the recipe, so changing one variant's rebuilds only that one
         built_as = "fp32" if variant == "w8a8" else variant      # w8a8 rewrites the builder's fp32 graph
-        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *FUSED_PRECISIONS.get(built_as, ())])
+        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *builder_options(checkpoint, built_as)])
     return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused",
                       content_key(checkpoint, recipe, f"parity-{parity_prompts}", variant), build,
                       lineage=content_key(checkpoint, f"parity-{parity_prompts}"), recipe=recipe)

@@ -51,23 +51,37 @@ def test_rotary_recorded_per_shape(shape):
         assert spec.rotary_inv_freq == ()
 
 
-def test_greedy_equals_pytorch(shape):
-    """Prompts longer than Gemma 3's window of 12 check its sliding-window layer too."""
+def test_greedy_equals_pytorch(shape, monkeypatch):
+    """Prompts longer than Gemma 3's window of 24 check its sliding-window layer too, and cache buffers
+    that start shorter than the window (grown 16 positions at a time) its full-length caches."""
+    import ragrt.decoding.packed as packed
     from ragrt.export.parity import torch_greedy
-    _, checkpoint, graph, decoder = shape
+    monkeypatch.setattr(packed, "GROW", 16)
+    _, checkpoint, _, decoder = shape
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, decoder.spec.vocab_size, n).tolist() for n in (5, 17, 40)]
     assert [list(greedy(decoder, p, 16)) for p in prompts] == torch_greedy(checkpoint, prompts, decoder.spec, 16)
 
 
+def test_sliding_window_layers_keep_full_length_caches(shape):
+    """The window is the attention's mask on a cache as long as the sequence, not a ring buffer."""
+    import onnx
+    name, _, graph, _ = shape
+    attention = [n for n in onnx.load(str(graph), load_external_data=False).graph.node
+                 if n.op_type == "GroupQueryAttention"]
+    attributes = [{a.name: a.i for a in n.attribute if a.type == onnx.AttributeProto.INT} for n in attention]
+    assert [a.get("local_window_size") for a in attributes] == ([24, -1] if name == "gemma3" else [-1, -1])
+    assert not any(a.get("sliding_window_cache") for a in attributes)
+
+
 def test_passage_kv_equals_pytorch_block_reference(shape):
     """Three passage blocks after a prefix, assembled from passage KV, against PyTorch in float64
-    reading the same block prompt (sft.block_logits); the prompt spans several of Gemma 3's windows."""
+    reading the same block prompt (sft.block_logits); the prompt is longer than Gemma 3's window."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ragrt.export.train.sft import block_logits
-    _, checkpoint, graph, decoder = shape
+    _, checkpoint, _, decoder = shape
     rng = np.random.default_rng(2)
     ids = lambda n: tuple(int(t) for t in rng.integers(3, decoder.spec.vocab_size, n))
     p = BlockPrompt(ids(7), (ids(9), ids(14), ids(5)), ids(6))

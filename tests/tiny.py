@@ -42,8 +42,8 @@ GENERATOR_SHAPES = {
     # Llama 3.x's scaled rotary: low frequencies stretched by 8, over an original context of 64.
     "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
-    # Gemma 3: a sliding-window layer (window 12, its own rotary base) then a global one.
-    "gemma3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 12,
+    # Gemma 3: a sliding-window layer (window 24, its own rotary base) then a global one.
+    "gemma3": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 24,
                "rope_theta": 1e6, "rope_local_base_freq": 1e4, "query_pre_attn_scalar": 16, "head_dim": 16},
 }
 

@@ -115,6 +115,18 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 # int8 takes blocks of 64, which its int8-compute kernel runs faster than 32 and, unlike 128,
 # with the same numbers whatever the batch (benchmarks/README.md, "int8 weight blocks").
 FUSED_PRECISIONS = {"fp32": (), "int8": ("block_size=64",), "int4": (), "fp16": ()}
+# The builder's default for sliding-window layers (Gemma 3's) is a window-sized ring buffer that its
+# attention evicts by position (GroupQueryAttention's sliding_window_cache), which neither the packed
+# cache (one capacity for all layers, a key's index is its position) nor passage KV can follow.
+# Full-length caches with the window applied by the attention's mask (local_window_size) can.
+FULL_WINDOW_CACHES = ("windowed_kv_cache=false",)
+
+
+def builder_options(checkpoint: Path, precision: str) -> tuple[str, ...]:
+    """The builder's --extra_options for this checkpoint and precision: part of the cache recipe."""
+    import json
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return FUSED_PRECISIONS[precision] + (FULL_WINDOW_CACHES if config.get("sliding_window") else ())
 
 
 def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
@@ -139,8 +151,8 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
         cmd = [sys.executable, "-m", "ragrt.export.onnx.genai_build", "-i", str(Path(checkpoint).resolve()),
                "-o", f"{tmp}/out",
                "-p", precision, "-e", "cuda" if precision == "fp16" else "cpu", "-c", f"{tmp}/cache"]
-        if FUSED_PRECISIONS[precision]:
-            cmd += ["--extra_options", *FUSED_PRECISIONS[precision]]
+        if options := builder_options(checkpoint, precision):
+            cmd += ["--extra_options", *options]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -159,6 +171,10 @@ def _save_with_num_logits(model, out_dir: Path) -> None:
     onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
 
 
+# The end-of-turn tokens of the chat templates of ChatML (SmolLM2, Qwen), Gemma, Llama 3 and Phi-3.
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
 def describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     """Dimensions, stop tokens and chat template from the checkpoint; writes tokenizer.json."""
     from tokenizers import Tokenizer
@@ -172,10 +188,10 @@ def describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     backend.no_padding()
     backend.save(str(out_dir / "tokenizer.json"))
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # Chat models end a turn with <|im_end|> even when the config names another EOS.
-    eos_ids = tuple(dict.fromkeys([t for t in eos if t is not None] +
-                                  ([im_end] if im_end is not None and im_end != tokenizer.unk_token_id else [])))
+    # Chat templates end a turn with their own token even when the config names another EOS
+    # (a base model's GGUF, such as Gemma 3 270M's, names only <eos>).
+    turn_ends = [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in str(tokenizer.chat_template or "")]
+    eos_ids = tuple(dict.fromkeys([t for t in eos + turn_ends if t is not None and t != tokenizer.unk_token_id]))
     if not eos_ids:
         raise RagrtError(f"{checkpoint}: the generator config names no eos_token_id")
     heads = config.num_attention_heads
