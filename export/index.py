@@ -44,13 +44,16 @@ def cached_embeddings(passages: Sequence[Passage], encoder: TextEncoder, model_k
     for p in passages:
         digest.update(passage_text(p).encode("utf-8", "surrogatepass") + b"\0")
     spent = [0.0]
+    # Passages embedded with a prefix are other vectors; without one, the key is what it was before prefixes.
+    prefix = [f"prefix-{encoder.prefixes[True]}"] if encoder.prefixes[True] else []
 
     def build(tmp: Path) -> None:
         t0 = time.perf_counter()
         np.save(tmp / "vectors.npy", embed_passages(passages, encoder, progress=progress))
         spent[0] = time.perf_counter() - t0
 
-    entry = cached_dir("embeddings", content_key(model_key, digest.hexdigest(), f"max_length-{encoder.max_length}"), build)
+    entry = cached_dir("embeddings", content_key(model_key, digest.hexdigest(), f"max_length-{encoder.max_length}",
+                                                      *prefix), build)
     vectors = np.load(entry / "vectors.npy")
     if vectors.shape != (len(passages), encoder.dim):
         raise UserInputError(f"{entry}: cached embeddings have shape {vectors.shape}; delete that directory")

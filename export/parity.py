@@ -54,24 +54,24 @@ PARITY_PROMPTS: list[tuple[str, str, str]] = [
 ]
 
 
-def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int) -> np.ndarray:
+def torch_embeddings(checkpoint: Path, texts: list[str], max_length: int, pooling: str = "mean") -> np.ndarray:
     import torch
     from transformers import AutoModel, AutoTokenizer
+
+    from ragrt.export.onnx.graphs import pool
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModel.from_pretrained(checkpoint).eval()
     with torch.no_grad():
         batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         h = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(emb, dim=-1).numpy()
+        return torch.nn.functional.normalize(pool(h, batch["attention_mask"], pooling), dim=-1).numpy()
 
 
 def encoder_parity(checkpoint: Path, fp32: TextEncoder, int8: TextEncoder, w8a8: TextEncoder | None = None, *,
-                   max_length: int) -> EncoderParity:
+                   max_length: int, pooling: str = "mean") -> EncoderParity:
     """The w8a8 figures are None without a w8a8 graph (it is built only when a bundle ships it)."""
     texts = [t for q, title, p in PARITY_PROMPTS for t in (q, f"{title}\n{p}")]
-    ref = torch_embeddings(checkpoint, texts, max_length)
+    ref = torch_embeddings(checkpoint, texts, max_length, pooling)
     c32, c8 = ((enc.embed_all(texts) * ref).sum(1) for enc in (fp32, int8))
     cw8 = (w8a8.embed_all(texts) * ref).sum(1) if w8a8 is not None else None
     return EncoderParity(fp32_cosine_mean=float(c32.mean()), fp32_cosine_min=float(c32.min()),

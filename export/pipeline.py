@@ -38,7 +38,8 @@ from ragrt.runtime.sessions import SessionConfig
 from ragrt.export.cache import cached_dir, content_key
 from ragrt.export.index import build_index, cached_embeddings
 from ragrt.retrieval.bm25 import write_bm25
-from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
+from ragrt.export.models import (POOLINGS, checkpoint_name, encoder_checkpoint, encoder_conventions,
+                                 generator_checkpoint)
 from ragrt.export.pack import DECODING, DECODING_CANDIDATES, LOOP_LIMIT, library_versions, model_file_entries, now, prompt_spec, staging_dir, templates, write_manifest
 
 log = logging.getLogger("ragrt.export")
@@ -66,8 +67,12 @@ class ExportConfig:
     quantize: str = "int8"
     encoder_quantize: str | None = None    # None: fp32 when quantize is fp32, else int8
     index_dtype: str = "f16"
-    encoder: Path | None = None
-    generator: Path | None = None
+    encoder: Path | str | None = None       # an HF directory or a packaged name (models.py); None: the default
+    generator: Path | str | None = None     # an HF directory, a GGUF file or a packaged name
+    # The encoder's pooling and prefixes; None: as its sentence-transformers files say (models.encoder_conventions).
+    encoder_pooling: str | None = None
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
     chunk_tokens: int = 128
     overlap: int = 32
     max_context: int = 2048
@@ -122,7 +127,7 @@ def quiet_exporters():
         root.setLevel(saved[1])
 
 
-def encoder_graphs(checkpoint: Path) -> Path:
+def encoder_graphs(checkpoint: Path, pooling: str = "mean") -> Path:
     """Cached: {fp32,int8}/model.onnx, tokenizer.json, meta.json (dims and parity). Both are
     always needed: fp32 embeds the corpus, int8 is the default query encoder and its parity a
     manifest field; each takes seconds."""
@@ -132,30 +137,35 @@ def encoder_graphs(checkpoint: Path) -> Path:
 
     def build(tmp: Path) -> None:
         with steps(f"encoder {checkpoint_name(checkpoint)}", ["ONNX export", "int8", "parity"]) as step:
-            exp = export_encoder(checkpoint, tmp / "fp32", max_length=ENCODER_MAX_LENGTH)
+            exp = export_encoder(checkpoint, tmp / "fp32", max_length=ENCODER_MAX_LENGTH, pooling=pooling)
             step()
             quantize_encoder(tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx")
             shutil.copyfile(tmp / "fp32" / "tokenizer.json", tmp / "tokenizer.json")
             step()
             fp32, int8 = (TextEncoder(tmp / q / "model.onnx", tmp / "tokenizer.json", max_length=exp.max_length,
                                       dim=exp.dim) for q in ("fp32", "int8"))
-            parity = encoder_parity(checkpoint, fp32, int8, max_length=exp.max_length)
+            parity = encoder_parity(checkpoint, fp32, int8, max_length=exp.max_length, pooling=pooling)
         _say(f"encoder parity vs PyTorch: cosine fp32 {parity.fp32_cosine_mean:.4f}, int8 mean "
              f"{parity.int8_cosine_mean:.4f} / min {parity.int8_cosine_min:.4f}")
         meta = {"dim": exp.dim, "max_length": exp.max_length, "parity": asdict(parity)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    recipe = f"export-v{ENCODER_EXPORT_VERSION}"
+    recipe = _encoder_recipe(pooling)
     return cached_dir("encoder-onnx", content_key(checkpoint, recipe), build, lineage=content_key(checkpoint),
                       recipe=recipe)
 
 
-def encoder_w8a8_graph(checkpoint: Path) -> Path:
+def _encoder_recipe(pooling: str) -> str:
+    """Mean pooling keeps the key it had before pooling was a choice, and so its cache entries."""
+    return f"export-v{ENCODER_EXPORT_VERSION}" + ("" if pooling == "mean" else f" pooling-{pooling}")
+
+
+def encoder_w8a8_graph(checkpoint: Path, pooling: str = "mean") -> Path:
     """Cached: model.onnx, meta.json (the parity of all three graphs), made from
     `encoder_graphs(checkpoint)`'s fp32 graph; only `--encoder-quantize w8a8` needs it."""
     from ragrt.export.parity import encoder_parity
     from ragrt.export.quant.quantize import quantize_encoder_w8a8
-    base = encoder_graphs(checkpoint)
+    base = encoder_graphs(checkpoint, pooling)
 
     def build(tmp: Path) -> None:
         meta = json.loads((base / "meta.json").read_text())
@@ -165,12 +175,12 @@ def encoder_w8a8_graph(checkpoint: Path) -> Path:
             fp32, int8, w8a8 = (TextEncoder(path, base / "tokenizer.json", max_length=meta["max_length"], dim=meta["dim"])
                                 for path in (base / "fp32" / "model.onnx", base / "int8" / "model.onnx",
                                              tmp / "model.onnx"))
-            parity = encoder_parity(checkpoint, fp32, int8, w8a8, max_length=meta["max_length"])
+            parity = encoder_parity(checkpoint, fp32, int8, w8a8, max_length=meta["max_length"], pooling=pooling)
         _say(f"encoder parity vs PyTorch: cosine w8a8 mean {parity.w8a8_cosine_mean:.4f} / min "
              f"{parity.w8a8_cosine_min:.4f}")
         (tmp / "meta.json").write_text(json.dumps({**meta, "parity": asdict(parity)}, indent=2, sort_keys=True))
 
-    recipe = f"export-v{ENCODER_EXPORT_VERSION}"
+    recipe = _encoder_recipe(pooling)
     return cached_dir("encoder-w8a8", content_key(checkpoint, recipe), build, lineage=content_key(checkpoint),
                       recipe=recipe)
 
@@ -198,7 +208,7 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from ragrt.export.onnx.graphs import FUSED_PRECISIONS, describe_generator
+    from ragrt.export.onnx.graphs import builder_options, describe_generator
     from ragrt.export.parity import onnx_agreement, parity_prompt_ids, torch_greedy
 
     def build(tmp: Path) -> None:
@@ -234,7 +244,7 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
         recipe = f"export-v{GENERATOR_EXPORT_VERSION}"
     else:   # the builder's options are part of the recipe, so changing one variant's rebuilds only that one
         built_as = "fp32" if variant == "w8a8" else variant      # w8a8 rewrites the builder's fp32 graph
-        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *FUSED_PRECISIONS.get(built_as, ())])
+        recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *builder_options(checkpoint, built_as)])
     return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused",
                       content_key(checkpoint, recipe, f"parity-{parity_prompts}", variant), build,
                       lineage=content_key(checkpoint, f"parity-{parity_prompts}"), recipe=recipe)
@@ -314,6 +324,8 @@ def _validate(cfg: ExportConfig) -> None:
     if cfg.quantize not in GENERATOR_VARIANTS[cfg.graph]:
         raise UserInputError(f"--quantize must be one of {', '.join(GENERATOR_VARIANTS[cfg.graph])} "
                              f"for --graph {cfg.graph}, got {cfg.quantize!r}")
+    if cfg.encoder_pooling not in (None, *POOLINGS):
+        raise UserInputError(f"--encoder-pooling must be one of {', '.join(POOLINGS)}, got {cfg.encoder_pooling!r}")
     if cfg.max_context < 256:
         raise UserInputError(f"--max-context must be at least 256, got {cfg.max_context}")
     if not 1 <= cfg.parity_prompts:
@@ -351,13 +363,17 @@ def run_export(cfg: ExportConfig) -> Path:
     _say(f"{documents} documents read from {cfg.corpus}")
     with quiet_exporters():
         enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
+        own = encoder_conventions(enc_ckpt, pooling=cfg.encoder_pooling)
+        conventions = replace(own, **{k: v for k, v in (("query_prefix", cfg.query_prefix),
+                                                        ("passage_prefix", cfg.passage_prefix)) if v is not None})
+        pooling = conventions.pooling
         q = cfg.quantize
         enc_q = cfg.encoder_quantize or ("fp32" if q == "fp32" else "int8")
-        enc_dir = encoder_graphs(enc_ckpt)
+        enc_dir = encoder_graphs(enc_ckpt, pooling)
         enc_model = enc_dir / enc_q / "model.onnx"
         enc_meta = json.loads((enc_dir / "meta.json").read_text())
         if enc_q == "w8a8":
-            w8a8_dir = encoder_w8a8_graph(enc_ckpt)
+            w8a8_dir = encoder_w8a8_graph(enc_ckpt, pooling)
             enc_model = w8a8_dir / "model.onnx"
             enc_meta = json.loads((w8a8_dir / "meta.json").read_text())
         gen_dir = generator_graph(gen_ckpt, q, cfg.parity_prompts, cfg.graph)
@@ -387,7 +403,8 @@ def run_export(cfg: ExportConfig) -> Path:
             _say(f"chunking and embedding on Ray ({cfg.ray}) with the fp32 encoder")
             on_ray = embed_on_ray(docs, RayEmbedding(address=cfg.ray), model=enc_dir / "fp32" / "model.onnx",
                                   tokenizer=tmp / "encoder" / "tokenizer.json", max_length=enc_meta["max_length"],
-                                  dim=enc_meta["dim"], max_tokens=cfg.chunk_tokens, overlap=cfg.overlap)
+                                  dim=enc_meta["dim"], max_tokens=cfg.chunk_tokens, overlap=cfg.overlap,
+                                  passage_prefix=conventions.passage_prefix)
             passages = on_ray.passages
             _say(f"embedded by {on_ray.actors} actors x {on_ray.threads} threads on {len(on_ray.nodes)} node(s)")
         if not passages:
@@ -399,8 +416,14 @@ def run_export(cfg: ExportConfig) -> Path:
         from ragrt.export.train.finetune import training_record
         enc_source = ModelSource(checkpoint_name(enc_ckpt), content_key(enc_ckpt))
         gen_source = ModelSource(checkpoint_name(gen_ckpt), content_key(gen_ckpt))
+        rotary, no_rotary = (graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused"
+                             else ({}, "optimum's graph has no packed cache"))
+        if no_rotary and cfg.passage_kv == "all":
+            raise UserInputError(f"--passage-kv all cannot serve this generator exactly: {no_rotary}")
+        if no_rotary:
+            _say(f"no passage KV for this generator: {no_rotary}")
         generator = replace(generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source, cfg.graph),
-                            **(graph_rotary(gen_ckpt, gen_dir / "model.onnx") if cfg.graph == "fused" else {}))
+                            **rotary)
         prompt = templates(gen_meta["prompt"]["chat"])
         trained = bool(training_record(gen_ckpt).get("block_attention"))
         shipped = shipped_generator(tmp, generator, prompt, PARITY_NEW_TOKENS)
@@ -420,11 +443,15 @@ def run_export(cfg: ExportConfig) -> Path:
              f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
         mode = "concat" if cfg.answer_mode == "auto" else cfg.answer_mode
         manifest = Manifest(
-            schema=SCHEMA, schema_version=written_version(shards=cfg.shards, mode=mode),
+            schema=SCHEMA, schema_version=written_version(shards=cfg.shards, mode=mode, model_conventions=bool(
+                generator.rotary_inv_freq or generator.local_rotary_layers or conventions.query_prefix
+                or conventions.passage_prefix)),
             ragrt_version=__version__, created_at=now(),
             files=model_file_entries(tmp),
             encoder=EncoderSpec(model="encoder/model.onnx", tokenizer="encoder/tokenizer.json", dim=enc_meta["dim"],
-                                max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source),
+                                max_length=enc_meta["max_length"], output="embedding", quantization=enc_q, source=enc_source,
+                                pooling=pooling, query_prefix=conventions.query_prefix,
+                                passage_prefix=conventions.passage_prefix),
             generator=generator,
             prompt=prompt,
             chunking=ChunkingSpec(max_tokens=cfg.chunk_tokens, overlap=cfg.overlap),
@@ -439,7 +466,8 @@ def run_export(cfg: ExportConfig) -> Path:
 
         if cfg.ray is None:
             encoder = TextEncoder(enc_dir / "fp32" / "model.onnx", tmp / "encoder" / "tokenizer.json",
-                                  max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig())
+                                  max_length=enc_meta["max_length"], dim=enc_meta["dim"], session_config=SessionConfig(),
+                                  passage_prefix=conventions.passage_prefix)
             # The key holds the tokenizer too: the same weights with another vocabulary embed differently.
             vectors, seconds = cached_embeddings(passages, encoder, content_key(enc_dir / "fp32" / "model.onnx",
                                                                                 tmp / "encoder" / "tokenizer.json"))

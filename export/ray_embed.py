@@ -101,13 +101,14 @@ def read_corpus(path: Path) -> tuple[list[Document] | Path, int]:
 
 
 def embed_on_ray(corpus: Sequence[Document] | Path, ray_config: RayEmbedding, *, model: Path, tokenizer: Path,
-                 max_length: int, dim: int, max_tokens: int, overlap: int, progress: bool = True) -> RayEmbedded:
+                 max_length: int, dim: int, max_tokens: int, overlap: int, passage_prefix: str = "",
+                 progress: bool = True) -> RayEmbedded:
     """Chunks `corpus` (documents, or a Parquet path from `read_corpus`) and embeds its passages on
     Ray. Uses the process's Ray connection if there is one, else opens one to `ray_config.address`
     and closes it at the end."""
     with connected(ray_config.address):
         return _embed(corpus, ray_config, model=model, tokenizer=tokenizer, max_length=max_length, dim=dim,
-                      max_tokens=max_tokens, overlap=overlap, progress=progress)
+                      max_tokens=max_tokens, overlap=overlap, passage_prefix=passage_prefix, progress=progress)
 
 
 def ordered_pool(actors: int | None, threads: int) -> int:
@@ -141,7 +142,7 @@ def connected(address: str) -> Iterator[None]:
 
 
 def _embed(corpus, ray_config: RayEmbedding, *, model: Path, tokenizer: Path, max_length: int, dim: int,
-           max_tokens: int, overlap: int, progress: bool) -> RayEmbedded:
+           max_tokens: int, overlap: int, passage_prefix: str, progress: bool) -> RayEmbedded:
     import ray
     from ray.data import ActorPoolStrategy
     from tqdm import tqdm
@@ -168,7 +169,8 @@ def _embed(corpus, ray_config: RayEmbedding, *, model: Path, tokenizer: Path, ma
         compute=ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"files": {"model": ray.put(Path(model).read_bytes()),
                                          "tokenizer": ray.put(Path(tokenizer).read_bytes())},
-                               "max_length": max_length, "dim": dim, "threads": ray_config.threads})
+                               "max_length": max_length, "dim": dim, "threads": ray_config.threads,
+                               "passage_prefix": passage_prefix})
 
     passages: list[Passage] = []
     vectors = np.empty((total, dim), dtype=np.float32)
@@ -234,7 +236,7 @@ def _scalar(value):
 class _Embedder:
     """One actor of the pool: the fp32 encoder graph, opened once, embedding batch after batch."""
 
-    def __init__(self, *, files: dict, max_length: int, dim: int, threads: int):
+    def __init__(self, *, files: dict, max_length: int, dim: int, threads: int, passage_prefix: str):
         import ray
         self._dir = tempfile.TemporaryDirectory(prefix="ragrt-encoder-")
         paths = {}
@@ -242,10 +244,10 @@ class _Embedder:
             paths[name] = Path(self._dir.name) / name
             paths[name].write_bytes(ray.get(ref))
         self.encoder = TextEncoder(paths["model"], paths["tokenizer"], max_length=max_length, dim=dim,
-                                   session_config=SessionConfig(threads=threads))
+                                   session_config=SessionConfig(threads=threads), passage_prefix=passage_prefix)
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         passages = [Passage(str(i), str(t), str(x)) for i, t, x in zip(batch["id"], batch["title"], batch["text"])]
-        vectors = self.encoder.embed_all([passage_text(p) for p in passages])
+        vectors = self.encoder.embed_all([passage_text(p) for p in passages], passages=True)
         return {**batch, "vector": vectors, "node": np.array([self.node] * len(passages))}

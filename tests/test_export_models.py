@@ -152,6 +152,28 @@ def test_generator_graph_names_and_metadata(generator, tiny_generator_dir):
     assert exp.tokenizer.is_file() and exp.vocab_size == len(AutoTokenizer.from_pretrained(tiny_generator_dir))
 
 
+def test_the_chat_templates_end_of_turn_token_stops_generation(tiny_generator_dir, tmp_path):
+    """Gemma's template ends a turn with <end_of_turn>, which a base model's config does not name as EOS."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ragrt.export.onnx.graphs import describe_generator
+    checkpoint = tmp_path / "hf"
+    shutil.copytree(tiny_generator_dir, checkpoint)
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                         "{% endfor %}<start_of_turn>model\n")
+    tok.save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    eos = tok.convert_tokens_to_ids("<|im_start|>")          # a config EOS other than ChatML's turn end
+    (checkpoint / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    exp = describe_generator(checkpoint, tmp_path)
+    # <|im_end|> is in the vocabulary still, but not in this template: the config's EOS and Gemma's turn end.
+    assert exp.eos_token_ids == (eos, tok.convert_tokens_to_ids("<end_of_turn>"))
+
+
 def test_last_logits_of_a_left_padded_batch_equal_pytorch(generator, left_padded):
     sess, exp, torch_model = generator
     ids, mask, pos = left_padded
@@ -217,6 +239,29 @@ def test_checkpoint_checks(tiny_encoder_dir, tiny_generator_dir, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(RagrtError, match="no model weights"):
         generator_checkpoint(tmp_path)
+
+
+def test_packaged_names_and_gguf_files(tiny_generator_dir, tmp_path, monkeypatch):
+    import sys
+    from ragrt.export import models
+    with pytest.raises(RagrtError, match=r"'qwen-tiny' is neither a path nor a packaged generator "
+                                         r"\(packaged: smollm2-135m, gemma3-270m\)"):
+        generator_checkpoint("qwen-tiny")
+    with pytest.raises(RagrtError, match="neither a path nor a packaged encoder"):
+        encoder_checkpoint("bge-small")
+    # A name whose package is not installed says what to install.
+    for name, packaged in models.PACKAGED_GENERATORS.items():
+        monkeypatch.setitem(sys.modules, packaged.module, None)       # find_spec then finds nothing
+        with pytest.raises(RagrtError, match=f"the packaged model '{name}' is not installed: "
+                                             f"{packaged.install}"):
+            generator_checkpoint(name)
+    with pytest.raises(RagrtError, match="no such GGUF file"):
+        generator_checkpoint(tmp_path / "missing.gguf")
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file")
+    monkeypatch.setenv("RAGRT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RagrtError, match="transformers cannot read this GGUF file"):
+        generator_checkpoint(tmp_path / "broken.gguf")
+    assert not list((tmp_path / "cache" / "generator-hf").iterdir())     # nothing half-converted is kept
 
 
 # --- cache -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def decoders(tiny_fused_fp32, tiny_generator_dir, tmp_path_factory):
     from ragrt.export.onnx.graphs import graph_rotary
     from ragrt.export.quant.kvcache import fit_kv_scales, write_step_graph
     path, spec = tiny_fused_fp32
-    spec = replace(spec, **graph_rotary(tiny_generator_dir, path))
+    spec = replace(spec, **graph_rotary(tiny_generator_dir, path)[0])
     root = tmp_path_factory.mktemp("kv-int8")
     model = root / "model.onnx"
     shutil.copy(path, model)

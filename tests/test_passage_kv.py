@@ -15,8 +15,9 @@ pytest.importorskip("onnxruntime_genai")
 def decoder(tiny_fused_fp32, tiny_generator_dir):
     from ragrt.export.onnx.graphs import graph_rotary
     path, spec = tiny_fused_fp32
-    rotary = graph_rotary(tiny_generator_dir, path)
-    assert rotary == {"rotary_base": 10000.0, "rotary_dim": 16, "rotary_interleaved": False}
+    rotary, why_not = graph_rotary(tiny_generator_dir, path)
+    assert why_not == "" and rotary == {"rotary_base": 10000.0, "rotary_dim": 16, "rotary_interleaved": False,
+                                        "rotary_inv_freq": (), "local_rotary_layers": (), "rotary_local_base": 0.0}
     return open_decoder(create_session(path, SessionConfig(threads=1)), replace(spec, **rotary))
 
 

@@ -36,7 +36,9 @@ SCHEMA_VERSION = 7
 # Nor do a generation's BM25 index (GenerationSpec.bm25) and rag.retrieval: older readers ignore
 # both and answer with dense retrieval, as they always did.
 # Version 7 lets the default answer mode be "extract" (RagDefaults.mode), which a version-6 reader
-# would refuse on every request that takes the default.
+# would refuse on every request that takes the default. It also records per-layer and scaled rotary
+# (GeneratorSpec.rotary_inv_freq, local_rotary_layers), which a version-6 reader would turn passage KV
+# keys without, and the encoder's query and passage prefixes (EncoderSpec), which it would not prepend.
 FIRST_READABLE_VERSION = 2
 GENERATION_SCHEMA = "ragrt.generation"
 MANIFEST_NAME = "manifest.json"
@@ -67,6 +69,11 @@ class EncoderSpec:
     # Exactly the graph's inputs: input_ids and attention_mask, and token_type_ids (fed zeros)
     # for graphs that kept it.
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    pooling: str = "mean"          # "mean" | "cls", done inside the graph
+    # Put before each question and each passage before embedding (e5's "query: " / "passage: ",
+    # bge's query instruction); since schema 7.
+    query_prefix: str = ""
+    passage_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,12 @@ class GeneratorSpec:
     rotary_base: float = 0.0
     rotary_dim: int = 0
     rotary_interleaved: bool = False
+    # Where layers differ from rotary_base's plain frequencies base ** (-2i / dim), each checked
+    # against the graph's table like it (schema 7). Scaled rotary (Llama 3.x's `llama3`, `linear`):
+    # the frequencies themselves. Gemma 3's sliding-window layers: their own base.
+    rotary_inv_freq: tuple[float, ...] = ()
+    local_rotary_layers: tuple[int, ...] = ()
+    rotary_local_base: float = 0.0
     # Prompt-lookup drafts where not `drafts_exact` too: the export found the answers unchanged
     # within noise on `--dev` questions (parity.drafts holds the figures).
     drafts: bool = False
@@ -425,12 +438,15 @@ class GenerationSpec:
                 *(self.bm25.paths if self.bm25 else ())]
 
 
-def written_version(*, shards: int, segments: int = 1, mode: str = "concat") -> int:
+def written_version(*, shards: int, segments: int = 1, mode: str = "concat", model_conventions: bool = False) -> int:
     """The schema_version a bundle (or a corpus generation) is written with: the oldest that describes
     it, so that older ragrt opens every bundle it reads right (git writes repositoryformatversion 0 until
     an extension needs 1). A segmented passage store needs version 5, a sharded index 4; a new version
-    adds its own condition here. Export writes one segment."""
-    if mode == "extract":
+    adds its own condition here. Export writes one segment. Version 7: the default answer mode is
+    extract, or `model_conventions`: the generator's rotary differs by layer or from its base
+    (GeneratorSpec.rotary_inv_freq, local_rotary_layers), or the encoder pools by CLS or prefixes its
+    texts (EncoderSpec), which an older reader would not apply."""
+    if mode == "extract" or model_conventions:
         return 7
     if segments > 1:
         return 5

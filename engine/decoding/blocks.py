@@ -50,17 +50,27 @@ class BlockStats:
     assemble_ms: float = 0.0
 
 
-def rotate_keys(keys: np.ndarray, delta: int, spec: GeneratorSpec) -> np.ndarray:
-    """Keys (..., L, head_dim) rotated after rotary by `delta` more positions: R(delta)·k.
+def inv_freq(spec: GeneratorSpec, layer: int) -> np.ndarray:
+    """The rotary frequencies of `layer`'s keys, float64: its base's, or the scaled ones recorded."""
+    dim = spec.rotary_dim or spec.head_dim
+    if layer in spec.local_rotary_layers:
+        return spec.rotary_local_base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if spec.rotary_inv_freq:
+        return np.asarray(spec.rotary_inv_freq, dtype=np.float64)
+    return spec.rotary_base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
 
-    Angles come from the rotary base in float64, the graph's own table to within rounding
+
+def rotate_keys(keys: np.ndarray, delta: int, spec: GeneratorSpec, layer: int = 0) -> np.ndarray:
+    """`layer`'s keys (..., L, head_dim) rotated after rotary by `delta` more positions: R(delta)·k.
+    Dims past `rotary_dim` (partial rotary) are not rotated.
+
+    Angles come from the layer's frequencies in float64, the graph's own table to within rounding
     (the export checks them against it)."""
     if delta == 0:
         return keys
     dim = spec.rotary_dim or spec.head_dim
-    inv_freq = spec.rotary_base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-    cos = np.cos(delta * inv_freq).astype(keys.dtype)
-    sin = np.sin(delta * inv_freq).astype(keys.dtype)
+    angles = delta * inv_freq(spec, layer)
+    cos, sin = np.cos(angles).astype(keys.dtype), np.sin(angles).astype(keys.dtype)
     out = keys.copy()
     if spec.rotary_interleaved:
         x1, x2 = keys[..., 0:dim:2], keys[..., 1:dim:2]
@@ -210,17 +220,19 @@ class PassageKV:
             a[row, :, :p] = kv
         offset = p
         scales = self.decoder.kv_scales if arrays[0].dtype == KV_INT8 else None
+        spec = self.decoder.spec
         for ids in prompt.blocks:
             kv = self.block(prompt.prefix, ids, stats)
             n = len(ids)
             for i, a in enumerate(arrays):
-                # Even entries are keys (past names run k0, v0, k1, v1, ...); an int8 key is turned in float.
+                # Even entries are layer i // 2's keys (past names run k0, v0, k1, v1, ...); an int8 key
+                # is turned in float.
                 if i % 2:
                     a[row, :, offset:offset + n] = kv[i]
                 elif scales is None:
-                    a[row, :, offset:offset + n] = rotate_keys(kv[i].astype(a.dtype), offset - p, self.decoder.spec)
+                    a[row, :, offset:offset + n] = rotate_keys(kv[i].astype(a.dtype), offset - p, spec, i // 2)
                 else:
-                    turned = rotate_keys(dequantize(kv[i], scales[i]), offset - p, self.decoder.spec)
+                    turned = rotate_keys(dequantize(kv[i], scales[i]), offset - p, spec, i // 2)
                     a[row, :, offset:offset + n] = quantize(turned, scales[i])
             offset += n
         stats.assemble_ms += (time.perf_counter() - t0) * 1e3

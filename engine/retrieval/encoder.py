@@ -32,7 +32,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 class TextEncoder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, max_length: int, dim: int,
                  session_config: SessionConfig = SessionConfig(), output: str = "embedding",
-                 inputs: tuple[str, ...] = REQUIRED_INPUTS):
+                 inputs: tuple[str, ...] = REQUIRED_INPUTS, query_prefix: str = "", passage_prefix: str = ""):
         model_path = Path(model_path)
         self.session = create_session(model_path, session_config)
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -41,6 +41,8 @@ class TextEncoder:
         self.dim = dim
         self.max_length = max_length
         self.output = output
+        # Put before every text (EncoderSpec): e5 and bge were trained to tell questions from passages so.
+        self.prefixes = {False: query_prefix, True: passage_prefix}
         if not set(REQUIRED_INPUTS) <= set(inputs) <= set(REQUIRED_INPUTS + OPTIONAL_INPUTS):
             raise BundleError(f"{model_path}: encoder inputs must be {', '.join(REQUIRED_INPUTS)} and optionally "
                               f"{', '.join(OPTIONAL_INPUTS)}; the manifest names {', '.join(inputs)}")
@@ -59,25 +61,27 @@ class TextEncoder:
     @classmethod
     def from_spec(cls, bundle_root: Path, spec: EncoderSpec, session_config: SessionConfig) -> "TextEncoder":
         return cls(bundle_root / spec.model, bundle_root / spec.tokenizer, max_length=spec.max_length, dim=spec.dim,
-                   session_config=session_config, output=spec.output, inputs=spec.inputs)
+                   session_config=session_config, output=spec.output, inputs=spec.inputs,
+                   query_prefix=spec.query_prefix, passage_prefix=spec.passage_prefix)
 
-    def embed(self, texts: Iterable[str], *, batch_size: int = 32) -> Iterator[np.ndarray]:
-        """Yields float32 (n, dim) arrays, batch after batch, in input order."""
+    def embed(self, texts: Iterable[str], *, batch_size: int = 32, passages: bool = False) -> Iterator[np.ndarray]:
+        """Yields float32 (n, dim) arrays, batch after batch, in input order. The texts are questions,
+        or with `passages` passages: each gets its kind's prefix."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return self._embed(texts, batch_size)
+        return self._embed(texts, batch_size, self.prefixes[passages])
 
-    def embed_all(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+    def embed_all(self, texts: Sequence[str], *, batch_size: int = 32, passages: bool = False) -> np.ndarray:
         """(len(texts), dim) float32."""
-        batches = list(self.embed(texts, batch_size=batch_size))
+        batches = list(self.embed(texts, batch_size=batch_size, passages=passages))
         return np.concatenate(batches) if batches else np.zeros((0, self.dim), dtype=np.float32)
 
-    def _embed(self, texts: Iterable[str], batch_size: int) -> Iterator[np.ndarray]:
+    def _embed(self, texts: Iterable[str], batch_size: int, prefix: str) -> Iterator[np.ndarray]:
         window: list[str] = []
         for text in texts:
             if not isinstance(text, str):
                 raise UserInputError(f"texts to embed must be strings, got {type(text).__name__}")
-            window.append(valid_unicode(text))
+            window.append(prefix + valid_unicode(text))
             if len(window) == batch_size * BUCKET_WINDOW:
                 yield from self._embed_window(window, batch_size)
                 window = []
@@ -115,7 +119,7 @@ def embed_passages(passages: Sequence[Passage], encoder: TextEncoder, *, batch_s
     vectors = np.empty((len(passages), encoder.dim), dtype=np.float32)
     row = 0
     with tqdm(total=len(passages), desc="embedding passages", unit="passage", disable=not progress) as bar:
-        for batch in encoder.embed((passage_text(p) for p in passages), batch_size=batch_size):
+        for batch in encoder.embed((passage_text(p) for p in passages), batch_size=batch_size, passages=True):
             vectors[row:row + len(batch)] = batch
             row += len(batch)
             bar.update(len(batch))

@@ -35,8 +35,9 @@ class GeneratorExport:
     bos_token: str | None          # what a prompt starts with, if the chat template or tokenizer adds one
 
 
-def export_encoder(checkpoint: Path, out_dir: Path, *, max_length: int = 256) -> EncoderExport:
-    """Encoder + mean pooling + L2 norm in one graph: the engine gets finished embeddings."""
+def export_encoder(checkpoint: Path, out_dir: Path, *, max_length: int = 256, pooling: str = "mean") -> EncoderExport:
+    """Encoder + pooling (`mean` over the mask, or `cls`: the first token's state) + L2 norm in one
+    graph: the engine gets finished embeddings."""
     import torch
     from transformers import AutoModel
 
@@ -54,9 +55,7 @@ def export_encoder(checkpoint: Path, out_dir: Path, *, max_length: int = 256) ->
         def forward(self, input_ids, attention_mask):
             h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
+            return torch.nn.functional.normalize(pool(h, attention_mask, pooling), dim=-1)
 
     # eval() on the wrapper itself: the exporter restores the wrapper's training flag
     # recursively afterwards, which would otherwise switch dropout on in the encoder.
@@ -74,6 +73,14 @@ def export_encoder(checkpoint: Path, out_dir: Path, *, max_length: int = 256) ->
     tok.enable_truncation(max_length)
     tok.save(str(out_dir / "tokenizer.json"))
     return EncoderExport(out_dir / "model.onnx", out_dir / "tokenizer.json", model.config.hidden_size, max_length)
+
+
+def pool(h, attention_mask, pooling: str):
+    """(batch, seq, hidden) token states -> (batch, hidden), as sentence-transformers pools them."""
+    if pooling == "cls":
+        return h[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def _backend_tokenizer(checkpoint: Path):
@@ -108,6 +115,18 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 # int8 takes blocks of 64, which its int8-compute kernel runs faster than 32 and, unlike 128,
 # with the same numbers whatever the batch (benchmarks/README.md, "int8 weight blocks").
 FUSED_PRECISIONS = {"fp32": (), "int8": ("block_size=64",), "int4": (), "fp16": ()}
+# The builder's default for sliding-window layers (Gemma 3's) is a window-sized ring buffer that its
+# attention evicts by position (GroupQueryAttention's sliding_window_cache), which neither the packed
+# cache (one capacity for all layers, a key's index is its position) nor passage KV can follow.
+# Full-length caches with the window applied by the attention's mask (local_window_size) can.
+FULL_WINDOW_CACHES = ("windowed_kv_cache=false",)
+
+
+def builder_options(checkpoint: Path, precision: str) -> tuple[str, ...]:
+    """The builder's --extra_options for this checkpoint and precision: part of the cache recipe."""
+    import json
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return FUSED_PRECISIONS[precision] + (FULL_WINDOW_CACHES if config.get("sliding_window") else ())
 
 
 def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> GeneratorExport:
@@ -132,12 +151,13 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
         cmd = [sys.executable, "-m", "ragrt.export.onnx.genai_build", "-i", str(Path(checkpoint).resolve()),
                "-o", f"{tmp}/out",
                "-p", precision, "-e", "cuda" if precision == "fp16" else "cpu", "-c", f"{tmp}/cache"]
-        if FUSED_PRECISIONS[precision]:
-            cmd += ["--extra_options", *FUSED_PRECISIONS[precision]]
+        if options := builder_options(checkpoint, precision):
+            cmd += ["--extra_options", *options]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RagrtError(f"onnxruntime-genai's model builder failed on {checkpoint}: {tail[0]}")
+            raise RagrtError(f"onnxruntime-genai's model builder failed on {checkpoint}: {tail[0]} "
+                             "(--graph optimum exports it without the fused graph, and so without passage KV)")
         model = onnx.load(f"{tmp}/out/model.onnx")
         use_length_inputs(model, PACKED_IO)
         _save_with_num_logits(model, out_dir)
@@ -149,6 +169,10 @@ def _save_with_num_logits(model, out_dir: Path) -> None:
     add_num_logits(model, GeneratorIO())
     big = model.ByteSize() > PROTOBUF_LIMIT
     onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=big, location="model.onnx_data")
+
+
+# The end-of-turn tokens of the chat templates of ChatML (SmolLM2, Qwen), Gemma, Llama 3 and Phi-3.
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
 def describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
@@ -164,10 +188,10 @@ def describe_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
     backend.no_padding()
     backend.save(str(out_dir / "tokenizer.json"))
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # Chat models end a turn with <|im_end|> even when the config names another EOS.
-    eos_ids = tuple(dict.fromkeys([t for t in eos if t is not None] +
-                                  ([im_end] if im_end is not None and im_end != tokenizer.unk_token_id else [])))
+    # Chat templates end a turn with their own token even when the config names another EOS
+    # (a base model's GGUF, such as Gemma 3 270M's, names only <eos>).
+    turn_ends = [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in str(tokenizer.chat_template or "")]
+    eos_ids = tuple(dict.fromkeys([t for t in eos + turn_ends if t is not None and t != tokenizer.unk_token_id]))
     if not eos_ids:
         raise RagrtError(f"{checkpoint}: the generator config names no eos_token_id")
     heads = config.num_attention_heads
@@ -273,32 +297,61 @@ def add_num_logits(model, io: GeneratorIO) -> None:
 
 
 
-def graph_rotary(checkpoint: Path, graph: Path) -> dict:
-    """The GeneratorSpec rotary fields of a fused graph: the checkpoint's rotary base and
-    rotated dims, kept only where they reproduce the graph's own cos/sin tables (a scaled or
-    unusual rotary gives {} and so no passage KV)."""
+# Rotary types whose frequencies are fixed and whose cos/sin are not scaled (attention factor 1),
+# so R(a)R(b) = R(a + b) holds and a cached key turns exactly; dynamic, yarn and longrope do not.
+STATIC_ROTARY = ("default", "linear", "llama3")
+
+
+def graph_rotary(checkpoint: Path, graph: Path) -> tuple[dict, str]:
+    """The GeneratorSpec rotary fields of a fused graph, and "" ; or no fields and the reason
+    passage KV cannot turn this graph's keys exactly.
+
+    Each layer's frequencies come from the checkpoint's config as transformers computes them
+    (partial rotary, scaled rotary, Gemma 3's local base on sliding-window layers) and are kept
+    only where they reproduce the cos/sin table that layer's attention reads."""
+    import copy
+
     import numpy as np
     import onnx
     from onnx import numpy_helper
     from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = AutoConfig.from_pretrained(checkpoint)
-    base = getattr(config, "rope_theta", None)
-    scaling = getattr(config, "rope_scaling", None)
-    if not base or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        return {}
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if not getattr(config, "rope_theta", None):
+        return {}, "the checkpoint's config names no rotary base (rope_theta)"
+    if kind not in STATIC_ROTARY:
+        return {}, (f"its {kind!r} rotary scales cos/sin or changes with the length, so a cached key "
+                    "cannot be turned to a new position exactly")
+    local_base = getattr(config, "rope_local_base_freq", None)
+    local = tuple(i for i, t in enumerate(getattr(config, "layer_types", None) or [])
+                  if local_base and t == "sliding_attention")
+    local_config = copy.deepcopy(config)
+    local_config.rope_theta, local_config.rope_scaling = local_base, {"rope_type": "default"}
+    freqs = {False: ROPE_INIT_FUNCTIONS[kind](config, None)[0].double().numpy()}
+    if local:
+        freqs[True] = ROPE_INIT_FUNCTIONS["default"](local_config, None)[0].double().numpy()
+
     model = onnx.load(str(graph), load_external_data=False)
-    tables = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-              if t.name in ("cos_cache", "sin_cache") and t.data_location != onnx.TensorProto.EXTERNAL}
-    if set(tables) != {"cos_cache", "sin_cache"} or tables["cos_cache"].shape[1] * 2 != dim:
-        return {}
-    angles = np.arange(len(tables["cos_cache"]))[:, None] * base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-    if not (np.allclose(tables["cos_cache"], np.cos(angles), atol=1e-3)
-            and np.allclose(tables["sin_cache"], np.sin(angles), atol=1e-3)):
-        return {}
-    interleaved = any(a.name == "rotary_interleaved" and a.i == 1 for n in model.graph.node
-                      if n.op_type == "GroupQueryAttention" for a in n.attribute)
-    return {"rotary_base": float(base), "rotary_dim": dim, "rotary_interleaved": interleaved}
+    tables = {t.name: t for t in model.graph.initializer}
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    for layer, node in enumerate(attention):
+        rotary = any(a.name == "do_rotary" and a.i == 1 for a in node.attribute)
+        cos, sin = (tables.get(name) for name in node.input[7:9])
+        if not rotary or cos is None or sin is None or onnx.TensorProto.EXTERNAL in (cos.data_location,
+                                                                                    sin.data_location):
+            return {}, f"layer {layer}'s attention reads no rotary table of its own"
+        want = np.arange(cos.dims[0])[:, None] * freqs[layer in local]
+        if not (cos.dims[1] == len(freqs[layer in local])
+                and np.allclose(numpy_helper.to_array(cos), np.cos(want), atol=1e-3)
+                and np.allclose(numpy_helper.to_array(sin), np.sin(want), atol=1e-3)):
+            return {}, f"layer {layer}'s rotary table is not the checkpoint's rotary"
+    interleaved = {a.i for n in attention for a in n.attribute if a.name == "rotary_interleaved"}
+    if len(interleaved) > 1:
+        return {}, "its layers pair rotary dims differently"
+    return {"rotary_base": float(config.rope_theta), "rotary_dim": 2 * len(freqs[False]),
+            "rotary_interleaved": interleaved == {1},
+            "rotary_inv_freq": tuple(float(f) for f in freqs[False]) if kind != "default" else (),
+            "local_rotary_layers": local, "rotary_local_base": float(local_base) if local else 0.0}, ""

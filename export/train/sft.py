@@ -41,7 +41,6 @@ def block_logits(model, prompt: BlockPrompt, continuation: Sequence[int]):
     the engine computes them once, right after the prefix."""
     import torch
     from transformers import DynamicCache
-    from transformers.models.llama.modeling_llama import rotate_half
     base = model.get_base_model() if hasattr(model, "get_base_model") else model     # a LoRA model's own
     n = len(prompt.prefix)
     prefix = model(torch.tensor([prompt.prefix]), use_cache=True).past_key_values
@@ -60,15 +59,28 @@ def block_logits(model, prompt: BlockPrompt, continuation: Sequence[int]):
         past = cache([k[:1] for k in keys], [v[:1] for v in values])
         out = model(torch.tensor([block]), past_key_values=past, position_ids=torch.arange(n, n + len(block))[None],
                     use_cache=True).past_key_values
-        cos, sin = base.model.rotary_emb(keys[0][0], torch.tensor([[offset - n]]))
         for i in layers:
             k, v = out.layers[i].keys[:, :, n:], out.layers[i].values[:, :, n:]
-            keys[i].append(k * cos + rotate_half(k) * sin)
+            keys[i].append(turn_keys(base, i, k, offset - n))
             values[i].append(v)
         offset += len(block)
     seq = [*prompt.tail, *continuation]
     return model(torch.tensor([seq]), past_key_values=cache(keys, values),
                  position_ids=torch.arange(offset, offset + len(seq))[None]).logits[0]
+
+
+def turn_keys(model, layer: int, keys, delta: int):
+    """`layer`'s keys (1, kv_heads, L, head_dim), after rotary, turned by `delta` more positions with
+    the model's own rotary for that layer: Gemma 3's local one on its sliding-window layers, and on
+    the first dims only where rotary is partial (Phi-3's partial_rotary_factor)."""
+    import torch
+    from transformers.models.llama.modeling_llama import rotate_half
+    inner = model.model
+    local = getattr(model.config, "layer_types", None) and model.config.layer_types[layer] == "sliding_attention"
+    rotary = inner.rotary_emb_local if local and hasattr(inner, "rotary_emb_local") else inner.rotary_emb
+    cos, sin = rotary(keys, torch.tensor([[delta]]))
+    d = cos.shape[-1]
+    return torch.cat([keys[..., :d] * cos + rotate_half(keys[..., :d]) * sin, keys[..., d:]], dim=-1)
 
 
 def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int]):
