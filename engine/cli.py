@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import textwrap
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 from ragrt.bundle.atomic import atomic_write_text
@@ -18,6 +18,8 @@ if TYPE_CHECKING:       # the commands import what they use when they run, so `r
     from ragrt.bundle.manifest import Manifest, ParityReport
 
 log = logging.getLogger("ragrt")
+
+SYNTH_SOURCES = {"structure": ("structure",), "generator": ("generator",), "both": ("structure", "generator")}
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -152,6 +154,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.dataset == "synth":
+        return _synth(args)
     pydocs = _export_module("data.pydocs")
     source = pydocs.ensure_python_docs()
     if args.dataset == "python-docs":
@@ -163,6 +167,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ragrt.errors import UserInputError
+    synth, models = _export_module("data.synth"), _export_module("models")
+    if not args.corpus:
+        raise UserInputError("ragrt data synth needs --corpus CORPUS, the documents to write questions about")
+    sources = SYNTH_SOURCES[args.source]
+    config = synth.SynthConfig(corpus=Path(args.corpus), out=Path(args.out), encoder=models.encoder_checkpoint(args.encoder),
+                               generator=None, sources=sources, max_questions=args.max_questions,
+                               round_trip_k=args.round_trip_k)
+    synth.validate(config)
+    if "generator" in sources:      # resolved after the checks: a packaged GGUF is converted on first use
+        config = replace(config, generator=models.generator_checkpoint(args.generator))
+    stats = synth.synthesize(config, synth.load_passages(config))
+    print(f"{sum(stats.kept.values())} questions written to {args.out} from {stats.sampled} of {stats.passages} "
+          f"passages in {stats.seconds:.0f} s: " + "; ".join(
+              f"{s} {stats.candidates[s]} candidates, {stats.round_trip[s]} after the round trip, "
+              f"{stats.kept[s]} kept" for s in sources))
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     finetune = _export_module("train.finetune")
     config = finetune.FinetuneConfig(
@@ -170,7 +196,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         generator=args.generator, epochs=args.epochs, generator_epochs=args.generator_epochs, lr=args.lr,
         generator_lr=args.generator_lr, seed=args.seed, k=args.k, lora=args.lora, joint=args.joint,
         block_attention=args.block_attention, block_attention_mix=args.block_attention_mix,
-        max_steps=args.max_steps, batch_size=args.batch_size)
+        max_steps=args.max_steps, batch_size=args.batch_size, synthetic=args.synthetic,
+        max_questions=args.max_questions, synth_sources=SYNTH_SOURCES[args.source], round_trip_k=args.round_trip_k,
+        teacher={"auto": None, "on": True, "off": False}[args.teacher])
     run = finetune.run_finetune(config)
     print(f"fine-tuned checkpoints in {run}/encoder and {run}/generator; next: "
           f"ragrt export --corpus {args.corpus} --encoder {run}/encoder --generator {run}/generator --out BUNDLE")
@@ -448,20 +476,48 @@ def _add_export(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    d = sub.add_parser("data", help="build a demo corpus or the Python FAQ dataset")
-    d.add_argument("dataset", choices=["python-docs", "python-faq"],
+    d = sub.add_parser("data", help="build a demo corpus, the Python FAQ dataset, or synthetic questions of a corpus")
+    d.add_argument("dataset", choices=["python-docs", "python-faq", "synth"],
                    help="python-docs: Debian's python3.11-doc sources as one JSONL corpus; "
-                        "python-faq: a directory with corpus.jsonl and train/dev/test.jsonl Q/A splits")
-    d.add_argument("--out", required=True, help="JSONL file (python-docs) or directory (python-faq) to write")
+                        "python-faq: a directory with corpus.jsonl and train/dev/test.jsonl Q/A splits; "
+                        "synth: questions about --corpus, to read, edit and fine-tune on (ragrt finetune --train)")
+    d.add_argument("--out", required=True,
+                   help="JSONL file (python-docs, synth: its counts go beside it, OUT.stats.json) or directory (python-faq)")
     d.add_argument("--subset", default=None, help="python-docs only: 'demo' keeps the FAQ, tutorial, HOWTOs and "
                                                   "language reference (about 4,000 passages); default: every page")
+    d.add_argument("--corpus", default=None, help="synth only: the corpus to write questions about")
+    d.add_argument("--encoder", default=None, help="synth only: the encoder of the round trip, an HF checkpoint "
+                                                   "directory or a packaged encoder (default all-minilm-l6-v2)")
+    d.add_argument("--generator", default=None, help="synth only: the generator that writes questions, an HF "
+                                                     "checkpoint directory, a GGUF file or a packaged generator "
+                                                     "(default smollm2-135m)")
+    _add_synth_options(d)
     d.set_defaults(func=cmd_data)
 
 
+def _add_synth_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-questions", type=int, default=1000, metavar="N",
+                   help="synthetic questions: sample N passages (seeded) to question, each at most once per "
+                        "source (default 1000)")
+    p.add_argument("--source", choices=list(SYNTH_SOURCES), default="both",
+                   help="synthetic questions from the corpus's structure (question sentences, titles), the "
+                        "generator, or both (default)")
+    p.add_argument("--round-trip-k", type=int, default=3, metavar="K",
+                   help="keep a synthetic question only if the encoder ranks its passage in the top K (default 3)")
+
+
 def _add_finetune(sub) -> None:
-    f = sub.add_parser("finetune", help="fine-tune the retriever and the generator on Q/A pairs (needs ragrt[export])")
+    f = sub.add_parser("finetune", help="fine-tune the retriever and the generator on Q/A pairs, or on synthetic "
+                                        "questions of the corpus (needs ragrt[export])")
     f.add_argument("--corpus", required=True, help="the corpus the bundle will index (JSONL or directory)")
-    f.add_argument("--train", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
+    f.add_argument("--train", default=None, help='JSONL: {"question", "answer", "positive_ids"?} a line; without it, '
+                                                 "synthetic questions of the corpus (as ragrt data synth writes, "
+                                                 "into RUN/synthetic.jsonl)")
+    f.add_argument("--synthetic", action="store_true", help="with --train, also train on synthetic questions")
+    _add_synth_options(f)
+    f.add_argument("--teacher", choices=["auto", "on", "off"], default="auto",
+                   help="drop the hard negatives the generator finds as likely to answer the question as its "
+                        "positive (auto: on when training on synthetic questions)")
     f.add_argument("--dev", default=None, help="held-out Q/A pairs (reported, not trained on)")
     f.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
     f.add_argument("--encoder", default=None,
@@ -479,11 +535,14 @@ def _add_finetune(sub) -> None:
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (merged before saving) instead of all weights")
     f.add_argument("--joint", action="store_true",
                    help="RAG marginal likelihood over the top-k: the query encoder learns from the generator")
-    f.add_argument("--block-attention", action="store_true",
+    f.add_argument("--block-attention", action="store_true", default=None,
                    help="also train the generator on prompts read from passage KV as the engine reads them (each "
                         "passage run after the prefix alone, the question and answer over all of them; "
                         "Block-Attention, arXiv 2409.15355), so it learns to read prompts assembled from passage KV "
-                        "reused across questions; ragrt export then measures block-mode answers. Not with --joint")
+                        "reused across questions; ragrt export then measures block-mode answers. Not with --joint. "
+                        "The default without --train")
+    f.add_argument("--no-block-attention", dest="block_attention", action="store_false", default=None,
+                   help="without --train, train the generator on the plain prompt only")
     f.add_argument("--block-attention-mix", type=float, default=0.5,
                    help="with --block-attention, the share of each epoch's generator examples trained on the "
                         "plain prompt instead, so full prefill keeps working (default 0.5)")

@@ -114,7 +114,8 @@ def _config(tiny_corpus, qa_file, out, tiny_encoder_dir, tiny_generator_dir, **k
     from ragrt.export.train.finetune import FinetuneConfig
     base = FinetuneConfig(corpus=tiny_corpus, train=qa_file, out=out, encoder=tiny_encoder_dir,
                           generator=tiny_generator_dir, epochs=2, generator_epochs=1, batch_size=2, k=2,
-                          grad_accumulation=2, checkpoint_every=1, pool_size=10, max_answer_tokens=8)
+                          grad_accumulation=2, checkpoint_every=1, pool_size=10, max_answer_tokens=8,
+                          block_attention=False)
     return replace(base, **kw)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import random
+
 import numpy as np
 
 # Cosine similarities live in [-1, 1]; a scale of 20 (temperature 0.05) makes the softmax
@@ -39,3 +41,12 @@ def mine_hard_negatives(query_vecs: np.ndarray, pool_vecs: np.ndarray, positives
         ranked = np.argsort(-scores[row], kind="stable")
         out.append([int(j) for j in ranked if int(j) not in pos][:per_query])
     return out
+
+
+def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int) -> list[int]:
+    """Every positive passage plus a seeded sample of the rest: embedding the whole corpus
+    each epoch would cost minutes, and hard negatives come from the top of the ranking anyway."""
+    pos_rows = sorted({r for rows in positives for r in rows})
+    taken = set(pos_rows)
+    others = [i for i in range(n_passages) if i not in taken]
+    return pos_rows + random.Random(seed).sample(others, min(len(others), max(size - len(pos_rows), 0)))

@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ from ragrt.evaluate import QA, is_relevant, read_qa, token_f1
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_text
 
-from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives
+from ragrt.export.data.synth import SOURCES, SynthConfig, question_logprobs, require_enough, synthesize
+from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives, sample_pool
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import prompt_spec
 from ragrt.export.train.sft import block_example, block_loss, rag_marginal_nll, sequence_logprobs, sft_example
@@ -45,7 +46,7 @@ TRAINING_RECORD = "ragrt-training.json"     # in the saved generator: how it was
 @dataclass(frozen=True)
 class FinetuneConfig:
     corpus: Path
-    train: Path
+    train: Path | None              # labelled Q/A pairs; None: synthetic questions alone
     out: Path
     dev: Path | None = None
     encoder: Path | None = None
@@ -64,7 +65,7 @@ class FinetuneConfig:
     grad_accumulation: int = 4
     lora: bool = False
     joint: bool = False
-    block_attention: bool = False
+    block_attention: bool | None = None     # None: on when training on synthetic questions alone
     block_attention_mix: float = 0.5    # share of each epoch's generator examples under the causal mask
     temperature: float = 0.05
     seed: int = 0
@@ -72,6 +73,18 @@ class FinetuneConfig:
     max_steps: int = 0              # per phase; 0 = no limit (CI uses a few)
     chunk_tokens: int = 128
     overlap: int = 32
+    # Synthetic questions (export/data/synth.py): always without `train`, with it when `synthetic`.
+    synthetic: bool = False
+    max_questions: int = 1000
+    synth_sources: tuple[str, ...] = SOURCES
+    round_trip_k: int = 3
+    # Drop mined negatives the generator finds as likely as the positive to prompt the question
+    # (they likely answer it too). None: on when training on synthetic questions.
+    teacher: bool | None = None
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.train is None or self.synthetic
 
 
 @dataclass
@@ -99,6 +112,9 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise UserInputError("learning rates must be > 0")
     if not 0 <= cfg.block_attention_mix <= 1:
         raise UserInputError(f"--block-attention-mix is a share between 0 and 1, got {cfg.block_attention_mix}")
+    for name in ("max_questions", "round_trip_k"):
+        if cfg.uses_synthetic and getattr(cfg, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.block_attention and cfg.joint:
         raise UserInputError("--block-attention does not combine with --joint (its prompts hold one passage each, "
                              "where block attention is causal attention): drop one of them")
@@ -110,11 +126,52 @@ def training_record(checkpoint: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_data(cfg: FinetuneConfig, chunk_tokenizer) -> tuple[list[QA], list[Passage], list[set[int]]]:
-    """Q/A pairs, passages chunked exactly as `ragrt export` chunks them, and each pair's positive rows."""
-    items = read_qa(cfg.train)
+def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
+    """The defaults that depend on the data: block attention when synthetic questions are all there
+    is (their answers come from the passage, so the generator learns to read), the teacher
+    whenever synthetic questions are trained on (their positives are one passage, their negatives unchecked)."""
+    supported = generator_builder(cfg, gen_ckpt)[1].blocks_supported
+    blocks = cfg.block_attention
+    if blocks and not supported:
+        raise UserInputError("--block-attention: this ragrt's passage template numbers passages, so the engine "
+                             "cannot reuse passage KV; train without --block-attention")
+    if blocks is None:
+        blocks = cfg.train is None and not cfg.joint
+        if blocks and not supported:
+            _say("warning: the passage template numbers passages, so block attention is off")
+            blocks = False
+    teacher = cfg.uses_synthetic if cfg.teacher is None else cfg.teacher
+    return replace(cfg, block_attention=blocks, teacher=teacher)
+
+
+def load_passages(cfg: FinetuneConfig, chunk_tokenizer) -> list[Passage]:
+    """Passages chunked exactly as `ragrt export` chunks them; enough of them to learn from without labels."""
     passages = list(chunk_documents(read_documents(cfg.corpus), chunk_tokenizer, max_tokens=cfg.chunk_tokens,
                                     overlap=cfg.overlap))
+    if cfg.uses_synthetic:
+        require_enough(passages, cfg.corpus)
+    return passages
+
+
+def synthetic_questions(cfg: FinetuneConfig, run: Path, enc_ckpt: Path, gen_ckpt: Path,
+                        passages: list[Passage]) -> Path:
+    """RUN/synthetic.jsonl, written once: a rerun trains on the same questions (edit it and rerun to change them)."""
+    path = run / "synthetic.jsonl"
+    if path.exists():
+        _say(f"reusing the synthetic questions of {path}")
+        return path
+    stats = synthesize(SynthConfig(corpus=cfg.corpus, out=path, encoder=enc_ckpt, generator=gen_ckpt,
+                                   sources=cfg.synth_sources, max_questions=cfg.max_questions,
+                                   round_trip_k=cfg.round_trip_k, seed=cfg.seed, chunk_tokens=cfg.chunk_tokens,
+                                   overlap=cfg.overlap), passages)
+    _say(f"synthetic questions: {stats.candidates} candidates, {stats.round_trip} after the round trip, "
+         f"{stats.kept} kept, in {path} ({stats.seconds:.0f} s)")
+    return path
+
+
+def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passage]) -> tuple[list[QA], list[set[int]]]:
+    """Q/A pairs of `train_files` and each pair's positive rows among `passages`."""
+    items = [qa for path in train_files for qa in read_qa(path)]
     mined = 0
     positives = []
     for qa in items:
@@ -132,8 +189,8 @@ def load_data(cfg: FinetuneConfig, chunk_tokenizer) -> tuple[list[QA], list[Pass
     if len(keep) < len(items):
         _say(f"skipping {len(items) - len(keep)} questions whose positive_ids match no passage of the corpus")
     if not keep:
-        raise CorpusError(f"{cfg.train}: no question has a positive passage in {cfg.corpus}")
-    return [items[i] for i in keep], passages, [positives[i] for i in keep]
+        raise CorpusError(f"{', '.join(map(str, train_files))}: no question has a positive passage in {cfg.corpus}")
+    return [items[i] for i in keep], [positives[i] for i in keep]
 
 
 class Trainer:
@@ -204,16 +261,33 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
 
 
-def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int) -> list[int]:
-    """Every positive passage plus a seeded sample of the rest: embedding the whole corpus
-    each epoch would cost minutes, and hard negatives come from the top of the ranking anyway."""
-    pos_rows = sorted({r for rows in positives for r in rows})
-    taken = set(pos_rows)
-    others = [i for i in range(n_passages) if i not in taken]
-    return pos_rows + random.Random(seed).sample(others, min(len(others), max(size - len(pos_rows), 0)))
+class Teacher:
+    """Scores hard negatives with the generator's log P(question | passage) (GPL, arXiv 2112.07577,
+    pseudo-labels with a cross-encoder to the same end): a mined negative the generator finds at
+    least as likely to have prompted the question as its positive likely answers it too, and
+    training would push a right passage away. Scores are kept across epochs: pairs recur."""
+
+    def __init__(self, checkpoint: Path, items: list[QA], passages: list[Passage], positives: list[set[int]]):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(checkpoint)
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.items, self.passages, self.positives = items, passages, positives
+        self.scores: dict[tuple[int, int], float] = {}
+
+    def keep(self, negatives: list[list[int]], pool: list[int]) -> tuple[list[list[int]], int]:
+        """(`negatives` (pool indices) without the ones that score at least their best positive, how many went)."""
+        pairs = {(i, r) for i, rows in enumerate(self.positives) for r in rows}
+        pairs |= {(i, pool[j]) for i, negs in enumerate(negatives) for j in negs}
+        todo = sorted(pairs - self.scores.keys())
+        scored = question_logprobs(self.model, self.tok, [(self.items[i].question, self.passages[r]) for i, r in todo])
+        self.scores.update(zip(todo, scored))
+        kept = [[j for j in negs if self.scores[i, pool[j]] < max(self.scores[i, r] for r in self.positives[i])]
+                for i, negs in enumerate(negatives)]
+        return kept, sum(map(len, negatives)) - sum(map(len, kept))
 
 
-def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: list[QA] | None):
+def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_ckpt, dev: list[QA] | None):
     from transformers import AutoModel, AutoTokenizer
     resume = run / "checkpoint" / "encoder"
     model = AutoModel.from_pretrained(resume if resume.is_dir() else enc_ckpt)
@@ -224,6 +298,7 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
     pool_index = {row: j for j, row in enumerate(pool)}
     texts = [passage_text(passages[r]) for r in pool]
     steps_per_epoch = -(-len(items) // cfg.batch_size)
+    teacher = Teacher(gen_ckpt, items, passages, positives) if cfg.teacher else None
     trainer.progress(steps_per_epoch * cfg.epochs, "retriever")
     while state.epoch < cfg.epochs and not trainer.done():
         # Mined once per epoch and kept, so a run resumed mid-epoch trains on the same negatives.
@@ -235,6 +310,11 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev: 
             query_vecs = embed(model, tok, [qa.question for qa in items]).numpy()
             negatives = mine_hard_negatives(query_vecs, pool_vecs, [{pool_index[r] for r in rows} for rows in positives],
                                             cfg.hard_negatives)
+            if teacher is not None:
+                negatives, dropped = teacher.keep(negatives, pool)
+                state.report.setdefault("teacher_dropped", {})[str(state.epoch)] = dropped
+                _say(f"the teacher dropped {dropped} of {dropped + sum(map(len, negatives))} hard negatives "
+                     "as likely to answer their question as its positive")
             mined.parent.mkdir(parents=True, exist_ok=True)
             _write_json(mined, negatives)
         if state.epoch == 0 and dev is not None and "dev_recall@5_before" not in state.report:
@@ -395,7 +475,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     state_path = run / "state.json"
     state = RunState(**json.loads(state_path.read_text())) if state_path.exists() else RunState()
     if state.phase == "done":
@@ -403,17 +482,20 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if state_path.exists():
         _say(f"resuming {run}: phase {state.phase}, epoch {state.epoch}, step {state.step}")
     enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
-    chunk_tok = Tokenizer.from_file(str(enc_ckpt / "tokenizer.json"))
-    if cfg.block_attention and not generator_builder(cfg, gen_ckpt)[1].blocks_supported:
-        raise UserInputError("--block-attention: this ragrt's passage template numbers passages, so the engine "
-                             "cannot reuse passage KV; train without --block-attention")
-    items, passages, positives = load_data(cfg, chunk_tok)
+    cfg = _resolved(cfg, gen_ckpt)
+    # Every check of the input comes before RUN is made, so a refused run leaves nothing there.
+    passages = load_passages(cfg, Tokenizer.from_file(str(enc_ckpt / "tokenizer.json")))
+    train_files = [Path(cfg.train)] if cfg.train else []
+    if cfg.uses_synthetic:
+        train_files.append(synthetic_questions(cfg, run, enc_ckpt, gen_ckpt, passages))
+    items, positives = load_data(cfg, train_files, passages)
+    run.mkdir(parents=True, exist_ok=True)
     _say(f"{len(items)} training questions, {len(passages)} passages")
 
     t0 = time.perf_counter()
     if state.phase == "retriever":
         dev = read_qa(cfg.dev) if cfg.dev else None
-        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, dev)
+        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_ckpt, dev)
         state.report["retriever"] = round(time.perf_counter() - t0, 1)
         state.phase, state.epoch, state.step = "generator", 0, 0
         _write_json(state_path, asdict(state))
@@ -431,7 +513,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {Path(cfg.train).name}\n")
+        (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {' and '.join(p.name for p in train_files)}\n")
         if name == "generator":
             _write_json(tmp / TRAINING_RECORD, {"block_attention": cfg.block_attention,
                                                 "block_attention_mix": cfg.block_attention_mix})

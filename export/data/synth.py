@@ -1,0 +1,256 @@
+"""`ragrt data synth`: synthetic questions from a corpus without labels, to fine-tune on.
+
+Two sources, each at most one question per passage:
+- structure: a passage's own question sentences (an FAQ's "How do I ...?"), answered by the text
+  that follows them; and a document's title or last heading turned into a question, answered by
+  its first passage's opening;
+- generator: the generator prompted to write one question about the passage (InPars, arXiv
+  2202.05144), answered by the passage's sentences that best match it (the engine's extract mode).
+Then the round trip (Promptagator, arXiv 2209.11755): a question is kept only if the encoder ranks
+its own passage in the top `round_trip_k`; and duplicates (the same normalised question) go.
+Each question names its passage's document as its positive, as the FAQ labels do.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ragrt.bundle.atomic import atomic_open, atomic_write_text
+from ragrt.corpus.documents import chunk_documents, read_documents
+from ragrt.errors import CorpusError, UserInputError
+from ragrt.evaluate import is_relevant, normalize
+from ragrt.extract import ExtractSettings, extract, split_sentences
+from ragrt.retrieval.passages import Passage, document_of, passage_text
+
+from ragrt.export.train.contrastive import embed, sample_pool
+
+SOURCES = ("structure", "generator")
+MIN_PASSAGES = 20           # fewer gives too few questions, and too few negatives, to learn from
+ANSWER_WORDS = 60           # as the FAQ answers (export/data/faq.py)
+PROMPT = "Write one question that the following passage answers. Reply with the question only.\n\n{passage}"
+# A question sentence of a passage: a capital opening, 3 to 30 words, ending at "?".
+_QUESTION = re.compile(r"^[A-Z][^?]{8,}\?$")
+_NUMBERING = re.compile(r"^[\d.]+\s+")           # "4.1. if Statements"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    corpus: Path
+    out: Path
+    encoder: Path               # HF checkpoint directories (export/models.py resolves names)
+    generator: Path | None      # needed by the generator source only
+    sources: tuple[str, ...] = SOURCES
+    max_questions: int = 1000   # passages sampled to question, so a large corpus stays within budget
+    round_trip_k: int = 3
+    pool_size: int = 3000       # passages the round trip ranks among (the questioned ones always included)
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    seed: int = 0
+    chunk_tokens: int = 128
+    overlap: int = 32
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    question: str
+    answer: str
+    passage: str                # the passage it was written from
+    source: str
+
+
+@dataclass
+class SynthStats:
+    passages: int = 0
+    sampled: int = 0
+    candidates: dict[str, int] = field(default_factory=dict)
+    round_trip: dict[str, int] = field(default_factory=dict)      # kept by the round trip
+    kept: dict[str, int] = field(default_factory=dict)            # and after removing duplicates
+    seconds: float = 0.0
+
+
+def stats_path(out: Path) -> Path:
+    return out.with_name(out.name + ".stats.json")
+
+
+def load_passages(cfg: SynthConfig) -> list[Passage]:
+    """The corpus chunked as export chunks it; refused when too small to learn from."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(Path(cfg.encoder) / "tokenizer.json"))
+    passages = list(chunk_documents(read_documents(cfg.corpus), tok, max_tokens=cfg.chunk_tokens, overlap=cfg.overlap))
+    require_enough(passages, cfg.corpus)
+    return passages
+
+
+def require_enough(passages: list[Passage], corpus: Path) -> None:
+    if len(passages) < MIN_PASSAGES:
+        raise CorpusError(f"{corpus}: {len(passages)} passages, too few to learn from without labels "
+                          f"(at least {MIN_PASSAGES}); add documents, or give labelled pairs with --train")
+
+
+def validate(cfg: SynthConfig) -> None:
+    if cfg.max_questions < 1:
+        raise UserInputError(f"--max-questions must be at least 1, got {cfg.max_questions}")
+    if cfg.round_trip_k < 1:
+        raise UserInputError(f"--round-trip-k must be at least 1, got {cfg.round_trip_k}")
+
+
+def synthesize(cfg: SynthConfig, passages: list[Passage]) -> SynthStats:
+    """Writes cfg.out (JSONL: question, answer, positive_ids, source, passage) and its stats beside it.
+    `passages` are cfg.corpus's (`load_passages`)."""
+    require_enough(passages, cfg.corpus)
+    t0 = time.perf_counter()
+    stats = SynthStats(passages=len(passages))
+    rows = sorted(random.Random(cfg.seed).sample(range(len(passages)), min(cfg.max_questions, len(passages))))
+    stats.sampled = len(rows)
+    candidates = []
+    if "structure" in cfg.sources:
+        candidates += [q for r in rows for q in structure_questions(passages[r])]
+    if "generator" in cfg.sources:
+        candidates += generator_questions(cfg, [passages[r] for r in rows])
+    for s in cfg.sources:
+        stats.candidates[s] = sum(q.source == s for q in candidates)
+    kept = round_trip(cfg, candidates, passages, rows)
+    stats.round_trip = {s: sum(q.source == s for q in kept) for s in cfg.sources}
+    kept = dedupe(kept)
+    stats.kept = {s: sum(q.source == s for q in kept) for s in cfg.sources}
+    if not kept:
+        raise CorpusError(f"{cfg.corpus}: no synthetic question survived the round trip "
+                          f"({stats.candidates} candidates); try --source both or a larger --max-questions")
+    with atomic_open(cfg.out) as f:
+        for q in kept:
+            f.write(json.dumps({"question": q.question, "answer": q.answer, "positive_ids": [document_of(q.passage)],
+                                "source": q.source, "passage": q.passage}) + "\n")
+    stats.seconds = round(time.perf_counter() - t0, 1)
+    atomic_write_text(stats_path(cfg.out), json.dumps(asdict(stats), indent=2, sort_keys=True))
+    return stats
+
+
+def opening(text: str, start: int = 0, words: int = ANSWER_WORDS) -> str:
+    """Whole sentences of `text` from character `start` while they fit in `words` (the first one cut to fit)."""
+    out: list[str] = []
+    for a, b in split_sentences(text[start:]):
+        sentence = text[start + a:start + b].split()
+        if out and len(out) + len(sentence) > words:
+            break
+        out += sentence
+    return " ".join(out[:words])
+
+
+def structure_questions(p: Passage) -> list[Synthetic]:
+    """The passage's own question sentences, then (for a document's first passage) its heading as a question."""
+    found = []
+    for a, b in split_sentences(p.text):
+        sentence = " ".join(p.text[a:b].split())
+        answer = opening(p.text, b)
+        if _QUESTION.match(sentence) and 3 <= len(sentence.split()) <= 30 and answer:
+            found.append(Synthetic(sentence, answer, p.id, "structure"))
+    heading = _NUMBERING.sub("", p.title.split(" — ")[-1].strip())
+    if heading and p.id.endswith("#0"):
+        question = heading if heading.endswith("?") else f"What does the documentation say about {heading}?"
+        found.append(Synthetic(question, opening(p.text), p.id, "structure"))
+    return found
+
+
+def question_prompt(tok, p: Passage) -> list[int]:
+    """The generator's chat prompt asking for a question about `p`: the one it writes from and the teacher scores under."""
+    return tok.apply_chat_template([{"role": "user", "content": PROMPT.format(passage=passage_text(p))}],
+                                   add_generation_prompt=True, tokenize=True)
+
+
+def clean_question(text: str) -> str | None:
+    """The generated reply's first line up to its first "?", or None when that is no question."""
+    line = text.strip().split("\n", 1)[0].strip().removeprefix("Question:").strip().strip('"')
+    if "?" not in line:
+        return None
+    line = line[:line.index("?") + 1]
+    return line if 3 <= len(line.split()) <= 30 else None
+
+
+def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[Synthetic]:
+    """One greedy question per passage, in batches (left-padded, so every row ends where it generates)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(cfg.generator)
+    model = AutoModelForCausalLM.from_pretrained(cfg.generator, dtype=torch.float32).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    settings = ExtractSettings(words=ANSWER_WORDS, position=0.0, opening=0.0)   # the best match, wherever it is
+    found = []
+    with tqdm(total=len(passages), desc="questions", unit="passage") as bar, torch.no_grad():
+        for i in range(0, len(passages), cfg.batch_size):
+            batch = passages[i:i + cfg.batch_size]
+            prompts = [question_prompt(tok, p) for p in batch]
+            width = max(map(len, prompts))
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+            for p, reply in zip(batch, tok.batch_decode(out[:, width:], skip_special_tokens=True)):
+                question = clean_question(reply)
+                if question:
+                    found.append(Synthetic(question, extract(question, [p], [1.0], settings), p.id, "generator"))
+            bar.update(len(batch))
+    return found
+
+
+def round_trip(cfg: SynthConfig, questions: list[Synthetic], passages: list[Passage], rows: list[int]) -> list[Synthetic]:
+    """The questions whose own document has a passage in the encoder's top `round_trip_k`, among
+    the questioned passages and a seeded sample of the others."""
+    from transformers import AutoModel, AutoTokenizer
+    if not questions:
+        return []
+    model, tok = AutoModel.from_pretrained(cfg.encoder).eval(), AutoTokenizer.from_pretrained(cfg.encoder)
+    pool = sample_pool(cfg.pool_size, len(passages), [set(rows)], cfg.seed)
+    pool_vecs = embed_all(model, tok, [passage_text(passages[r]) for r in pool], "round trip: passages")
+    query_vecs = embed_all(model, tok, [q.question for q in questions], "round trip: questions")
+    return [q for q, top in zip(questions, top_rows(query_vecs, pool_vecs, cfg.round_trip_k))
+            if any(is_relevant(passages[pool[j]].id, (document_of(q.passage),)) for j in top)]
+
+
+def top_rows(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int) -> np.ndarray:
+    """Each query's k best pool rows (n, k), ties broken by row."""
+    return np.argsort(-(query_vecs @ pool_vecs.T), axis=1, kind="stable")[:, :k]
+
+
+def embed_all(model, tok, texts: list[str], desc: str, batch: int = 64) -> np.ndarray:
+    from tqdm import tqdm
+    return np.concatenate([embed(model, tok, texts[i:i + batch]).numpy()
+                           for i in tqdm(range(0, len(texts), batch), desc=desc, unit="batch")])
+
+
+def dedupe(questions: list[Synthetic]) -> list[Synthetic]:
+    """The first of each normalised question, and the first question of each passage from each source."""
+    seen_text, seen_passage, out = set(), set(), []
+    for q in questions:
+        key = normalize(q.question)
+        if key in seen_text or (q.passage, q.source) in seen_passage:
+            continue
+        seen_text.add(key)
+        seen_passage.add((q.passage, q.source))
+        out.append(q)
+    return out
+
+
+def question_logprobs(model, tok, pairs: Sequence[tuple[str, Passage]], batch: int = 8) -> list[float]:
+    """log P(question | passage) under `question_prompt`, summed over the question's tokens, teacher-forced.
+    Negatives are compared with their question's positive, the same question: the sum ranks as the mean."""
+    import torch
+    from ragrt.export.train.sft import IGNORE, sequence_logprobs
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    from tqdm import tqdm
+    out: list[float] = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(pairs), batch), desc="teacher", unit="batch"):
+            examples = []
+            for question, p in pairs[i:i + batch]:
+                prompt, q = question_prompt(tok, p), tok.encode(question, add_special_tokens=False)
+                examples.append((prompt + q, [IGNORE] * len(prompt) + q))
+            out += sequence_logprobs(model, examples, pad).tolist()
+    return out

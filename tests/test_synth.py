@@ -1,0 +1,164 @@
+"""Synthetic questions from a corpus without labels (export/data/synth.py) and `ragrt finetune --corpus` alone."""
+import json
+
+import pytest
+
+from ragrt.cli import main
+from ragrt.evaluate import read_qa
+from ragrt.retrieval.passages import Passage, passage_text
+
+from ragrt.export.data import synth
+from ragrt.export.data.synth import Synthetic
+
+TOPICS = ["lists", "tuples", "json", "files", "generators", "threads", "sets", "dicts", "strings", "bytes",
+          "modules", "classes", "functions", "loops", "errors", "logging", "sockets", "regex", "dates", "paths",
+          "sorting", "iterators", "decorators", "unicode"]
+# One short document per topic, a passage each: a question sentence, its answer, and a title.
+CORPUS = [{"id": t, "title": f"Library — Using {t}",
+           "text": f"How do I use {t} in Python? Import the module for {t} and call it. Python has {t}."}
+          for t in TOPICS]
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in CORPUS))
+    return path
+
+
+def test_structure_questions_are_question_sentences_and_headings():
+    first = Passage("d#0", "4. Data Structures — 4.1. More on Lists",
+                    "Lists have methods. How do I copy a list? Use list.copy() or a slice. It copies.\n\nAnother.")
+    assert synth.structure_questions(first) == [
+        Synthetic("How do I copy a list?", "Use list.copy() or a slice. It copies. Another.", "d#0", "structure"),
+        Synthetic("What does the documentation say about More on Lists?", "Lists have methods. How do I copy a list? "
+                  "Use list.copy() or a slice. It copies. Another.", "d#0", "structure")]
+    # A later passage of the document asks nothing and opens nothing: no question.
+    assert synth.structure_questions(Passage("d#1", "Data — Lists", "Lists have methods. Why? Because.")) == []
+    faq = Passage("f#0", "FAQ — Why is Python slow?", "It is interpreted.")
+    assert [q.question for q in synth.structure_questions(faq)] == ["Why is Python slow?"]
+
+
+def test_opening_keeps_whole_sentences_within_the_word_limit():
+    text = "One two three. Four five six seven. Eight."
+    assert synth.opening(text, words=4) == "One two three."
+    assert synth.opening(text, words=7) == "One two three. Four five six seven."
+    assert synth.opening("a " * 100, words=60) == " ".join(["a"] * 60)
+
+
+def test_clean_question_keeps_the_first_question_of_the_reply():
+    assert synth.clean_question('Question: "How do I copy a list? It is easy.\nmore') == "How do I copy a list?"
+    assert synth.clean_question("Lists are mutable.") is None
+    assert synth.clean_question("Why?") is None
+
+
+def test_round_trip_drops_a_question_whose_passage_is_not_retrieved(tiny_encoder_dir, tmp_path):
+    passages = [Passage(f"{t}#0", "", f"{t} are a thing in the python docs, {i} of them") for i, t in enumerate(TOPICS)]
+    # A question worded as a passage's very text finds that passage first.
+    own = Synthetic(passage_text(passages[0]), "", passages[0].id, "structure")
+    other = Synthetic(passage_text(passages[1]), "", passages[2].id, "structure")
+    cfg = synth.SynthConfig(corpus=tmp_path, out=tmp_path / "q.jsonl", encoder=tiny_encoder_dir, generator=None,
+                            round_trip_k=1)
+    assert synth.round_trip(cfg, [own, other], passages, [0, 1, 2]) == [own]
+
+
+def test_dedupe_keeps_one_question_per_text_and_per_passage_and_source():
+    qs = [Synthetic("How do I copy a list?", "a", "l#0", "structure"),
+          Synthetic("how do I copy a list", "b", "m#0", "generator"),       # the same question, normalised
+          Synthetic("What is a list?", "c", "l#0", "structure"),            # its passage has one already
+          Synthetic("What is a list?", "d", "l#0", "generator")]
+    assert synth.dedupe(qs) == [qs[0], qs[3]]
+
+
+def test_generator_questions_come_from_the_generator(tiny_encoder_dir, tiny_generator_dir, tmp_path, monkeypatch):
+    """The tiny random generator writes no question: its replies are cleaned, and one that is a question is kept
+    with the passage's best-matching sentences as its answer."""
+    replies = []
+    real = synth.clean_question
+    monkeypatch.setattr(synth, "clean_question", lambda r: replies.append(r) or real(r) or "How do I use json?")
+    cfg = synth.SynthConfig(corpus=tmp_path, out=tmp_path / "q.jsonl", encoder=tiny_encoder_dir,
+                            generator=tiny_generator_dir, max_new_tokens=4, batch_size=2)
+    passages = [Passage("a#0", "A", "Lists are mutable. The json module parses JSON."),
+                Passage("b#0", "B", "Tuples are not.")]
+    got = synth.generator_questions(cfg, passages)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert got[0] == Synthetic("How do I use json?", "The json module parses JSON.", "a#0", "generator")
+
+
+def test_synth_writes_questions_that_train_reads_back(corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path, capsys):
+    out = tmp_path / "q.jsonl"
+    assert main(["data", "synth", "--corpus", str(corpus), "--out", str(out), "--encoder", str(tiny_encoder_dir),
+                 "--source", "structure", "--round-trip-k", str(len(TOPICS)), "--max-questions", "10"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    stats = json.loads((tmp_path / "q.jsonl.stats.json").read_text())
+    # 10 passages sampled, each with its question sentence and its heading; the round trip keeps all at k = 24,
+    # and the dedupe one question per passage: the question sentence, found first.
+    assert stats["passages"] == len(TOPICS) and stats["sampled"] == 10
+    assert stats["candidates"] == stats["round_trip"] == {"structure": 20} and stats["kept"] == {"structure": 10}
+    assert {r["source"] for r in rows} == {"structure"} and len(rows) == 10
+    for r in rows:
+        topic = r["positive_ids"][0]
+        assert r["passage"] == f"{topic}#0" and r["question"] == f"How do I use {topic} in Python?"
+        assert r["answer"] == f"Import the module for {topic} and call it. Python has {topic}."
+    assert [qa.question for qa in read_qa(out)] == [r["question"] for r in rows]
+    assert "10 questions written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-questions", "0"], "--max-questions must be at least 1, got 0"),
+    (["--round-trip-k", "0"], "--round-trip-k must be at least 1, got 0"),
+    (["--corpus", "MISSING"], "no such file"),
+    (["--corpus", "SMALL"], "5 passages, too few to learn from without labels"),
+    (["--corpus", "UNREADABLE"], "invalid JSON"),
+], ids=["max-questions", "round-trip-k", "missing", "too-small", "unreadable"])
+@pytest.mark.parametrize("command", ["synth", "finetune"])
+def test_bad_input_is_one_line_and_writes_nothing(command, args, message, corpus, tiny_corpus, tiny_encoder_dir,
+                                                  tiny_generator_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\xff\xfe{not json\n")
+    paths = {"MISSING": str(tmp_path / "absent.jsonl"), "SMALL": str(tiny_corpus), "UNREADABLE": str(bad)}
+    args = [paths.get(a, a) for a in args]
+    if "--corpus" not in args:
+        args += ["--corpus", str(corpus)]
+    out = tmp_path / "out"
+    models = ["--encoder", str(tiny_encoder_dir), "--generator", str(tiny_generator_dir)]
+    argv = ["data", "synth", "--out", str(out)] if command == "synth" else ["finetune", "--out", str(out)]
+    assert main(argv + models + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_finetune_on_the_corpus_alone(corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path, monkeypatch, capsys):
+    from ragrt.export.train import finetune
+    teacher_calls = []
+    real_keep = finetune.Teacher.keep
+    monkeypatch.setattr(finetune.Teacher, "keep", lambda self, *a: teacher_calls.append(1) or real_keep(self, *a))
+    run = tmp_path / "run"
+    argv = ["finetune", "--corpus", str(corpus), "--out", str(run), "--encoder", str(tiny_encoder_dir),
+            "--generator", str(tiny_generator_dir), "--source", "both", "--round-trip-k", str(len(TOPICS)),
+            "--max-questions", "6", "--epochs", "1", "--generator-epochs", "1", "--batch-size", "4", "--k", "2",
+            "--max-steps", "2"]
+    assert main(argv) == 0
+    assert (run / "encoder" / "config.json").is_file() and (run / "generator" / "config.json").is_file()
+    questions = read_qa(run / "synthetic.jsonl")
+    assert len(questions) >= 6
+    assert finetune.training_record(run / "generator")["block_attention"] is True
+    report = json.loads((run / "finetune.json").read_text())
+    assert report["questions"] == len(questions) and report["config"]["teacher"] == "True"
+    assert set(report["report"]["teacher_dropped"]) == {"0"} and teacher_calls
+    assert "synthetic.jsonl" in (run / "encoder" / "ragrt-source.txt").read_text()
+
+
+def test_the_teacher_drops_a_negative_that_scores_as_well_as_the_positive(tiny_generator_dir):
+    from ragrt.evaluate import QA
+    from ragrt.export.train.finetune import Teacher
+    passages = [Passage("a#0", "A", "Lists are mutable."), Passage("a#1", "A", "Lists are mutable."),
+                Passage("c#0", "C", "The GIL lets one thread run.")]
+    teacher = Teacher(tiny_generator_dir, [QA("What are lists?", "", ("a#0",))], passages, [{0}])
+    # Pool indices 0 and 1 are passages 1 and 2: passage 1 is the positive's twin, so it goes;
+    # passage 2 stays if it scores below the positive.
+    kept, dropped = teacher.keep([[0, 1]], [1, 2])
+    scores = teacher.scores
+    assert scores[(0, 1)] == pytest.approx(scores[(0, 0)], abs=1e-5) and 0 not in kept[0]
+    assert (kept == [[1]]) == (scores[(0, 2)] < scores[(0, 0)]) and dropped == 2 - len(kept[0])
