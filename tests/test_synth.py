@@ -162,3 +162,14 @@ def test_the_teacher_drops_a_negative_that_scores_as_well_as_the_positive(tiny_g
     scores = teacher.scores
     assert scores[(0, 1)] == pytest.approx(scores[(0, 0)], abs=1e-5) and 0 not in kept[0]
     assert (kept == [[1]]) == (scores[(0, 2)] < scores[(0, 0)]) and dropped == 2 - len(kept[0])
+
+
+def test_a_rerun_reuses_the_synthetic_questions(corpus, tmp_path, monkeypatch):
+    """RUN/synthetic.jsonl is written once: a resumed run trains on the same (perhaps edited) questions."""
+    from ragrt.export.train import finetune
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "synthetic.jsonl").write_text('{"question": "edited?", "answer": "a", "positive_ids": ["lists"]}\n')
+    monkeypatch.setattr(finetune, "synthesize", lambda *a: pytest.fail("synthesized again"))
+    cfg = finetune.FinetuneConfig(corpus=corpus, train=None, out=run)
+    assert finetune.synthetic_questions(cfg, run, tmp_path, tmp_path, []) == run / "synthetic.jsonl"

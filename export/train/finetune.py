@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,7 @@ def training_record(checkpoint: Path) -> dict:
 def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
     """The defaults that depend on the data: block attention when synthetic questions are all there
     is (their answers come from the passage, so the generator learns to read), the teacher
-    whenever synthetic questions are trained on (their positives are one passage, their negatives unchecked)."""
+    whenever synthetic questions are trained on (no one checked that their negatives do not answer them)."""
     supported = generator_builder(cfg, gen_ckpt)[1].blocks_supported
     blocks = cfg.block_attention
     if blocks and not supported:
@@ -268,19 +269,23 @@ class Teacher:
     training would push a right passage away. Scores are kept across epochs: pairs recur."""
 
     def __init__(self, checkpoint: Path, items: list[QA], passages: list[Passage], positives: list[set[int]]):
+        self.checkpoint, self.items, self.passages, self.positives = checkpoint, items, passages, positives
+        self.scores: dict[tuple[int, int], float] = {}
+
+    @cached_property
+    def loaded(self):
+        """(model, tokenizer), loaded on first use: a run resumed past its mining never needs them."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(checkpoint)
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        self.items, self.passages, self.positives = items, passages, positives
-        self.scores: dict[tuple[int, int], float] = {}
+        return (AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=torch.float32).eval(),
+                AutoTokenizer.from_pretrained(self.checkpoint))
 
     def keep(self, negatives: list[list[int]], pool: list[int]) -> tuple[list[list[int]], int]:
         """(`negatives` (pool indices) without the ones that score at least their best positive, how many went)."""
         pairs = {(i, r) for i, rows in enumerate(self.positives) for r in rows}
         pairs |= {(i, pool[j]) for i, negs in enumerate(negatives) for j in negs}
         todo = sorted(pairs - self.scores.keys())
-        scored = question_logprobs(self.model, self.tok, [(self.items[i].question, self.passages[r]) for i, r in todo])
+        scored = question_logprobs(*self.loaded, [(self.items[i].question, self.passages[r]) for i, r in todo])
         self.scores.update(zip(todo, scored))
         kept = [[j for j in negs if self.scores[i, pool[j]] < max(self.scores[i, r] for r in self.positives[i])]
                 for i, negs in enumerate(negatives)]
