@@ -48,7 +48,10 @@ def test_opening_keeps_whole_sentences_within_the_word_limit():
 
 def test_clean_question_keeps_the_first_question_of_the_reply():
     assert synth.clean_question('Question: "How do I copy a list? It is easy.\nmore') == "How do I copy a list?"
+    assert synth.clean_question('"What is a more technical tutorial on how\ndescriptors work?"') == \
+        "What is a more technical tutorial on how descriptors work?"
     assert synth.clean_question("Lists are mutable.") is None
+    assert synth.clean_question("Lists are mutable, as the docs say in many words, " * 3 + "right?") is None
     assert synth.clean_question("Why?") is None
 
 

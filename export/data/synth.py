@@ -34,7 +34,15 @@ from ragrt.export.train.contrastive import embed, sample_pool
 SOURCES = ("structure", "generator")
 MIN_PASSAGES = 20           # fewer gives too few questions, and too few negatives, to learn from
 ANSWER_WORDS = 60           # as the FAQ answers (export/data/faq.py)
-PROMPT = "Write one question that the following passage answers. Reply with the question only.\n\n{passage}"
+ASK = "Write one question that this passage answers.\n\n{passage}"
+# Two worked examples as earlier chat turns (InPars prompts few-shot): SmolLM2-135M, asked
+# without them, summarised the passage or rambled in most replies; with them it asks.
+SHOTS = (("Lists\nThe list methods make it very easy to use a list as a stack, where the last element added is the "
+          "first element retrieved. To add an item to the top of the stack, use append().",
+          "How do I use a list as a stack?"),
+         ("Files\nIt is good practice to use the with keyword when dealing with file objects. The advantage is "
+          "that the file is properly closed after its suite finishes.",
+          "Why should I open files with the with keyword?"))
 # A question sentence of a passage: a capital opening, 3 to 30 words, ending at "?".
 _QUESTION = re.compile(r"^[A-Z][^?]{8,}\?$")
 _NUMBERING = re.compile(r"^[\d.]+\s+")           # "4.1. if Statements"
@@ -160,16 +168,17 @@ def structure_questions(p: Passage) -> list[Synthetic]:
 
 def question_prompt(tok, p: Passage) -> list[int]:
     """The generator's chat prompt asking for a question about `p`: the one it writes from and the teacher scores under."""
-    return tok.apply_chat_template([{"role": "user", "content": PROMPT.format(passage=passage_text(p))}],
-                                   add_generation_prompt=True, tokenize=True)
+    turns = [turn for text, question in SHOTS for turn in ({"role": "user", "content": ASK.format(passage=text)},
+                                                           {"role": "assistant", "content": question})]
+    turns.append({"role": "user", "content": ASK.format(passage=passage_text(p))})
+    return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
 
 
 def clean_question(text: str) -> str | None:
-    """The generated reply's first line up to its first "?", or None when that is no question."""
-    line = text.strip().split("\n", 1)[0].strip().removeprefix("Question:").strip().strip('"')
-    if "?" not in line:
+    """The generated reply up to its first "?" on one line, or None when that is no short question."""
+    if "?" not in text:
         return None
-    line = line[:line.index("?") + 1]
+    line = " ".join(text[:text.index("?") + 1].split()).removeprefix("Question:").strip().strip('"')
     return line if 3 <= len(line.split()) <= 30 else None
 
 
