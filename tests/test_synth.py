@@ -176,3 +176,10 @@ def test_a_rerun_reuses_the_synthetic_questions(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "synthesize", lambda *a: pytest.fail("synthesized again"))
     cfg = finetune.FinetuneConfig(corpus=corpus, train=None, out=run)
     assert finetune.synthetic_questions(cfg, run, tmp_path, tmp_path, []) == run / "synthetic.jsonl"
+
+
+def test_bm25_negatives_are_the_lexical_near_misses_but_not_positives():
+    from ragrt.export.train.contrastive import bm25_negatives
+    texts = ["json parses documents", "the json module parses json documents", "threads and locks", "json"]
+    got = bm25_negatives(["json documents", "locks"], texts, [{1}, {2}], per_query=2)
+    assert got[0] == [0, 3] and got[1] == []      # row 1 is the positive; nothing else mentions locks

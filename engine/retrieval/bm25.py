@@ -52,6 +52,13 @@ class Bm25Index:
         self.count = count
 
     @classmethod
+    def build(cls, texts: list[str]) -> "Bm25Index":
+        """An index of `texts` in memory, row i for text i (fine-tuning mines lexical negatives with it)."""
+        model = _bm25s().BM25()
+        model.index(words(texts), show_progress=False)
+        return cls(model, len(texts))
+
+    @classmethod
     def open(cls, root: Path, spec: Bm25Spec) -> "Bm25Index":
         """Memory-maps the index of generation directory `root`; its files were checksummed by the opener."""
         if spec.tokenizer != TOKENIZER:

@@ -43,6 +43,15 @@ def mine_hard_negatives(query_vecs: np.ndarray, pool_vecs: np.ndarray, positives
     return out
 
 
+def bm25_negatives(questions: list[str], texts: list[str], positives: list[set[int]], per_query: int) -> list[list[int]]:
+    """For each question, the rows of `texts` BM25 ranks highest that are not its positives: the
+    lexical near misses a dense encoder does not mine (hybrid retrieval ranks with both)."""
+    from ragrt.retrieval.bm25 import Bm25Index
+    index = Bm25Index.build(texts)
+    return [[j for j in index.search(q, per_query + len(pos)) if j not in pos][:per_query]
+            for q, pos in zip(questions, positives)]
+
+
 def sample_pool(size: int, n_passages: int, positives: list[set[int]], seed: int) -> list[int]:
     """Every positive passage plus a seeded sample of the rest: embedding the whole corpus
     each epoch would cost minutes, and hard negatives come from the top of the ranking anyway."""

@@ -36,7 +36,7 @@ from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_text
 
 from ragrt.export.data.synth import SOURCES, SynthConfig, question_logprobs, require_enough, synthesize
-from ragrt.export.train.contrastive import contrastive_loss, embed, mine_hard_negatives, sample_pool
+from ragrt.export.train.contrastive import bm25_negatives, contrastive_loss, embed, mine_hard_negatives, sample_pool
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import prompt_spec
 from ragrt.export.train.sft import block_example, block_loss, rag_marginal_nll, sequence_logprobs, sft_example
@@ -60,6 +60,7 @@ class FinetuneConfig:
     generator_lr: float = 3e-5
     batch_size: int = 16
     hard_negatives: int = 2
+    bm25_negatives: int | None = None   # per question, besides; None: 1 when training on synthetic questions
     pool_size: int = 3000           # passages embedded per epoch to mine negatives from
     k: int = 5                      # passages in a generator training prompt
     max_answer_tokens: int = 64
@@ -142,7 +143,8 @@ def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
             _say("warning: the passage template numbers passages, so block attention is off")
             blocks = False
     teacher = cfg.uses_synthetic if cfg.teacher is None else cfg.teacher
-    return replace(cfg, block_attention=blocks, teacher=teacher)
+    bm25 = int(cfg.uses_synthetic) if cfg.bm25_negatives is None else cfg.bm25_negatives
+    return replace(cfg, block_attention=blocks, teacher=teacher, bm25_negatives=bm25)
 
 
 def load_passages(cfg: FinetuneConfig, chunk_tokenizer) -> list[Passage]:
@@ -304,6 +306,10 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_c
     texts = [passage_text(passages[r]) for r in pool]
     steps_per_epoch = -(-len(items) // cfg.batch_size)
     teacher = Teacher(gen_ckpt, items, passages, positives) if cfg.teacher else None
+    pool_positives = [{pool_index[r] for r in rows} for rows in positives]
+    # BM25 does not change as the encoder learns: its negatives are mined once, added to each epoch's.
+    lexical = bm25_negatives([qa.question for qa in items], texts, pool_positives, cfg.bm25_negatives) \
+        if cfg.bm25_negatives else [[] for _ in items]
     trainer.progress(steps_per_epoch * cfg.epochs, "retriever")
     while state.epoch < cfg.epochs and not trainer.done():
         # Mined once per epoch and kept, so a run resumed mid-epoch trains on the same negatives.
@@ -313,8 +319,8 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_c
         else:
             pool_vecs = np.concatenate([embed(model, tok, texts[i:i + 64]).numpy() for i in range(0, len(texts), 64)])
             query_vecs = embed(model, tok, [qa.question for qa in items]).numpy()
-            negatives = mine_hard_negatives(query_vecs, pool_vecs, [{pool_index[r] for r in rows} for rows in positives],
-                                            cfg.hard_negatives)
+            dense = mine_hard_negatives(query_vecs, pool_vecs, pool_positives, cfg.hard_negatives)
+            negatives = [d + [j for j in lex if j not in d] for d, lex in zip(dense, lexical)]
             if teacher is not None:
                 negatives, dropped = teacher.keep(negatives, pool)
                 state.report.setdefault("teacher_dropped", {})[str(state.epoch)] = dropped
