@@ -81,7 +81,7 @@ def test_generator_questions_come_from_the_generator(tiny_encoder_dir, tiny_gene
     monkeypatch.setattr(synth, "clean_question", lambda r: replies.append(r) or real(r) or "How do I use json?")
     cfg = synth.SynthConfig(corpus=tmp_path, out=tmp_path / "q.jsonl", encoder=tiny_encoder_dir,
                             generator=tiny_generator_dir, max_new_tokens=4, batch_size=2)
-    passages = [Passage("a#0", "A", "Lists are mutable. The json module parses JSON."),
+    passages = [Passage("a#0", "A", "Lists are mutable. The json module\n  parses JSON."),
                 Passage("b#0", "B", "Tuples are not.")]
     got = synth.generator_questions(cfg, passages)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

@@ -204,7 +204,8 @@ def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[S
             for p, reply in zip(batch, tok.batch_decode(out[:, width:], skip_special_tokens=True)):
                 question = clean_question(reply)
                 if question:
-                    found.append(Synthetic(question, extract(question, [p], [1.0], settings), p.id, "generator"))
+                    answer = " ".join(extract(question, [p], [1.0], settings).split())      # one line to read and edit
+                    found.append(Synthetic(question, answer, p.id, "generator"))
             bar.update(len(batch))
     return found
 
