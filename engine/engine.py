@@ -98,7 +98,7 @@ class Engine:
         self.passage_kv_unavailable = unavailable(self.decoder, m.prompt)
         self.passage_kv = None if self.passage_kv_unavailable else PassageKV(
             self.decoder, graph_id(m), BlockCache(passage_kv_cache_mb << 20),
-            store=live_store(lambda: self.corpus.generation, m, self.tokenizer))
+            store=live_store(lambda: self.corpus.generation, m, self.tokenizer), repair=m.rag.passage_kv_repair)
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", threads: int = 0, verify: bool = False,
@@ -283,6 +283,8 @@ class AnswerStream:
         run = self._run
         if run.blocks is not None:
             timings["kv_assemble"] = run.blocks.assemble_ms
+            if run.blocks.repair_ms:
+                timings["kv_repair"] = run.blocks.repair_ms
         warnings = ["the question or passages were truncated to fit the context window"] if run.truncated else []
         # Only the passages the prompt holds are sources: the answer saw no others.
         sources = p.sources[:run.passages_used]

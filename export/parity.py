@@ -162,22 +162,22 @@ def shipped_generator(root: Path, spec: GeneratorSpec, prompt: PromptSpec, new_t
 
 
 def passage_kv_parity(decoder, builder: PromptBuilder, *, trained: bool, prompts: int,
-                      new_tokens: int) -> PassageKVParity | None:
+                      new_tokens: int, repair: int) -> PassageKVParity | None:
     """Block mode against full prefill on the shipped graph; None where passage KV is unavailable."""
     from ragrt.decoding.blocks import unavailable
     if unavailable(decoder, builder.spec):
         return None
-    share, n = block_agreement(decoder, builder, prompts, new_tokens)
-    return PassageKVParity(trained=trained, agreement=round(share, 4), prompts=n, new_tokens=new_tokens)
+    share, n = block_agreement(decoder, builder, prompts, new_tokens, repair=repair)
+    return PassageKVParity(trained=trained, agreement=round(share, 4), prompts=n, new_tokens=new_tokens, repair=repair)
 
 
-def block_agreement(decoder, builder: PromptBuilder, n: int, new_tokens: int, *, passages_per_prompt: int = 3
-                    ) -> tuple[float, int]:
+def block_agreement(decoder, builder: PromptBuilder, n: int, new_tokens: int, *, passages_per_prompt: int = 3,
+                    repair: int = 0) -> tuple[float, int]:
     """Passage KV against full prefill: the share of full prefill's greedy tokens that are also
     block mode's top-1, given the same prefix (teacher-forced), over `n` built-in prompts of
     `passages_per_prompt` passages each (the right one at a varying rank). Returns (share, prompts)."""
     from ragrt.decoding.blocks import PassageKV
-    kv = PassageKV(decoder, "parity")
+    kv = PassageKV(decoder, "parity", repair=repair)
     prompts = PARITY_PROMPTS[:n]
     agree = total = 0
     for i, (question, _, _) in enumerate(prompts):

@@ -7,6 +7,7 @@ import torch
 
 from ragrt.errors import CorpusError, UserInputError
 from ragrt.export.train.contrastive import SCALE, contrastive_loss, mine_hard_negatives
+from ragrt.options import PASSAGE_KV_REPAIR
 from ragrt.export.train.sft import (IGNORE, block_example, block_logits, block_loss,
                                     rag_marginal_nll, sft_example)
 
@@ -136,11 +137,13 @@ def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_pat
         # Block attention needs passages that render alike at every rank.
         monkeypatch.setattr(pack, "PASSAGE_TEMPLATE", "{title}\n{text}")
         real_block_loss = finetune.block_loss
-        monkeypatch.setattr(finetune, "block_loss", lambda *a: from_blocks.append(1) or real_block_loss(*a))
+        monkeypatch.setattr(finetune, "block_loss",
+                            lambda *a, repair: from_blocks.append(repair) or real_block_loss(*a, repair=repair))
     finetune.run_finetune(cfg)
     if cfg.block_attention:     # both prompts trained: 3 of the 5 examples read from blocks, 2 plain
-        assert len(from_blocks) == 3
-    record = {"block_attention": cfg.block_attention, "block_attention_mix": 0.5}
+        assert from_blocks == [PASSAGE_KV_REPAIR] * 3       # read as the exported bundle's engine reads them
+    record = {"block_attention": cfg.block_attention, "block_attention_mix": 0.5,
+              "passage_kv_repair": PASSAGE_KV_REPAIR if cfg.block_attention else 0}
     assert finetune.training_record(tmp_path / "a" / "generator") == record
     assert json.loads((tmp_path / "a" / "finetune.json").read_text())["config"]["block_attention"] == str(cfg.block_attention)
     assert finetune.training_record(tiny_generator_dir) == {}

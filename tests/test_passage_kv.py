@@ -65,6 +65,40 @@ def test_assembly_equals_pytorch_block_reference(decoder, tiny_generator_dir):
     assert np.abs(full[0] - ref).max() > 1e-3
 
 
+@pytest.mark.parametrize("repair", [3, 6])
+def test_repair_equals_pytorch_reference(decoder, tiny_generator_dir, repair):
+    """The first `repair` tokens of each later block run again over the cache before them, as
+    fine-tuning computes it; more tokens repaired bring block mode nearer full prefill."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ragrt.export.train.sft import block_logits
+    p = _prompt(np.random.default_rng(2), decoder.spec.vocab_size)
+    model = LlamaForCausalLM.from_pretrained(tiny_generator_dir, torch_dtype=torch.float64).eval()
+    with torch.no_grad():
+        ref = block_logits(model, p, [], repair=repair)[-1].numpy()
+        plain = block_logits(model, p, [])[-1].numpy()
+    stats = BlockStats()
+    got, _ = PassageKV(decoder, "g", dtype=np.float32, repair=repair).prefill([p], stats)
+    np.testing.assert_allclose(got[0], ref, atol=5e-4)
+    assert np.abs(plain - ref).max() > 1e-3
+    assert stats.repair_ms > 0
+
+
+def test_repairing_whole_blocks_is_full_prefill(decoder):
+    """Every block run again over the cache before it is exactly what full prefill computes: the
+    logits, and the cache the answer's tokens then read."""
+    rng = np.random.default_rng(9)
+    p = _prompt(rng, decoder.spec.vocab_size)
+    kv = PassageKV(decoder, "g", dtype=np.float32, repair=max(map(len, p.blocks)))
+    got, state = kv.prefill([p])
+    want, full = decoder.prefill([p.ids])
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    n = len(p.ids)
+    for a, b in zip(state.buffers.arrays, full.buffers.arrays):
+        np.testing.assert_allclose(a[0, :, :n], b[0, :, :n], atol=2e-4)
+
+
 def test_a_batch_mixes_block_and_plain_prompts(decoder):
     rng = np.random.default_rng(5)
     a, plain = _prompt(rng, decoder.spec.vocab_size), _prompt(rng, decoder.spec.vocab_size).ids

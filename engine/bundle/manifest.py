@@ -250,6 +250,9 @@ class RagDefaults:
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
     # "on" where the export measured block-mode answers as good as full prefill (see docs/bundle.md).
     passage_kv: str = "off"
+    # Tokens at the start of each block after the first that are run again over the assembled cache, so
+    # they attend to the passages before them (EPIC, arXiv 2410.15332); bundles before it: none.
+    passage_kv_repair: int = 0
     # How mode "extract" picks sentences; older bundles take the defaults.
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     # "dense" | "bm25" | "hybrid", chosen by the export on `--dev` recall@5 (bundles before it: dense).
@@ -313,6 +316,7 @@ class PassageKVParity:
     agreement: float               # share of full prefill's greedy tokens that block mode also ranks first
     prompts: int                   # built-in prompts of 3 passages each
     new_tokens: int
+    repair: int = 0                # block mode's `rag.passage_kv_repair` in this measurement
     dev_questions: int = 0         # `ragrt export --dev QA`: answer F1 on them both ways
     f1_full: float | None = None
     f1_blocks: float | None = None

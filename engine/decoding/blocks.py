@@ -48,6 +48,7 @@ class BlockStats:
     reused: int = 0
     computed: int = 0
     assemble_ms: float = 0.0
+    repair_ms: float = 0.0
 
 
 def inv_freq(spec: GeneratorSpec, layer: int) -> np.ndarray:
@@ -145,7 +146,7 @@ class PassageKV:
     """
 
     def __init__(self, decoder: PackedDecoder, graph_id: str, cache: BlockCache | None = None, store=None,
-                 dtype: np.dtype | None = None):
+                 dtype: np.dtype | None = None, repair: int = 0):
         if not decoder.spec.rotary_base:
             raise ValueError("this generator's rotary positions are unknown (re-export the bundle)")
         self.decoder = decoder
@@ -153,6 +154,7 @@ class PassageKV:
         self.cache = cache if cache is not None else BlockCache(PASSAGE_KV_CACHE_MB << 20)
         self.store = store                 # precomputed blocks (`--passage-kv all`): .get(key) -> array | None
         self.dtype = block_dtype(decoder.kv_dtype) if dtype is None else np.dtype(dtype)   # of the blocks kept
+        self.repair = repair               # tokens recomputed at the start of each block after the first
         self._prefixes: dict[tuple[int, ...], tuple[list[np.ndarray], bytes]] = {}
         self._lock = threading.Lock()
 
@@ -214,6 +216,7 @@ class PassageKV:
 
     def _assemble(self, buffers: KVBuffers, row: int, prompt: BlockPrompt, stats: BlockStats) -> np.ndarray:
         t0 = time.perf_counter()
+        repair_s = 0.0
         arrays = buffers.arrays
         p = len(prompt.prefix)
         for a, kv in zip(arrays, self._prefix(prompt.prefix)[0]):
@@ -234,8 +237,15 @@ class PassageKV:
                 else:
                     turned = rotate_keys(dequantize(kv[i], scales[i]), offset - p, spec, i // 2)
                     a[row, :, offset:offset + n] = quantize(turned, scales[i])
+            if self.repair and offset > p:
+                t1 = time.perf_counter()
+                r = min(self.repair, n)
+                self.decoder._run(buffers, row, row + 1, np.asarray([ids[:r]], dtype=np.int64),
+                                  np.array([offset + r]), 1)
+                repair_s += time.perf_counter() - t1
             offset += n
-        stats.assemble_ms += (time.perf_counter() - t0) * 1e3
+        stats.assemble_ms += (time.perf_counter() - t0 - repair_s) * 1e3
+        stats.repair_ms += repair_s * 1e3
         tail = np.asarray([prompt.tail], dtype=np.int64)
         return self.decoder._run(buffers, row, row + 1, tail, np.array([offset + len(prompt.tail)]), 1)[:, -1]
 

@@ -31,6 +31,7 @@ import numpy as np
 from ragrt.bundle.atomic import atomic_write_text
 from ragrt.corpus.documents import chunk_documents, read_documents
 from ragrt.errors import CorpusError, UserInputError
+from ragrt.options import PASSAGE_KV_REPAIR
 from ragrt.evaluate import QA, is_relevant, read_qa, token_f1
 from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_text
@@ -465,7 +466,7 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
                     loss = rag_marginal_nll(q, d, sequence_logprobs(model, examples[i], pad_id), cfg.temperature)
                 else:
                     if i in from_blocks:
-                        loss = block_loss(model, *blocked[i])
+                        loss = block_loss(model, *blocked[i], repair=PASSAGE_KV_REPAIR)
                     else:
                         ids, labels = examples[i]
                         loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
@@ -527,7 +528,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {' and '.join(p.name for p in train_files)}\n")
         if name == "generator":
             _write_json(tmp / TRAINING_RECORD, {"block_attention": cfg.block_attention,
-                                                "block_attention_mix": cfg.block_attention_mix})
+                                                "block_attention_mix": cfg.block_attention_mix,
+                                                "passage_kv_repair": PASSAGE_KV_REPAIR if cfg.block_attention else 0})
         shutil.rmtree(run / name, ignore_errors=True)
         os.replace(tmp, run / name)
     state.phase = "done"

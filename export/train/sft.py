@@ -31,14 +31,15 @@ def block_example(builder: PromptBuilder, question: str, passages: Sequence[Pass
     return prompt, _answer_ids(builder, answer, eos_id, max_answer_tokens)
 
 
-def block_logits(model, prompt: BlockPrompt, continuation: Sequence[int]):
+def block_logits(model, prompt: BlockPrompt, continuation: Sequence[int], repair: int = 0):
     """Logits (len(tail) + len(continuation), V) over the tail and `continuation`, the prompt read
     as the engine reads it from passage KV (decoding/blocks.py): each block run after the prefix
     alone, at positions starting right after it, its keys turned by the model's own rotary to
     their place in the prompt, then the tail run over the assembled cache at contiguous positions.
     Differentiable, so training sees the very states inference assembles: a block mask at
     contiguous positions would compute a block's deeper states at its place in the prompt, where
-    the engine computes them once, right after the prefix."""
+    the engine computes them once, right after the prefix. `repair`: the engine's
+    `rag.passage_kv_repair`, the first tokens of each later block run again over the cache before it."""
     import torch
     from transformers import DynamicCache
     base = model.get_base_model() if hasattr(model, "get_base_model") else model     # a LoRA model's own
@@ -63,6 +64,13 @@ def block_logits(model, prompt: BlockPrompt, continuation: Sequence[int]):
             k, v = out.layers[i].keys[:, :, n:], out.layers[i].values[:, :, n:]
             keys[i].append(turn_keys(base, i, k, offset - n))
             values[i].append(v)
+        if repair and offset > n:
+            r = min(repair, len(block))
+            again = model(torch.tensor([block[:r]]), past_key_values=cache([k[:-1] for k in keys], [v[:-1] for v in values]),
+                          position_ids=torch.arange(offset, offset + r)[None], use_cache=True).past_key_values
+            for i in layers:
+                keys[i][-1] = torch.cat([again.layers[i].keys[:, :, offset:], keys[i][-1][:, :, r:]], dim=2)
+                values[i][-1] = torch.cat([again.layers[i].values[:, :, offset:], values[i][-1][:, :, r:]], dim=2)
         offset += len(block)
     seq = [*prompt.tail, *continuation]
     return model(torch.tensor([seq]), past_key_values=cache(keys, values),
@@ -83,10 +91,10 @@ def turn_keys(model, layer: int, keys, delta: int):
     return torch.cat([keys[..., :d] * cos + rotate_half(keys[..., :d]) * sin, keys[..., d:]], dim=-1)
 
 
-def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int]):
+def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int], repair: int = 0):
     """Mean cross-entropy of the answer after a prompt read from passage KV (`block_logits`)."""
     import torch
-    logits = block_logits(model, prompt, answer_ids[:-1])[len(prompt.tail) - 1:]      # row j predicts answer j
+    logits = block_logits(model, prompt, answer_ids[:-1], repair)[len(prompt.tail) - 1:]    # row j predicts answer j
     return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids))
 
 
