@@ -5,9 +5,10 @@
 
 For each repair level r, the QA file is answered in block mode (mode concat, the bundle's decoding) with
 the first r tokens of every block after the first recomputed over the assembled cache, beside full
-prefill; and the export's own check (`block_agreement`, the built-in parity prompts) is run at r. The
-F1 gap says which r holds, the timings (blocks cached, one token) what it costs; the agreement beside it is what the export can measure without `--dev`,
-so the pairs calibrate `PASSAGE_KV_AGREEMENT` (export/pipeline.py).
+prefill; and the export's own check (`block_agreement`, the built-in parity prompts) is run at r.
+The F1 gap says which r holds, and the timings (blocks cached, one token) what it costs. The
+agreement beside it is what the export can measure without `--dev`, so the pairs calibrate
+`PASSAGE_KV_AGREEMENT` (export/pipeline.py).
 """
 from __future__ import annotations
 
