@@ -44,19 +44,22 @@ class QA:
     question: str
     answer: str
     positive_ids: tuple[str, ...]
+    passage: str | None = None      # the passage a synthetic question was written from (ragrt data synth)
 
 
 def read_qa(path: str | Path) -> list[QA]:
     items = []
     for where, obj in iter_jsonl(Path(path)):
-        q, a, pos = obj.get("question"), obj.get("answer", ""), obj.get("positive_ids", [])
+        q, a, pos, source = obj.get("question"), obj.get("answer", ""), obj.get("positive_ids", []), obj.get("passage")
         if not isinstance(q, str) or not q.strip():
             raise CorpusError(f"{where}: \"question\" must be a non-empty string")
         if not isinstance(a, str):
             raise CorpusError(f"{where}: \"answer\" must be a string")
         if not isinstance(pos, list) or not all(isinstance(p, str) for p in pos):
             raise CorpusError(f"{where}: \"positive_ids\" must be a list of strings")
-        items.append(QA(q, a, tuple(pos)))
+        if source is not None and not isinstance(source, str):
+            raise CorpusError(f"{where}: \"passage\" must be a passage id (a string)")
+        items.append(QA(q, a, tuple(pos), source))
     if not items:
         raise CorpusError(f"{path}: no questions")
     return items

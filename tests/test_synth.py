@@ -183,3 +183,27 @@ def test_bm25_negatives_are_the_lexical_near_misses_but_not_positives():
     texts = ["json parses documents", "the json module parses json documents", "threads and locks", "json"]
     got = bm25_negatives(["json documents", "locks"], texts, [{1}, {2}], per_query=2)
     assert got[0] == [0, 3] and got[1] == []      # row 1 is the positive; nothing else mentions locks
+
+
+def test_a_synthetic_question_is_anchored_to_the_passage_it_was_written_from(tmp_path):
+    """Its label names the document, whose passages stay out of the negatives; the passage it was
+    written from alone is what training pulls close, scores against and puts in the prompt."""
+    from ragrt.export.train.finetune import FinetuneConfig, load_data
+    passages = [Passage(f"d#{i}", "D", f"part {i}") for i in range(4)] + [Passage("e#0", "E", "other")]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "written?", "answer": "a", "positive_ids": ["d"], "passage": "d#2"}\n'
+                  '{"question": "labelled?", "answer": "a", "positive_ids": ["d"]}\n'
+                  '{"question": "moved?", "answer": "a", "positive_ids": ["d"], "passage": "e#0"}\n')
+    items, positives, anchors = load_data(FinetuneConfig(corpus=tmp_path, train=None, out=tmp_path), [qa], passages)
+    assert [qa.passage for qa in items] == ["d#2", None, "e#0"]
+    assert positives == [{0, 1, 2, 3}] * 3
+    # A passage outside its own label (the corpus changed since) anchors nothing: the label's passages do.
+    assert anchors == [{2}, {0, 1, 2, 3}, {0, 1, 2, 3}]
+
+
+def test_a_passage_that_is_not_an_id_is_refused(tmp_path):
+    from ragrt.errors import CorpusError
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "q?", "answer": "a", "positive_ids": ["d"], "passage": 3}\n')
+    with pytest.raises(CorpusError, match='qa.jsonl:1: "passage" must be a passage id'):
+        read_qa(qa)

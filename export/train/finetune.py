@@ -173,9 +173,15 @@ def synthetic_questions(cfg: FinetuneConfig, run: Path, enc_ckpt: Path, gen_ckpt
     return path
 
 
-def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passage]) -> tuple[list[QA], list[set[int]]]:
-    """Q/A pairs of `train_files` and each pair's positive rows among `passages`."""
+def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passage]
+              ) -> tuple[list[QA], list[set[int]], list[set[int]]]:
+    """Q/A pairs of `train_files`, each pair's positive rows among `passages`, and its anchors: the
+    passage a synthetic question was written from where known, else its positives. A label names a
+    document, whose other passages must not be pushed away as negatives; but the question was written
+    from one passage and its answer taken from it, so that one is what the retriever pulls close, the
+    teacher scores negatives against, and the generator's prompt holds."""
     items = [qa for path in train_files for qa in read_qa(path)]
+    row_of = {p.id: i for i, p in enumerate(passages)}
     mined = 0
     positives = []
     for qa in items:
@@ -189,12 +195,13 @@ def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passa
     if mined:
         _say(f"{mined} of {len(items)} questions have no positive_ids: mined their positive as the passage "
              "with the highest token F1 against the answer")
+    anchors = [{row_of[qa.passage]} if row_of.get(qa.passage) in rows else rows for qa, rows in zip(items, positives)]
     keep = [i for i, rows in enumerate(positives) if rows]
     if len(keep) < len(items):
         _say(f"skipping {len(items) - len(keep)} questions whose positive_ids match no passage of the corpus")
     if not keep:
         raise CorpusError(f"{', '.join(map(str, train_files))}: no question has a positive passage in {cfg.corpus}")
-    return [items[i] for i in keep], [positives[i] for i in keep]
+    return [items[i] for i in keep], [positives[i] for i in keep], [anchors[i] for i in keep]
 
 
 class Trainer:
@@ -271,8 +278,8 @@ class Teacher:
     least as likely to have prompted the question as its positive likely answers it too, and
     training would push a right passage away. Scores are kept across epochs: pairs recur."""
 
-    def __init__(self, checkpoint: Path, items: list[QA], passages: list[Passage], positives: list[set[int]]):
-        self.checkpoint, self.items, self.passages, self.positives = checkpoint, items, passages, positives
+    def __init__(self, checkpoint: Path, items: list[QA], passages: list[Passage], anchors: list[set[int]]):
+        self.checkpoint, self.items, self.passages, self.anchors = checkpoint, items, passages, anchors
         self.scores: dict[tuple[int, int], float] = {}
 
     @cached_property
@@ -284,18 +291,18 @@ class Teacher:
                 AutoTokenizer.from_pretrained(self.checkpoint))
 
     def keep(self, negatives: list[list[int]], pool: list[int]) -> tuple[list[list[int]], int]:
-        """(`negatives` (pool indices) without the ones that score at least their best positive, how many went)."""
-        pairs = {(i, r) for i, rows in enumerate(self.positives) for r in rows}
+        """(`negatives` (pool indices) without the ones that score at least their best anchor, how many went)."""
+        pairs = {(i, r) for i, rows in enumerate(self.anchors) for r in rows}
         pairs |= {(i, pool[j]) for i, negs in enumerate(negatives) for j in negs}
         todo = sorted(pairs - self.scores.keys())
         scored = question_logprobs(*self.loaded, [(self.items[i].question, self.passages[r]) for i, r in todo])
         self.scores.update(zip(todo, scored))
-        kept = [[j for j in negs if self.scores[i, pool[j]] < max(self.scores[i, r] for r in self.positives[i])]
+        kept = [[j for j in negs if self.scores[i, pool[j]] < max(self.scores[i, r] for r in self.anchors[i])]
                 for i, negs in enumerate(negatives)]
         return kept, sum(map(len, negatives)) - sum(map(len, kept))
 
 
-def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_ckpt, dev: list[QA] | None):
+def train_retriever(cfg, run, state, items, passages, positives, anchors, enc_ckpt, gen_ckpt, dev: list[QA] | None):
     from transformers import AutoModel, AutoTokenizer
     resume = run / "checkpoint" / "encoder"
     model = AutoModel.from_pretrained(resume if resume.is_dir() else enc_ckpt)
@@ -306,7 +313,7 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_c
     pool_index = {row: j for j, row in enumerate(pool)}
     texts = [passage_text(passages[r]) for r in pool]
     steps_per_epoch = -(-len(items) // cfg.batch_size)
-    teacher = Teacher(gen_ckpt, items, passages, positives) if cfg.teacher else None
+    teacher = Teacher(gen_ckpt, items, passages, anchors) if cfg.teacher else None
     pool_positives = [{pool_index[r] for r in rows} for rows in positives]
     # BM25 does not change as the encoder learns: its negatives are mined once, added to each epoch's.
     lexical = bm25_negatives([qa.question for qa in items], texts, pool_positives, cfg.bm25_negatives) \
@@ -336,7 +343,7 @@ def train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_c
         for b in range(state.step - state.epoch * steps_per_epoch, steps_per_epoch):
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             pick = random.Random(cfg.seed + 7919 * (state.epoch * steps_per_epoch + b))
-            pos_texts = [passage_text(passages[pick.choice(sorted(positives[i]))]) for i in batch]
+            pos_texts = [passage_text(passages[pick.choice(sorted(anchors[i]))]) for i in batch]
             neg_texts = [texts[j] for i in batch for j in negatives[i]]
             q = embed(model, tok, [items[i].question for i in batch], grad=True)
             p = embed(model, tok, pos_texts, grad=True)
@@ -367,20 +374,20 @@ def dev_recall(model, tok, dev: list[QA], pool: list[int], passages: list[Passag
     return round(float(np.mean(hits)), 4)
 
 
-def generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok):
-    """Per question: the top-k passages by the (fine-tuned) encoder over a pool, the gold one
+def generator_contexts(cfg, run, items, passages, anchors, encoder, enc_tok):
+    """Per question: the top-k passages by the (fine-tuned) encoder over a pool, an anchor
     always among them, in score order as the engine would give them; and the frozen passage
     vectors joint training scores them with. Saved, so a resumed run sees the same ones."""
     ck = run / "checkpoint"
     if (ck / "contexts.json").exists():
         saved = json.loads((ck / "contexts.json").read_text())
         return saved["contexts"], dict(zip(saved["rows"], np.load(ck / "frozen.npy", allow_pickle=False)))
-    pool = sample_pool(cfg.pool_size, len(passages), positives, cfg.seed + 1)
+    pool = sample_pool(cfg.pool_size, len(passages), anchors, cfg.seed + 1)
     pool_vecs = np.concatenate([embed(encoder, enc_tok, [passage_text(passages[r]) for r in pool[i:i + 64]]).numpy()
                                 for i in range(0, len(pool), 64)])
     query_vecs = embed(encoder, enc_tok, [qa.question for qa in items]).numpy()
     contexts = []
-    for qv, rows in zip(query_vecs, positives):
+    for qv, rows in zip(query_vecs, anchors):
         scores = pool_vecs @ qv
         top = [pool[j] for j in np.argsort(-scores, kind="stable")[:cfg.k]]
         if not rows & set(top):
@@ -423,7 +430,7 @@ def block_rows(cfg, n: int, epoch: int) -> set[int]:
     return set(range(n)) - set(full)
 
 
-def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encoder, enc_tok):
+def train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder, enc_tok):
     import torch
     from transformers import AutoModelForCausalLM
     hf_tok, builder = generator_builder(cfg, gen_ckpt)
@@ -444,7 +451,7 @@ def train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encod
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"]))
-    contexts, frozen = generator_contexts(cfg, run, items, passages, positives, encoder, enc_tok)
+    contexts, frozen = generator_contexts(cfg, run, items, passages, anchors, encoder, enc_tok)
     examples = generator_examples(cfg, items, passages, contexts, builder, eos_id)
     blocked = generator_examples(cfg, items, passages, contexts, builder, eos_id, block_example) \
         if cfg.block_attention else []
@@ -500,14 +507,14 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     train_files = [Path(cfg.train)] if cfg.train else []
     if cfg.uses_synthetic:
         train_files.append(synthetic_questions(cfg, run, enc_ckpt, gen_ckpt, passages))
-    items, positives = load_data(cfg, train_files, passages)
+    items, positives, anchors = load_data(cfg, train_files, passages)
     run.mkdir(parents=True, exist_ok=True)
     _say(f"{len(items)} training questions, {len(passages)} passages")
 
     t0 = time.perf_counter()
     if state.phase == "retriever":
         dev = read_qa(cfg.dev) if cfg.dev else None
-        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, enc_ckpt, gen_ckpt, dev)
+        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, anchors, enc_ckpt, gen_ckpt, dev)
         state.report["retriever"] = round(time.perf_counter() - t0, 1)
         state.phase, state.epoch, state.step = "generator", 0, 0
         _write_json(state_path, asdict(state))
@@ -515,7 +522,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         from transformers import AutoModel, AutoTokenizer
         encoder, enc_tok = AutoModel.from_pretrained(run / "checkpoint" / "encoder").eval(), AutoTokenizer.from_pretrained(enc_ckpt)
     t1 = time.perf_counter()
-    generator, gen_tok = train_generator(cfg, run, state, items, passages, positives, gen_ckpt, encoder, enc_tok)
+    generator, gen_tok = train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder, enc_tok)
     state.report["generator"] = round(time.perf_counter() - t1, 1)
 
     if cfg.lora:
