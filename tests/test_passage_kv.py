@@ -132,6 +132,22 @@ def test_reused_blocks_give_the_same_logits(decoder):
     np.testing.assert_array_equal(warm[0], cold[0])
 
 
+def test_prefill_cost_counts_what_the_graph_will_run(decoder):
+    """A scheduler budgets a block prompt by the tokens its prefill runs: the whole prompt before
+    anything is computed; then the tail, the repairs and only the blocks not yet kept."""
+    rng = np.random.default_rng(4)
+    a = _prompt(rng, decoder.spec.vocab_size, blocks=(9, 14, 5))
+    kv = PassageKV(decoder, "g", dtype=np.float32, repair=6)
+    assert kv.prefill_cost(a) == len(a.ids)
+    kv.prefill([a])
+    hits = kv.cache.hits
+    assert kv.prefill_cost(a) == len(a.tail) + 6 + 5
+    assert kv.cache.hits == hits                     # a look, not a use: the queue order is kept
+    new_block = tuple(int(t) for t in rng.integers(3, decoder.spec.vocab_size, 11))
+    b = BlockPrompt(a.prefix, (a.blocks[0], new_block), a.tail)
+    assert kv.prefill_cost(b) == len(a.tail) + 6 + 11
+
+
 def test_keys_hold_graph_prefix_and_content(decoder):
     p = _prompt(np.random.default_rng(4), decoder.spec.vocab_size)
     kv = PassageKV(decoder, "graph-a")

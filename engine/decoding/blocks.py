@@ -135,6 +135,11 @@ class BlockCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: bytes) -> bool:
+        """Held now; unlike `get`, neither counts a hit nor moves the block up the queue."""
+        with self._lock:
+            return key in self._items
+
 
 class PassageKV:
     """Prefills block prompts from reused passage KV: the packed decoder's `prefill` for them.
@@ -188,6 +193,20 @@ class PassageKV:
         self.cache.put(key, kv)
         stats.computed += 1
         return kv
+
+    def prefill_cost(self, prompt: BlockPrompt) -> int:
+        """Tokens the graph will run to prefill `prompt` if nothing changes before then: the tail, the
+        repairs and the blocks not yet computed. What a scheduler should budget, where the prompt's
+        length counts blocks that are only copied."""
+        with self._lock:
+            if prompt.prefix not in self._prefixes:     # the first prompt of its kind: nothing is computed
+                return len(prompt.ids)
+        cost = len(prompt.tail) + sum(min(self.repair, len(b)) for b in prompt.blocks[1:])
+        for ids in prompt.blocks:
+            key = self.key(prompt.prefix, ids)
+            if key not in self.cache and (self.store is None or self.store.get(key) is None):
+                cost += len(ids)
+        return cost
 
     def compute(self, prefix: tuple[int, ...], ids: Sequence[int]) -> np.ndarray:
         """One block's keys and values, run by the graph after the prefix."""

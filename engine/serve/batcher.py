@@ -46,7 +46,7 @@ _END = object()
 @dataclass(eq=False)
 class _Row:
     prompt: Sequence[int] | BlockPrompt
-    length: int                    # prompt tokens
+    length: int                    # prompt tokens the prefill runs (a block prompt's reused blocks are only copied)
     choose: TokenChooser           # the row's own decoding options, random generator and tokens
     deadline: float                # time.monotonic() seconds
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # token ids, then _END or an error
@@ -125,7 +125,7 @@ class Batcher:
         if isinstance(prompt, BlockPrompt):
             if self.passage_kv is None:
                 raise ValueError("a block prompt needs a Batcher made with passage_kv")
-            row = _Row(prompt, len(prompt.ids), choose, deadline, blocks=BlockStats())
+            row = _Row(prompt, self.passage_kv.prefill_cost(prompt), choose, deadline, blocks=BlockStats())
         else:
             row = _Row(list(prompt), len(prompt), choose, deadline)
         with self._cond:
