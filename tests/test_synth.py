@@ -207,3 +207,32 @@ def test_a_passage_that_is_not_an_id_is_refused(tmp_path):
     qa.write_text('{"question": "q?", "answer": "a", "positive_ids": ["d"], "passage": 3}\n')
     with pytest.raises(CorpusError, match='qa.jsonl:1: "passage" must be a passage id'):
         read_qa(qa)
+
+
+def test_the_shared_prefix_changes_no_score_and_no_reply(tiny_generator_dir, tmp_path, monkeypatch):
+    """Teacher scores and generated questions computed after the prompts' common opening, run once
+    and lent to each batch, equal each prompt run whole and alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ragrt.export.train.sft import IGNORE, sequence_logprobs
+    tok = AutoTokenizer.from_pretrained(tiny_generator_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float32).eval()
+    passages = [Passage(f"{t}#0", t.title(), f"{t} are useful " * (1 + 3 * i)) for i, t in enumerate(TOPICS[:5])]
+    pairs = [(f"What are {t}?", p) for t in ("lists", "sets") for p in passages]
+    alone = []
+    with torch.no_grad():
+        for question, p in pairs:
+            prompt, q = synth.question_prompt(tok, p), tok.encode(question, add_special_tokens=False)
+            alone.append(float(sequence_logprobs(model, [(prompt + q, [IGNORE] * len(prompt) + q)], tok.eos_token_id)[0]))
+    assert synth.question_logprobs(model, tok, pairs, batch=4) == pytest.approx(alone, abs=1e-4)
+
+    replies = []
+    monkeypatch.setattr(synth, "clean_question", lambda r: replies.append(r))
+    cfg = synth.SynthConfig(corpus=tmp_path, out=tmp_path / "q.jsonl", encoder=tmp_path,
+                            generator=tiny_generator_dir, max_new_tokens=6, batch_size=3)
+    synth.generator_questions(cfg, passages)
+    with torch.no_grad():
+        want = [tok.decode(model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                          pad_token_id=tok.eos_token_id)[0, len(ids):], skip_special_tokens=True)
+                for ids in (synth.question_prompt(tok, p) for p in passages)]
+    assert replies == want

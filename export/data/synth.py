@@ -13,6 +13,7 @@ Each question names its passage's document as its positive, as the FAQ labels do
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import time
@@ -182,8 +183,37 @@ def clean_question(text: str) -> str | None:
     return line if 3 <= len(line.split()) <= 30 else None
 
 
+class SharedPrefix:
+    """The opening every question prompt shares (system prompt, worked examples, the ask), run once
+    and lent to each batch as its past: about half of every prompt's tokens."""
+
+    def __init__(self, model):
+        self.model = model
+        self._past: dict[tuple[int, ...], object] = {}
+
+    @staticmethod
+    def split(prompts: list[list[int]]) -> tuple[tuple[int, ...], list[list[int]]]:
+        """(the prompts' common prefix, each one's rest), every rest at least one token long."""
+        n = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+        return tuple(prompts[0][:n]), [x[n:] for x in prompts]
+
+    def past(self, prefix: tuple[int, ...], rows: int):
+        """A fresh cache of `prefix` for `rows` rows (the model appends to it), or None for no prefix."""
+        import copy
+        import torch
+        if not prefix:
+            return None
+        if prefix not in self._past:
+            with torch.no_grad():
+                self._past = {prefix: self.model(torch.tensor([prefix]), use_cache=True).past_key_values}
+        past = copy.deepcopy(self._past[prefix])
+        past.batch_repeat_interleave(rows)
+        return past
+
+
 def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[Synthetic]:
-    """One greedy question per passage, in batches (left-padded, so every row ends where it generates)."""
+    """One greedy question per passage, in batches after the shared prefix (each row's rest padded
+    on its left, so every row ends where it generates)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -191,17 +221,18 @@ def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[S
     model = AutoModelForCausalLM.from_pretrained(cfg.generator, dtype=torch.float32).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     settings = ExtractSettings(words=ANSWER_WORDS, position=0.0, opening=0.0)   # the best match, wherever it is
+    shared = SharedPrefix(model)
     found = []
     with tqdm(total=len(passages), desc="questions", unit="passage") as bar, torch.no_grad():
         for i in range(0, len(passages), cfg.batch_size):
             batch = passages[i:i + cfg.batch_size]
-            prompts = [question_prompt(tok, p) for p in batch]
-            width = max(map(len, prompts))
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-            for p, reply in zip(batch, tok.batch_decode(out[:, width:], skip_special_tokens=True)):
+            prefix, rests = shared.split([question_prompt(tok, p) for p in batch])
+            n, width = len(prefix), max(map(len, rests))
+            ids = torch.tensor([[*prefix, *[pad] * (width - len(x)), *x] for x in rests])
+            mask = torch.tensor([[1] * n + [0] * (width - len(x)) + [1] * len(x) for x in rests])
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=shared.past(prefix, len(batch)),
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
+            for p, reply in zip(batch, tok.batch_decode(out[:, n + width:], skip_special_tokens=True)):
                 question = clean_question(reply)
                 if question:
                     answer = " ".join(extract(question, [p], [1.0], settings).split())      # one line to read and edit
@@ -255,12 +286,15 @@ def question_logprobs(model, tok, pairs: Sequence[tuple[str, Passage]], batch: i
     from ragrt.export.train.sft import IGNORE, sequence_logprobs
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     from tqdm import tqdm
+    shared = SharedPrefix(model)
     out: list[float] = []
     with torch.no_grad():
         for i in tqdm(range(0, len(pairs), batch), desc="teacher", unit="batch"):
+            chunk = pairs[i:i + batch]
+            prefix, rests = shared.split([question_prompt(tok, p) for _, p in chunk])
             examples = []
-            for question, p in pairs[i:i + batch]:
-                prompt, q = question_prompt(tok, p), tok.encode(question, add_special_tokens=False)
-                examples.append((prompt + q, [IGNORE] * len(prompt) + q))
-            out += sequence_logprobs(model, examples, pad).tolist()
+            for rest, (question, _) in zip(rests, chunk):
+                q = tok.encode(question, add_special_tokens=False)
+                examples.append((rest + q, [IGNORE] * len(rest) + q))
+            out += sequence_logprobs(model, examples, pad, past=shared.past(prefix, len(chunk))).tolist()
     return out

@@ -98,18 +98,23 @@ def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int], repair: in
     return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids))
 
 
-def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    """log p(labelled tokens | the rest), summed per example: a (n,) tensor with gradients."""
+def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, past=None):
+    """log p(labelled tokens | the rest), summed per example: a (n,) tensor with gradients.
+    `past`: a cache every example continues (one row each), its tokens before theirs."""
     import torch
     width = max(len(ids) for ids, _ in examples)
+    start = past.get_seq_length() if past is not None else 0
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    mask = torch.zeros((len(examples), start + width), dtype=torch.long)
+    mask[:, :start] = 1
     for row, (x, y) in enumerate(examples):
         ids[row, :len(x)] = torch.tensor(x)
         labels[row, :len(y)] = torch.tensor(y)
-        mask[row, :len(x)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()   # predicts tokens 1..T-1
+        mask[row, start:start + len(x)] = 1
+    positions = torch.arange(start, start + width).expand(len(examples), -1)
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=past,
+                   position_ids=positions).logits[:, :-1].float()   # predicts tokens 1..T-1
     target = labels[:, 1:]
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
