@@ -219,10 +219,15 @@ def machine() -> dict:
 
 
 def wait_ready(base: str, timeout_s: float = 300) -> None:
-    """Polls a ragrt server's /readyz until it answers 200."""
+    """Polls a ragrt server's /readyz until it answers 200 (a slow answer, on a busy machine, is polled again)."""
     import httpx
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{base}/readyz").status_code != 200:
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=30).status_code == 200:
+                return
+        except httpx.TimeoutException:
+            pass
         if time.monotonic() > deadline:
             raise TimeoutError("the server did not become ready")
         time.sleep(0.1)

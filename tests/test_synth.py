@@ -236,3 +236,22 @@ def test_the_shared_prefix_changes_no_score_and_no_reply(tiny_generator_dir, tmp
                                           pad_token_id=tok.eos_token_id)[0, len(ids):], skip_special_tokens=True)
                 for ids in (synth.question_prompt(tok, p) for p in passages)]
     assert replies == want
+
+
+def test_a_rerun_asks_only_the_passages_not_yet_asked(tiny_generator_dir, tmp_path, monkeypatch):
+    """The generator's replies are kept as they come: an interrupted synthesis goes on from them.
+    A reply of another generator, or a line torn by the interruption, is asked again."""
+    out = tmp_path / "q.jsonl"
+    mine = str(tiny_generator_dir.resolve())
+    synth.replies_path(out).write_text(
+        json.dumps({"generator": mine, "passage": "a#0", "reply": "How do I use lists?"}) + "\n"
+        + json.dumps({"generator": "/elsewhere", "passage": "b#0", "reply": "How do I use sets?"}) + "\n"
+        + '{"generator": "' + mine + '", "passage": "c#0", "rep')
+    passages = [Passage(f"{t}#0", t, f"{t} are a thing.") for t in "abc"]
+    asked = []
+    real = synth.question_prompt
+    monkeypatch.setattr(synth, "question_prompt", lambda tok, p: asked.append(p.id) or real(tok, p))
+    cfg = synth.SynthConfig(corpus=tmp_path, out=out, encoder=tmp_path, generator=tiny_generator_dir, max_new_tokens=3)
+    got = synth.generator_questions(cfg, passages)
+    assert asked == ["b#0", "c#0"] and got[0] == Synthetic("How do I use lists?", "a are a thing.", "a#0", "generator")
+    assert set(synth.read_replies(synth.replies_path(out), mine)) == {"a#0", "b#0", "c#0"}

@@ -88,6 +88,27 @@ def stats_path(out: Path) -> Path:
     return out.with_name(out.name + ".stats.json")
 
 
+def replies_path(out: Path) -> Path:
+    """The generator's replies so far, a line per passage: a rerun after an interruption goes on from them."""
+    return out.with_name(out.name + ".replies.jsonl")
+
+
+def read_replies(path: Path, generator: str) -> dict[str, str]:
+    """{passage id: reply} of an earlier run with the same generator. Lines are appended as batches
+    finish, so a run killed mid-write leaves at most a torn last line, which is asked again."""
+    replies: dict[str, str] = {}
+    if not path.exists():
+        return replies
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("generator") == generator:
+            replies[row["passage"]] = row["reply"]
+    return replies
+
+
 def load_passages(cfg: SynthConfig) -> list[Passage]:
     """The corpus chunked as export chunks it; refused when too small to learn from."""
     from tokenizers import Tokenizer
@@ -138,6 +159,7 @@ def synthesize(cfg: SynthConfig, passages: list[Passage]) -> SynthStats:
                                 "source": q.source, "passage": q.passage}) + "\n")
     stats.seconds = round(time.perf_counter() - t0, 1)
     atomic_write_text(stats_path(cfg.out), json.dumps(asdict(stats), indent=2, sort_keys=True))
+    replies_path(cfg.out).unlink(missing_ok=True)
     return stats
 
 
@@ -213,31 +235,44 @@ class SharedPrefix:
 
 def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[Synthetic]:
     """One greedy question per passage, in batches after the shared prefix (each row's rest padded
-    on its left, so every row ends where it generates)."""
+    on its left, so every row ends where it generates). Replies are kept beside cfg.out as they
+    come (`replies_path`), so a rerun asks only the passages not yet asked."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(cfg.generator)
-    model = AutoModelForCausalLM.from_pretrained(cfg.generator, dtype=torch.float32).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    journal, generator = replies_path(cfg.out), str(Path(cfg.generator).resolve())
+    replies = read_replies(journal, generator)
+    todo = [p for p in passages if p.id not in replies]
+    if todo:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        tok = AutoTokenizer.from_pretrained(cfg.generator)
+        model = AutoModelForCausalLM.from_pretrained(cfg.generator, dtype=torch.float32).eval()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        shared = SharedPrefix(model)
+        with tqdm(total=len(passages), initial=len(passages) - len(todo), desc="questions", unit="passage") as bar, \
+                journal.open("a", encoding="utf-8") as f, torch.no_grad():
+            if not journal.read_bytes().endswith(b"\n") and journal.stat().st_size:
+                f.write("\n")                      # after a torn line, not onto it
+            for i in range(0, len(todo), cfg.batch_size):
+                batch = todo[i:i + cfg.batch_size]
+                prefix, rests = shared.split([question_prompt(tok, p) for p in batch])
+                n, width = len(prefix), max(map(len, rests))
+                ids = torch.tensor([[*prefix, *[pad] * (width - len(x)), *x] for x in rests])
+                mask = torch.tensor([[1] * n + [0] * (width - len(x)) + [1] * len(x) for x in rests])
+                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=shared.past(prefix, len(batch)),
+                                     max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
+                for p, reply in zip(batch, tok.batch_decode(out[:, n + width:], skip_special_tokens=True)):
+                    replies[p.id] = reply
+                    f.write(json.dumps({"generator": generator, "passage": p.id, "reply": reply}) + "\n")
+                f.flush()
+                bar.update(len(batch))
     settings = ExtractSettings(words=ANSWER_WORDS, position=0.0, opening=0.0)   # the best match, wherever it is
-    shared = SharedPrefix(model)
     found = []
-    with tqdm(total=len(passages), desc="questions", unit="passage") as bar, torch.no_grad():
-        for i in range(0, len(passages), cfg.batch_size):
-            batch = passages[i:i + cfg.batch_size]
-            prefix, rests = shared.split([question_prompt(tok, p) for p in batch])
-            n, width = len(prefix), max(map(len, rests))
-            ids = torch.tensor([[*prefix, *[pad] * (width - len(x)), *x] for x in rests])
-            mask = torch.tensor([[1] * n + [0] * (width - len(x)) + [1] * len(x) for x in rests])
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=shared.past(prefix, len(batch)),
-                                 max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
-            for p, reply in zip(batch, tok.batch_decode(out[:, n + width:], skip_special_tokens=True)):
-                question = clean_question(reply)
-                if question:
-                    answer = " ".join(extract(question, [p], [1.0], settings).split())      # one line to read and edit
-                    found.append(Synthetic(question, answer, p.id, "generator"))
-            bar.update(len(batch))
+    for p in passages:
+        question = clean_question(replies[p.id])
+        if question:
+            answer = " ".join(extract(question, [p], [1.0], settings).split())      # one line to read and edit
+            found.append(Synthetic(question, answer, p.id, "generator"))
     return found
 
 
