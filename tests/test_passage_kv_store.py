@@ -95,6 +95,8 @@ def test_stored_blocks_answer_as_computed_ones(kv_bundle):
         got, _ = stored.prefill([prompt], got_stats)
         want, _ = PassageKV(engine.decoder, stored.graph_id, repair=stored.repair).prefill([prompt], want_stats)
         assert (got_stats.computed, want_stats.computed) == (0, 3)
+        # Every block is stored and the prefix computed: the prefill runs the tail and the repairs.
+        assert stored.prefill_cost(prompt) == len(prompt.tail) + sum(min(stored.repair, len(b)) for b in prompt.blocks[1:])
         np.testing.assert_array_equal(got, want)
         ids = prompt.blocks[0]
         exact = stored.compute(prompt.prefix, ids)

@@ -157,7 +157,7 @@ class PassageKV:
         self.decoder = decoder
         self.graph_id = graph_id
         self.cache = cache if cache is not None else BlockCache(PASSAGE_KV_CACHE_MB << 20)
-        self.store = store                 # precomputed blocks (`--passage-kv all`): .get(key) -> array | None
+        self.store = store                 # precomputed blocks (`--passage-kv all`): .get(key) -> array | None, `in`
         self.dtype = block_dtype(decoder.kv_dtype) if dtype is None else np.dtype(dtype)   # of the blocks kept
         self.repair = repair               # tokens recomputed at the start of each block after the first
         self._prefixes: dict[tuple[int, ...], tuple[list[np.ndarray], bytes]] = {}
@@ -204,7 +204,7 @@ class PassageKV:
         cost = len(prompt.tail) + sum(min(self.repair, len(b)) for b in prompt.blocks[1:])
         for ids in prompt.blocks:
             key = self.key(prompt.prefix, ids)
-            if key not in self.cache and (self.store is None or self.store.get(key) is None):
+            if key not in self.cache and (self.store is None or key not in self.store):
                 cost += len(ids)
         return cost
 

@@ -123,6 +123,9 @@ class BlockStore:
         kv = self.stored(key)
         return None if kv is None else kv.astype(self.dtype, copy=False)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._rows
+
 
 # Computes blocks elsewhere (export/ray_passage_kv.py): given the prefix and the blocks' token ids,
 # yields their keys and values in that order, as `PassageKV.compute` gives them.
@@ -212,6 +215,16 @@ class LiveBlockStore:
         self._current: tuple[Path | None, BlockStore | None] = (None, None)
 
     def get(self, key: bytes) -> np.ndarray | None:
+        store = self._store()
+        return None if store is None else store.get(key)
+
+    def __contains__(self, key: bytes) -> bool:
+        """Stored, read without reading the block."""
+        store = self._store()
+        return store is not None and key in store
+
+    def _store(self) -> BlockStore | None:
+        """The current generation's store, opened on first use after each generation change."""
         gen = self._generation()
         path, store = self._current
         if gen.path != path:
@@ -219,7 +232,7 @@ class LiveBlockStore:
                 if self._current[0] != gen.path:
                     self._current = (gen.path, self._open(gen))
                 path, store = self._current
-        return None if store is None else store.get(key)
+        return store
 
     def _open(self, gen: Generation) -> BlockStore | None:
         if not has_store(gen):
