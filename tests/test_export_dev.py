@@ -64,6 +64,9 @@ def test_passage_kv_default_follows_dev_f1_and_else_the_calibrated_agreement():
     assert passage_kv_on_by_default(unmeasured)
     assert not passage_kv_on_by_default(PassageKVParity(**{**unmeasured.__dict__,
                                                            "agreement": PASSAGE_KV_AGREEMENT - 0.001}))
+    # The calibration is the base generator's: a block-trained one needs dev answers to turn it on.
+    assert not passage_kv_on_by_default(PassageKVParity(**{**unmeasured.__dict__, "trained": True, "agreement": 1.0}))
+    assert passage_kv_on_by_default(PassageKVParity(**{**measured.__dict__, "trained": True}))
 
 
 def test_a_block_trained_generator_is_repaired_as_it_was_trained(tiny_corpus, tiny_encoder_dir, tiny_generator_dir,
