@@ -68,7 +68,7 @@ class ExportConfig:
     corpus: Path
     out: Path
     quantize: str = "int8"
-    encoder_quantize: str | None = None    # None: fp32 when quantize is fp32, else int8
+    encoder_quantize: str = "fp32"        # the corpus's own graph, and the fastest on questions
     index_dtype: str = "f16"
     encoder: Path | str | None = None       # an HF directory or a packaged name (models.py); None: the default
     generator: Path | str | None = None     # an HF directory, a GGUF file or a packaged name
@@ -131,9 +131,9 @@ def quiet_exporters():
 
 
 def encoder_graphs(checkpoint: Path, pooling: str = "mean") -> Path:
-    """Cached: {fp32,int8}/model.onnx, tokenizer.json, meta.json (dims and parity). Both are
-    always needed: fp32 embeds the corpus, int8 is the default query encoder and its parity a
-    manifest field; each takes seconds."""
+    """Cached: {fp32,int8}/model.onnx, tokenizer.json, meta.json (dims and parity). fp32 embeds
+    the corpus and is the default query encoder; int8 (`--encoder-quantize int8`) is the smaller
+    one, and its parity a manifest field; each takes seconds."""
     from ragrt.export.onnx.graphs import export_encoder
     from ragrt.export.parity import encoder_parity
     from ragrt.export.quant.quantize import quantize_encoder
@@ -321,7 +321,7 @@ def _build_generator_graph(checkpoint: Path, graph: str, variant: str, out: Path
 def _validate(cfg: ExportConfig) -> None:
     if cfg.graph not in GRAPHS:
         raise UserInputError(f"--graph must be one of {', '.join(GRAPHS)}, got {cfg.graph!r}")
-    if cfg.encoder_quantize not in (None, *ENCODER_VARIANTS):
+    if cfg.encoder_quantize not in ENCODER_VARIANTS:
         raise UserInputError(f"--encoder-quantize must be one of {', '.join(ENCODER_VARIANTS)}, "
                              f"got {cfg.encoder_quantize!r}")
     if cfg.quantize not in GENERATOR_VARIANTS[cfg.graph]:
@@ -371,7 +371,7 @@ def run_export(cfg: ExportConfig) -> Path:
                                                         ("passage_prefix", cfg.passage_prefix)) if v is not None})
         pooling = conventions.pooling
         q = cfg.quantize
-        enc_q = cfg.encoder_quantize or ("fp32" if q == "fp32" else "int8")
+        enc_q = cfg.encoder_quantize
         enc_dir = encoder_graphs(enc_ckpt, pooling)
         enc_model = enc_dir / enc_q / "model.onnx"
         enc_meta = json.loads((enc_dir / "meta.json").read_text())

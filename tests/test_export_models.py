@@ -372,7 +372,7 @@ def test_int4_generator_is_weight_only_and_batch_invariant(tiny_generator_onnx, 
     np.testing.assert_allclose(step[0], alone_step[0], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("encoder_quantize,shipped,op", [(None, "int8", "MatMulNBits"),
+@pytest.mark.parametrize("encoder_quantize,shipped,op", [("int8", "int8", "MatMulNBits"),
                                                        ("w8a8", "w8a8", "MatMulInteger")])
 def test_quantized_encoders_embed_queries_and_the_corpus_is_embedded_in_fp32(
         encoder_quantize, shipped, op, tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path):
@@ -429,3 +429,7 @@ def test_an_export_builds_only_the_graphs_its_bundle_ships(cache, tiny_corpus, t
     parity = json.loads((bundle / "manifest.json").read_text())["parity"]
     assert set(parity["generator"]) == {"int8"} and parity["encoder"]["w8a8_cosine_mean"] is None
     assert parity["encoder"]["int8_cosine_mean"] > 0.9
+    # By default questions take the graph that embedded the corpus.
+    (encoders,) = (cache / "encoder-onnx").iterdir()
+    assert json.loads((bundle / "manifest.json").read_text())["encoder"]["quantization"] == "fp32"
+    assert (bundle / "encoder" / "model.onnx").read_bytes() == (encoders / "fp32" / "model.onnx").read_bytes()
