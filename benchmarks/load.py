@@ -53,7 +53,7 @@ class LoadResult:
 
 
 def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: int | None,
-                questions: list[str], k: int | None = None, passage_kv: str | None = None
+                questions: list[str], k: int | None = None, passage_kv: str | None = None, mode: str | None = None
                 ) -> tuple[list[float], int, int, float]:
     """Latencies (s) of answered requests, error count, answer tokens, and the measured wall time."""
     latencies: list[float] = []
@@ -73,6 +73,8 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
                     body["k"] = k
                 if passage_kv is not None:
                     body["passage_kv"] = passage_kv
+                if mode is not None:
+                    body["mode"] = mode
                 n += clients
                 t0 = time.monotonic()
                 try:
@@ -98,7 +100,7 @@ def run_clients(base: str, *, clients: int, duration_s: float, max_new_tokens: i
 
 def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max_new_tokens: int | None,
             threads: int = 0, questions: list[str] = QUESTIONS, label: str = "", k: int | None = None,
-            passage_kv: str | None = None, warm: bool = False) -> LoadResult:
+            passage_kv: str | None = None, warm: bool = False, mode: str | None = None) -> LoadResult:
     app = create_app(ServerConfig(bundle=bundle, max_batch=max_batch, max_queue=max(64, clients), threads=threads,
                                   timeout_s=600))
     with background(app) as base:
@@ -111,12 +113,14 @@ def measure(bundle: str, *, max_batch: int, clients: int, duration_s: float, max
                 body["passage_kv"] = passage_kv
             if k is not None:
                 body["k"] = k
+            if mode is not None:
+                body["mode"] = mode
             httpx.post(f"{base}/v1/ask", json=body, timeout=600)
         batcher = app.state.services.batcher
         before = batcher.stats()
         lat, errors, tokens, wall = run_clients(base, clients=clients, duration_s=duration_s,
                                                 max_new_tokens=max_new_tokens, questions=questions, k=k,
-                                                passage_kv=passage_kv)
+                                                passage_kv=passage_kv, mode=mode)
         after = batcher.stats()
     steps = after.steps - before.steps
     ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=None, help="passages per prompt (default: the bundle's)")
     p.add_argument("--max-batch", type=int, default=16, help="the batched run's batch size")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    p.add_argument("--mode", default=None,
+                   help="answer mode of every request (default: the bundle's; make demo's bundle answers by "
+                        "extract, so ask for concat to load its generator)")
     p.add_argument("--passage-kv", action="store_true",
                    help="compare passage KV off and on (both batched) instead of batched and unbatched")
     p.add_argument("--warm", action="store_true",
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for bundle, label, batch, passage_kv in runs:
         r = measure(bundle, max_batch=batch, clients=args.clients, duration_s=args.duration,
                     max_new_tokens=args.max_new_tokens, threads=args.threads, label=label, k=args.k,
-                    passage_kv=passage_kv, warm=args.warm)
+                    passage_kv=passage_kv, warm=args.warm, mode=args.mode)
         print(f"{r.label:10s} max_batch={r.max_batch:<3d} clients={r.clients} {r.duration_s:.0f} s: "
               f"{r.requests} requests, {r.errors} errors, p50 {r.p50_ms:.0f} ms, p95 {r.p95_ms:.0f} ms, "
               f"p99 {r.p99_ms:.0f} ms, {r.answers_per_s:.2f} answers/s, {r.tokens_per_s:.1f} tokens/s; batcher "

@@ -33,6 +33,7 @@ from ragrt.bundle.manifest import (MANIFEST_NAME, PACKED_IO, SCHEMA, ChunkingSpe
                              DecodingScore, KVCacheParity, ModelSource, ParityReport, PassageKVParity, PassagesSpec,
                              RagDefaults, written_version)
 from ragrt.decoding.prompt import PromptBuilder
+from ragrt.decoding.blocks import unavailable_in
 from ragrt.runtime.sessions import SessionConfig
 
 from ragrt.export.cache import cached_dir, content_key
@@ -428,6 +429,10 @@ def run_export(cfg: ExportConfig) -> Path:
         generator = replace(generator_spec(gen_meta, "generator/model.onnx", q, cfg.max_context, gen_source, cfg.graph),
                             **rotary)
         prompt = templates(gen_meta["prompt"]["chat"])
+        if unavailable_in(generator, prompt) is None:
+            from ragrt.export.onnx.assemble_graph import write_assemble_graph
+            write_assemble_graph(tmp / generator.model, tmp / generator.weights, tmp / "generator" / "assemble.onnx")
+            generator = replace(generator, assemble_model="generator/assemble.onnx")
         record = training_record(gen_ckpt)
         trained = bool(record.get("block_attention"))
         # A block-trained generator learned to read blocks repaired as its training repaired them (none

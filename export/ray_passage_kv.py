@@ -89,7 +89,8 @@ class _BlockComputer:
             path = Path(self._dir.name) / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(ray.get(ref))
-        decoder = load_decoder(Path(self._dir.name), spec, SessionConfig(device="cpu", threads=threads), steps=False)
+        decoder = load_decoder(Path(self._dir.name), spec, SessionConfig(device="cpu", threads=threads), steps=False,
+                               assemble=False)
         self.passage_kv = PassageKV(decoder, graph_id)
         self.prefix = tuple(prefix)
 

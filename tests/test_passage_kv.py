@@ -21,6 +21,26 @@ def decoder(tiny_fused_fp32, tiny_generator_dir):
     return open_decoder(create_session(path, SessionConfig(threads=1)), replace(spec, **rotary))
 
 
+@pytest.fixture(scope="module")
+def assembling(decoder, tiny_fused_fp32, tmp_path_factory):
+    """The same graph with its assembly graph (export/onnx/assemble_graph.py), over shared weights."""
+    import shutil
+
+    from ragrt.export.onnx.assemble_graph import write_assemble_graph
+    root = tmp_path_factory.mktemp("assemble")
+    shutil.copy(tiny_fused_fp32[0], root / "model.onnx")
+    assert write_assemble_graph(root / "model.onnx", root / "model.onnx.data", root / "assemble.onnx") == \
+        decoder.spec.num_layers
+    return open_decoder(create_session(root / "model.onnx", SessionConfig(threads=1)), decoder.spec,
+                        assemble_session=create_session(root / "assemble.onnx", SessionConfig(threads=1)))
+
+
+@pytest.fixture(params=["run by block", "assembly graph"])
+def repairing(request, decoder, assembling):
+    """The repair both ways the engine runs it: a run per block, or one run with the tail."""
+    return decoder if request.param == "run by block" else assembling
+
+
 def _prompt(rng, vocab, prefix=7, blocks=(9, 14, 5), tail=6) -> BlockPrompt:
     ids = lambda n: tuple(int(t) for t in rng.integers(3, vocab, n))
     return BlockPrompt(ids(prefix), tuple(ids(n) for n in blocks), ids(tail))
@@ -66,31 +86,33 @@ def test_assembly_equals_pytorch_block_reference(decoder, tiny_generator_dir):
 
 
 @pytest.mark.parametrize("repair", [3, 6])
-def test_repair_equals_pytorch_reference(decoder, tiny_generator_dir, repair):
+def test_repair_equals_pytorch_reference(repairing, tiny_generator_dir, repair):
     """The first `repair` tokens of each later block run again over the cache before them, as
     fine-tuning computes it; more tokens repaired bring block mode nearer full prefill."""
     import torch
     from transformers import LlamaForCausalLM
 
     from ragrt.export.train.sft import block_logits
-    p = _prompt(np.random.default_rng(2), decoder.spec.vocab_size)
+    p = _prompt(np.random.default_rng(2), repairing.spec.vocab_size)
     model = LlamaForCausalLM.from_pretrained(tiny_generator_dir, torch_dtype=torch.float64).eval()
     with torch.no_grad():
         ref = block_logits(model, p, [], repair=repair)[-1].numpy()
         plain = block_logits(model, p, [])[-1].numpy()
     stats = BlockStats()
-    got, _ = PassageKV(decoder, "g", dtype=np.float32, repair=repair).prefill([p], stats)
+    got, state = PassageKV(repairing, "g", dtype=np.float32, repair=repair).prefill([p], stats)
     np.testing.assert_allclose(got[0], ref, atol=5e-4)
+    assert state.lengths.tolist() == [len(p.ids)]
     assert np.abs(plain - ref).max() > 1e-3
     assert stats.repair_ms > 0
 
 
-def test_repairing_whole_blocks_is_full_prefill(decoder):
+def test_repairing_whole_blocks_is_full_prefill(decoder, repairing):
     """Every block run again over the cache before it is exactly what full prefill computes: the
-    logits, and the cache the answer's tokens then read."""
+    logits, and the cache the answer's tokens then read (the assembly graph's run has moved each
+    repaired token over its copy, and the tail after the blocks)."""
     rng = np.random.default_rng(9)
     p = _prompt(rng, decoder.spec.vocab_size)
-    kv = PassageKV(decoder, "g", dtype=np.float32, repair=max(map(len, p.blocks)))
+    kv = PassageKV(repairing, "g", dtype=np.float32, repair=max(map(len, p.blocks)))
     got, state = kv.prefill([p])
     want, full = decoder.prefill([p.ids])
     np.testing.assert_allclose(got, want, atol=2e-4)

@@ -99,6 +99,11 @@ PACKED_IO = GeneratorIO(attention_mask="", position_ids="", seqlens_k="seqlens_k
                         total_sequence_length="total_sequence_length")
 
 
+# The assembly graph's inputs beyond `model`'s (GeneratorSpec.assemble_model).
+ASSEMBLE_POSITIONS = "position_ids"
+ASSEMBLE_BIAS = "attention_bias"
+
+
 @dataclass(frozen=True)
 class GeneratorSpec:
     model: str
@@ -117,6 +122,10 @@ class GeneratorSpec:
     # beside both), its packed cache in int8. `model` prefills in float, and a row's cache is
     # quantized when it starts stepping. "" : `model` does everything. Older readers ignore it.
     step_model: str = ""
+    # The prefill graph over the same weights with token positions and an attention bias given
+    # (export/onnx/assemble_graph.py): passage KV repairs every block and prefills the tail in one
+    # run with it. "": one run per repaired block. Older readers ignore it.
+    assemble_model: str = ""
     # The int8 cache's per-channel scales, a float32 .npy (decoding/kvquant.py); "" without one.
     kv_scales: str = ""
     # Measured by the export's parity check: whether greedy tokens stay the same when rows
@@ -151,7 +160,8 @@ class GeneratorSpec:
 
     @property
     def weights(self) -> str:
-        """The external weights file `model` and `step_model` share; absent where `model` holds its own."""
+        """The external weights file `model`, `step_model` and `assemble_model` share; absent where
+        `model` holds its own."""
         return self.model + ".data"
 
 
@@ -391,7 +401,7 @@ class Manifest:
 
     def referenced_paths(self) -> list[str]:
         return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer,
-                *[p for p in (self.generator.step_model, self.generator.kv_scales) if p]]
+                *[p for p in (self.generator.step_model, self.generator.assemble_model, self.generator.kv_scales) if p]]
 
 
 @dataclass(frozen=True)

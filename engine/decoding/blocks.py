@@ -201,12 +201,16 @@ class PassageKV:
         with self._lock:
             if prompt.prefix not in self._prefixes:     # the first prompt of its kind: nothing is computed
                 return len(prompt.ids)
-        cost = len(prompt.tail) + sum(min(self.repair, len(b)) for b in prompt.blocks[1:])
+        cost = len(prompt.tail) + self._repaired(prompt)
         for ids in prompt.blocks:
             key = self.key(prompt.prefix, ids)
             if key not in self.cache and (self.store is None or key not in self.store):
                 cost += len(ids)
         return cost
+
+    def _repaired(self, prompt: BlockPrompt) -> int:
+        """Tokens the repair runs again: the first `repair` of each block after the first."""
+        return sum(min(self.repair, len(b)) for b in prompt.blocks[1:])
 
     def compute(self, prefix: tuple[int, ...], ids: Sequence[int]) -> np.ndarray:
         """One block's keys and values, run by the graph after the prefix."""
@@ -227,7 +231,10 @@ class PassageKV:
         per_prompt = list(stats) if isinstance(stats, (list, tuple)) else [
             stats if stats is not None else BlockStats()] * len(prompts)
         lengths = [len(b.ids) if isinstance(b, BlockPrompt) else len(b) for b in prompts]
-        state = self.decoder.empty_state(len(prompts), max(lengths) + GROW)
+        # One run with the assembly graph writes the repaired tokens after the cache before moving them.
+        room = [n + (self._repaired(b) if isinstance(b, BlockPrompt) and self.decoder.assemble_session else 0)
+                for n, b in zip(lengths, prompts)]
+        state = self.decoder.empty_state(len(prompts), max(room) + GROW)
         logits = [self._assemble(state.buffers, row, prompt, per_prompt[row]) if isinstance(prompt, BlockPrompt)
                   else self.decoder.prefill_row(state.buffers, row, prompt)
                   for row, prompt in enumerate(prompts)]
@@ -236,6 +243,9 @@ class PassageKV:
     def _assemble(self, buffers: KVBuffers, row: int, prompt: BlockPrompt, stats: BlockStats) -> np.ndarray:
         t0 = time.perf_counter()
         repair_s = 0.0
+        # With the assembly graph the repairs wait for the tail's run; without it each runs here.
+        placed = self.decoder.assemble_session is not None
+        repairs: list[tuple[int, Sequence[int]]] = []
         arrays = buffers.arrays
         p = len(prompt.prefix)
         for a, kv in zip(arrays, self._prefix(prompt.prefix)[0]):
@@ -257,16 +267,46 @@ class PassageKV:
                     turned = rotate_keys(dequantize(kv[i], scales[i]), offset - p, spec, i // 2)
                     a[row, :, offset:offset + n] = quantize(turned, scales[i])
             if self.repair and offset > p:
-                t1 = time.perf_counter()
-                r = min(self.repair, n)
-                self.decoder._run(buffers, row, row + 1, np.asarray([ids[:r]], dtype=np.int64),
-                                  np.array([offset + r]), 1)
-                repair_s += time.perf_counter() - t1
+                repairs.append((offset, ids[:self.repair]))
+                if not placed:
+                    t1 = time.perf_counter()
+                    self.decoder._run(buffers, row, row + 1, np.asarray([ids[:self.repair]], dtype=np.int64),
+                                      np.array([offset + len(repairs[-1][1])]), 1)
+                    repair_s += time.perf_counter() - t1
             offset += n
         stats.assemble_ms += (time.perf_counter() - t0 - repair_s) * 1e3
+        if placed and repairs:
+            t1 = time.perf_counter()
+            logits = self._repair_with_tail(buffers, row, repairs, offset, prompt.tail)
+            stats.repair_ms += (time.perf_counter() - t1) * 1e3
+            return logits
         stats.repair_ms += repair_s * 1e3
         tail = np.asarray([prompt.tail], dtype=np.int64)
         return self.decoder._run(buffers, row, row + 1, tail, np.array([offset + len(prompt.tail)]), 1)[:, -1]
+
+    def _repair_with_tail(self, buffers: KVBuffers, row: int, repairs: list[tuple[int, Sequence[int]]], end: int,
+                          tail: Sequence[int]) -> np.ndarray:
+        """One run of the assembly graph over the assembled row (`end` positions): each block's
+        repaired tokens at their places in the prompt, then the tail. Every token sees what it would
+        see run in prompt order: places up to its own, the repaired tokens and not the copies they
+        replace. The new keys and values land after the blocks; then each repaired token's moves over
+        its copy, and the tail's to right after the blocks. Returns the tail's last logits."""
+        tokens = [t for _, ids in repairs for t in ids] + list(tail)
+        places = np.concatenate([np.arange(start, start + len(ids)) for start, ids in repairs]
+                                + [np.arange(end, end + len(tail))])
+        cache_places = np.concatenate([np.arange(end), places])
+        visible = cache_places[None, :] <= places[:, None]
+        for start, ids in repairs:
+            visible[:, start:start + len(ids)] = False
+        logits = self.decoder.run_placed(buffers, row, tokens, places, visible)
+        repaired = len(tokens) - len(tail)
+        for a in buffers.arrays:
+            source = end
+            for start, ids in repairs:
+                a[row, :, start:start + len(ids)] = a[row, :, source:source + len(ids)]
+                source += len(ids)
+            a[row, :, end:end + len(tail)] = a[row, :, end + repaired:end + repaired + len(tail)]
+        return logits
 
 
 def unavailable_in(generator: GeneratorSpec, prompt: PromptSpec) -> str | None:

@@ -191,7 +191,7 @@ def write_store(bundle_root: Path, manifest: Manifest, directory: Path, passages
     passage KV is assembled); `reuse`: a generation directory whose store supplies the blocks it holds."""
     from ragrt.retrieval.encoder import load_tokenizer
     decoder = load_decoder(bundle_root, manifest.generator, session_config or SessionConfig(device="cpu"),
-                           steps=False)
+                           steps=False, assemble=False)
     why = unavailable(decoder, manifest.prompt)
     if why is not None:
         raise UserInputError(f"passage KV cannot be precomputed for this bundle: {why}; use --passage-kv lazy")

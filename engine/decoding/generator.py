@@ -24,22 +24,29 @@ from ragrt.decoding.sampling import DecodingConfig, TokenChooser
 from ragrt.runtime.sessions import SessionConfig, create_session
 
 
-def open_decoder(session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None):
+def open_decoder(session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None,
+                 assemble_session=None):
     """The decoder for the spec's cache layout and batching; `kv_scales` for an int8 cache
-    (`ragrt.decoding.kvquant.load_kv_scales`), `step_session` the step graph's (`spec.step_model`)."""
+    (`ragrt.decoding.kvquant.load_kv_scales`), `step_session` the step graph's (`spec.step_model`),
+    `assemble_session` the assembly graph's (`spec.assemble_model`)."""
     if spec.cache == "packed":
-        return PackedDecoder(session, spec, kv_scales, step_session)
+        return PackedDecoder(session, spec, kv_scales, step_session, assemble_session)
     decoder = Decoder(session, spec)
     return RowByRowDecoder(decoder) if decoder.row_by_row else decoder
 
 
-def load_decoder(root: Path, spec: GeneratorSpec, config: SessionConfig, *, steps: bool = True):
-    """A bundle's generator as the engine opens it: its graph, and its step graph where it has one,
-    the device is the CPU and `steps` (computing passage KV only prefills, so it passes False)."""
+def load_decoder(root: Path, spec: GeneratorSpec, config: SessionConfig, *, steps: bool = True,
+                 assemble: bool = True):
+    """A bundle's generator as the engine opens it: its graph, and its step and assembly graphs where
+    it has them, the device is the CPU, and `steps` and `assemble` ask for them (computing passage KV
+    only prefills blocks, so it passes False for both)."""
     session = create_session(Path(root) / spec.model, config)
-    step = steps and bool(spec.step_model) and KVDevice.of(session) is None
+    on_cpu = KVDevice.of(session) is None
+    step = steps and bool(spec.step_model) and on_cpu
     scales = load_kv_scales(root, spec) if step or np.dtype(spec.kv_dtype) == KV_INT8 else None
-    return open_decoder(session, spec, scales, create_session(Path(root) / spec.step_model, config) if step else None)
+    return open_decoder(session, spec, scales, create_session(Path(root) / spec.step_model, config) if step else None,
+                        create_session(Path(root) / spec.assemble_model, config)
+                        if assemble and spec.assemble_model and on_cpu else None)
 
 
 class Generator:

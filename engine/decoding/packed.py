@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ragrt.decoding.decoder import Decoder
-from ragrt.bundle.manifest import GeneratorIO, GeneratorSpec
+from ragrt.bundle.manifest import ASSEMBLE_BIAS, ASSEMBLE_POSITIONS, GeneratorIO, GeneratorSpec
 from ragrt.decoding.kvquant import KV_INT8, quantize
 from ragrt.decoding.slotcopy import slot_copy_model
 
@@ -44,7 +44,7 @@ class KVBuffers:
         self.dtype = np.dtype(dtype)
         self.scales = scales
         self.arrays = [self._alloc(slots, _round_up(capacity)) for _ in range(count)]
-        self.bindings: dict[tuple[int, int], object] = {}
+        self.bindings: dict[tuple, object] = {}
         self.logits: tuple[np.ndarray, object] | None = None
 
     def logits_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, object]:
@@ -193,11 +193,14 @@ class PackedDecoder(Decoder):
     """Prefill runs row by row whatever `row_by_row` says; it decides whether steps share a pass.
     `step_session`: the step graph (an int8 cache), where the bundle has one; `kv_scales`: an int8
     cache's scales (decoding/kvquant.py), which the graph holds too. States carry their cache's type,
-    and each pass runs on the graph of that type."""
+    and each pass runs on the graph of that type. `assemble_session`: the assembly graph
+    (`GeneratorSpec.assemble_model`), which `run_placed` runs on the float cache."""
     layout = "packed"
 
-    def __init__(self, session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None):
+    def __init__(self, session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None,
+                 assemble_session=None):
         super().__init__(session, spec)
+        self.assemble_session = assemble_session
         self.kv_device = KVDevice.of(session)     # None: host numpy buffers
         self.step_session = session if step_session is None else step_session
         self.step_dtype = self.kv_dtype if step_session is None else KV_INT8    # the cache steps run on
@@ -227,12 +230,14 @@ class PackedDecoder(Decoder):
     def _session(self, buffers: KVBuffers):
         return self.session if buffers.dtype == self.kv_dtype else self.step_session
 
-    def _binding(self, buffers: KVBuffers, start: int, stop: int):
-        """An IOBinding of slots [start, stop), each past bound as its own present."""
-        key = (start, stop)
+    def _binding(self, buffers: KVBuffers, start: int, stop: int, session=None):
+        """An IOBinding of slots [start, stop) on `session` (by default the graph of the buffers' cache
+        type), each past bound as its own present."""
+        session = session or self._session(buffers)
+        key = (start, stop, id(session))
         io = buffers.bindings.get(key)
         if io is None:
-            io = self._session(buffers).io_binding()
+            io = session.io_binding()
             buffers.bind(io, self.past_names, self.output_names[1:], start, stop)
             buffers.bindings[key] = io
         return io
@@ -251,6 +256,26 @@ class PackedDecoder(Decoder):
         io.bind_ortvalue_output(self.io.logits, out[1])
         self._session(buffers).run_with_iobinding(io)
         return out[0].copy()
+
+    def run_placed(self, buffers: KVBuffers, row: int, tokens: Sequence[int], positions: np.ndarray,
+                   visible: np.ndarray) -> np.ndarray:
+        """Runs `tokens` in float slot `row` on the assembly graph: token s at rotary position
+        `positions[s]`, attending to the cache positions where `visible[s]` (S x length after the run)
+        is true. Their keys and values land after the row's cache, at [length - S, length). Returns the
+        last token's logits (1, V)."""
+        session = self.assemble_session
+        length = visible.shape[1]
+        io = self._binding(buffers, row, row + 1, session)
+        io.bind_cpu_input(self.io.input_ids, np.asarray([tokens], dtype=np.int64))
+        for name, value in length_feed(self.io, np.array([length])).items():
+            io.bind_cpu_input(name, value)
+        io.bind_cpu_input(self.io.num_logits, np.array([1], dtype=np.int64))
+        io.bind_cpu_input(ASSEMBLE_POSITIONS, np.asarray([positions], dtype=np.int64))
+        io.bind_cpu_input(ASSEMBLE_BIAS, np.where(visible, np.float32(0), np.float32(-np.inf))[None, None])
+        out = buffers.logits_buffer((1, 1, self.spec.vocab_size))
+        io.bind_ortvalue_output(self.io.logits, out[1])
+        session.run_with_iobinding(io)
+        return out[0][:, -1].copy()
 
     def forward(self, state: PackedState, tokens: np.ndarray, new_mask: np.ndarray,
                 num_logits: int = 1) -> tuple[np.ndarray, PackedState]:

@@ -48,10 +48,8 @@ def write_step_graph(model: Path, weights: Path, step: Path, scales: np.ndarray)
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weights.unlink(missing_ok=True)            # onnx appends to an existing file
-    onnx.save(onnx.load(str(model)), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=weights.name, size_threshold=1024)
-    weights.chmod(model.stat().st_mode & 0o777)     # onnx creates it owner-only; the bundle's files are alike
+    from ragrt.export.onnx.assemble_graph import externalize_weights
+    externalize_weights(model, weights)
     graph_model = onnx.load(str(model), load_external_data=False)   # initializers still point into `weights`
     graph = graph_model.graph
     changed = 0
