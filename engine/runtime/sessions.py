@@ -47,6 +47,11 @@ def create_session(path: Path, config: SessionConfig):
     # Sequential execution: decoder graphs are one long chain; parallel mode only adds overhead.
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    # A session's threads spin after its run ends, holding the cores while the next graph (the
+    # generator after the encoder, the assembly graph after the prefill one) runs: measured, 25 ms
+    # lost on a 30-token run after a prefill. Stopping them at the end of each run cost decode
+    # steps nothing measurable (benchmarks/README, "Thread pools that stop spinning").
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     providers = providers_for(config.device)
     before = anonymous_regions() if config.huge_pages else None
     try:
