@@ -431,8 +431,8 @@ def run_export(cfg: ExportConfig) -> Path:
         prompt = templates(gen_meta["prompt"]["chat"])
         if unavailable_in(generator, prompt) is None:
             from ragrt.export.onnx.assemble_graph import write_assemble_graph
-            write_assemble_graph(tmp / generator.model, tmp / generator.weights, tmp / "generator" / "assemble.onnx")
-            generator = replace(generator, assemble_model="generator/assemble.onnx")
+            if write_assemble_graph(tmp / generator.model, tmp / generator.weights, tmp / "generator" / "assemble.onnx"):
+                generator = replace(generator, assemble_model="generator/assemble.onnx")
         record = training_record(gen_ckpt)
         trained = bool(record.get("block_attention"))
         # A block-trained generator learned to read blocks repaired as its training repaired them (none

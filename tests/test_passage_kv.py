@@ -35,6 +35,21 @@ def assembling(decoder, tiny_fused_fp32, tmp_path_factory):
                         assemble_session=create_session(root / "assemble.onnx", SessionConfig(threads=1)))
 
 
+def test_sliding_window_attention_gets_no_assembly_graph(tiny_fused_fp32, tmp_path):
+    """A window counted from each token's place in the cache would be wrong for tokens run out of place."""
+    import onnx
+
+    from ragrt.export.onnx.assemble_graph import write_assemble_graph
+    model = onnx.load(str(tiny_fused_fp32[0]))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "GroupQueryAttention" and a.name == "local_window_size":
+                a.i = 8
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    assert write_assemble_graph(tmp_path / "model.onnx", tmp_path / "model.onnx.data", tmp_path / "assemble.onnx") == 0
+    assert not (tmp_path / "assemble.onnx").exists() and not (tmp_path / "model.onnx.data").exists()
+
+
 @pytest.fixture(params=["run by block", "assembly graph"])
 def repairing(request, decoder, assembling):
     """The repair both ways the engine runs it: a run per block, or one run with the tail."""

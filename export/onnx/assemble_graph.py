@@ -7,7 +7,10 @@ GroupQueryAttention also takes `position_ids` (rotary positions per token) and `
 (added to the scores, indexed by cache position). This graph feeds both to every attention
 node, so one run holds every block's repair and the tail: each token at its own place in the
 prompt, and seeing only what it would have seen run in order. One run of ~90 tokens costs less
-than five short ones (benchmarks/README, "Repairing block assembly").
+than five short ones (benchmarks/README, "Time to first token and throughput, session 12").
+
+Sliding-window attention (Gemma 3's local layers) counts its window from a token's place in the
+cache, which for these tokens is not their place in the prompt, so such graphs get none.
 """
 from __future__ import annotations
 
@@ -34,10 +37,15 @@ def externalize_weights(model: Path, weights: Path) -> None:
 def write_assemble_graph(model: Path, weights: Path, out: Path) -> int:
     """Writes `out`: `model` over the same weights file, every GroupQueryAttention fed the graph's new
     inputs `position_ids` (int64, batch x sequence) and `attention_bias` (float, 1 x 1 x sequence x
-    total length); returns how many attention nodes it changed."""
+    total length); returns how many attention nodes it changed, 0 (and writes nothing) where any
+    attends within a sliding window."""
     import onnx
     from onnx import TensorProto, helper
 
+    attention = [n for n in onnx.load(str(model), load_external_data=False).graph.node
+                 if n.op_type == "GroupQueryAttention"]
+    if any(a.name == "local_window_size" and a.i > 0 for n in attention for a in n.attribute):
+        return 0
     externalize_weights(model, weights)
     graph_model = onnx.load(str(model), load_external_data=False)   # initializers still point into `weights`
     graph = graph_model.graph
