@@ -122,7 +122,7 @@ def test_verify_catches_one_flipped_byte_in_every_file(tiny_bundle, tmp_path):
     from ragrt.bundle.reader import Bundle
     from ragrt.errors import BundleError
     files = bundle_files(tiny_bundle)
-    assert len(files) == 18, files
+    assert len(files) == 19, files
     for rel in files:
         copy = tmp_path / rel.replace("/", "_")
         shutil.copytree(tiny_bundle, copy)

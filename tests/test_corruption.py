@@ -17,6 +17,7 @@ KINDS = {
     "generator/model.onnx": "generator graph",
     "generator/model.onnx.data": "generator weights",
     "generator/step.onnx": "generator step graph",
+    "generator/assemble.onnx": "generator assembly graph",
     "generator/kv_scales.npy": "int8 cache scales",
     "generator/tokenizer.json": "generator tokenizer",
     "corpus/CURRENT": "corpus pointer",
