@@ -36,9 +36,13 @@ def load_kv_scales(root: Path, spec: GeneratorSpec) -> np.ndarray | None:
 
 
 def quantize(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(kv_heads, n, head_dim) floats as the graph stores them, with one past's scale (kv_heads, head_dim)."""
-    return np.clip(np.rint(x / scale[:, None, :]), -128, 127).astype(KV_INT8)
+    """(kv_heads, n, head_dim) floats as the graph stores them, with one past's scale (kv_heads, head_dim);
+    or several pasts' at once, (pasts, kv_heads, n, head_dim) with (pasts, kv_heads, head_dim)."""
+    y = x / scale[..., None, :]
+    np.rint(y, out=y)                   # in place: a joining row's whole cache passes through here
+    np.clip(y, -128, 127, out=y)
+    return y.astype(KV_INT8)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale[:, None, :]
+    return q.astype(np.float32) * scale[..., None, :]
