@@ -50,6 +50,35 @@ def test_loss_mask_covers_the_answer_only(tiny_generator_dir):
     assert labels == [IGNORE] * len(prompt) + answer + [2]
 
 
+def test_losses_from_the_answers_logits_equal_the_whole_sequences(tiny_generator_dir):
+    """Logits kept only where they predict labelled tokens give the model's own loss over all of
+    them, and the same gradients; sequence_logprobs' sums equal log-softmax over every position."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragrt.export.train.sft import answer_loss, sequence_logprobs
+    model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float32).eval()
+    rng = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (30,), generator=rng).tolist()
+    labels = [IGNORE] * 22 + ids[22:]
+    got = answer_loss(model, ids, labels)
+    got.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    want = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, model.lm_head.weight.grad)
+
+    examples = [(ids, labels), (ids[:26], [IGNORE] * 19 + ids[19:26])]
+    with torch.no_grad():
+        sums = sequence_logprobs(model, examples, pad_id=0)
+        for (x, y), s in zip(examples, sums):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0, :-1].double(), -1)
+            ref = sum(logp[t - 1, x[t]] for t in range(len(x)) if y[t] != IGNORE)
+            assert float(s) == pytest.approx(float(ref), abs=1e-4)
+
+
 def test_block_example_is_the_engine_block_prompt(tiny_generator_dir):
     from dataclasses import replace as dc_replace
 

@@ -40,7 +40,8 @@ from ragrt.export.data.synth import SOURCES, SynthConfig, question_logprobs, req
 from ragrt.export.train.contrastive import bm25_negatives, contrastive_loss, embed, mine_hard_negatives, sample_pool
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import prompt_spec
-from ragrt.export.train.sft import block_example, block_loss, rag_marginal_nll, sequence_logprobs, sft_example
+from ragrt.export.train.sft import (answer_loss, block_example, block_loss, rag_marginal_nll, sequence_logprobs,
+                                   sft_example)
 
 TRAINING_RECORD = "ragrt-training.json"     # in the saved generator: how it was trained, for the export
 
@@ -475,8 +476,7 @@ def train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder
                     if i in from_blocks:
                         loss = block_loss(model, *blocked[i], repair=PASSAGE_KV_REPAIR)
                     else:
-                        ids, labels = examples[i]
-                        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+                        loss = answer_loss(model, *examples[i])
                 (loss / len(batch)).backward()
                 total += loss.item() / len(batch)
             trainer.step(total)

@@ -98,11 +98,27 @@ def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int], repair: in
     return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids))
 
 
+def _first_label(labels: Sequence[int]) -> int:
+    return next(i for i, t in enumerate(labels) if t != IGNORE)
+
+
+def answer_loss(model, ids: Sequence[int], labels: Sequence[int]):
+    """Mean cross-entropy of an `sft_example`'s answer, as the model's own loss with `labels` gives it,
+    with logits only where they predict the answer (`logits_to_keep`): over the whole prompt they were
+    most of a step's compute and memory, with Gemma 3's 262k-token vocabulary above all."""
+    import torch
+    first = _first_label(labels)
+    logits = model(input_ids=torch.tensor([ids]), logits_to_keep=len(ids) - first + 1).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(labels[first:]), ignore_index=IGNORE)
+
+
 def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, past=None):
     """log p(labelled tokens | the rest), summed per example: a (n,) tensor with gradients.
-    `past`: a cache every example continues (one row each), its tokens before theirs."""
+    `past`: a cache every example continues (one row each), its tokens before theirs. Logits are
+    computed from the first labelled token's place on (`answer_loss` says why)."""
     import torch
     width = max(len(ids) for ids, _ in examples)
+    first = min(_first_label(y) for _, y in examples)
     start = past.get_seq_length() if past is not None else 0
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -113,9 +129,9 @@ def sequence_logprobs(model, examples: Sequence[tuple[list[int], list[int]]], pa
         labels[row, :len(y)] = torch.tensor(y)
         mask[row, start:start + len(x)] = 1
     positions = torch.arange(start, start + width).expand(len(examples), -1)
-    logits = model(input_ids=ids, attention_mask=mask, past_key_values=past,
-                   position_ids=positions).logits[:, :-1].float()   # predicts tokens 1..T-1
-    target = labels[:, 1:]
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions,
+                   logits_to_keep=width - first + 1).logits[:, :-1].float()   # predicts tokens first..T-1
+    target = labels[:, first:]
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * (target != IGNORE)).sum(dim=1)
