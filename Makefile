@@ -55,7 +55,7 @@ $(CHROMIUM):
 	else echo "chromium is missing and this is not root: tests/test_web.py will skip (apt-get install chromium)"; fi
 
 test: $(BIN)/.ray $(CHROMIUM)
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=20
 
 clean:
 	rm -rf $(VENV) bundles data
