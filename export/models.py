@@ -35,6 +35,7 @@ def _check_hf_dir(path: Path, what: str, architectures: tuple[str, ...]) -> Path
     return path
 
 
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4      # tokenizer.ggml.token_type values
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
 GENERATOR_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "smollm3")
 POOLINGS = ("mean", "cls")
@@ -107,7 +108,7 @@ def generator_checkpoint(path: str | Path | None) -> Path:
         return _check_hf_dir(path, "generator", GENERATOR_TYPES)
     if not path.is_file():
         raise RagrtError(f"{path}: no such GGUF file for the generator")
-    converted = cached_dir("generator-hf", content_key(path, "gguf-to-safetensors-v3"),
+    converted = cached_dir("generator-hf", content_key(path, "gguf-to-safetensors-v4"),
                            lambda tmp: _convert_gguf(path, tmp, hub_name), lineage=content_key(path))
     return _check_hf_dir(converted, "generator", GENERATOR_TYPES)
 
@@ -133,6 +134,8 @@ def _convert_gguf(gguf: Path, out: Path, hub_name: str) -> None:
     if config.pad_token_id is not None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
     tokenizer.add_bos_token = _gguf_field(gguf, "tokenizer.ggml.add_bos_token", default=False)
+    if _gguf_field(gguf, "tokenizer.ggml.model", default="") == "llama":
+        _merge_by_score(tokenizer.backend_tokenizer, gguf)
     tokenizer.save_pretrained(out)
     (out / SOURCE_NAME_FILE).write_text(f"{hub_name} ({gguf.name})\n" if hub_name else f"{gguf.name}\n")
 
@@ -179,7 +182,40 @@ def _json(path: Path, default):
 def _gguf_field(gguf: Path, key: str, default):
     from gguf import GGUFReader
     field = GGUFReader(gguf).fields.get(key)
-    return field.parts[field.data[0]][0].item() if field is not None and field.data else default
+    if field is None or not field.data:
+        return default
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types and field.types[0].name == "STRING" else value[0].item()
+
+
+def _gguf_array(gguf: Path, key: str) -> list:
+    from gguf import GGUFReader
+    field = GGUFReader(gguf).fields[key]
+    values = [field.parts[i] for i in field.data]
+    return [bytes(v).decode() for v in values] if field.types[-1].name == "STRING" else [v[0].item() for v in values]
+
+
+def _merge_by_score(backend, gguf: Path) -> None:
+    """Make `backend` (a tokenizers.Tokenizer) tokenize a "llama" (SentencePiece) GGUF vocabulary as
+    llama.cpp does: BPE that first merges the pair forming the highest-scored normal token, with
+    control and user-defined tokens matched whole. transformers 4.57 reads Gemma's vocabulary as a
+    Unigram model instead, which picks the pieces of best total score, and those are the shortest
+    ("the" as "▁t" "he"): the model then reads text spelled as it never saw in training."""
+    from tokenizers import AddedToken
+    from tokenizers.models import BPE
+    tokens, scores, kinds = (_gguf_array(gguf, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = {t for t, kind in zip(tokens, kinds) if kind == GGUF_NORMAL}
+    merges = sorted((-score, vocab[t[:i]], vocab[t[i:]], t[:i], t[i:])
+                    for t, score in zip(tokens, scores) if t in normal
+                    for i in range(1, len(t)) if t[:i] in normal and t[i:] in normal)
+    unk = _gguf_field(gguf, "tokenizer.ggml.unknown_token_id", default=None)
+    backend.model = BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=None if unk is None else tokens[unk],
+                        fuse_unk=True, byte_fallback=True)
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, kinds) if kind == GGUF_CONTROL])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, kinds) if kind == GGUF_USER_DEFINED])
 
 
 def checkpoint_name(path: Path) -> str:

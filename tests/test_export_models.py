@@ -264,6 +264,39 @@ def test_packaged_names_and_gguf_files(tiny_generator_dir, tmp_path, monkeypatch
     assert not list((tmp_path / "cache" / "generator-hf").iterdir())     # nothing half-converted is kept
 
 
+def test_a_sentencepiece_gguf_vocabulary_merges_by_score_as_llama_cpp(tmp_path):
+    """A "llama" GGUF vocabulary tokenizes as llama.cpp's SentencePiece BPE: the pair forming the
+    highest-scored normal token merges first, control and user-defined tokens match whole. A Unigram
+    model over the same scores (transformers' reading of Gemma's) splits "▁the" into "▁t" "he"."""
+    import gguf
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import Unigram
+    from ragrt.export import models
+    vocab = [("<unk>", 0.0, 2), ("<ctl>", 0.0, 3), ("\n\n", 0.0, 4),
+             *[(c, -2.0, 1) for c in "▁theabc"], ("▁t", 0.0, 1), ("he", -1.0, 1), ("▁the", -3.0, 1),
+             ("ab", -5.0, 1), ("bc", -4.0, 1)] + [(f"<0x{i:02X}>", 0.0, 6) for i in range(256)]
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([t for t, _, _ in vocab])
+    writer.add_token_scores([s for _, s, _ in vocab])
+    writer.add_token_types([k for _, _, k in vocab])
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    backend = Tokenizer(Unigram([(t, s) for t, s, _ in vocab], unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")          # the rest as transformers' GGUF reader sets it
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    assert backend.encode(" the").tokens == ["▁t", "he"]
+    models._merge_by_score(backend, path)
+    assert backend.encode(" the").tokens == ["▁the"]
+    assert backend.encode("abc").tokens == ["a", "bc"]          # bc scores above ab, so it merges first
+    assert backend.encode("ab\n\n<ctl>x").tokens == ["ab", "\n\n", "<ctl>", "<0x78>"]   # x: byte fallback
+    assert backend.token_to_id("\n\n") == 2 and backend.token_to_id("<ctl>") == 1
+    assert backend.decode(backend.encode(" the abc").ids) == " the abc"
+
+
 # --- cache -----------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -50,3 +50,11 @@ def test_second_ask_reuses_every_passage_block(gemma_bundle):
     assert first.passage_kv == {"reused": 0, "computed": 5} and second.passage_kv == {"reused": 5, "computed": 0}
     # The base model's answers are not checked for loops: it echoes and loops until fine-tuned (issue 32).
     assert second.answer == first.answer and second.answer and len(second.sources) == 5
+
+
+def test_the_bundle_spells_words_as_gemma_learned_them(gemma_bundle):
+    """Gemma's SentencePiece vocabulary merges by score, as llama.cpp reads the GGUF (export/models.py),
+    so the bundle's tokenizer writes whole words, not the shortest pieces ("▁t" "he")."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(gemma_bundle / "generator" / "tokenizer.json"))
+    assert tok.encode(" the general case\n\n", add_special_tokens=False).tokens == ["▁the", "▁general", "▁case", "\n\n"]
