@@ -209,15 +209,35 @@ def test_a_passage_that_is_not_an_id_is_refused(tmp_path):
         read_qa(qa)
 
 
-def test_the_shared_prefix_changes_no_score_and_no_reply(tiny_generator_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def base_generator_dir(tiny_generator_dir, tmp_path_factory):
+    """The tiny generator without a chat template, as a base model (Gemma 3 270M) comes."""
+    import shutil
+    out = tmp_path_factory.mktemp("tiny-base") / "generator"
+    shutil.copytree(tiny_generator_dir, out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["chat", "base"])
+def test_the_shared_prefix_changes_no_score_and_no_reply(kind, request, tmp_path, monkeypatch):
     """Teacher scores and generated questions computed after the prompts' common opening, run once
-    and lent to each batch, equal each prompt run whole and alone."""
+    and lent to each batch, equal each prompt run whole and alone; a base model, with no chat
+    template, is asked by the same worked examples as plain text."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from ragrt.export.train.sft import IGNORE, sequence_logprobs
+    tiny_generator_dir = request.getfixturevalue({"chat": "tiny_generator_dir", "base": "base_generator_dir"}[kind])
     tok = AutoTokenizer.from_pretrained(tiny_generator_dir)
+    assert bool(tok.chat_template) == (kind == "chat")
     model = AutoModelForCausalLM.from_pretrained(tiny_generator_dir, dtype=torch.float32).eval()
     passages = [Passage(f"{t}#0", t.title(), f"{t} are useful " * (1 + 3 * i)) for i, t in enumerate(TOPICS[:5])]
+    if kind == "base":
+        assert tok.decode(synth.question_prompt(tok, passages[0])).endswith(
+            f"{synth.SHOTS[1][1]}\n\n{synth.ASK.format(passage=passage_text(passages[0]))}\n\nQuestion:\n")
     pairs = [(f"What are {t}?", p) for t in ("lists", "sets") for p in passages]
     alone = []
     with torch.no_grad():

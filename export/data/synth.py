@@ -44,6 +44,7 @@ SHOTS = (("Lists\nThe list methods make it very easy to use a list as a stack, w
          ("Files\nIt is good practice to use the with keyword when dealing with file objects. The advantage is "
           "that the file is properly closed after its suite finishes.",
           "Why should I open files with the with keyword?"))
+PLAIN_ASK = "{ask}\n\nQuestion:\n"     # a base model's prompt: the question goes on the next line
 # A question sentence of a passage: a capital opening, 3 to 30 words, ending at "?".
 _QUESTION = re.compile(r"^[A-Z][^?]{8,}\?$")
 _NUMBERING = re.compile(r"^[\d.]+\s+")           # "4.1. if Statements"
@@ -190,7 +191,13 @@ def structure_questions(p: Passage) -> list[Synthetic]:
 
 
 def question_prompt(tok, p: Passage) -> list[int]:
-    """The generator's chat prompt asking for a question about `p`: the one it writes from and the teacher scores under."""
+    """The generator's prompt asking for a question about `p`: the one it writes from and the teacher
+    scores under. A base model (no chat template, as Gemma 3 270M) gets the same worked examples as
+    plain text to continue; the question starts on a line of its own, so its tokens are the
+    teacher's `tok.encode(question)` in either form."""
+    if not tok.chat_template:
+        shots = "".join(PLAIN_ASK.format(ask=ASK.format(passage=text)) + f"{q}\n\n" for text, q in SHOTS)
+        return tok(shots + PLAIN_ASK.format(ask=ASK.format(passage=passage_text(p)))).input_ids
     turns = [turn for text, question in SHOTS for turn in ({"role": "user", "content": ASK.format(passage=text)},
                                                            {"role": "assistant", "content": question})]
     turns.append({"role": "user", "content": ASK.format(passage=passage_text(p))})
