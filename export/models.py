@@ -200,7 +200,8 @@ def _merge_by_score(backend, gguf: Path) -> None:
     llama.cpp does: BPE that first merges the pair forming the highest-scored normal token, with
     control and user-defined tokens matched whole. transformers 4.57 reads Gemma's vocabulary as a
     Unigram model instead, which picks the pieces of best total score, and those are the shortest
-    ("the" as "▁t" "he"): the model then reads text spelled as it never saw in training."""
+    ("the" as "▁t" "he"; huggingface/transformers#41494): the model then reads text spelled as it
+    never saw in training."""
     from tokenizers import AddedToken
     from tokenizers.models import BPE
     tokens, scores, kinds = (_gguf_array(gguf, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
