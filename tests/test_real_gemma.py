@@ -48,7 +48,7 @@ def test_second_ask_reuses_every_passage_block(gemma_bundle):
     question = "How do I copy an object in Python?"
     first, second = (engine.ask(question, passage_kv="on", max_new_tokens=48) for _ in range(2))
     assert first.passage_kv == {"reused": 0, "computed": 5} and second.passage_kv == {"reused": 5, "computed": 0}
-    # The base model's answers are not checked for loops: it echoes and loops until fine-tuned (issue 32).
+    # A base model's answers are not checked for loops: it was never taught to stop (issue 32).
     assert second.answer == first.answer and second.answer and len(second.sources) == 5
 
 
