@@ -54,19 +54,19 @@ def test_answer_mode_named_at_export_is_the_default_without_dev(tiny_corpus, tin
 
 def test_passage_kv_default_follows_dev_f1_and_else_the_calibrated_agreement():
     from ragrt.bundle.manifest import PassageKVParity
-    from ragrt.export.pipeline import PASSAGE_KV_AGREEMENT, passage_kv_on_by_default
+    from ragrt.export.pipeline import PASSAGE_KV_AGREEMENT, passage_kv_holds_on_dev, passage_kv_on_without_dev
     measured = PassageKVParity(trained=False, agreement=PASSAGE_KV_AGREEMENT - 0.1, prompts=20, new_tokens=24,
                                repair=PASSAGE_KV_REPAIR, dev_questions=36, f1_full=0.30, f1_blocks=0.295)
-    assert passage_kv_on_by_default(measured)               # dev F1 decides, over a low agreement
-    assert not passage_kv_on_by_default(PassageKVParity(**{**measured.__dict__, "f1_blocks": 0.285,
-                                                           "agreement": 1.0}))
+    assert passage_kv_holds_on_dev(measured)                # dev F1 decides, over a low agreement
+    assert not passage_kv_holds_on_dev(PassageKVParity(**{**measured.__dict__, "f1_blocks": 0.285, "agreement": 1.0}))
     unmeasured = PassageKVParity(trained=False, agreement=PASSAGE_KV_AGREEMENT, prompts=20, new_tokens=24)
-    assert passage_kv_on_by_default(unmeasured)
-    assert not passage_kv_on_by_default(PassageKVParity(**{**unmeasured.__dict__,
-                                                           "agreement": PASSAGE_KV_AGREEMENT - 0.001}))
-    # The calibration is the base generator's: a block-trained one needs dev answers to turn it on.
-    assert not passage_kv_on_by_default(PassageKVParity(**{**unmeasured.__dict__, "trained": True, "agreement": 1.0}))
-    assert passage_kv_on_by_default(PassageKVParity(**{**measured.__dict__, "trained": True}))
+    assert passage_kv_on_without_dev(unmeasured, fine_tuned=False)
+    assert not passage_kv_on_without_dev(PassageKVParity(**{**unmeasured.__dict__,
+                                                            "agreement": PASSAGE_KV_AGREEMENT - 0.001}),
+                                         fine_tuned=False)
+    # The calibration is the base generator's: a fine-tuned one, block-trained or not, needs dev answers.
+    assert not passage_kv_on_without_dev(PassageKVParity(**{**unmeasured.__dict__, "agreement": 1.0}), fine_tuned=True)
+    assert passage_kv_holds_on_dev(PassageKVParity(**{**measured.__dict__, "trained": True}))
 
 
 def test_a_block_trained_generator_is_repaired_as_it_was_trained(tiny_corpus, tiny_encoder_dir, tiny_generator_dir,

@@ -211,9 +211,11 @@ def test_tiny_finetune_resumes_to_the_same_weights(tiny_corpus, qa_file, tmp_pat
         finetune.run_finetune(cfg)
 
 
-def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny_generator_dir):
+def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny_generator_dir, monkeypatch):
+    from ragrt.export import pipeline
     from ragrt.export.train.finetune import run_finetune
     from ragrt.export.pipeline import ExportConfig, run_export
+    monkeypatch.setattr(pipeline, "PASSAGE_KV_AGREEMENT", 0.0)     # any agreement would turn passage KV on
     run = run_finetune(_config(tiny_corpus, qa_file, tmp_path / "run", tiny_encoder_dir, tiny_generator_dir,
                                lora=True, max_steps=2, dev=qa_file))
     report = json.loads((run / "finetune.json").read_text())["report"]
@@ -223,6 +225,8 @@ def test_lora_run_exports(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny
                                      generator=run / "generator", quantize="fp32", parity_prompts=2, max_context=512))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "fine-tuned on train.jsonl" in manifest["generator"]["source"]["name"]
+    # ... but not for a generator ragrt fine-tuned, without dev answers.
+    assert manifest["parity"]["passage_kv"]["trained"] is False and manifest["rag"]["passage_kv"] == "off"
 
 
 def test_block_attention_refusals(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir, tiny_generator_dir, monkeypatch):
