@@ -115,6 +115,7 @@ def generator_checkpoint(path: str | Path | None) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path, hub_name: str) -> None:
     """GGUF (quantized) -> fp32 safetensors that the exporters read."""
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"[ragrt export] converting {gguf.name} to safetensors (once per machine, about 30 s)", flush=True)
     try:
@@ -133,9 +134,10 @@ def _convert_gguf(gguf: Path, out: Path, hub_name: str) -> None:
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     if config.pad_token_id is not None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
-    tokenizer.add_bos_token = _gguf_field(gguf, "tokenizer.ggml.add_bos_token", default=False)
-    if _gguf_field(gguf, "tokenizer.ggml.model", default="") == "llama":
-        _merge_by_score(tokenizer.backend_tokenizer, gguf)
+    fields = GGUFReader(gguf).fields        # read once: a 250 MB file's metadata takes seconds to parse
+    tokenizer.add_bos_token = (_gguf_values(fields, "tokenizer.ggml.add_bos_token") or [False])[0]
+    if _gguf_values(fields, "tokenizer.ggml.model") == ["llama"]:
+        _merge_by_score(tokenizer.backend_tokenizer, fields)
     tokenizer.save_pretrained(out)
     (out / SOURCE_NAME_FILE).write_text(f"{hub_name} ({gguf.name})\n" if hub_name else f"{gguf.name}\n")
 
@@ -179,23 +181,16 @@ def _json(path: Path, default):
         raise RagrtError(f"{path}: not valid JSON") from None
 
 
-def _gguf_field(gguf: Path, key: str, default):
-    from gguf import GGUFReader
-    field = GGUFReader(gguf).fields.get(key)
+def _gguf_values(fields, key: str) -> list | None:
+    """A GGUF metadata field's values (one for a scalar) from `GGUFReader(path).fields`, or None."""
+    field = fields.get(key)
     if field is None or not field.data:
-        return default
-    value = field.parts[field.data[0]]
-    return bytes(value).decode() if field.types and field.types[0].name == "STRING" else value[0].item()
-
-
-def _gguf_array(gguf: Path, key: str) -> list:
-    from gguf import GGUFReader
-    field = GGUFReader(gguf).fields[key]
+        return None
     values = [field.parts[i] for i in field.data]
     return [bytes(v).decode() for v in values] if field.types[-1].name == "STRING" else [v[0].item() for v in values]
 
 
-def _merge_by_score(backend, gguf: Path) -> None:
+def _merge_by_score(backend, fields) -> None:
     """Make `backend` (a tokenizers.Tokenizer) tokenize a "llama" (SentencePiece) GGUF vocabulary as
     llama.cpp does: BPE that first merges the pair forming the highest-scored normal token, with
     control and user-defined tokens matched whole. transformers 4.57 reads Gemma's vocabulary as a
@@ -204,14 +199,14 @@ def _merge_by_score(backend, gguf: Path) -> None:
     never saw in training."""
     from tokenizers import AddedToken
     from tokenizers.models import BPE
-    tokens, scores, kinds = (_gguf_array(gguf, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    tokens, scores, kinds = (_gguf_values(fields, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     vocab = {t: i for i, t in enumerate(tokens)}
     normal = {t for t, kind in zip(tokens, kinds) if kind == GGUF_NORMAL}
     merges = sorted((-score, vocab[t[:i]], vocab[t[i:]], t[:i], t[i:])
                     for t, score in zip(tokens, scores) if t in normal
                     for i in range(1, len(t)) if t[:i] in normal and t[i:] in normal)
-    unk = _gguf_field(gguf, "tokenizer.ggml.unknown_token_id", default=None)
-    backend.model = BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=None if unk is None else tokens[unk],
+    unk = _gguf_values(fields, "tokenizer.ggml.unknown_token_id")
+    backend.model = BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=tokens[unk[0]] if unk else None,
                         fuse_unk=True, byte_fallback=True)
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                 for t, kind in zip(tokens, kinds) if kind == GGUF_CONTROL])

@@ -289,7 +289,7 @@ def test_a_sentencepiece_gguf_vocabulary_merges_by_score_as_llama_cpp(tmp_path):
     backend.normalizer = normalizers.Replace(" ", "▁")          # the rest as transformers' GGUF reader sets it
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     assert backend.encode(" the").tokens == ["▁t", "he"]
-    models._merge_by_score(backend, path)
+    models._merge_by_score(backend, gguf.GGUFReader(path).fields)
     assert backend.encode(" the").tokens == ["▁the"]
     assert backend.encode("abc").tokens == ["a", "bc"]          # bc scores above ab, so it merges first
     assert backend.encode("ab\n\n<ctl>x").tokens == ["ab", "\n\n", "<ctl>", "<0x78>"]   # x: byte fallback
