@@ -379,7 +379,7 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | None) -> None:
+def _add_answer_options(p: argparse.ArgumentParser) -> None:
     """How an answer is made, shared by ask and eval; `_answer_options` passes them to the Engine.
     Decoding options belong here too, so that each command that answers offers them alike."""
     p.add_argument("--k", type=int, default=None, help="passages given to the generator (default: the bundle's, 5)")
@@ -392,9 +392,8 @@ def _add_answer_options(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     p.add_argument("--passage-kv", choices=PASSAGE_KV_MODES, default="auto",
                    help="reuse each passage's keys and values, computed once; auto follows the bundle's "
                         "measured default, see `ragrt info` (default: auto)")
-    default = max_new_tokens or "the bundle's, 128"
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"answer length limit in tokens (default: {default})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit in tokens (default: the bundle's, 128)")
     p.add_argument("--prior-temperature", type=float, default=None,
                    help="P(c|q) = softmax(score / T), the passage weights of token and sequence modes "
                         "(default: the bundle's)")
@@ -428,7 +427,7 @@ def _add_ask(sub) -> None:
     a = sub.add_parser("ask", help="answer a question from a bundle")
     a.add_argument("question", help="the question, quoted")
     _add_engine_options(a)
-    _add_answer_options(a, max_new_tokens=None)
+    _add_answer_options(a)
     a.add_argument("--task", default="qa", help="qa (default), or a task of the bundle's manifest: summarize "
                    "retrieves passages about the topic and summarizes them")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -557,7 +556,7 @@ def _add_eval(sub) -> None:
                         "(docs/eval.md)")
     _add_engine_options(ev)
     ev.add_argument("--qa", required=True, help='JSONL: {"question", "answer", "positive_ids"?} a line')
-    _add_answer_options(ev, max_new_tokens=64)
+    _add_answer_options(ev)
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all)")
     ev.add_argument("--json", default=None, help="write the metrics here as JSON")
     ev.set_defaults(func=cmd_eval)

@@ -160,6 +160,17 @@ def test_eval_prints_and_writes_the_loop_count(tiny_bundle, tmp_path):
     assert f"loop_rate {loops / 2:.3f} ({loops} of 2 answers loop)" in out.stdout
 
 
+def test_eval_answers_with_asks_defaults():
+    """eval scores what `ask` answers: the same length limit (the bundle's) and every other default."""
+    from ragrt.cli import build_parser
+    parser = build_parser()
+    ask = vars(parser.parse_args(["ask", "--bundle", "b", "q"]))
+    ev = vars(parser.parse_args(["eval", "--bundle", "b", "--qa", "q"]))
+    assert ev["max_new_tokens"] is None
+    shared = set(ask) & set(ev) - {"func", "command", "json"}    # json: a flag for ask, a path for eval
+    assert {name: ev[name] for name in shared} == {name: ask[name] for name in shared}
+
+
 def _actions(parser, name="ragrt"):
     """(command, action) for every option and positional of every command, nested ones included."""
     import argparse
