@@ -1,5 +1,6 @@
 """The `ragrt` command on a tiny bundle: answers, JSON shape, and one-line errors with exit 2."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -55,7 +56,11 @@ def test_ask_text_and_info_and_verify(tiny_bundle):
     assert "sources (" in out.stdout
     quoted = ragrt("ask", "--bundle", tiny_bundle, "--mode", "extract", "How do I copy a list?", check_rc=0).stdout
     assert quoted.startswith("Use list.copy() or a slice a[:] to copy a list.")
-    assert "100% of the answer's words are quoted" in quoted and " *[1] lists#0" in quoted
+    # The star marks the quoted source wherever it ranks: the tiny encoder's WordPiece vocabulary is
+    # trained anew each session, and the trainer numbers its pieces differently from run to run, so
+    # lists#0 and gen#0 have traded places.
+    assert "100% of the answer's words are quoted" in quoted and re.search(r"^ \*\[\d\] lists#0 ", quoted, re.M)
+    assert not re.search(r"^ \*\[\d\] (?!lists#0 )", quoted, re.M)
     assert "passages" in ragrt("info", tiny_bundle, check_rc=0).stdout
     assert "match their sha256" in ragrt("verify", tiny_bundle, check_rc=0).stdout
 
