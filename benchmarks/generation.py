@@ -25,6 +25,9 @@ Measured per engine:
 
 Engines (--engines takes a comma-separated subset of these ids; "ragrt" means every --bundle):
   ragrt-<q>          each --bundle, through the public decoder API (prefill / step)
+  ragrt-<q>-drafts   with --drafts: the same bundle through the engine's generate loop with
+                     prompt-lookup drafts (tokens may differ from plain greedy where the bundle's
+                     drafts are not exact; `ragrt info` shows whether it uses them)
   pytorch            transformers fp32 generate()
   optimum-fp32       optimum ORTModelForCausalLM, fp32 export
   optimum-int8       the same, onnxruntime quantize_dynamic (QInt8, per channel, reduce_range)
@@ -163,6 +166,9 @@ def load_ragrt(spec: dict):
     import numpy as np
     from ragrt import Engine
     from ragrt.decoding.blocks import BlockCache, BlockPrompt
+    from ragrt.decoding.generator import generate
+    from ragrt.decoding.lookup import PromptLookup
+    from ragrt.decoding.sampling import DecodingConfig
     engine = Engine.open(spec["bundle"], device="cpu", threads=spec["threads"])
     decoder = engine.decoder
     prompt, n = spec["prompt"], spec["new_tokens"]
@@ -191,7 +197,22 @@ def load_ragrt(spec: dict):
             out.append(token)
         clock.mark()
         return (*clock.first_and_end(), np.stack(out, axis=1))
-    return run
+
+    def run_drafting(batch):
+        """The engine's own loop with prompt-lookup drafts (what `ask` runs where the bundle turns them
+        on): greedy, EOS banned until the count, so it makes as many tokens as the other engines."""
+        if batch > 1:
+            raise NotImplementedError("prompt-lookup drafts decode one row")
+        if reuse == "miss":
+            engine.passage_kv.cache = BlockCache(engine.passage_kv.cache.budget)
+        clock, out = Clock(), []
+        config = DecodingConfig(max_new_tokens=n, min_new_tokens=n)
+        for token in generate(decoder, blocks if reuse else prompt, config, PromptLookup(),
+                              passage_kv=engine.passage_kv if reuse else None):
+            out.append(token)
+            clock.mark()
+        return (*clock.first_and_end(), np.array([out]))
+    return run_drafting if spec.get("drafts") else run
 
 
 def _hf_generate(model, spec: dict):
@@ -692,6 +713,9 @@ def parse_args(argv=None):
     ap.add_argument("--passage-kv", action="store_true",
                     help="with --rag-prompt: also each bundle with passage KV, its blocks all cached (hit) "
                          "and none cached (miss)")
+    ap.add_argument("--drafts", action="store_true",
+                    help="also each bundle decoding with prompt-lookup drafts, as `ask` does where the bundle "
+                         "turns them on (batch 1; with --passage-kv, a hit too)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched measurement (the prompt repeated)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement, after one warm-up")
@@ -735,6 +759,11 @@ def select(args) -> list[tuple[str, dict]]:
             if args.passage_kv:
                 chosen += [(f"{eid}-kv-{case}", {"bundle": bundle, "label": f"{name}, passage KV {case}",
                                                  "passage_kv": case}) for case in ("hit", "miss")]
+            if args.drafts:
+                chosen.append((f"{eid}-drafts", {"bundle": bundle, "label": f"{name}, drafts", "drafts": True}))
+                if args.passage_kv:
+                    chosen.append((f"{eid}-kv-hit-drafts", {"bundle": bundle, "label": f"{name}, passage KV hit, drafts",
+                                                            "passage_kv": "hit", "drafts": True}))
     chosen += [(p, {}) for p in PEERS if p != BASELINE and (wanted is None or p in wanted)]
     return chosen
 

@@ -70,3 +70,22 @@ def test_rounds_report_medians_keep_every_round_and_rotate_the_order(tiny_bundle
     held = sum(x["decode_tok_s_b1"] >= 3 * y["decode_tok_s_b1"] for x, y in zip(e["rounds"], ref["rounds"]))
     check = next(c for c in r["acceptance"] if c["check"].endswith("decode batch 1 >= 3x PyTorch"))
     assert check["figures"].endswith(f"; held in {held} of 3 rounds")
+
+
+def test_drafts_run_the_engines_own_loop_at_the_same_count(tiny_bundle, tiny_generator_dir, tmp_path):
+    """--drafts adds each bundle through `generate` with prompt-lookup drafts: as many tokens as the
+    other engines (EOS banned until the count), batch 1 only, and its decode checked against genai."""
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, str(SCRIPT), "--bundle", str(tiny_bundle), "--checkpoint", str(tiny_generator_dir),
+           "--engines", "ragrt", "--drafts", "--prompt-tokens", "48", "--new-tokens", "6", "--batch", "2",
+           "--runs", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engines = json.loads(out.read_text())["engines"]
+    assert set(engines) == {"ragrt-fp32", "ragrt-fp32-drafts"}
+    drafts = engines["ragrt-fp32-drafts"]
+    assert drafts["status"] == "ok" and drafts["label"].endswith(", drafts"), drafts
+    assert len(drafts["tokens"]) == 6 and drafts["ttft_ms"] > 0 and drafts["decode_tok_s_b1"] > 0
+    assert drafts["decode_tok_s_b8"] is None and "one row" in drafts["b8_note"]
+    checks = [c["check"] for c in json.loads(out.read_text())["acceptance"]]
+    assert any(c.startswith("ragrt fp32 (tiny), drafts: decode batch 1 >= onnxruntime-genai int4") for c in checks)
