@@ -203,9 +203,7 @@ def load_ragrt(spec: dict):
         on): greedy, EOS banned until the count, so it makes as many tokens as the other engines."""
         if batch > 1:
             raise NotImplementedError("prompt-lookup drafts decode one row")
-        if reuse == "miss":
-            engine.passage_kv.cache = BlockCache(engine.passage_kv.cache.budget)
-        clock, out = Clock(), []
+        clock, out = Clock(), []     # select() pairs drafts with full prefill or a hit, never a miss
         config = DecodingConfig(max_new_tokens=n, min_new_tokens=n)
         for token in generate(decoder, blocks if reuse else prompt, config, PromptLookup(),
                               passage_kv=engine.passage_kv if reuse else None):
