@@ -164,7 +164,7 @@ def test_slot_copy_graph_is_valid_onnx_and_copies_a_slot(dtype):
     of larger and of smaller capacity."""
     import onnx
     import onnxruntime as ort
-    from ragrt.decoding.slotcopy import slot_copy_model
+    from ragrt.decoding.tinygraphs import slot_copy_model
     model = slot_copy_model(np.dtype(dtype))
     onnx.checker.check_model(onnx.load_from_string(model), full_check=True)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -175,6 +175,22 @@ def test_slot_copy_graph_is_valid_onnx_and_copies_a_slot(dtype):
                                 "pads": np.array([0, 0, 0, 0, 0, 0, capacity - kept, 0])})
         assert y.shape == (1, 3, capacity, 4) and y.dtype == np.dtype(dtype)
         assert (y[:, :, :kept] == x[:, :, :kept]).all() and not y[:, :, kept:].any()
+
+
+def test_cast_graph_is_valid_onnx_and_widens_blocks_exactly():
+    """The hand-written Cast passes onnx's full check, and `widen` gives numpy's float16 -> float32
+    conversion bit for bit (a widening cast is exact), on a contiguous block and on a strided view."""
+    import onnx
+    from ragrt.decoding.blocks import widen
+    from ragrt.decoding.tinygraphs import cast_model
+    onnx.checker.check_model(onnx.load_from_string(cast_model()), full_check=True)
+    kv = (np.random.default_rng(0).standard_normal((6, 3, 17, 8)) * 100).astype(np.float16)
+    kv[0, 0, 0, :3] = [np.inf, -0.0, 6e-8]          # infinity, a signed zero, a subnormal
+    for block in (kv, kv[:, :, 2:9]):
+        wide = widen(block, np.dtype(np.float32))
+        assert wide.dtype == np.float32 and wide.shape == block.shape
+        assert wide.tobytes() == block.astype(np.float32).tobytes()
+    assert widen(kv, np.dtype(np.float16)) is kv
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),

@@ -29,7 +29,7 @@ import numpy as np
 from ragrt.decoding.decoder import Decoder
 from ragrt.bundle.manifest import ASSEMBLE_BIAS, ASSEMBLE_POSITIONS, GeneratorIO, GeneratorSpec
 from ragrt.decoding.kvquant import KV_INT8, quantize
-from ragrt.decoding.slotcopy import slot_copy_model
+from ragrt.decoding.tinygraphs import slot_copy_model
 
 GROW = 256              # capacity is kept a multiple of this many positions
 
