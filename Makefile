@@ -34,11 +34,9 @@ data/python-docs.jsonl: | $(BIN)/.installed
 	$(BIN)/ragrt data python-docs --out $@
 
 # Answers quote the docs (mode extract): on the FAQ dev split the packaged SmolLM2 scored F1 0.21 where
-# the extract scored 0.43 (benchmarks/README.md, "Answers against the quote references"). The generator
-# is int4 with an int8 head: int8's F1 on the FAQ split, and decoding faster than onnxruntime-genai's
-# int4 (benchmarks/README.md, "int4 with an int8 head").
+# the extract scored 0.43 (benchmarks/README.md, "Answers against the quote references").
 bundles/demo/manifest.json: data/python-docs-demo.jsonl
-	$(BIN)/ragrt export --corpus data/python-docs-demo.jsonl --out bundles/demo --answer-mode extract --quantize int4 --force
+	$(BIN)/ragrt export --corpus data/python-docs-demo.jsonl --out bundles/demo --answer-mode extract --force
 
 bundles/pydocs/manifest.json: data/python-docs.jsonl
 	$(BIN)/ragrt export --corpus data/python-docs.jsonl --out bundles/pydocs --force

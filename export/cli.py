@@ -18,7 +18,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "w8a8", "int4", "fp32", "fp16"], default="int8",
                    help="generator weights: int8 in blocks of 64, closest to fp32 (default); w8a8 (fused graph): "
                         "int8 weights and per-token int8 activations, first token sooner, further from fp32; "
-                        "int4 (AWQ-scaled, GPTQ-rounded layers, int8 head; make demo's): smallest and fastest at batch 1, furthest from fp32; "
+                        "int4 (AWQ-scaled, GPTQ-rounded): smallest and fastest at batch 1, furthest from fp32; "
                         "fp32: none; fp16 (fused graph): for --device cuda")
     p.add_argument("--encoder-quantize", choices=["int8", "w8a8", "fp32"], default="fp32",
                    help="query encoder (the corpus is always embedded in fp32): fp32, the corpus's own graph and "

@@ -43,17 +43,6 @@ def test_fused_graph_ops(fused):
     nbits = [n for n in onnx.load(str(fused["int8"][0]), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]
     assert nbits and {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {64}
-    # int4's tied head and embedding table stay int8, the rest is int4; the builder's misnamed
-    # embedding inputs are linked to the head's weights, so onnxruntime loads the graph and runs it.
-    graph = onnx.load(str(fused["int4"][0]), load_external_data=False).graph
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
-            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
-    assert {b for name, b in bits.items() if "lm_head" in name or "embed" in name} == {8}
-    assert {b for name, b in bits.items() if "layers" in name} == {4}
-    path, spec = fused["int4"]
-    decoder = open_decoder(create_session(path, SessionConfig(threads=1)), spec)
-    logits, _ = decoder.prefill([[3, 4, 5]])
-    assert np.isfinite(logits).all()
 
 
 def test_fused_fp32_greedy_equals_pytorch(fused, tiny_generator_dir):

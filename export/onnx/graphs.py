@@ -110,15 +110,11 @@ def export_generator(checkpoint: Path, out_dir: Path) -> GeneratorExport:
 
 # Builder options per precision. int4 keeps the builder's blocks of 32, the fast kernel's, and
 # gets its accuracy from AWQ scaling of the checkpoint beforehand (awq.py) and GPTQ rounding of
-# the graph's weights afterwards (gptq.py); its LM head, the tied embedding table too, stays int8
-# (as llama.cpp's Q4_K_M keeps its output weights at 6 bits): closer to PyTorch, with int8's
-# answer F1 on the FAQ split, at about 12% less batch-1 decoding speed than an int4 head
-# (benchmarks/README.md, "int4 with an int8 head"). fp16 is the builder's CUDA graph; onnxruntime's
-# CPU provider runs it too (slower than fp32), which is how its parity is measured without a GPU.
+# the graph's weights afterwards (gptq.py). fp16 is the builder's CUDA graph; onnxruntime's CPU
+# provider runs it too (slower than fp32), which is how its parity is measured without a GPU.
 # int8 takes blocks of 64, which its int8-compute kernel runs faster than 32 and, unlike 128,
 # with the same numbers whatever the batch (benchmarks/README.md, "int8 weight blocks").
-FUSED_PRECISIONS = {"fp32": (), "int8": ("block_size=64",), "int4": ("matmul_mixed_precision=last_matmul:int8",),
-                    "fp16": ()}
+FUSED_PRECISIONS = {"fp32": (), "int8": ("block_size=64",), "int4": (), "fp16": ()}
 # The builder's default for sliding-window layers (Gemma 3's) is a window-sized ring buffer that its
 # attention evicts by position (GroupQueryAttention's sliding_window_cache), which neither the packed
 # cache (one capacity for all layers, a key's index is its position) nor passage KV can follow.
@@ -163,27 +159,9 @@ def export_generator_fused(checkpoint: Path, out_dir: Path, precision: str) -> G
             raise RagrtError(f"onnxruntime-genai's model builder failed on {checkpoint}: {tail[0]} "
                              "(--graph optimum exports it without the fused graph, and so without passage KV)")
         model = onnx.load(f"{tmp}/out/model.onnx")
-        link_tied_head(model)
         use_length_inputs(model, PACKED_IO)
         _save_with_num_logits(model, out_dir)
     return describe_generator(checkpoint, out_dir)
-
-
-def link_tied_head(model) -> None:
-    """Points the embedding's GatherBlockQuantized at the LM head's initializers, as they are named.
-
-    With a tied head quantized apart from the body (`matmul_mixed_precision=last_matmul:int8`), the
-    builder (onnxruntime-genai 0.18) names the head's weights `weight_Q8` and `weight_scales` but
-    feeds the embedding `weight_Q8G32` and `weight_scale`, which no initializer carries."""
-    names = {t.name for t in model.graph.initializer}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if not name or name in names:
-                continue
-            for fixed in (name.removesuffix("G32"), name + "s"):
-                if fixed in names and fixed.startswith("lm_head."):
-                    node.input[i] = fixed
-                    break
 
 
 def _save_with_num_logits(model, out_dir: Path) -> None:

@@ -11,8 +11,7 @@ Measured on SmolLM2-135M (the six built-in calibration prompts, 634 tokens), eve
 of the 20 parity prompts and their PyTorch continuations (1993), against the fp32 graph:
 top-1 0.630 and mean KL 0.621 nats rounded to nearest; 0.691 and 0.369 after AWQ; 0.782 and
 0.195 after AWQ and GPTQ (int8: 0.972, 0.011). Without AWQ first, GPTQ reached 0.688 and 0.450.
-The tied LM head is int8, rounded by the builder (graphs.py, FUSED_PRECISIONS): its rows are the
-embedding table too.
+The tied LM head keeps the builder's rounding: its rows are the embedding table too.
 """
 from __future__ import annotations
 
