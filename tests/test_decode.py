@@ -74,15 +74,31 @@ def test_prompt_is_the_rendered_chat_template(builder, tiny_generator_dir):
 
 
 def test_block_layout_holds_the_same_text_with_rank_free_blocks(builder):
-    """build_blocks renders build's text; each passage's block is the same at every rank."""
-    tok = builder.tokenizer
+    """build_blocks gives build's tokens; each passage's block is the same at every rank."""
     full = builder.build(QUESTION, PASSAGES)
     blocks, truncated = builder.build_blocks(QUESTION, PASSAGES)
     assert not truncated and not full.truncated
-    assert tok.decode(blocks.ids, skip_special_tokens=False) == tok.decode(full.ids, skip_special_tokens=False)
+    assert blocks.ids == full.ids
     reordered, _ = builder.build_blocks("another question?", PASSAGES[::-1])
     assert reordered.blocks == blocks.blocks[::-1] and reordered.prefix == blocks.prefix
     assert reordered.tail != blocks.tail
+
+
+def test_blocks_end_on_the_whole_prompts_tokens_where_bpe_merges_the_separator(builder):
+    """A byte-level BPE that merges "\n\n" into one token only where no word follows, as SmolLM2's
+    does: a block tokenized alone would end on that token, which the whole prompt never has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ĊĊ"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [("Ċ", "Ċ")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    assert tok.encode("a\n\n").ids[-1] == vocab["ĊĊ"] and vocab["ĊĊ"] not in tok.encode("a\n\nb").ids
+    merging = PromptBuilder(builder.spec, tok, budget=400)
+    full = merging.build(QUESTION, PASSAGES)
+    blocks, _ = merging.build_blocks(QUESTION, PASSAGES)
+    assert blocks.ids == full.ids
+    assert merging.build_blocks("another question?", PASSAGES[::-1])[0].blocks == blocks.blocks[::-1]
 
 
 def test_onnx_greedy_equals_pytorch_greedy(decoder, builder, tiny_generator_dir):

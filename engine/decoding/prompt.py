@@ -109,9 +109,9 @@ class PromptBuilder:
 
     def build_blocks(self, question: str, passages: Sequence[Passage]) -> tuple[BlockPrompt, bool]:
         """The same text as `build`, in block layout (decoding/blocks.py): the prefix up to the
-        context, one block per passage (rendered and tokenized alone, ending with the separator),
-        and the tail. Passages are whole or left out, since a cut one would not be reusable.
-        Returns the prompt and whether anything was left out or cut."""
+        context, one block per passage (rendered alone, ending with the separator), and the tail,
+        each with the tokens `build` gives that text. Passages are whole or left out, since a cut
+        one would not be reusable. Returns the prompt and whether anything was left out or cut."""
         if not self.blocks_supported:
             raise UserInputError("this bundle's passage template numbers passages, so their KV cannot be "
                                  "reused: use passage_kv off, or re-export the bundle")
@@ -122,20 +122,35 @@ class PromptBuilder:
         # Every block ends with the separator, so the one that leads the tail is already there.
         after = after[len(sep):] if after.startswith(sep) else after
 
-        def encode(text: str) -> tuple[int, ...]:
-            return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-        prefix, tail = encode(before), encode(after)
+        # BPE splits whitespace by what follows it: SmolLM2 tokenizes the separator "\n\n" as two
+        # newlines before a word and as one token at the end of a text. A block tokenized alone
+        # would end on a token the whole prompt never has, so each part is tokenized with the
+        # start of the next one. That is a title or the tail, and the tail's first character
+        # stands for both.
+        follows = after[:1] or sep[:1]
+        prefix, tail = self._encode_before(before, follows), self._encode_before(after, "")
         left = self.budget - len(prefix) - len(tail)
         blocks = []
         for p in passages:
-            ids = encode(fill(self.spec.passage, title=p.title, text=p.text) + sep)
+            ids = self._encode_before(fill(self.spec.passage, title=p.title, text=p.text) + sep, follows)
             if len(ids) > left:
                 truncated = True
                 break
             blocks.append(ids)
             left -= len(ids)
         return BlockPrompt(prefix, tuple(blocks), tail), truncated
+
+    def _encode_before(self, text: str, follows: str) -> tuple[int, ...]:
+        """`text`'s tokens as they are when `follows` comes next: `text + follows` tokenized, less
+        the tokens of `follows`, where those are its tail and the rest decodes to `text` exactly;
+        otherwise (a token would straddle the two) `text` tokenized alone."""
+        encode = self.tokenizer.encode
+        if follows:
+            both, after = encode(text + follows, add_special_tokens=False).ids, encode(follows, add_special_tokens=False).ids
+            cut = both[:len(both) - len(after)]
+            if both[len(cut):] == after and self.tokenizer.decode(cut, skip_special_tokens=False) == text:
+                return tuple(cut)
+        return tuple(encode(text, add_special_tokens=False).ids)
 
     def fixed_prefix(self) -> list[int]:
         """Leading tokens that every prompt of this task starts with (system prompt, chat markup).
