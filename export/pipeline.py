@@ -59,9 +59,11 @@ PARITY_NEW_TOKENS = 24
 # Below this teacher-forced top-1 agreement with PyTorch, quantized output is judged broken
 # (garbage text, as plain dynamic QInt8 gives on AVX2 CPUs, scores far lower).
 MIN_QUANT_AGREEMENT = 0.8
-# The teacher-forced agreement that turns passage KV on without --dev answers, calibrated against
-# dev F1 (benchmarks/README, "Repairing block assembly").
-PASSAGE_KV_AGREEMENT = 0.928
+# The teacher-forced agreement that turns passage KV on without --dev answers, calibrated against F1
+# on 178 FAQ questions the base generator never trained on (benchmarks/README, "Session 18"): it lost
+# 1.6 points at 0.942 (the shipped repair, 16) and 1.7 at 0.963, and held (-0.8) only at 0.969, so the
+# base generator at the shipped repair keeps full prefill unless --dev answers show block mode holds.
+PASSAGE_KV_AGREEMENT = 0.966
 
 
 @dataclass(frozen=True)
@@ -572,7 +574,7 @@ def passage_kv_holds_on_dev(parity: PassageKVParity) -> bool:
 
 
 def passage_kv_on_without_dev(parity: PassageKVParity, *, fine_tuned: bool) -> bool:
-    """Without dev answers: where teacher-forced agreement reaches the level calibrated against dev F1
+    """Without dev answers: where teacher-forced agreement reaches the level calibrated against F1
     on the packaged base generator (benchmarks/README). The calibration does not carry over to a
     generator `ragrt finetune` wrote, block-trained or not: four of them agreed 0.981 to 0.998 and
     lost 4.4 to 6.7 F1 points in block mode on the FAQ split, so one keeps full prefill."""
