@@ -457,6 +457,11 @@ def run_export(cfg: ExportConfig) -> Path:
              f"{'always' if generator.drafts_exact else 'only if --dev answers hold'})")
         mode = "concat" if cfg.answer_mode == "auto" else cfg.answer_mode
         passage_kv_default = bool(block_parity) and passage_kv_on_without_dev(block_parity, fine_tuned=bool(record))
+        if block_parity and not cfg.dev:
+            _say("passage KV off by default: a generator ragrt fine-tuned turns it on only by --dev answers" if record
+                 else f"passage KV {'on' if passage_kv_default else 'off'} by default: agreement "
+                      f"{block_parity.agreement:.3f} {'>=' if passage_kv_default else '<'} {PASSAGE_KV_AGREEMENT}, the "
+                      f"level calibrated against F1 (with --dev, dev F1 decides)")
         manifest = Manifest(
             schema=SCHEMA, schema_version=written_version(shards=cfg.shards, mode=mode, model_conventions=bool(
                 generator.rotary_inv_freq or generator.local_rotary_layers or conventions.query_prefix
