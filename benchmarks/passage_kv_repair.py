@@ -21,10 +21,9 @@ import argparse
 import json
 import statistics
 import time
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 from ragrt import Engine
 from ragrt.decoding.blocks import BlockCache
 from ragrt.decoding.prompt import PromptBuilder
@@ -108,7 +107,7 @@ def main() -> None:
             print(f"repair {r}{suffix}: F1 {f1:.3f} ({100 * (f1 - full):+.1f} points, 90% {100 * lo:+.1f} to "
                   f"{100 * hi:+.1f}), agreement {agreement:.3f}", flush=True)
     out = {"bundle": str(args.bundle), "qa": dict(files), "questions": len(items), "machine": machine(),
-              "rows": rows}
+           "rows": rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
