@@ -40,7 +40,7 @@ def run(corpus: str, *, passages: int, rounds: int) -> dict:
                 synth.SharedPrefix.split = ways[way]
                 synth.replies_path(out).unlink(missing_ok=True)     # ask every passage again
                 t0 = time.perf_counter()
-                questions[way] = [q.question for q in synth.generator_questions(cfg, sample)]
+                questions[way] = [q.question for q in synth.generator_questions(cfg, sample)[0]]
                 seconds[way].append(time.perf_counter() - t0)
     finally:
         synth.SharedPrefix.split = staticmethod(shared)

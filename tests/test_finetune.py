@@ -252,3 +252,36 @@ def test_bad_training_data(tiny_corpus, tmp_path, tiny_encoder_dir, tiny_generat
     none.write_text('{"question": "q", "answer": "a", "positive_ids": ["absent"]}\n')
     with pytest.raises(CorpusError, match="no question has a positive passage"):
         run_finetune(_config(tiny_corpus, none, tmp_path / "r2", tiny_encoder_dir, tiny_generator_dir))
+
+
+def test_the_budget_ends_a_phase_after_the_last_step_that_fits(tmp_path):
+    from ragrt.export.train import finetune
+    now = [0.0]
+    budget = finetune.Budget(1, spent_before=10.0, clock=lambda: now[0])     # 60 s, 10 of them spent before a resume
+    assert budget.limit == 60 - finetune.FINISH_SECONDS
+    cfg = finetune.FinetuneConfig(corpus=tmp_path, train=None, out=tmp_path, checkpoint_every=1000, max_minutes=1)
+    trainer = finetune.Trainer(tmp_path, finetune.RunState(), {"m": torch.nn.Linear(2, 1)}, 0.1, cfg, budget)
+    trainer.progress(100, "test")
+    while not trainer.done():
+        now[0] += 12.0
+        trainer.step(0.0)
+    # Steps of 12 s from 10 s spent, in 45 s: the second ends at 34 s, a third would end at 46.
+    assert trainer.state.step == 2 and budget.spent() == 34.0
+    assert trainer.bar.total == 2                   # the bar's ETA ends where the budget does
+    assert finetune.Budget(0, 1e9).left() == float("inf")   # 0: no limit
+
+
+def test_a_spent_budget_saves_the_models_as_they_are(tiny_corpus, qa_file, tmp_path, tiny_encoder_dir,
+                                                    tiny_generator_dir):
+    from ragrt.export.train.finetune import run_finetune
+    run_finetune(_config(tiny_corpus, qa_file, tmp_path / "r", tiny_encoder_dir, tiny_generator_dir,
+                         max_minutes=1e-6))
+    report = json.loads((tmp_path / "r" / "finetune.json").read_text())["report"]
+    assert report["budget_stopped"] == {"retriever": [0, 6], "generator": [0, 3]}
+    assert "total" in report and "generator" not in json.loads((tmp_path / "r" / "finetune.json").read_text())["losses"]
+    base, saved = _weights(tiny_generator_dir), _weights(tmp_path / "r" / "generator")
+    assert all(np.array_equal(base[k], saved[k]) for k in base if k in saved)
+    for bad, match in (({"max_minutes": -1.0}, "--max-minutes must be 0"), ({"precision": "fp8"}, "--precision must be")):
+        with pytest.raises(UserInputError, match=match):
+            run_finetune(_config(tiny_corpus, qa_file, tmp_path / "x", tiny_encoder_dir, tiny_generator_dir, **bad))
+    assert not (tmp_path / "x").exists()

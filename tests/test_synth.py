@@ -83,8 +83,8 @@ def test_generator_questions_come_from_the_generator(tiny_encoder_dir, tiny_gene
                             generator=tiny_generator_dir, max_new_tokens=4, batch_size=2)
     passages = [Passage("a#0", "A", "Lists are mutable. The json module\n  parses JSON."),
                 Passage("b#0", "B", "Tuples are not.")]
-    got = synth.generator_questions(cfg, passages)
-    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    got, asked = synth.generator_questions(cfg, passages)
+    assert len(replies) == 2 == asked and all(isinstance(r, str) for r in replies)
     assert got[0] == Synthetic("How do I use json?", "The json module parses JSON.", "a#0", "generator")
 
 
@@ -175,7 +175,7 @@ def test_a_rerun_reuses_the_synthetic_questions(corpus, tmp_path, monkeypatch):
     (run / "synthetic.jsonl").write_text('{"question": "edited?", "answer": "a", "positive_ids": ["lists"]}\n')
     monkeypatch.setattr(finetune, "synthesize", lambda *a: pytest.fail("synthesized again"))
     cfg = finetune.FinetuneConfig(corpus=corpus, train=None, out=run)
-    assert finetune.synthetic_questions(cfg, run, tmp_path, tmp_path, []) == run / "synthetic.jsonl"
+    assert finetune.synthetic_questions(cfg, run, finetune.Budget(0, 0), tmp_path, tmp_path, []) == run / "synthetic.jsonl"
 
 
 def test_bm25_negatives_are_the_lexical_near_misses_but_not_positives():
@@ -272,6 +272,23 @@ def test_a_rerun_asks_only_the_passages_not_yet_asked(tiny_generator_dir, tmp_pa
     real = synth.question_prompt
     monkeypatch.setattr(synth, "question_prompt", lambda tok, p: asked.append(p.id) or real(tok, p))
     cfg = synth.SynthConfig(corpus=tmp_path, out=out, encoder=tmp_path, generator=tiny_generator_dir, max_new_tokens=3)
-    got = synth.generator_questions(cfg, passages)
-    assert asked == ["b#0", "c#0"] and got[0] == Synthetic("How do I use lists?", "a are a thing.", "a#0", "generator")
+    got, _ = synth.generator_questions(cfg, passages)
+    assert sorted(asked) == ["b#0", "c#0"] and got[0] == Synthetic("How do I use lists?", "a are a thing.", "a#0", "generator")
     assert set(synth.read_replies(synth.replies_path(out), mine)) == {"a#0", "b#0", "c#0"}
+
+
+def test_a_synthesis_out_of_time_asks_a_seeded_sample(tiny_generator_dir, tmp_path, monkeypatch):
+    """`max_seconds` stops the generator between batches; the passages asked by then are a seeded
+    draw, not the corpus's first ones."""
+    import itertools
+    passages = [Passage(f"{t}#0", t, f"{t} are a thing.") for t in "abcdefgh"]
+    asked = []
+    real = synth.question_prompt
+    monkeypatch.setattr(synth, "question_prompt", lambda tok, p: asked.append(p.id) or real(tok, p))
+    ticks = itertools.count()
+    monkeypatch.setattr(synth.time, "monotonic", lambda: float(next(ticks)))     # a second a call
+    cfg = synth.SynthConfig(corpus=tmp_path, out=tmp_path / "q.jsonl", encoder=tmp_path, generator=tiny_generator_dir,
+                            max_new_tokens=2, batch_size=2, max_seconds=1.5)
+    _, n = synth.generator_questions(cfg, passages)
+    assert n == len(asked) == 2 and asked != ["a#0", "b#0"]
+    assert set(synth.read_replies(synth.replies_path(cfg.out), str(tiny_generator_dir.resolve()))) == set(asked)

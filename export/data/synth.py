@@ -31,6 +31,7 @@ from ragrt.extract import ExtractSettings, extract, split_sentences
 from ragrt.retrieval.passages import Passage, document_of, passage_text
 
 from ragrt.export.train.contrastive import embed, sample_pool
+from ragrt.export.train.precision import autocast
 
 SOURCES = ("structure", "generator")
 MIN_PASSAGES = 20           # fewer gives too few questions, and too few negatives, to learn from
@@ -65,6 +66,8 @@ class SynthConfig:
     seed: int = 0
     chunk_tokens: int = 128
     overlap: int = 32
+    precision: str = "auto"     # of the generator's questions (export/train/precision.py)
+    max_seconds: float = 0.0    # the generator asks no more passages after this long (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Synthetic:
 class SynthStats:
     passages: int = 0
     sampled: int = 0
+    asked: int = 0              # passages the generator was asked about: fewer than sampled where time ran out
     candidates: dict[str, int] = field(default_factory=dict)
     round_trip: dict[str, int] = field(default_factory=dict)      # kept by the round trip
     kept: dict[str, int] = field(default_factory=dict)            # and after removing duplicates
@@ -144,7 +148,9 @@ def synthesize(cfg: SynthConfig, passages: list[Passage]) -> SynthStats:
     if "structure" in cfg.sources:
         candidates += [q for r in rows for q in structure_questions(passages[r])]
     if "generator" in cfg.sources:
-        candidates += generator_questions(cfg, [passages[r] for r in rows])
+        with autocast(cfg.precision):
+            found, stats.asked = generator_questions(cfg, [passages[r] for r in rows])
+        candidates += found
     for s in cfg.sources:
         stats.candidates[s] = sum(q.source == s for q in candidates)
     kept = round_trip(cfg, candidates, passages, rows)
@@ -240,16 +246,19 @@ class SharedPrefix:
         return past
 
 
-def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[Synthetic]:
-    """One greedy question per passage, in batches after the shared prefix (each row's rest padded
-    on its left, so every row ends where it generates). Replies are kept beside cfg.out as they
-    come (`replies_path`), so a rerun asks only the passages not yet asked."""
+def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> tuple[list[Synthetic], int]:
+    """(questions, passages asked): one greedy question per passage, in batches after the shared
+    prefix (each row's rest padded on its left, so every row ends where it generates). Replies are
+    kept beside cfg.out as they come (`replies_path`), so a rerun asks only the passages not yet
+    asked. Passages are asked in a seeded order, so one that `max_seconds` cuts short has asked a uniform sample."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
     journal, generator = replies_path(cfg.out), str(Path(cfg.generator).resolve())
     replies = read_replies(journal, generator)
     todo = [p for p in passages if p.id not in replies]
+    random.Random(cfg.seed).shuffle(todo)
+    deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else float("inf")
     if todo:
         journal.parent.mkdir(parents=True, exist_ok=True)
         tok = AutoTokenizer.from_pretrained(cfg.generator)
@@ -261,6 +270,8 @@ def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[S
             if not journal.read_bytes().endswith(b"\n") and journal.stat().st_size:
                 f.write("\n")                      # after a torn line, not onto it
             for i in range(0, len(todo), cfg.batch_size):
+                if time.monotonic() > deadline:
+                    break
                 batch = todo[i:i + cfg.batch_size]
                 prefix, rests = shared.split([question_prompt(tok, p) for p in batch])
                 n, width = len(prefix), max(map(len, rests))
@@ -274,13 +285,13 @@ def generator_questions(cfg: SynthConfig, passages: Sequence[Passage]) -> list[S
                 f.flush()
                 bar.update(len(batch))
     settings = ExtractSettings(words=ANSWER_WORDS, position=0.0, opening=0.0)   # the best match, wherever it is
-    found = []
-    for p in passages:
+    found, asked = [], [p for p in passages if p.id in replies]
+    for p in asked:
         question = clean_question(replies[p.id])
         if question:
             answer = " ".join(extract(question, [p], [1.0], settings).split())      # one line to read and edit
             found.append(Synthetic(question, answer, p.id, "generator"))
-    return found
+    return found, len(asked)
 
 
 def round_trip(cfg: SynthConfig, questions: list[Synthetic], passages: list[Passage], rows: list[int]) -> list[Synthetic]:

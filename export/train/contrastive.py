@@ -17,7 +17,7 @@ def embed(model, tokenizer, texts: Sequence[str], *, max_length: int = 256, grad
     import torch
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.set_grad_enabled(grad):
-        h = model(**batch).last_hidden_state
+        h = model(**batch).last_hidden_state.float()       # fp32 whatever the autocast (precision.py)
         mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1)

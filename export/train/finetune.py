@@ -13,7 +13,8 @@ Phases, each resumable from its last checkpoint:
    plain prompt, so the generator reads prompts assembled from reused passage KV and full
    prefill alike.
 RUN/encoder and RUN/generator are HF checkpoints that `ragrt export` takes as they are.
-Dropout stays off, so a resumed run ends bit-identical to an uninterrupted one.
+Dropout stays off, so a resumed run ends bit-identical to an uninterrupted one. A wall-time
+budget (`max_minutes`) ends a phase early, after the last step that fits; what is left goes to the next.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from ragrt.decoding.prompt import PromptBuilder
 from ragrt.retrieval.passages import Passage, passage_text
 
 from ragrt.export.data.synth import SOURCES, SynthConfig, question_logprobs, require_enough, synthesize
+from ragrt.export.train.precision import PRECISIONS, autocast, resolve
 from ragrt.export.train.contrastive import bm25_negatives, contrastive_loss, embed, mine_hard_negatives, sample_pool
 from ragrt.export.models import checkpoint_name, encoder_checkpoint, generator_checkpoint
 from ragrt.export.pack import prompt_spec
@@ -85,6 +87,10 @@ class FinetuneConfig:
     # Drop mined negatives the generator finds as likely as the positive to prompt the question
     # (they likely answer it too). None: on when training on synthetic questions.
     teacher: bool | None = None
+    # Wall time of the whole run, synthesis included. None: 30 on synthetic questions alone (an
+    # unlabelled corpus adapts within half an hour; benchmarks/README.md), no limit otherwise; 0: no limit.
+    max_minutes: float | None = None
+    precision: str = "auto"         # precision.py: bf16 autocast where the CPU has bf16 units
 
     @property
     def uses_synthetic(self) -> bool:
@@ -97,7 +103,25 @@ class RunState:
     epoch: int = 0
     step: int = 0                   # optimizer steps taken in this phase
     losses: dict = field(default_factory=dict)
-    report: dict = field(default_factory=dict)      # phase seconds, dev recall before/after
+    report: dict = field(default_factory=dict)      # phase seconds, dev recall before/after, budget
+    seconds: float = 0.0            # wall time spent on the run by earlier processes, as of their last checkpoint
+
+
+FINISH_SECONDS = 15.0      # of the budget, kept for what is not timed: starting Python, writing the models
+
+
+class Budget:
+    """The run's wall time left (`max_minutes`), counted across resumes from `RunState.seconds`."""
+
+    def __init__(self, minutes: float, spent_before: float, clock=time.monotonic):
+        self.limit = max(minutes * 60 - FINISH_SECONDS, 0.0) if minutes else float("inf")
+        self.spent_before, self.clock, self.started = spent_before, clock, clock()
+
+    def spent(self) -> float:
+        return self.spent_before + self.clock() - self.started
+
+    def left(self) -> float:
+        return self.limit - self.spent()
 
 
 def _say(msg: str) -> None:
@@ -116,6 +140,10 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise UserInputError("learning rates must be > 0")
     if not 0 <= cfg.block_attention_mix <= 1:
         raise UserInputError(f"--block-attention-mix is a share between 0 and 1, got {cfg.block_attention_mix}")
+    if cfg.max_minutes is not None and not cfg.max_minutes >= 0:
+        raise UserInputError(f"--max-minutes must be 0 (no limit) or more, got {cfg.max_minutes}")
+    if cfg.precision not in PRECISIONS:
+        raise UserInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     for name in ("max_questions", "round_trip_k"):
         if cfg.uses_synthetic and getattr(cfg, name) < 1:
             raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -131,9 +159,10 @@ def training_record(checkpoint: Path) -> dict:
 
 
 def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
-    """The defaults that depend on the data: block attention when synthetic questions are all there
-    is (their answers come from the passage, so the generator learns to read), the teacher
-    whenever synthetic questions are trained on (no one checked that their negatives do not answer them)."""
+    """The defaults that depend on the data and the machine: block attention when synthetic questions
+    are all there is (their answers come from the passage, so the generator learns to read), the
+    teacher whenever synthetic questions are trained on (no one checked that their negatives do not
+    answer them), the 30-minute budget without labels, and the precision this CPU computes fastest."""
     supported = generator_builder(cfg, gen_ckpt)[1].blocks_supported
     blocks = cfg.block_attention
     if blocks and not supported:
@@ -146,7 +175,9 @@ def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
             blocks = False
     teacher = cfg.uses_synthetic if cfg.teacher is None else cfg.teacher
     bm25 = int(cfg.uses_synthetic) if cfg.bm25_negatives is None else cfg.bm25_negatives
-    return replace(cfg, block_attention=blocks, teacher=teacher, bm25_negatives=bm25)
+    minutes = (30.0 if cfg.train is None else 0.0) if cfg.max_minutes is None else cfg.max_minutes
+    return replace(cfg, block_attention=blocks, teacher=teacher, bm25_negatives=bm25, max_minutes=minutes,
+                   precision=resolve(cfg.precision))
 
 
 def load_passages(cfg: FinetuneConfig, chunk_tokenizer) -> list[Passage]:
@@ -158,9 +189,10 @@ def load_passages(cfg: FinetuneConfig, chunk_tokenizer) -> list[Passage]:
     return passages
 
 
-def synthetic_questions(cfg: FinetuneConfig, run: Path, enc_ckpt: Path, gen_ckpt: Path,
+def synthetic_questions(cfg: FinetuneConfig, run: Path, budget: Budget, enc_ckpt: Path, gen_ckpt: Path,
                         passages: list[Passage]) -> Path:
-    """RUN/synthetic.jsonl, written once: a rerun trains on the same questions (edit it and rerun to change them)."""
+    """RUN/synthetic.jsonl, written once: a rerun trains on the same questions (edit it and rerun to
+    change them). The generator asks questions for at most half the time left, so training has the rest."""
     path = run / "synthetic.jsonl"
     if path.exists():
         _say(f"reusing the synthetic questions of {path}")
@@ -168,7 +200,12 @@ def synthetic_questions(cfg: FinetuneConfig, run: Path, enc_ckpt: Path, gen_ckpt
     stats = synthesize(SynthConfig(corpus=cfg.corpus, out=path, encoder=enc_ckpt, generator=gen_ckpt,
                                    sources=cfg.synth_sources, max_questions=cfg.max_questions,
                                    round_trip_k=cfg.round_trip_k, seed=cfg.seed, chunk_tokens=cfg.chunk_tokens,
-                                   overlap=cfg.overlap), passages)
+                                   overlap=cfg.overlap, precision=cfg.precision,
+                                   max_seconds=max(budget.left() / 2, 1.0) if budget.limit < float("inf") else 0.0),
+                       passages)
+    if "generator" in cfg.synth_sources and stats.asked < stats.sampled:
+        _say(f"half the budget (--max-minutes {cfg.max_minutes:g}) went to the generator's questions: it asked "
+             f"{stats.asked} of {stats.sampled} sampled passages")
     _say(f"synthetic questions: {stats.candidates} candidates, {stats.round_trip} after the round trip, "
          f"{stats.kept} kept, in {path} ({stats.seconds:.0f} s)")
     return path
@@ -208,17 +245,24 @@ def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passa
 class Trainer:
     """One phase's optimizer with checkpoints that hold weights, optimizer moments and the step."""
 
-    def __init__(self, run: Path, state: RunState, models: dict, lr: float, cfg: FinetuneConfig):
+    def __init__(self, run: Path, state: RunState, models: dict, lr: float, cfg: FinetuneConfig, budget: Budget):
         import torch
-        self.run, self.state, self.models, self.cfg = run, state, models, cfg
+        self.run, self.state, self.models, self.cfg, self.budget = run, state, models, cfg, budget
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         self._restore_optimizer()
-        self.bar = None
+        self.bar, self.planned, self.timed = None, 0, []
+        self.last = budget.clock()
 
     def progress(self, total: int, desc: str) -> None:
         from tqdm import tqdm
+        self.planned = total
         self.bar = tqdm(total=total, desc=desc, unit="step", initial=self.state.step)
+        self.last = self.budget.clock()
+
+    def _step_seconds(self) -> float:
+        """A step's expected wall time: the median of this process's steps (0 before the first)."""
+        return float(np.median(self.timed)) if self.timed else 0.0
 
     def _opt_path(self) -> Path:
         return self.run / "checkpoint" / f"optimizer-{self.state.phase}.safetensors"
@@ -241,7 +285,13 @@ class Trainer:
         self.optimizer.zero_grad()
         self.state.step += 1
         self.state.losses.setdefault(self.state.phase, []).append(round(loss_value, 5))
+        now = self.budget.clock()
+        self.timed.append(now - self.last)
+        self.last = now
         if self.bar is not None:
+            if self.budget.limit < float("inf"):       # the bar's total and ETA end where the budget does
+                fit = self.state.step + int(self.budget.left() // self._step_seconds())
+                self.bar.total = max(self.state.step, min(self.planned, fit))
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss_value:.3f}")
         if self.state.step % self.cfg.checkpoint_every == 0:
@@ -250,6 +300,10 @@ class Trainer:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.out_of_time():
+            self.state.report.setdefault("budget_stopped", {})[self.state.phase] = [self.state.step, self.planned]
+            _say(f"the {self.cfg.max_minutes:g}-minute budget (--max-minutes) ended the {self.state.phase} after "
+                 f"{self.state.step} of {self.planned} steps")
         self.checkpoint()
 
     def checkpoint(self) -> None:
@@ -267,10 +321,14 @@ class Trainer:
                 for k, v in s.items()}
         save_file(flat, str(ck / ".optimizer.tmp"))
         os.replace(ck / ".optimizer.tmp", self._opt_path())
-        _write_json(self.run / "state.json", asdict(self.state))
+        _write_json(self.run / "state.json", asdict(replace(self.state, seconds=round(self.budget.spent(), 1))))
+
+    def out_of_time(self) -> bool:
+        """The next step would end past the budget."""
+        return self.state.step < self.planned and self.budget.left() < self._step_seconds()
 
     def done(self) -> bool:
-        return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
+        return (bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps) or self.out_of_time()
 
 
 class Teacher:
@@ -303,13 +361,14 @@ class Teacher:
         return kept, sum(map(len, negatives)) - sum(map(len, kept))
 
 
-def train_retriever(cfg, run, state, items, passages, positives, anchors, enc_ckpt, gen_ckpt, dev: list[QA] | None):
+def train_retriever(cfg, run, state, budget, items, passages, positives, anchors, enc_ckpt, gen_ckpt,
+                    dev: list[QA] | None):
     from transformers import AutoModel, AutoTokenizer
     resume = run / "checkpoint" / "encoder"
     model = AutoModel.from_pretrained(resume if resume.is_dir() else enc_ckpt)
     model.eval()                       # no dropout: determinism, and resume == uninterrupted
     tok = AutoTokenizer.from_pretrained(enc_ckpt)
-    trainer = Trainer(run, state, {"encoder": model}, cfg.lr, cfg)
+    trainer = Trainer(run, state, {"encoder": model}, cfg.lr, cfg, budget)
     pool = sample_pool(cfg.pool_size, len(passages), positives, cfg.seed)
     pool_index = {row: j for j, row in enumerate(pool)}
     texts = [passage_text(passages[r]) for r in pool]
@@ -326,12 +385,14 @@ def train_retriever(cfg, run, state, items, passages, positives, anchors, enc_ck
         if mined.exists():
             negatives = json.loads(mined.read_text())
         else:
-            pool_vecs = np.concatenate([embed(model, tok, texts[i:i + 64]).numpy() for i in range(0, len(texts), 64)])
-            query_vecs = embed(model, tok, [qa.question for qa in items]).numpy()
+            with autocast(cfg.precision):
+                pool_vecs = np.concatenate([embed(model, tok, texts[i:i + 64]).numpy() for i in range(0, len(texts), 64)])
+                query_vecs = embed(model, tok, [qa.question for qa in items]).numpy()
             dense = mine_hard_negatives(query_vecs, pool_vecs, pool_positives, cfg.hard_negatives)
             negatives = [d + [j for j in lex if j not in d] for d, lex in zip(dense, lexical)]
             if teacher is not None:
-                negatives, dropped = teacher.keep(negatives, pool)
+                with autocast(cfg.precision):
+                    negatives, dropped = teacher.keep(negatives, pool)
                 state.report.setdefault("teacher_dropped", {})[str(state.epoch)] = dropped
                 _say(f"the teacher dropped {dropped} of {dropped + sum(map(len, negatives))} hard negatives "
                      "as likely to answer their question as its positive")
@@ -346,10 +407,12 @@ def train_retriever(cfg, run, state, items, passages, positives, anchors, enc_ck
             pick = random.Random(cfg.seed + 7919 * (state.epoch * steps_per_epoch + b))
             pos_texts = [passage_text(passages[pick.choice(sorted(anchors[i]))]) for i in batch]
             neg_texts = [texts[j] for i in batch for j in negatives[i]]
-            q = embed(model, tok, [items[i].question for i in batch], grad=True)
-            p = embed(model, tok, pos_texts, grad=True)
-            n = embed(model, tok, neg_texts, grad=True) if neg_texts else None
-            loss = contrastive_loss(q, p, n)
+            # An autocast per step: its cache of bf16 weights would go stale once the optimizer steps.
+            with autocast(cfg.precision):
+                q = embed(model, tok, [items[i].question for i in batch], grad=True)
+                p = embed(model, tok, pos_texts, grad=True)
+                n = embed(model, tok, neg_texts, grad=True) if neg_texts else None
+                loss = contrastive_loss(q, p, n)
             loss.backward()
             trainer.step(loss.item())
             if trainer.done():
@@ -431,7 +494,7 @@ def block_rows(cfg, n: int, epoch: int) -> set[int]:
     return set(range(n)) - set(full)
 
 
-def train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder, enc_tok):
+def train_generator(cfg, run, state, budget, items, passages, anchors, gen_ckpt, encoder, enc_tok):
     import torch
     from transformers import AutoModelForCausalLM
     hf_tok, builder = generator_builder(cfg, gen_ckpt)
@@ -452,12 +515,13 @@ def train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"]))
-    contexts, frozen = generator_contexts(cfg, run, items, passages, anchors, encoder, enc_tok)
+    with autocast(cfg.precision):
+        contexts, frozen = generator_contexts(cfg, run, items, passages, anchors, encoder, enc_tok)
     examples = generator_examples(cfg, items, passages, contexts, builder, eos_id)
     blocked = generator_examples(cfg, items, passages, contexts, builder, eos_id, block_example) \
         if cfg.block_attention else []
     models = {"generator": model} | ({"encoder": encoder} if cfg.joint else {})
-    trainer = Trainer(run, state, models, cfg.generator_lr, cfg)
+    trainer = Trainer(run, state, models, cfg.generator_lr, cfg, budget)
     per_epoch = -(-len(items) // cfg.grad_accumulation)
     trainer.progress(per_epoch * cfg.generator_epochs, "generator" + (" (joint)" if cfg.joint else ""))
     while state.epoch < cfg.generator_epochs and not trainer.done():
@@ -468,12 +532,12 @@ def train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder
             total = 0.0
             batch = order[s * cfg.grad_accumulation:(s + 1) * cfg.grad_accumulation]
             for i in batch:
-                if cfg.joint:
-                    q = embed(encoder, enc_tok, [items[i].question], grad=True)[0]
-                    d = torch.tensor(np.stack([frozen[r] for r in contexts[i]]))
-                    loss = rag_marginal_nll(q, d, sequence_logprobs(model, examples[i], pad_id), cfg.temperature)
-                else:
-                    if i in from_blocks:
+                with autocast(cfg.precision):       # per example, as the retriever's steps
+                    if cfg.joint:
+                        q = embed(encoder, enc_tok, [items[i].question], grad=True)[0]
+                        d = torch.tensor(np.stack([frozen[r] for r in contexts[i]]))
+                        loss = rag_marginal_nll(q, d, sequence_logprobs(model, examples[i], pad_id), cfg.temperature)
+                    elif i in from_blocks:
                         loss = block_loss(model, *blocked[i], repair=PASSAGE_KV_REPAIR)
                     else:
                         loss = answer_loss(model, *examples[i])
@@ -502,11 +566,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         _say(f"resuming {run}: phase {state.phase}, epoch {state.epoch}, step {state.step}")
     enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
     cfg = _resolved(cfg, gen_ckpt)
+    budget = Budget(cfg.max_minutes, state.seconds)
     # Every check of the input comes before RUN is made, so a refused run leaves nothing there.
     passages = load_passages(cfg, Tokenizer.from_file(str(enc_ckpt / "tokenizer.json")))
     train_files = [Path(cfg.train)] if cfg.train else []
     if cfg.uses_synthetic:
-        train_files.append(synthetic_questions(cfg, run, enc_ckpt, gen_ckpt, passages))
+        train_files.append(synthetic_questions(cfg, run, budget, enc_ckpt, gen_ckpt, passages))
     items, positives, anchors = load_data(cfg, train_files, passages)
     run.mkdir(parents=True, exist_ok=True)
     _say(f"{len(items)} training questions, {len(passages)} passages")
@@ -514,15 +579,16 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     t0 = time.perf_counter()
     if state.phase == "retriever":
         dev = read_qa(cfg.dev) if cfg.dev else None
-        encoder, enc_tok = train_retriever(cfg, run, state, items, passages, positives, anchors, enc_ckpt, gen_ckpt, dev)
+        encoder, enc_tok = train_retriever(cfg, run, state, budget, items, passages, positives, anchors,
+                                           enc_ckpt, gen_ckpt, dev)
         state.report["retriever"] = round(time.perf_counter() - t0, 1)
         state.phase, state.epoch, state.step = "generator", 0, 0
-        _write_json(state_path, asdict(state))
+        _write_json(state_path, asdict(replace(state, seconds=round(budget.spent(), 1))))
     else:
         from transformers import AutoModel, AutoTokenizer
         encoder, enc_tok = AutoModel.from_pretrained(run / "checkpoint" / "encoder").eval(), AutoTokenizer.from_pretrained(enc_ckpt)
     t1 = time.perf_counter()
-    generator, gen_tok = train_generator(cfg, run, state, items, passages, anchors, gen_ckpt, encoder, enc_tok)
+    generator, gen_tok = train_generator(cfg, run, state, budget, items, passages, anchors, gen_ckpt, encoder, enc_tok)
     state.report["generator"] = round(time.perf_counter() - t1, 1)
 
     if cfg.lora:
@@ -539,12 +605,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                                                 "passage_kv_repair": PASSAGE_KV_REPAIR if cfg.block_attention else 0})
         shutil.rmtree(run / name, ignore_errors=True)
         os.replace(tmp, run / name)
-    state.phase = "done"
+    state.phase, state.seconds = "done", round(budget.spent(), 1)
+    state.report["total"] = state.seconds
     _write_json(run / "finetune.json", {"config": {k: str(v) for k, v in asdict(cfg).items()},
                                         "questions": len(items), "passages": len(passages),
                                         "report": state.report, "losses": state.losses})
     _write_json(state_path, asdict(state))
     shutil.rmtree(run / "checkpoint", ignore_errors=True)
-    _say(f"done: {run / 'encoder'} and {run / 'generator'} "
+    _say(f"done in {state.seconds / 60:.1f} min: {run / 'encoder'} and {run / 'generator'} "
          f"(retriever {state.report.get('retriever', 0):.0f} s, generator {state.report['generator']:.0f} s)")
     return run

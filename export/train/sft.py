@@ -95,6 +95,8 @@ def block_loss(model, prompt: BlockPrompt, answer_ids: Sequence[int], repair: in
     """Mean cross-entropy of the answer after a prompt read from passage KV (`block_logits`)."""
     import torch
     logits = block_logits(model, prompt, answer_ids[:-1], repair)[len(prompt.tail) - 1:]    # row j predicts answer j
+    if logits.dtype == torch.bfloat16:          # under autocast (precision.py): the softmax in fp32
+        logits = logits.float()
     return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids))
 
 
