@@ -290,7 +290,7 @@ class Trainer:
         self.last = now
         if self.bar is not None:
             if self.budget.limit < float("inf"):       # the bar's total and ETA end where the budget does
-                fit = self.state.step + int(self.budget.left() // self._step_seconds())
+                fit = self.state.step + int(self.budget.left() // max(self._step_seconds(), 1e-6))
                 self.bar.total = max(self.state.step, min(self.planned, fit))
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss_value:.3f}")
