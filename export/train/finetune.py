@@ -124,6 +124,12 @@ class Budget:
         return self.limit - self.spent()
 
 
+def save_state(path: Path, state: RunState, budget: Budget) -> None:
+    """state.json, with the run's wall time spent as of now, for a resumed run's budget."""
+    state.seconds = round(budget.spent(), 1)
+    _write_json(path, asdict(state))
+
+
 def _say(msg: str) -> None:
     print(f"[ragrt finetune] {msg}", flush=True)
 
@@ -252,7 +258,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         self._restore_optimizer()
         self.bar, self.planned, self.timed = None, 0, []
-        self.last = budget.clock()
 
     def progress(self, total: int, desc: str) -> None:
         from tqdm import tqdm
@@ -321,7 +326,7 @@ class Trainer:
                 for k, v in s.items()}
         save_file(flat, str(ck / ".optimizer.tmp"))
         os.replace(ck / ".optimizer.tmp", self._opt_path())
-        _write_json(self.run / "state.json", asdict(replace(self.state, seconds=round(self.budget.spent(), 1))))
+        save_state(self.run / "state.json", self.state, self.budget)
 
     def out_of_time(self) -> bool:
         """The next step would end past the budget."""
@@ -583,7 +588,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                                            enc_ckpt, gen_ckpt, dev)
         state.report["retriever"] = round(time.perf_counter() - t0, 1)
         state.phase, state.epoch, state.step = "generator", 0, 0
-        _write_json(state_path, asdict(replace(state, seconds=round(budget.spent(), 1))))
+        save_state(state_path, state, budget)
     else:
         from transformers import AutoModel, AutoTokenizer
         encoder, enc_tok = AutoModel.from_pretrained(run / "checkpoint" / "encoder").eval(), AutoTokenizer.from_pretrained(enc_ckpt)
@@ -605,13 +610,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                                                 "passage_kv_repair": PASSAGE_KV_REPAIR if cfg.block_attention else 0})
         shutil.rmtree(run / name, ignore_errors=True)
         os.replace(tmp, run / name)
-    state.phase, state.seconds = "done", round(budget.spent(), 1)
-    state.report["total"] = state.seconds
+    state.phase = "done"
+    state.report["total"] = round(budget.spent(), 1)
     _write_json(run / "finetune.json", {"config": {k: str(v) for k, v in asdict(cfg).items()},
                                         "questions": len(items), "passages": len(passages),
                                         "report": state.report, "losses": state.losses})
-    _write_json(state_path, asdict(state))
+    save_state(state_path, state, budget)
     shutil.rmtree(run / "checkpoint", ignore_errors=True)
-    _say(f"done in {state.seconds / 60:.1f} min: {run / 'encoder'} and {run / 'generator'} "
+    _say(f"done in {state.report['total'] / 60:.1f} min: {run / 'encoder'} and {run / 'generator'} "
          f"(retriever {state.report.get('retriever', 0):.0f} s, generator {state.report['generator']:.0f} s)")
     return run
