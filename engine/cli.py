@@ -146,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         encoder=args.encoder, generator=args.generator, chunk_tokens=args.chunk_tokens,
         overlap=args.overlap, max_context=args.max_context, force=args.force,
         parity_prompts=args.parity_prompts, graph=args.graph, passage_kv=args.passage_kv, kv_cache=args.kv_cache,
-        shards=args.shards, encoder_pooling=args.encoder_pooling, query_prefix=args.query_prefix,
+        step_weights=args.step_weights, shards=args.shards, encoder_pooling=args.encoder_pooling, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, ray=args.ray, dev=args.dev, answer_mode=args.answer_mode)
     out = pipeline.run_export(config)
     print(f"bundle written to {out}")
@@ -264,7 +264,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"max {m.encoder.max_length} tokens")
     print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
           f"{m.generator.num_layers} layers, context {m.generator.max_context}, {m.generator.cache} cache, "
-          f"{'int8 cache for decode steps (step graph), ' if m.generator.step_model else ''}"
+          f"{'int8 cache for decode steps (step graph' if m.generator.step_model else ''}"
+          f"{f', {m.generator.step_quantization} weights' if m.generator.step_quantization else ''}"
+          f"{'), ' if m.generator.step_model else ''}"
           f"{'one-run passage KV repair (assembly graph), ' if m.generator.assemble_model else ''}"
           f"{'batch-invariant' if m.generator.batch_invariant else 'batches run row by row'}")
     print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.passages.count} passages, "

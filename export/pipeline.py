@@ -49,6 +49,10 @@ log = logging.getLogger("ragrt.export")
 ENCODER_EXPORT_VERSION = "8"
 ENCODER_VARIANTS = ("int8", "w8a8", "fp32")
 GENERATOR_EXPORT_VERSION = "7"
+# The int4 graph whose keys and values are the checkpoint's (AWQ leaves v_proj alone), so that it can
+# decode on a cache the int8 graph prefilled: the step graph of `--step-weights int4`.
+STEP_INT4 = "int4-steps"
+STEP_WEIGHTS = ("shared", "int4")
 GENERATOR_VARIANTS = {"fused": ("fp32", "int8", "w8a8", "int4", "fp16"), "optimum": ("fp32", "int8", "int4")}
 # optimum's export (any attention mask; quantized by us) or onnxruntime-genai's builder graph
 # (fused attention, rotary and norms), measured faster; see export/genai_build.py.
@@ -88,6 +92,7 @@ class ExportConfig:
     dev: Path | None = None                 # QA JSONL: F1 with and without passage KV decides its default
     passage_kv: str = "lazy"                # lazy: blocks computed at question time; all: precomputed into the corpus
     kv_cache: str = "auto"                  # decode steps' KV cache: auto, int8 (quant/kvcache.py) or float32
+    step_weights: str = "shared"            # the step graph's weights: the prefill graph's, or its own int4
     shards: int = 1                         # index shards of consecutive passages (retrieval/shards.py)
     ray: str | None = None                  # chunk and embed on Ray: "local" or a cluster address (ray_embed.py)
     answer_mode: str = "auto"               # rag.mode; auto: the better on --dev answers, concat without --dev
@@ -249,18 +254,21 @@ def generator_graph(checkpoint: Path, variant: str, parity_prompts: int, graph: 
     if graph == "optimum":
         recipe = f"export-v{GENERATOR_EXPORT_VERSION}"
     else:   # the builder's options are part of the recipe, so changing one variant's rebuilds only that one
-        built_as = "fp32" if variant == "w8a8" else variant      # w8a8 rewrites the builder's fp32 graph
+        # w8a8 rewrites the builder's fp32 graph; the step graph's int4 is the builder's int4
+        built_as = {"w8a8": "fp32", STEP_INT4: "int4"}.get(variant, variant)
         recipe = " ".join([f"fused-v{FUSED_EXPORT_VERSION}", *builder_options(checkpoint, built_as)])
+    # One lineage per variant: variants' recipes differ (their builder options), and an entry of
+    # another recipe in its lineage is deleted as superseded (an int4 export deleted the int8 graph).
     return cached_dir("generator-onnx" if graph == "optimum" else "generator-fused",
                       content_key(checkpoint, recipe, f"parity-{parity_prompts}", variant), build,
-                      lineage=content_key(checkpoint, f"parity-{parity_prompts}"), recipe=recipe)
+                      lineage=content_key(checkpoint, f"parity-{parity_prompts}", variant), recipe=recipe)
 
 
 # The steps of `_build_generator_graph` per (graph, variant), named for the progress bar.
 _GRAPH_STEPS = {
     **{("fused", q): ["ONNX export", "merge MatMuls"] for q in ("fp32", "int8", "fp16")},
     ("fused", "w8a8"): ["fp32 ONNX export", "w8a8 rewrite", "merge MatMuls"],
-    ("fused", "int4"): ["AWQ scaling", "int4 ONNX export", "GPTQ rounding", "merge MatMuls"],
+    **{("fused", q): ["AWQ scaling", "int4 ONNX export", "GPTQ rounding", "merge MatMuls"] for q in ("int4", STEP_INT4)},
     ("optimum", "fp32"): ["ONNX export"],
     ("optimum", "int8"): ["fp32 ONNX export", "int8"],
     ("optimum", "int4"): ["fp32 ONNX export", "int4"],
@@ -300,9 +308,9 @@ def _build_generator_graph(checkpoint: Path, graph: str, variant: str, out: Path
         calibration = calibration_prompt_ids(builder)
         quantize_rows(work / "model.onnx", out / "model.onnx", calibration_feeds(calibration, spec))
         step()
-    elif variant == "int4":
+    elif variant in ("int4", STEP_INT4):
         calibration = calibration_prompt_ids(builder)
-        report = scale_checkpoint(checkpoint, work, calibration)
+        report = scale_checkpoint(checkpoint, work, calibration, keep_values=variant == STEP_INT4)
         step()
         export_generator_fused(work, out, "int4")
         step()
@@ -347,6 +355,12 @@ def _validate(cfg: ExportConfig) -> None:
     if cfg.kv_cache == "int8" and (cfg.graph != "fused" or cfg.quantize == "fp16"):
         raise UserInputError("--kv-cache int8 needs the fused generator graph on the CPU: drop --graph optimum "
                              "and --quantize fp16")
+    if cfg.step_weights not in STEP_WEIGHTS:
+        raise UserInputError(f"--step-weights must be one of {', '.join(STEP_WEIGHTS)}, got {cfg.step_weights!r}")
+    if cfg.step_weights == "int4" and (cfg.kv_cache == "float32" or cfg.graph != "fused"
+                                       or cfg.quantize not in ("int8", "w8a8")):
+        raise UserInputError("--step-weights int4 gives the int8 cache's step graph its own weights: it needs the "
+                             "fused graph, --quantize int8 or w8a8, and not --kv-cache float32")
     if cfg.answer_mode not in ("auto", *MODES):
         raise UserInputError(f"--answer-mode must be auto or one of {', '.join(MODES)}, got {cfg.answer_mode!r}")
     if Path(cfg.out).exists() and not cfg.force:
@@ -383,6 +397,7 @@ def run_export(cfg: ExportConfig) -> Path:
             enc_model = w8a8_dir / "model.onnx"
             enc_meta = json.loads((w8a8_dir / "meta.json").read_text())
         gen_dir = generator_graph(gen_ckpt, q, cfg.parity_prompts, cfg.graph)
+        step_dir = generator_graph(gen_ckpt, STEP_INT4, cfg.parity_prompts, cfg.graph) if cfg.step_weights == "int4" else None
     gen_meta = json.loads((gen_dir / "meta.json").read_text())
     generator_parity = {variant: GreedyAgreement(**a) for variant, a in gen_meta["parity"].items()}
     agreement = generator_parity[q].teacher_forced_top1
@@ -443,7 +458,7 @@ def run_export(cfg: ExportConfig) -> Path:
         shipped = shipped_generator(tmp, generator, prompt, PARITY_NEW_TOKENS)
         kv_parity = None
         if int8_steps(cfg):
-            generator, shipped, kv_parity = int8_kv_cache(tmp, generator, shipped, passages, cfg)
+            generator, shipped, kv_parity = int8_kv_cache(tmp, generator, shipped, passages, cfg, step_dir)
         block_parity = passage_kv_parity(*shipped, trained=trained, prompts=cfg.parity_prompts,
                                          new_tokens=PARITY_NEW_TOKENS, repair=repair)
         if block_parity:
@@ -534,11 +549,12 @@ def int8_steps(cfg: ExportConfig) -> bool:
 
 
 def int8_kv_cache(bundle: Path, generator: GeneratorSpec, shipped: tuple, passages: list,
-                  cfg: ExportConfig) -> tuple[GeneratorSpec, tuple, KVCacheParity | None]:
+                  cfg: ExportConfig, step_dir: Path | None) -> tuple[GeneratorSpec, tuple, KVCacheParity | None]:
     """Adds the int8 step graph (quant/kvcache.py) to the staged bundle, with scales fitted on the
     built-in calibration prompts and on prompts of the corpus's own passages; returns its spec and the
     generator opened with it (as `shipped_generator` gives it), and the step graph's agreement with the
-    float cache on the parity prompts. Under `auto`, a step graph that disagrees is left out."""
+    float cache on the parity prompts. Under `auto`, a step graph that disagrees is left out.
+    `step_dir`, a cached STEP_INT4 graph: the step graph is made from it, over its own weights file."""
     import random
 
     from ragrt.decoding.generator import load_decoder
@@ -553,20 +569,33 @@ def int8_kv_cache(bundle: Path, generator: GeneratorSpec, shipped: tuple, passag
         builder.build(questions[i % len(questions)], sample[5 * i:5 * i + 5]).ids
         for i in range(len(sample) // 5)]
     scales = fit_kv_scales(decoder, calibration)
-    write_step_graph(bundle / generator.model, bundle / generator.weights, bundle / "generator" / "step.onnx", scales)
-    np.save(bundle / "generator" / "kv_scales.npy", scales)
     spec = replace(generator, step_model="generator/step.onnx", kv_scales="generator/kv_scales.npy")
+    step = bundle / spec.step_model
+    if step_dir is None:
+        write_step_graph(bundle / generator.model, bundle / generator.weights, step, scales)
+    else:
+        shutil.copyfile(step_dir / "model.onnx", step)
+        spec = replace(spec, step_quantization="int4")
+        write_step_graph(step, bundle / spec.step_weights, step, scales)
+        # Rows batched and drafts checked on the step graph need its kernels' word on both.
+        step_parity = json.loads((step_dir / "meta.json").read_text())["parity"][STEP_INT4]
+        spec = replace(spec, batch_invariant=spec.batch_invariant and step_parity["batch_invariant"],
+                       drafts_exact=spec.drafts_exact and step_parity["drafts_exact"])
+    np.save(bundle / "generator" / "kv_scales.npy", scales)
     with_steps = load_decoder(bundle, spec, SessionConfig()), builder
     parity = kv_agreement(decoder, with_steps[0], parity_prompt_ids(builder, cfg.parity_prompts), PARITY_NEW_TOKENS,
                           sum(len(ids) for ids in calibration))
-    _say(f"int8 KV cache for decode steps: scales from {parity.calibration_tokens} prompt tokens; teacher-forced "
-         f"top-1 agreement with the float cache {parity.agreement:.3f} over {parity.prompts} prompts")
-    floor = MIN_QUANT_AGREEMENT if cfg.kv_cache == "int8" else KV_AUTO_AGREEMENT
+    _say(f"int8 KV cache for decode steps{' on int4 weights' if step_dir else ''}: scales from "
+         f"{parity.calibration_tokens} prompt tokens; teacher-forced top-1 agreement with the float cache "
+         f"{parity.agreement:.3f} over {parity.prompts} prompts")
+    insisted = cfg.kv_cache == "int8" or step_dir is not None
+    floor = MIN_QUANT_AGREEMENT if insisted else KV_AUTO_AGREEMENT
     if parity.agreement >= floor:
         return spec, with_steps, parity
-    if cfg.kv_cache == "int8":
-        raise RagrtError(f"the int8 KV cache disagrees with the float cache (teacher-forced top-1 agreement "
-                         f"{parity.agreement:.2f} < {floor}); export with --kv-cache float32")
+    if insisted:
+        fix = "--step-weights shared" if step_dir else "--kv-cache float32"
+        raise RagrtError(f"the step graph disagrees with the float cache (teacher-forced top-1 agreement "
+                         f"{parity.agreement:.2f} < {floor}); export with {fix}")
     _say(f"int8 KV cache left out (agreement below {floor}): decode steps keep the float cache")
     for name in ("step.onnx", "kv_scales.npy"):
         (bundle / "generator" / name).unlink()

@@ -70,6 +70,34 @@ def test_scaling_keeps_the_fp32_function(salient):
     assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
 
 
+def _values(model, prompts):
+    """Each layer's v_proj outputs: what the graph caches as values."""
+    caught = []
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, out: caught.append(out[0]))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        for p in prompts:
+            model(torch.tensor([p]))
+    for h in hooks:
+        h.remove()
+    return torch.cat(caught)
+
+
+def test_keep_values_caches_what_the_checkpoint_caches(salient, tmp_path):
+    """The int4 step graph decodes on a cache the int8 graph prefilled, so its AWQ must leave the
+    cached values alone: the default folds o_proj's scales into them, `keep_values` does not."""
+    from ragrt.export.quant.awq import scale_checkpoint
+    original, scaled, _, prompts = salient
+    report = scale_checkpoint(original, tmp_path / "kept", prompts, keep_values=True)
+    reference = _values(_load(original), prompts)
+    kept = _values(_load(tmp_path / "kept"), prompts)
+    assert torch.allclose(kept, reference, atol=1e-4 * float(reference.abs().max()))
+    assert not torch.allclose(_values(_load(scaled), prompts), reference, atol=1e-2 * float(reference.abs().max()))
+    assert report.alphas["o"] == [] and any(a > 0 for a in report.alphas["qkv"] + report.alphas["gate_up"])
+    a, b = _logits(_load(original), prompts), _logits(_load(tmp_path / "kept"), prompts)
+    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+
+
 def test_scaling_lowers_the_int4_error(salient):
     original, scaled, report, prompts = salient
     reference = _logits(_load(original), prompts)

@@ -199,3 +199,49 @@ def test_auto_leaves_out_a_step_graph_that_disagrees(tiny_corpus, tiny_encoder_d
     engine = Engine.open(out, threads=1)
     assert engine.decoder.step_dtype == np.float32
     assert engine.ask("How do I copy a list?", k=2, max_new_tokens=4).new_tokens > 0
+
+
+def test_int4_step_weights_decode_on_the_cache_the_int8_graph_prefilled(tiny_corpus, tiny_encoder_dir,
+                                                                         tiny_generator_dir, tmp_path, monkeypatch):
+    """`--step-weights int4`: the step graph reads its own int4 weights file, listed and checksummed;
+    prompts still prefill on the int8 graph, so the first token is unchanged, and decoding goes on
+    from the cache it wrote. The tiny random llama's int4 agrees too little to pass the export's
+    floor (0.59 against 0.8), so the export refuses it until the floor is lowered."""
+    import onnx
+
+    from ragrt import Engine
+    from ragrt.bundle.reader import Bundle
+    from ragrt.errors import RagrtError
+    from ragrt.export import pipeline
+    common = dict(corpus=tiny_corpus, encoder=tiny_encoder_dir, generator=tiny_generator_dir, quantize="int8",
+                  parity_prompts=3, max_context=512)
+    with pytest.raises(RagrtError, match="export with --step-weights shared"):
+        pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "refused", step_weights="int4", **common))
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(pipeline, "MIN_QUANT_AGREEMENT", 0.0)
+    shared = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "shared", **common))
+    out = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "int4", step_weights="int4", **common))
+    m = Bundle.open(out, verify=True).manifest
+    g = m.generator
+    assert (g.quantization, g.step_quantization, g.step_weights) == ("int8", "int4", "generator/step.onnx.data")
+    assert g.step_weights in m.files and g.weights in m.files
+    step = onnx.load(str(out / g.step_model), load_external_data=False)
+    bits = {a.i for n in step.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {4}
+    locations = {e.value for t in step.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"step.onnx.data"}
+    assert Bundle.open(shared).manifest.generator.step_quantization == ""
+    a, b = Engine.open(shared, threads=1), Engine.open(out, threads=1)
+    for q in ("How do I copy a list?", "What does the GIL do?"):
+        x, y = (e.ask(q, k=2, passage_kv="off", max_new_tokens=1, mode="concat") for e in (a, b))
+        assert x.answer == y.answer
+        assert b.ask(q, k=2, passage_kv="off", max_new_tokens=8, mode="concat").new_tokens > 1
+
+
+def test_int4_step_weights_need_the_int8_cache(tiny_corpus, tmp_path):
+    from ragrt.errors import UserInputError
+    from ragrt.export.pipeline import ExportConfig, run_export
+    for bad in (dict(kv_cache="float32"), dict(quantize="int4"), dict(graph="optimum")):
+        with pytest.raises(UserInputError, match="--step-weights int4"):
+            run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", step_weights="int4", **bad))
+    assert not (tmp_path / "b").exists()

@@ -128,6 +128,10 @@ class GeneratorSpec:
     assemble_model: str = ""
     # The int8 cache's per-channel scales, a float32 .npy (decoding/kvquant.py); "" without one.
     kv_scales: str = ""
+    # "int4": the step graph reads its own int4 weights (`step_weights`), decoding faster at batch 1
+    # over the cache the `quantization` graph prefilled. "": it shares `model`'s. Older readers ignore
+    # it: the step graph names its own weights file.
+    step_quantization: str = ""
     # Measured by the export's parity check: whether greedy tokens stay the same when rows
     # share a pass (else batches run row by row), when a cached prompt start stands in for its
     # prefill (else no prefix cache), and when drafts are checked several tokens per pass
@@ -163,6 +167,11 @@ class GeneratorSpec:
         """The external weights file `model`, `step_model` and `assemble_model` share; absent where
         `model` holds its own."""
         return self.model + ".data"
+
+    @property
+    def step_weights(self) -> str:
+        """The step graph's weights file: its own where `step_quantization` says so, else `weights`."""
+        return self.step_model + ".data" if self.step_quantization else self.weights
 
 
 @dataclass(frozen=True)
@@ -401,7 +410,8 @@ class Manifest:
 
     def referenced_paths(self) -> list[str]:
         return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer,
-                *[p for p in (self.generator.step_model, self.generator.assemble_model, self.generator.kv_scales) if p]]
+                *[p for p in (self.generator.step_model, self.generator.assemble_model, self.generator.kv_scales) if p],
+                *([self.generator.step_weights] if self.generator.step_quantization else [])]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ the graph gains no op:
 - before q/k/v and before gate/up: the RMSNorm weight;
 - before down: up_proj's output rows (the MLP's gated product is linear in them);
 - before o: v_proj's output rows, so s is shared by the query heads that read one key/value
-  head.
+  head. That changes what the graph caches, so a graph that reads another graph's cache (the
+  int4 step graph beside an int8 prefill graph, `keep_values`) leaves o_proj unscaled.
 s = mean|x|^a per channel, with a searched per group on calibration prompts to minimise the
 group's output error under simulated int4 rounding (onnxruntime's symmetric blocks of 32).
 The tied LM head keeps its rows: scaling them would change the embedding table too.
@@ -116,8 +117,9 @@ def _calibration_inputs(model, prompts: list[list[int]]) -> dict[tuple[int, str]
     return {k: torch.cat(v)[:MAX_TOKENS] for k, v in caught.items()}
 
 
-def scale_checkpoint(checkpoint: Path, out: Path, prompts: list[list[int]]) -> AwqReport:
-    """Writes to `out` a copy of the checkpoint with AWQ scales folded in (same fp32 function)."""
+def scale_checkpoint(checkpoint: Path, out: Path, prompts: list[list[int]], *, keep_values: bool = False) -> AwqReport:
+    """Writes to `out` a copy of the checkpoint with AWQ scales folded in (same fp32 function);
+    `keep_values` keeps v_proj's outputs, and so the cached values, the checkpoint's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,9 +145,10 @@ def scale_checkpoint(checkpoint: Path, out: Path, prompts: list[list[int]]) -> A
         x_qkv, x_o, x_gu, x_down = (inputs[(i, k)] for k in ("qkv", "o", "gate_up", "down"))
         yield ("qkv", x_qkv, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
                x_qkv.abs().mean(0), same, lambda s: layer.input_layernorm.weight.div_(s))
-        yield ("o", x_o, [attn.o_proj.weight],
-               x_o.abs().mean(0).reshape(kv_heads, group, head_dim).mean(1).reshape(-1), per_query_head,
-               lambda s: _divide_outputs(attn.v_proj, s))
+        if not keep_values:
+            yield ("o", x_o, [attn.o_proj.weight],
+                   x_o.abs().mean(0).reshape(kv_heads, group, head_dim).mean(1).reshape(-1), per_query_head,
+                   lambda s: _divide_outputs(attn.v_proj, s))
         yield ("gate_up", x_gu, [mlp.gate_proj.weight, mlp.up_proj.weight],
                x_gu.abs().mean(0), same, lambda s: layer.post_attention_layernorm.weight.div_(s))
         yield ("down", x_down, [mlp.down_proj.weight],
