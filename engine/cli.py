@@ -264,9 +264,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"max {m.encoder.max_length} tokens")
     print(f"  generator   {m.generator.source.name}  {m.generator.quantization}, "
           f"{m.generator.num_layers} layers, context {m.generator.max_context}, {m.generator.cache} cache, "
-          f"{'int8 cache for decode steps (step graph' if m.generator.step_model else ''}"
-          f"{f', {m.generator.step_quantization} weights' if m.generator.step_quantization else ''}"
-          f"{'), ' if m.generator.step_model else ''}"
+          f"{'int8 cache for decode steps (step graph), ' if m.generator.step_model else ''}"
+          f"{f'int4 step graph for up to {m.generator.int4_step_rows} rows, ' if m.generator.int4_step_model else ''}"
           f"{'one-run passage KV repair (assembly graph), ' if m.generator.assemble_model else ''}"
           f"{'batch-invariant' if m.generator.batch_invariant else 'batches run row by row'}")
     print(f"  corpus      {bundle.generation.name}: {gen.documents} documents, {gen.passages.count} passages, "

@@ -201,12 +201,13 @@ def test_auto_leaves_out_a_step_graph_that_disagrees(tiny_corpus, tiny_encoder_d
     assert engine.ask("How do I copy a list?", k=2, max_new_tokens=4).new_tokens > 0
 
 
-def test_int4_step_weights_decode_on_the_cache_the_int8_graph_prefilled(tiny_corpus, tiny_encoder_dir,
-                                                                         tiny_generator_dir, tmp_path, monkeypatch):
-    """`--step-weights int4`: the step graph reads its own int4 weights file, listed and checksummed;
-    prompts still prefill on the int8 graph, so the first token is unchanged, and decoding goes on
-    from the cache it wrote. The tiny random llama's int4 agrees too little to pass the export's
-    floor (0.59 against 0.8), so the export refuses it until the floor is lowered."""
+def test_an_int4_step_graph_runs_small_passes_on_the_cache_the_int8_graph_prefilled(
+        tiny_corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path, monkeypatch):
+    """`--step-weights int4`: a second step graph with its own int4 weights file, listed and checksummed,
+    runs passes of at most `int4_step_rows` rows; prompts still prefill on the int8 graph, so the first
+    token is unchanged, and larger batches step on the int8 weights. The tiny random llama's int4 agrees
+    too little to pass the export's floor (0.59 against 0.8): `int4` refuses it, `auto` leaves it out,
+    until the floor is lowered."""
     import onnx
 
     from ragrt import Engine
@@ -218,24 +219,47 @@ def test_int4_step_weights_decode_on_the_cache_the_int8_graph_prefilled(tiny_cor
     with pytest.raises(RagrtError, match="export with --step-weights shared"):
         pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "refused", step_weights="int4", **common))
     assert not (tmp_path / "refused").exists()
+    auto = Bundle.open(pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "auto", **common))).manifest
+    assert (auto.generator.step_model, auto.generator.int4_step_model, auto.parity.kv_cache.int4_agreement) == (
+        "generator/step.onnx", "", 0.0)
+    assert not (tmp_path / "auto" / "generator" / "step_int4.onnx").exists()
+
     monkeypatch.setattr(pipeline, "MIN_QUANT_AGREEMENT", 0.0)
-    shared = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "shared", **common))
-    out = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "int4", step_weights="int4", **common))
+    shared = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "shared", step_weights="shared", **common))
+    out = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "int4", **common))      # auto, now above the floor
     m = Bundle.open(out, verify=True).manifest
     g = m.generator
-    assert (g.quantization, g.step_quantization, g.step_weights) == ("int8", "int4", "generator/step.onnx.data")
-    assert g.step_weights in m.files and g.weights in m.files
-    step = onnx.load(str(out / g.step_model), load_external_data=False)
+    assert (g.quantization, g.step_model, g.int4_step_model, g.int4_step_rows) == (
+        "int8", "generator/step.onnx", "generator/step_int4.onnx", pipeline.INT4_STEP_ROWS)
+    assert {g.weights, g.int4_step_model, g.int4_step_weights} <= set(m.files)
+    assert 0 < m.parity.kv_cache.int4_agreement < 1
+    step = onnx.load(str(out / g.int4_step_model), load_external_data=False)
     bits = {a.i for n in step.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert bits == {4}
     locations = {e.value for t in step.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"step.onnx.data"}
-    assert Bundle.open(shared).manifest.generator.step_quantization == ""
+    assert locations == {"step_int4.onnx.data"}
+    assert Bundle.open(shared).manifest.generator.int4_step_model == ""
+
     a, b = Engine.open(shared, threads=1), Engine.open(out, threads=1)
+    small, large = b.decoder.int4_step_session, b.decoder.step_session
+    assert small is not None and a.decoder.int4_step_session is None
+    ran = []
+    for session in (small, large):
+        monkeypatch.setattr(session, "run_with_iobinding", lambda io, s=session, f=session.run_with_iobinding:
+                            (ran.append(s), f(io))[1])
     for q in ("How do I copy a list?", "What does the GIL do?"):
         x, y = (e.ask(q, k=2, passage_kv="off", max_new_tokens=1, mode="concat") for e in (a, b))
         assert x.answer == y.answer
+        ran.clear()
         assert b.ask(q, k=2, passage_kv="off", max_new_tokens=8, mode="concat").new_tokens > 1
+        assert ran and all(s is small for s in ran)
+    rng = np.random.default_rng(0)
+    prompts = [_ids(rng, g.vocab_size, 12) for _ in range(g.int4_step_rows + 1)]
+    for rows, graph in ((g.int4_step_rows, small), (g.int4_step_rows + 1, large)):
+        _, state = b.decoder.prefill(prompts[:rows])
+        ran.clear()
+        b.decoder.step(state, np.full(rows, 5, dtype=np.int64))
+        assert ran == [graph]
 
 
 def test_int4_step_weights_need_the_int8_cache(tiny_corpus, tmp_path):

@@ -128,10 +128,11 @@ class GeneratorSpec:
     assemble_model: str = ""
     # The int8 cache's per-channel scales, a float32 .npy (decoding/kvquant.py); "" without one.
     kv_scales: str = ""
-    # "int4": the step graph reads its own int4 weights (`step_weights`), decoding faster at batch 1
-    # over the cache the `quantization` graph prefilled. "": it shares `model`'s. Older readers ignore
-    # it: the step graph names its own weights file.
-    step_quantization: str = ""
+    # A second step graph over the same int8 cache with its own int4 weights (`int4_step_weights`;
+    # `ragrt export --step-weights`), for passes of at most `int4_step_rows` rows: int4 decodes one
+    # row faster than int8 and a batch of 8 slower. "": none. Older readers ignore both.
+    int4_step_model: str = ""
+    int4_step_rows: int = 0
     # Measured by the export's parity check: whether greedy tokens stay the same when rows
     # share a pass (else batches run row by row), when a cached prompt start stands in for its
     # prefill (else no prefix cache), and when drafts are checked several tokens per pass
@@ -169,9 +170,9 @@ class GeneratorSpec:
         return self.model + ".data"
 
     @property
-    def step_weights(self) -> str:
-        """The step graph's weights file: its own where `step_quantization` says so, else `weights`."""
-        return self.step_model + ".data" if self.step_quantization else self.weights
+    def int4_step_weights(self) -> str:
+        """The int4 step graph's own weights file."""
+        return self.int4_step_model + ".data"
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,7 @@ class KVCacheParity:
     prompts: int
     new_tokens: int
     calibration_tokens: int        # prompt tokens the scales were fitted on
+    int4_agreement: float = 0.0    # the same for the int4 step graph (`int4_step_model`); 0.0 without one
 
 
 @dataclass(frozen=True)
@@ -406,12 +408,15 @@ class Manifest:
             raise BundleError(f"{where}: generator kv_dtype {g.kv_dtype!r} is not float32, float16 or int8")
         if (g.kv_dtype == "int8" or g.step_model) and (g.cache != "packed" or not g.kv_scales):
             raise BundleError(f"{where}: an int8 KV cache needs a packed graph and its kv_scales")
+        if g.int4_step_model and (not g.step_model or g.int4_step_rows < 1):
+            raise BundleError(f"{where}: an int4 step graph needs the int8 cache's step_model and int4_step_rows >= 1")
         return manifest
 
     def referenced_paths(self) -> list[str]:
         return [self.encoder.model, self.encoder.tokenizer, self.generator.model, self.generator.tokenizer,
                 *[p for p in (self.generator.step_model, self.generator.assemble_model, self.generator.kv_scales) if p],
-                *([self.generator.step_weights] if self.generator.step_quantization else [])]
+                *([self.generator.int4_step_model, self.generator.int4_step_weights]
+                  if self.generator.int4_step_model else [])]
 
 
 @dataclass(frozen=True)

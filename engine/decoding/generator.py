@@ -25,12 +25,13 @@ from ragrt.runtime.sessions import SessionConfig, create_session
 
 
 def open_decoder(session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None,
-                 assemble_session=None):
+                 assemble_session=None, int4_step_session=None):
     """The decoder for the spec's cache layout and batching; `kv_scales` for an int8 cache
     (`ragrt.decoding.kvquant.load_kv_scales`), `step_session` the step graph's (`spec.step_model`),
-    `assemble_session` the assembly graph's (`spec.assemble_model`)."""
+    `assemble_session` the assembly graph's (`spec.assemble_model`), `int4_step_session` the int4
+    step graph's (`spec.int4_step_model`)."""
     if spec.cache == "packed":
-        return PackedDecoder(session, spec, kv_scales, step_session, assemble_session)
+        return PackedDecoder(session, spec, kv_scales, step_session, assemble_session, int4_step_session)
     decoder = Decoder(session, spec)
     return RowByRowDecoder(decoder) if decoder.row_by_row else decoder
 
@@ -46,7 +47,9 @@ def load_decoder(root: Path, spec: GeneratorSpec, config: SessionConfig, *, step
     scales = load_kv_scales(root, spec) if step or np.dtype(spec.kv_dtype) == KV_INT8 else None
     return open_decoder(session, spec, scales, create_session(Path(root) / spec.step_model, config) if step else None,
                         create_session(Path(root) / spec.assemble_model, config)
-                        if assemble and spec.assemble_model and on_cpu else None)
+                        if assemble and spec.assemble_model and on_cpu else None,
+                        create_session(Path(root) / spec.int4_step_model, config)
+                        if step and spec.int4_step_model else None)
 
 
 class Generator:

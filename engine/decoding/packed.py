@@ -194,13 +194,17 @@ class PackedDecoder(Decoder):
     `step_session`: the step graph (an int8 cache), where the bundle has one; `kv_scales`: an int8
     cache's scales (decoding/kvquant.py), which the graph holds too. States carry their cache's type,
     and each pass runs on the graph of that type. `assemble_session`: the assembly graph
-    (`GeneratorSpec.assemble_model`), which `run_placed` runs on the float cache."""
+    (`GeneratorSpec.assemble_model`), which `run_placed` runs on the float cache. `int4_step_session`:
+    the int4 step graph, which runs the int8 cache's passes of at most `spec.int4_step_rows` rows."""
     layout = "packed"
 
     def __init__(self, session, spec: GeneratorSpec, kv_scales: np.ndarray | None = None, step_session=None,
-                 assemble_session=None):
+                 assemble_session=None, int4_step_session=None):
         super().__init__(session, spec)
         self.assemble_session = assemble_session
+        if int4_step_session is not None and step_session is None:
+            raise ValueError("an int4 step graph steps on the int8 cache: it needs the step graph too")
+        self.int4_step_session = int4_step_session
         self.kv_device = KVDevice.of(session)     # None: host numpy buffers
         self.step_session = session if step_session is None else step_session
         self.step_dtype = self.kv_dtype if step_session is None else KV_INT8    # the cache steps run on
@@ -227,13 +231,17 @@ class PackedDecoder(Decoder):
             new.buffers.copy_slot(int(slot), old, int(slot), int(n))
         return PackedState(new.buffers, state.slots, state.lengths)
 
-    def _session(self, buffers: KVBuffers):
-        return self.session if buffers.dtype == self.kv_dtype else self.step_session
+    def _session(self, buffers: KVBuffers, rows: int):
+        if buffers.dtype == self.kv_dtype:
+            return self.session
+        if self.int4_step_session is not None and rows <= self.spec.int4_step_rows:
+            return self.int4_step_session
+        return self.step_session
 
     def _binding(self, buffers: KVBuffers, start: int, stop: int, session=None):
         """An IOBinding of slots [start, stop) on `session` (by default the graph of the buffers' cache
-        type), each past bound as its own present."""
-        session = session or self._session(buffers)
+        type and the pass's rows), each past bound as its own present."""
+        session = session or self._session(buffers, stop - start)
         key = (start, stop, id(session))
         io = buffers.bindings.get(key)
         if io is None:
@@ -254,7 +262,7 @@ class PackedDecoder(Decoder):
         # the whole cache included, on each step.
         out = buffers.logits_buffer((stop - start, num_logits, self.spec.vocab_size))
         io.bind_ortvalue_output(self.io.logits, out[1])
-        self._session(buffers).run_with_iobinding(io)
+        self._session(buffers, stop - start).run_with_iobinding(io)
         return out[0].copy()
 
     def run_placed(self, buffers: KVBuffers, row: int, tokens: Sequence[int], positions: np.ndarray,

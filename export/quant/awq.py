@@ -34,6 +34,7 @@ from ragrt.errors import RagrtError
 BLOCK = 32
 ALPHAS = np.linspace(0.0, 1.0, 21)
 MAX_TOKENS = 4096                # calibration tokens kept per activation
+AWQ_MODEL_TYPES = ("llama", "mistral", "qwen2")     # the layer layout the groups below name
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def scale_checkpoint(checkpoint: Path, out: Path, prompts: list[list[int]], *, k
         raise RagrtError("AWQ scaling needs at least one calibration prompt")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     cfg = model.config
-    if cfg.model_type not in ("llama", "mistral", "qwen2"):
+    if cfg.model_type not in AWQ_MODEL_TYPES:
         raise RagrtError(f"int4 scaling supports Llama-style generators, not {cfg.model_type!r}")
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
