@@ -52,7 +52,7 @@ GENERATOR_EXPORT_VERSION = "7"
 # The int4 graph whose keys and values are the checkpoint's (AWQ leaves v_proj alone), so that it can
 # decode on a cache the int8 graph prefilled: the step graph of `--step-weights int4`.
 STEP_INT4 = "int4-steps"
-STEP_WEIGHTS = ("auto", "shared", "int4")
+STEP_WEIGHTS = ("shared", "int4")
 # The int4 step graph runs passes of at most this many rows: at the RAG prompt it decoded 1.4x the
 # int8 step graph at one row and 0.9x at eight (benchmarks/README, "Session 20").
 INT4_STEP_ROWS = 4
@@ -95,7 +95,7 @@ class ExportConfig:
     dev: Path | None = None                 # QA JSONL: F1 with and without passage KV decides its default
     passage_kv: str = "lazy"                # lazy: blocks computed at question time; all: precomputed into the corpus
     kv_cache: str = "auto"                  # decode steps' KV cache: auto, int8 (quant/kvcache.py) or float32
-    step_weights: str = "auto"              # an int4 step graph for small batches: auto, shared (none) or int4
+    step_weights: str = "shared"            # shared: one step graph; int4: an int4 one for small passes too
     shards: int = 1                         # index shards of consecutive passages (retrieval/shards.py)
     ray: str | None = None                  # chunk and embed on Ray: "local" or a cluster address (ray_embed.py)
     answer_mode: str = "auto"               # rag.mode; auto: the better on --dev answers, concat without --dev
@@ -400,7 +400,7 @@ def run_export(cfg: ExportConfig) -> Path:
             enc_model = w8a8_dir / "model.onnx"
             enc_meta = json.loads((w8a8_dir / "meta.json").read_text())
         gen_dir = generator_graph(gen_ckpt, q, cfg.parity_prompts, cfg.graph)
-        step_dir = generator_graph(gen_ckpt, STEP_INT4, cfg.parity_prompts, cfg.graph) if wants_int4_steps(cfg, gen_ckpt) else None
+        step_dir = generator_graph(gen_ckpt, STEP_INT4, cfg.parity_prompts, cfg.graph) if cfg.step_weights == "int4" else None
     gen_meta = json.loads((gen_dir / "meta.json").read_text())
     generator_parity = {variant: GreedyAgreement(**a) for variant, a in gen_meta["parity"].items()}
     agreement = generator_parity[q].teacher_forced_top1
@@ -551,19 +551,6 @@ def int8_steps(cfg: ExportConfig) -> bool:
     return cfg.kv_cache == "int8" or (cfg.kv_cache == "auto" and cfg.graph == "fused" and cfg.quantize != "fp16")
 
 
-def wants_int4_steps(cfg: ExportConfig, checkpoint: Path) -> bool:
-    """Asked for, or under `auto` for a Llama-style generator that `ragrt finetune` did not write and an
-    int8 or w8a8 graph with the int8 cache. A fine-tuned generator lost 7.6 F1 points in int4 on the
-    FAQ split where the base one held within a point, so without a measurement of its own it keeps int8."""
-    from ragrt.export.quant.awq import AWQ_MODEL_TYPES
-    from ragrt.export.train.finetune import training_record
-    if cfg.step_weights != "auto":
-        return cfg.step_weights == "int4"
-    model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
-    return (int8_steps(cfg) and cfg.quantize in ("int8", "w8a8") and model_type in AWQ_MODEL_TYPES
-            and not training_record(checkpoint))
-
-
 def int8_kv_cache(bundle: Path, generator: GeneratorSpec, shipped: tuple, passages: list,
                   cfg: ExportConfig, step_dir: Path | None) -> tuple[GeneratorSpec, tuple, KVCacheParity | None]:
     """Adds the int8 step graph (quant/kvcache.py) to the staged bundle, with scales fitted on the
@@ -597,7 +584,7 @@ def int8_kv_cache(bundle: Path, generator: GeneratorSpec, shipped: tuple, passag
     if parity.agreement >= floor:
         if step_dir is None:
             return spec, with_steps, parity
-        return int4_steps(bundle, spec, with_steps, parity, decoder, prompts, step_dir, scales, cfg)
+        return int4_steps(bundle, spec, with_steps, parity, decoder, prompts, step_dir, scales)
     if cfg.kv_cache == "int8":
         raise RagrtError(f"the int8 KV cache disagrees with the float cache (teacher-forced top-1 agreement "
                          f"{parity.agreement:.2f} < {floor}); export with --kv-cache float32")
@@ -608,11 +595,10 @@ def int8_kv_cache(bundle: Path, generator: GeneratorSpec, shipped: tuple, passag
 
 
 def int4_steps(bundle: Path, spec: GeneratorSpec, with_steps: tuple, parity: KVCacheParity, float_decoder,
-               prompts: list[list[int]], step_dir: Path, scales: np.ndarray,
-               cfg: ExportConfig) -> tuple[GeneratorSpec, tuple, KVCacheParity]:
+               prompts: list[list[int]], step_dir: Path, scales: np.ndarray) -> tuple[GeneratorSpec, tuple, KVCacheParity]:
     """Adds the int4 step graph, made from the cached STEP_INT4 graph `step_dir` over its own weights
-    file, where its teacher-forced agreement with the float cache reaches MIN_QUANT_AGREEMENT;
-    returns the spec, the generator opened with it, and the parity with its agreement."""
+    file; returns the spec, the generator opened with it, and the parity with its agreement. Refused
+    below MIN_QUANT_AGREEMENT's teacher-forced agreement with the float cache."""
     from ragrt.decoding.generator import load_decoder
     from ragrt.export.quant.kvcache import kv_agreement, write_step_graph
 
@@ -628,15 +614,10 @@ def int4_steps(bundle: Path, spec: GeneratorSpec, with_steps: tuple, parity: KVC
     agreement = kv_agreement(float_decoder, alone, prompts, PARITY_NEW_TOKENS, parity.calibration_tokens).agreement
     _say(f"int4 step graph for passes of up to {INT4_STEP_ROWS} rows: teacher-forced top-1 agreement with the float "
          f"cache {agreement:.3f}")
-    if agreement >= MIN_QUANT_AGREEMENT:
-        return int4, (load_decoder(bundle, int4, SessionConfig()), with_steps[1]), replace(parity, int4_agreement=agreement)
-    if cfg.step_weights == "int4":
+    if agreement < MIN_QUANT_AGREEMENT:
         raise RagrtError(f"the int4 step graph disagrees with the float cache (teacher-forced top-1 agreement "
                          f"{agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --step-weights shared")
-    _say(f"int4 step graph left out (agreement below {MIN_QUANT_AGREEMENT})")
-    path.unlink()
-    (bundle / int4.int4_step_weights).unlink()
-    return spec, with_steps, parity
+    return int4, (load_decoder(bundle, int4, SessionConfig()), with_steps[1]), replace(parity, int4_agreement=agreement)
 
 
 def passage_kv_holds_on_dev(parity: PassageKVParity) -> bool:

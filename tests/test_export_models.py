@@ -455,8 +455,8 @@ def test_an_export_builds_only_the_graphs_its_bundle_ships(cache, tiny_corpus, t
     from ragrt.export.pipeline import ExportConfig, run_export
     bundle = run_export(ExportConfig(corpus=tiny_corpus, out=tmp_path / "b", encoder=tiny_encoder_dir,
                                      generator=tiny_generator_dir, quantize="int8", graph="fused",
-                                     parity_prompts=1, max_context=512, step_weights="shared"))
-    (entry,) = (cache / "generator-fused").iterdir()       # `auto` adds the int4 step graph's (test_kv_int8.py)
+                                     parity_prompts=1, max_context=512))
+    (entry,) = (cache / "generator-fused").iterdir()
     assert set(json.loads((entry / "meta.json").read_text())["parity"]) == {"int8"}
     assert not (cache / "encoder-w8a8").exists()
     parity = json.loads((bundle / "manifest.json").read_text())["parity"]

@@ -206,8 +206,8 @@ def test_an_int4_step_graph_runs_small_passes_on_the_cache_the_int8_graph_prefil
     """`--step-weights int4`: a second step graph with its own int4 weights file, listed and checksummed,
     runs passes of at most `int4_step_rows` rows; prompts still prefill on the int8 graph, so the first
     token is unchanged, and larger batches step on the int8 weights. The tiny random llama's int4 agrees
-    too little to pass the export's floor (0.59 against 0.8): `int4` refuses it, `auto` leaves it out,
-    until the floor is lowered."""
+    too little to pass the export's floor (0.59 against 0.8), so the export refuses it until the floor
+    is lowered."""
     import onnx
 
     from ragrt import Engine
@@ -219,14 +219,9 @@ def test_an_int4_step_graph_runs_small_passes_on_the_cache_the_int8_graph_prefil
     with pytest.raises(RagrtError, match="export with --step-weights shared"):
         pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "refused", step_weights="int4", **common))
     assert not (tmp_path / "refused").exists()
-    auto = Bundle.open(pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "auto", **common))).manifest
-    assert (auto.generator.step_model, auto.generator.int4_step_model, auto.parity.kv_cache.int4_agreement) == (
-        "generator/step.onnx", "", 0.0)
-    assert not (tmp_path / "auto" / "generator" / "step_int4.onnx").exists()
-
     monkeypatch.setattr(pipeline, "MIN_QUANT_AGREEMENT", 0.0)
-    shared = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "shared", step_weights="shared", **common))
-    out = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "int4", **common))      # auto, now above the floor
+    shared = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "shared", **common))
+    out = pipeline.run_export(pipeline.ExportConfig(out=tmp_path / "int4", step_weights="int4", **common))
     m = Bundle.open(out, verify=True).manifest
     g = m.generator
     assert (g.quantization, g.step_model, g.int4_step_model, g.int4_step_rows) == (
@@ -238,7 +233,7 @@ def test_an_int4_step_graph_runs_small_passes_on_the_cache_the_int8_graph_prefil
     assert bits == {4}
     locations = {e.value for t in step.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"step_int4.onnx.data"}
-    assert Bundle.open(shared).manifest.generator.int4_step_model == ""
+    assert (Bundle.open(shared).manifest.generator.int4_step_model, Bundle.open(shared).manifest.parity.kv_cache.int4_agreement) == ("", 0.0)
 
     a, b = Engine.open(shared, threads=1), Engine.open(out, threads=1)
     small, large = b.decoder.int4_step_session, b.decoder.step_session
