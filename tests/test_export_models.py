@@ -450,6 +450,15 @@ def test_entries_of_one_recipe_stay_side_by_side_and_an_older_recipes_go(cache):
     assert newer.exists() and not int8.exists() and not fp32.exists()
 
 
+def test_graph_variants_of_one_checkpoint_keep_each_others_entries(cache, tiny_generator_dir):
+    """int8 and int4 take different builder options, so different recipes: building one once deleted
+    the other as superseded."""
+    from ragrt.export.pipeline import generator_graph
+    int8 = generator_graph(tiny_generator_dir, "int8", 1, "fused")
+    int4 = generator_graph(tiny_generator_dir, "int4", 1, "fused")
+    assert (int8 / "meta.json").exists() and (int4 / "meta.json").exists() and int8 != int4
+
+
 def test_an_export_builds_only_the_graphs_its_bundle_ships(cache, tiny_corpus, tiny_encoder_dir, tiny_generator_dir,
                                                           tmp_path):
     from ragrt.export.pipeline import ExportConfig, run_export
