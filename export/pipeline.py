@@ -610,14 +610,15 @@ def int4_steps(bundle: Path, spec: GeneratorSpec, with_steps: tuple, parity: KVC
     own = json.loads((step_dir / "meta.json").read_text())["parity"][STEP_INT4]
     int4 = replace(int4, batch_invariant=spec.batch_invariant and own["batch_invariant"],
                    drafts_exact=spec.drafts_exact and own["drafts_exact"])
-    alone = load_decoder(bundle, replace(int4, step_model=int4.int4_step_model, int4_step_model=""), SessionConfig())
-    agreement = kv_agreement(float_decoder, alone, prompts, PARITY_NEW_TOKENS, parity.calibration_tokens).agreement
+    with_int4 = load_decoder(bundle, int4, SessionConfig())
+    # kv_agreement's teacher-forced passes have one row each, so they all run on the int4 graph.
+    agreement = kv_agreement(float_decoder, with_int4, prompts, PARITY_NEW_TOKENS, parity.calibration_tokens).agreement
     _say(f"int4 step graph for passes of up to {INT4_STEP_ROWS} rows: teacher-forced top-1 agreement with the float "
          f"cache {agreement:.3f}")
     if agreement < MIN_QUANT_AGREEMENT:
         raise RagrtError(f"the int4 step graph disagrees with the float cache (teacher-forced top-1 agreement "
                          f"{agreement:.2f} < {MIN_QUANT_AGREEMENT}); export with --step-weights shared")
-    return int4, (load_decoder(bundle, int4, SessionConfig()), with_steps[1]), replace(parity, int4_agreement=agreement)
+    return int4, (with_int4, with_steps[1]), replace(parity, int4_agreement=agreement)
 
 
 def passage_kv_holds_on_dev(parity: PassageKVParity) -> bool:

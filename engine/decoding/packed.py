@@ -238,10 +238,8 @@ class PackedDecoder(Decoder):
             return self.int4_step_session
         return self.step_session
 
-    def _binding(self, buffers: KVBuffers, start: int, stop: int, session=None):
-        """An IOBinding of slots [start, stop) on `session` (by default the graph of the buffers' cache
-        type and the pass's rows), each past bound as its own present."""
-        session = session or self._session(buffers, stop - start)
+    def _binding(self, buffers: KVBuffers, start: int, stop: int, session):
+        """An IOBinding of slots [start, stop) on `session`, each past bound as its own present."""
         key = (start, stop, id(session))
         io = buffers.bindings.get(key)
         if io is None:
@@ -253,7 +251,8 @@ class PackedDecoder(Decoder):
     def _run(self, buffers: KVBuffers, start: int, stop: int, tokens: np.ndarray, lengths: np.ndarray,
              num_logits: int) -> np.ndarray:
         """Runs `tokens` in slots [start, stop), which hold `lengths` positions each afterwards."""
-        io = self._binding(buffers, start, stop)
+        session = self._session(buffers, stop - start)
+        io = self._binding(buffers, start, stop, session)
         io.bind_cpu_input(self.io.input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
         for name, value in length_feed(self.io, lengths).items():
             io.bind_cpu_input(name, value)
@@ -262,7 +261,7 @@ class PackedDecoder(Decoder):
         # the whole cache included, on each step.
         out = buffers.logits_buffer((stop - start, num_logits, self.spec.vocab_size))
         io.bind_ortvalue_output(self.io.logits, out[1])
-        self._session(buffers, stop - start).run_with_iobinding(io)
+        session.run_with_iobinding(io)
         return out[0].copy()
 
     def run_placed(self, buffers: KVBuffers, row: int, tokens: Sequence[int], positions: np.ndarray,
