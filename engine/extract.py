@@ -5,7 +5,7 @@ Each sentence is scored by what `ExtractSettings` weighs: its passage's P(c|q), 
 passage (documentation says the answer first), whether it opens its document, and how many of the
 question's content words it holds. `passages` are anything with `.id` and `.text` (a `Passage`).
 The weights are the manifest's (`rag.extract`); the defaults were chosen on the FAQ dev split
-(benchmarks/answer_modes.py) and the export fits `words` to `--dev` answers. docs/eval.md defines the mode.
+(benchmarks/README.md, "Answers against the quote references") and the export fits `words` to `--dev` answers. docs/eval.md defines the mode.
 """
 from __future__ import annotations
 
