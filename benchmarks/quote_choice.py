@@ -27,12 +27,13 @@ from ragrt.bundle.atomic import atomic_write_text
 from ragrt.evaluate import read_qa, token_f1
 
 
-def runs_of(engine: Engine, p, words: int) -> list[dict]:
-    """Every candidate run of `p`'s passages with the generator's scores and `extract`'s score of its first sentence."""
+def runs_of(engine: Engine, p, scored: list[X.Sentence], words: int) -> list[dict]:
+    """Every candidate run of `p`'s passages with the generator's scores and `extract`'s score of its
+    first sentence (`scored`: `extract`'s sentences of those passages)."""
     decoder, tokenizer = engine.decoder, engine.tokenizer
     eos = int(engine.manifest.generator.eos_token_ids[0])
     first = {}
-    for s in X.score_sentences(p.question, p.passages, p.prior, engine.manifest.rag.extract):
+    for s in scored:
         first.setdefault(s.rank, []).append(s.score)
     logits, state = decoder.prefill([list(p.builder.build(p.question, p.passages).ids)])
     first_lp = logits[0] - np.logaddexp.reduce(logits[0])
@@ -79,10 +80,11 @@ def main() -> None:
     questions = []
     for n, qa in enumerate(read_qa(args.qa), 1):
         p = engine.prepare(qa.question, k=args.k, mode="concat")
-        runs = runs_of(engine, p, args.words)
+        scored = X.score_sentences(p.question, p.passages, p.prior, settings)
+        runs = runs_of(engine, p, scored, args.words)
         for r in runs:
             r["f1"] = token_f1(r["text"], qa.answer)
-        sentences = [p.passages[s.rank].text[s.start:s.end] for s in X.score_sentences(p.question, p.passages, p.prior, settings)]
+        sentences = [p.passages[s.rank].text[s.start:s.end] for s in scored]
         cos = engine.encoder.embed_all([qa.question] + sentences)
         cos = cos / np.linalg.norm(cos, axis=1, keepdims=True)
         questions.append({"question": qa.question, "answer": qa.answer, "runs": runs, "prepared": p,

@@ -233,7 +233,8 @@ def test_an_int4_step_graph_runs_small_passes_on_the_cache_the_int8_graph_prefil
     assert bits == {4}
     locations = {e.value for t in step.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"step_int4.onnx.data"}
-    assert (Bundle.open(shared).manifest.generator.int4_step_model, Bundle.open(shared).manifest.parity.kv_cache.int4_agreement) == ("", 0.0)
+    plain = Bundle.open(shared).manifest
+    assert (plain.generator.int4_step_model, plain.parity.kv_cache.int4_agreement) == ("", 0.0)
 
     a, b = Engine.open(shared, threads=1), Engine.open(out, threads=1)
     small, large = b.decoder.int4_step_session, b.decoder.step_session
