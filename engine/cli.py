@@ -196,7 +196,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         generator=args.generator, epochs=args.epochs, generator_epochs=args.generator_epochs, lr=args.lr,
         generator_lr=args.generator_lr, seed=args.seed, k=args.k, lora=args.lora, joint=args.joint,
         block_attention=args.block_attention, block_attention_mix=args.block_attention_mix,
-        max_steps=args.max_steps, batch_size=args.batch_size, synthetic=args.synthetic, label_weight=args.label_weight,
+        max_steps=args.max_steps, batch_size=args.batch_size, synthetic=args.synthetic,
         max_questions=args.max_questions, synth_sources=SYNTH_SOURCES[args.source], round_trip_k=args.round_trip_k,
         teacher={"auto": None, "on": True, "off": False}[args.teacher], max_minutes=args.max_minutes,
         precision=args.precision)
@@ -519,9 +519,6 @@ def _add_finetune(sub) -> None:
                                                  "synthetic questions of the corpus (as ragrt data synth writes, "
                                                  "into RUN/synthetic.jsonl)")
     f.add_argument("--synthetic", action="store_true", help="with --train, also train on synthetic questions")
-    f.add_argument("--label-weight", type=float, default=1.0,
-                   help="with --synthetic, how much a labelled question's loss counts against a synthetic one's "
-                        "(default 1)")
     _add_synth_options(f)
     f.add_argument("--teacher", choices=["auto", "on", "off"], default="auto",
                    help="drop the hard negatives the generator finds as likely to answer the question as its "

@@ -28,28 +28,6 @@ def test_contrastive_loss_is_cross_entropy_over_in_batch_and_hard_negatives():
     assert float(contrastive_loss(q, p, n)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_weighted_contrastive_loss_is_the_weighted_mean_of_each_querys_loss():
-    torch.manual_seed(0)
-    q, p, n = (torch.nn.functional.normalize(torch.randn(s, 8), dim=-1) for s in (3, 3, 2))
-    each = [float(contrastive_loss(q, p, n, [1.0 if j == i else 0.0 for j in range(3)])) for i in range(3)]
-    assert float(contrastive_loss(q, p, n, [1.0, 1.0, 1.0])) == pytest.approx(float(contrastive_loss(q, p, n)), rel=1e-6)
-    assert float(contrastive_loss(q, p, n, [4.0, 1.0, 1.0])) == pytest.approx((4 * each[0] + each[1] + each[2]) / 6, rel=1e-5)
-    assert len(set(round(x, 4) for x in each)) == 3        # the queries' losses differ, so the weights matter
-
-
-def test_labelled_questions_carry_the_label_weight_and_synthetic_ones_one(tmp_path):
-    from ragrt.export.train.finetune import FinetuneConfig, load_data
-    from ragrt.retrieval.passages import Passage
-    passages = [Passage("a#0", "A", "alpha"), Passage("b#0", "B", "beta")]
-    labelled, synthetic = tmp_path / "train.jsonl", tmp_path / "synthetic.jsonl"
-    labelled.write_text('{"question": "a?", "answer": "alpha", "positive_ids": ["a"]}\n'
-                        '{"question": "none?", "answer": "x", "positive_ids": ["z"]}\n')
-    synthetic.write_text('{"question": "b?", "answer": "beta", "positive_ids": ["b"], "passage": "b#0"}\n')
-    cfg = FinetuneConfig(corpus=tmp_path, train=labelled, out=tmp_path, synthetic=True, label_weight=3.0)
-    items, _, _, weights = load_data(cfg, [labelled, synthetic], passages)
-    assert [qa.question for qa in items] == ["a?", "b?"] and weights == [3.0, 1.0]
-
-
 def test_hard_negatives_exclude_positives_and_rank_by_score():
     queries = np.array([[1.0, 0.0], [0.0, 1.0]])
     pool = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.5, 0.5]])
@@ -303,9 +281,7 @@ def test_a_spent_budget_saves_the_models_as_they_are(tiny_corpus, qa_file, tmp_p
     assert "total" in report and "generator" not in json.loads((tmp_path / "r" / "finetune.json").read_text())["losses"]
     base, saved = _weights(tiny_generator_dir), _weights(tmp_path / "r" / "generator")
     assert all(np.array_equal(base[k], saved[k]) for k in base if k in saved)
-    for bad, match in (({"max_minutes": -1.0}, "--max-minutes must be 0"), ({"precision": "fp8"}, "--precision must be"),
-                       ({"label_weight": 0.0}, "--label-weight must be > 0"),
-                       ({"label_weight": 2.0}, "it needs --train and --synthetic")):
+    for bad, match in (({"max_minutes": -1.0}, "--max-minutes must be 0"), ({"precision": "fp8"}, "--precision must be")):
         with pytest.raises(UserInputError, match=match):
             run_finetune(_config(tiny_corpus, qa_file, tmp_path / "x", tiny_encoder_dir, tiny_generator_dir, **bad))
     assert not (tmp_path / "x").exists()

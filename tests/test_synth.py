@@ -194,7 +194,7 @@ def test_a_synthetic_question_is_anchored_to_the_passage_it_was_written_from(tmp
     qa.write_text('{"question": "written?", "answer": "a", "positive_ids": ["d"], "passage": "d#2"}\n'
                   '{"question": "labelled?", "answer": "a", "positive_ids": ["d"]}\n'
                   '{"question": "moved?", "answer": "a", "positive_ids": ["d"], "passage": "e#0"}\n')
-    items, positives, anchors, _ = load_data(FinetuneConfig(corpus=tmp_path, train=None, out=tmp_path), [qa], passages)
+    items, positives, anchors = load_data(FinetuneConfig(corpus=tmp_path, train=None, out=tmp_path), [qa], passages)
     assert [qa.passage for qa in items] == ["d#2", None, "e#0"]
     assert positives == [{0, 1, 2, 3}] * 3
     # A passage outside its own label (the corpus changed since) anchors nothing: the label's passages do.

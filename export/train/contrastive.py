@@ -23,18 +23,13 @@ def embed(model, tokenizer, texts: Sequence[str], *, max_length: int = 256, grad
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def contrastive_loss(queries, positives, negatives=None, weights=None):
+def contrastive_loss(queries, positives, negatives=None):
     """InfoNCE with in-batch negatives: query i must score its own positive above every other
-    positive in the batch and every mined hard negative. Shapes (B, d), (B, d), (N, d); `weights`
-    (B,) makes the loss the weighted mean over queries instead of the plain one."""
+    positive in the batch and every mined hard negative. Shapes (B, d), (B, d), (N, d)."""
     import torch
     candidates = positives if negatives is None or len(negatives) == 0 else torch.cat([positives, negatives])
     scores = SCALE * queries @ candidates.T                        # (B, B + N)
-    losses = torch.nn.functional.cross_entropy(scores, torch.arange(len(queries)), reduction="none")
-    if weights is None:
-        return losses.mean()
-    weights = torch.as_tensor(weights, dtype=losses.dtype)
-    return (weights * losses).sum() / weights.sum()
+    return torch.nn.functional.cross_entropy(scores, torch.arange(len(queries)))
 
 
 def mine_hard_negatives(query_vecs: np.ndarray, pool_vecs: np.ndarray, positives: list[set[int]],

@@ -81,8 +81,6 @@ class FinetuneConfig:
     overlap: int = 32
     # Synthetic questions (export/data/synth.py): always without `train`, with it when `synthetic`.
     synthetic: bool = False
-    # How much a labelled question's loss counts against a synthetic one's, in both phases.
-    label_weight: float = 1.0
     max_questions: int = 1000
     synth_sources: tuple[str, ...] = SOURCES
     round_trip_k: int = 3
@@ -150,11 +148,6 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise UserInputError(f"--block-attention-mix is a share between 0 and 1, got {cfg.block_attention_mix}")
     if cfg.max_minutes is not None and not cfg.max_minutes >= 0:
         raise UserInputError(f"--max-minutes must be 0 (no limit) or more, got {cfg.max_minutes}")
-    if not cfg.label_weight > 0:
-        raise UserInputError(f"--label-weight must be > 0, got {cfg.label_weight}")
-    if cfg.label_weight != 1.0 and not (cfg.train and cfg.synthetic):
-        raise UserInputError("--label-weight weighs labelled questions against synthetic ones: it needs --train "
-                             "and --synthetic")
     if cfg.precision not in PRECISIONS:
         raise UserInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     for name in ("max_questions", "round_trip_k"):
@@ -225,19 +218,13 @@ def synthetic_questions(cfg: FinetuneConfig, run: Path, budget: Budget, enc_ckpt
 
 
 def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passage]
-              ) -> tuple[list[QA], list[set[int]], list[set[int]], list[float]]:
-    """Q/A pairs of `train_files`, each pair's positive rows among `passages`, its anchors and its
-    loss weight. Anchors: the passage a synthetic question was written from where known, else its
-    positives. A label names a document, whose other passages must not be pushed away as negatives;
-    but the question was written from one passage and its answer taken from it, so that one is what
-    the retriever pulls close, the teacher scores negatives against, and the generator's prompt
-    holds. Weight: `label_weight` for a pair of `cfg.train`, 1 for a synthetic one."""
-    files = [(path, cfg.label_weight if cfg.train and Path(path) == Path(cfg.train) else 1.0) for path in train_files]
-    items, weights = [], []
-    for path, weight in files:
-        pairs = read_qa(path)
-        items += pairs
-        weights += [weight] * len(pairs)
+              ) -> tuple[list[QA], list[set[int]], list[set[int]]]:
+    """Q/A pairs of `train_files`, each pair's positive rows among `passages`, and its anchors: the
+    passage a synthetic question was written from where known, else its positives. A label names a
+    document, whose other passages must not be pushed away as negatives; but the question was written
+    from one passage and its answer taken from it, so that one is what the retriever pulls close, the
+    teacher scores negatives against, and the generator's prompt holds."""
+    items = [qa for path in train_files for qa in read_qa(path)]
     row_of = {p.id: i for i, p in enumerate(passages)}
     mined = 0
     positives = []
@@ -258,8 +245,7 @@ def load_data(cfg: FinetuneConfig, train_files: list[Path], passages: list[Passa
         _say(f"skipping {len(items) - len(keep)} questions whose positive_ids match no passage of the corpus")
     if not keep:
         raise CorpusError(f"{', '.join(map(str, train_files))}: no question has a positive passage in {cfg.corpus}")
-    return ([items[i] for i in keep], [positives[i] for i in keep], [anchors[i] for i in keep],
-            [weights[i] for i in keep])
+    return [items[i] for i in keep], [positives[i] for i in keep], [anchors[i] for i in keep]
 
 
 class Trainer:
@@ -380,7 +366,7 @@ class Teacher:
         return kept, sum(map(len, negatives)) - sum(map(len, kept))
 
 
-def train_retriever(cfg, run, state, budget, items, passages, positives, anchors, weights, enc_ckpt, gen_ckpt,
+def train_retriever(cfg, run, state, budget, items, passages, positives, anchors, enc_ckpt, gen_ckpt,
                     dev: list[QA] | None):
     from transformers import AutoModel, AutoTokenizer
     resume = run / "checkpoint" / "encoder"
@@ -431,7 +417,7 @@ def train_retriever(cfg, run, state, budget, items, passages, positives, anchors
                 q = embed(model, tok, [items[i].question for i in batch], grad=True)
                 p = embed(model, tok, pos_texts, grad=True)
                 n = embed(model, tok, neg_texts, grad=True) if neg_texts else None
-                loss = contrastive_loss(q, p, n, [weights[i] for i in batch])
+                loss = contrastive_loss(q, p, n)
             loss.backward()
             trainer.step(loss.item())
             if trainer.done():
@@ -513,7 +499,7 @@ def block_rows(cfg, n: int, epoch: int) -> set[int]:
     return set(range(n)) - set(full)
 
 
-def train_generator(cfg, run, state, budget, items, passages, anchors, weights, gen_ckpt, encoder, enc_tok):
+def train_generator(cfg, run, state, budget, items, passages, anchors, gen_ckpt, encoder, enc_tok):
     import torch
     from transformers import AutoModelForCausalLM
     hf_tok, builder = generator_builder(cfg, gen_ckpt)
@@ -550,7 +536,6 @@ def train_generator(cfg, run, state, budget, items, passages, anchors, weights, 
         for s in range(state.step - state.epoch * per_epoch, per_epoch):
             total = 0.0
             batch = order[s * cfg.grad_accumulation:(s + 1) * cfg.grad_accumulation]
-            batch_weight = sum(weights[i] for i in batch)
             for i in batch:
                 with autocast(cfg.precision):       # per example, as the retriever's steps
                     if cfg.joint:
@@ -561,9 +546,8 @@ def train_generator(cfg, run, state, budget, items, passages, anchors, weights, 
                         loss = block_loss(model, *blocked[i], repair=PASSAGE_KV_REPAIR)
                     else:
                         loss = answer_loss(model, *examples[i])
-                share = weights[i] / batch_weight
-                (loss * share).backward()
-                total += loss.item() * share
+                (loss / len(batch)).backward()
+                total += loss.item() / len(batch)
             trainer.step(total)
             if trainer.done():
                 break
@@ -593,14 +577,14 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     train_files = [Path(cfg.train)] if cfg.train else []
     if cfg.uses_synthetic:
         train_files.append(synthetic_questions(cfg, run, budget, enc_ckpt, gen_ckpt, passages))
-    items, positives, anchors, weights = load_data(cfg, train_files, passages)
+    items, positives, anchors = load_data(cfg, train_files, passages)
     run.mkdir(parents=True, exist_ok=True)
     _say(f"{len(items)} training questions, {len(passages)} passages")
 
     t0 = time.perf_counter()
     if state.phase == "retriever":
         dev = read_qa(cfg.dev) if cfg.dev else None
-        encoder, enc_tok = train_retriever(cfg, run, state, budget, items, passages, positives, anchors, weights,
+        encoder, enc_tok = train_retriever(cfg, run, state, budget, items, passages, positives, anchors,
                                            enc_ckpt, gen_ckpt, dev)
         state.report["retriever"] = round(time.perf_counter() - t0, 1)
         state.phase, state.epoch, state.step = "generator", 0, 0
@@ -609,8 +593,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         from transformers import AutoModel, AutoTokenizer
         encoder, enc_tok = AutoModel.from_pretrained(run / "checkpoint" / "encoder").eval(), AutoTokenizer.from_pretrained(enc_ckpt)
     t1 = time.perf_counter()
-    generator, gen_tok = train_generator(cfg, run, state, budget, items, passages, anchors, weights, gen_ckpt, encoder,
-                                         enc_tok)
+    generator, gen_tok = train_generator(cfg, run, state, budget, items, passages, anchors, gen_ckpt, encoder, enc_tok)
     state.report["generator"] = round(time.perf_counter() - t1, 1)
 
     if cfg.lora:
