@@ -518,7 +518,9 @@ def _add_finetune(sub) -> None:
     f.add_argument("--train", default=None, help='JSONL: {"question", "answer", "positive_ids"?} a line; without it, '
                                                  "synthetic questions of the corpus (as ragrt data synth writes, "
                                                  "into RUN/synthetic.jsonl)")
-    f.add_argument("--synthetic", action="store_true", help="with --train, also train on synthetic questions")
+    f.add_argument("--synthetic", action="store_true",
+                   help="with --train, train the retriever one epoch on synthetic questions first "
+                        "(the generator trains on the labels alone)")
     _add_synth_options(f)
     f.add_argument("--teacher", choices=["auto", "on", "off"], default="auto",
                    help="drop the hard negatives the generator finds as likely to answer the question as its "

@@ -153,6 +153,39 @@ def test_finetune_on_the_corpus_alone(corpus, tiny_encoder_dir, tiny_generator_d
     assert "synthetic.jsonl" in (run / "encoder" / "ragrt-source.txt").read_text()
 
 
+def test_beside_labels_synthetic_questions_warm_the_retriever_up_and_skip_the_generator(
+        corpus, tiny_encoder_dir, tiny_generator_dir, tmp_path, monkeypatch):
+    """One retriever epoch on the synthetic questions (teacher and BM25 negatives on), then the labels'
+    epochs (both off, as for labels alone); the generator trains on the labels alone."""
+    from ragrt.export.train import finetune
+    run, labels = tmp_path / "run", tmp_path / "train.jsonl"
+    labels.write_text("".join(json.dumps({"question": f"What is {t} for?", "answer": f"Python has {t}.",
+                                          "positive_ids": [t]}) + "\n" for t in TOPICS[:6]))
+    run.mkdir()
+    (run / "synthetic.jsonl").write_text("".join(json.dumps({"question": f"How do I use {t} in Python?",
+                                                              "answer": f"Import the module for {t}.",
+                                                              "positive_ids": [t], "passage": f"{t}#0"}) + "\n"
+                                                  for t in TOPICS[6:16]))
+    phases = []
+    real = finetune.train_retriever
+    monkeypatch.setattr(finetune, "train_retriever", lambda cfg, run_, state, *a: phases.append(
+        (state.phase, cfg.epochs, cfg.teacher, cfg.bm25_negatives, len(a[1]))) or real(cfg, run_, state, *a))
+    argv = ["finetune", "--corpus", str(corpus), "--train", str(labels), "--synthetic", "--out", str(run),
+            "--encoder", str(tiny_encoder_dir), "--generator", str(tiny_generator_dir), "--epochs", "2",
+            "--generator-epochs", "1", "--batch-size", "4", "--k", "2", "--dev", str(labels)]
+    assert main(argv) == 0
+    assert phases == [("synthetic", 1, True, 1, 10), ("retriever", 2, False, 0, 6)]
+    report = json.loads((run / "finetune.json").read_text())
+    assert report["questions"] == 6 and report["synthetic_warmup_questions"] == 10
+    assert {k for k in report["report"] if "dev_recall" in k} == {
+        "synthetic_dev_recall@5_before", "synthetic_dev_recall@5_after", "dev_recall@5_before", "dev_recall@5_after"}
+    assert set(report["report"]["teacher_dropped"]) == {"synthetic-0"}
+    # Steps: 10 synthetic questions in batches of 4, once; 6 labelled, twice; the generator 6 in fours, once.
+    assert [len(report["losses"][p]) for p in ("synthetic", "retriever", "generator")] == [3, 4, 2]
+    assert "synthetic.jsonl" in (run / "encoder" / "ragrt-source.txt").read_text()
+    assert "synthetic.jsonl" not in (run / "generator" / "ragrt-source.txt").read_text()
+
+
 def test_the_teacher_drops_a_negative_that_scores_as_well_as_the_positive(tiny_generator_dir):
     from ragrt.evaluate import QA
     from ragrt.export.train.finetune import Teacher

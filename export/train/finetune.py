@@ -64,7 +64,7 @@ class FinetuneConfig:
     generator_lr: float = 3e-5
     batch_size: int = 16
     hard_negatives: int = 2
-    bm25_negatives: int | None = None   # per question, besides; None: 1 when training on synthetic questions
+    bm25_negatives: int | None = None   # per question, besides; None: 1 on synthetic questions
     pool_size: int = 3000           # passages embedded per epoch to mine negatives from
     k: int = 5                      # passages in a generator training prompt
     max_answer_tokens: int = 64
@@ -80,12 +80,13 @@ class FinetuneConfig:
     chunk_tokens: int = 128
     overlap: int = 32
     # Synthetic questions (export/data/synth.py): always without `train`, with it when `synthetic`.
+    # Beside labels they train the retriever first, for SYNTHETIC_EPOCHS, and the generator not at all.
     synthetic: bool = False
     max_questions: int = 1000
     synth_sources: tuple[str, ...] = SOURCES
     round_trip_k: int = 3
     # Drop mined negatives the generator finds as likely as the positive to prompt the question
-    # (they likely answer it too). None: on when training on synthetic questions.
+    # (they likely answer it too). None: on for synthetic questions.
     teacher: bool | None = None
     # Wall time of the whole run, synthesis included. None: 30 on synthetic questions alone (an
     # unlabelled corpus adapts within half an hour; benchmarks/README.md), no limit otherwise; 0: no limit.
@@ -99,13 +100,18 @@ class FinetuneConfig:
 
 @dataclass
 class RunState:
-    phase: str = "retriever"        # retriever -> generator -> done
+    phase: str = "retriever"        # [synthetic ->] retriever -> generator -> done
     epoch: int = 0
     step: int = 0                   # optimizer steps taken in this phase
     losses: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)      # phase seconds, dev recall before/after, budget
     seconds: float = 0.0            # wall time spent on the run by earlier processes, as of their last checkpoint
 
+
+# Beside labels, synthetic questions go first, one retriever epoch, then the labels' epochs: on the
+# FAQ split this beat labels alone on recall@5, where mixing both (at any weight tried) lost, and
+# the generator scored lower on test with them in any mix (benchmarks/README.md, sessions 21-22).
+SYNTHETIC_EPOCHS = 1
 
 FINISH_SECONDS = 15.0      # of the budget, kept for what is not timed: starting Python, writing the models
 
@@ -167,8 +173,9 @@ def training_record(checkpoint: Path) -> dict:
 def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
     """The defaults that depend on the data and the machine: block attention when synthetic questions
     are all there is (their answers come from the passage, so the generator learns to read), the
-    teacher whenever synthetic questions are trained on (no one checked that their negatives do not
-    answer them), the 30-minute budget without labels, and the precision this CPU computes fastest."""
+    teacher and BM25 negatives when they are what the retriever trains on (no one checked that their
+    negatives do not answer them; `synthetic_warmup` for their epoch before labels), the 30-minute
+    budget without labels, and the precision this CPU computes fastest."""
     supported = generator_builder(cfg, gen_ckpt)[1].blocks_supported
     blocks = cfg.block_attention
     if blocks and not supported:
@@ -179,11 +186,19 @@ def _resolved(cfg: FinetuneConfig, gen_ckpt: Path) -> FinetuneConfig:
         if blocks and not supported:
             _say("warning: the passage template numbers passages, so block attention is off")
             blocks = False
-    teacher = cfg.uses_synthetic if cfg.teacher is None else cfg.teacher
-    bm25 = int(cfg.uses_synthetic) if cfg.bm25_negatives is None else cfg.bm25_negatives
+    teacher = cfg.train is None if cfg.teacher is None else cfg.teacher
+    bm25 = int(cfg.train is None) if cfg.bm25_negatives is None else cfg.bm25_negatives
     minutes = (30.0 if cfg.train is None else 0.0) if cfg.max_minutes is None else cfg.max_minutes
     return replace(cfg, block_attention=blocks, teacher=teacher, bm25_negatives=bm25, max_minutes=minutes,
                    precision=resolve(cfg.precision))
+
+
+def synthetic_warmup(given: FinetuneConfig, resolved: FinetuneConfig) -> FinetuneConfig:
+    """The retriever's pass over synthetic questions before the labelled ones: `resolved`, for
+    SYNTHETIC_EPOCHS, with the teacher and BM25 negatives on unless `given` says otherwise."""
+    return replace(resolved, epochs=SYNTHETIC_EPOCHS if resolved.epochs else 0,
+                   teacher=True if given.teacher is None else given.teacher,
+                   bm25_negatives=1 if given.bm25_negatives is None else given.bm25_negatives)
 
 
 def load_passages(cfg: FinetuneConfig, chunk_tokenizer) -> list[Passage]:
@@ -383,10 +398,13 @@ def train_retriever(cfg, run, state, budget, items, passages, positives, anchors
     # BM25 does not change as the encoder learns: its negatives are mined once, added to each epoch's.
     lexical = bm25_negatives([qa.question for qa in items], texts, pool_positives, cfg.bm25_negatives) \
         if cfg.bm25_negatives else [[] for _ in items]
-    trainer.progress(steps_per_epoch * cfg.epochs, "retriever")
+    warmup = state.phase == "synthetic"
+    trainer.progress(steps_per_epoch * cfg.epochs, "retriever" + (" (synthetic questions)" if warmup else ""))
+    # Each phase has its own pool, so its own figures: the warm-up's are reported apart.
+    before, after = (("synthetic_" if warmup else "") + f"dev_recall@5_{w}" for w in ("before", "after"))
     while state.epoch < cfg.epochs and not trainer.done():
         # Mined once per epoch and kept, so a run resumed mid-epoch trains on the same negatives.
-        mined = run / "checkpoint" / f"negatives-{state.epoch}.json"
+        mined = run / "checkpoint" / f"negatives-{state.phase}-{state.epoch}.json"
         if mined.exists():
             negatives = json.loads(mined.read_text())
         else:
@@ -398,13 +416,13 @@ def train_retriever(cfg, run, state, budget, items, passages, positives, anchors
             if teacher is not None:
                 with autocast(cfg.precision):
                     negatives, dropped = teacher.keep(negatives, pool)
-                state.report.setdefault("teacher_dropped", {})[str(state.epoch)] = dropped
+                state.report.setdefault("teacher_dropped", {})[("synthetic-" if warmup else "") + str(state.epoch)] = dropped
                 _say(f"the teacher dropped {dropped} of {dropped + sum(map(len, negatives))} hard negatives "
                      "as likely to answer their question as its positive")
             mined.parent.mkdir(parents=True, exist_ok=True)
             _write_json(mined, negatives)
-        if state.epoch == 0 and dev is not None and "dev_recall@5_before" not in state.report:
-            state.report["dev_recall@5_before"] = dev_recall(model, tok, dev, pool, passages)
+        if state.epoch == 0 and dev is not None and before not in state.report:
+            state.report[before] = dev_recall(model, tok, dev, pool, passages)
         order = list(range(len(items)))
         random.Random(cfg.seed * 1000 + state.epoch).shuffle(order)
         for b in range(state.step - state.epoch * steps_per_epoch, steps_per_epoch):
@@ -425,9 +443,9 @@ def train_retriever(cfg, run, state, budget, items, passages, positives, anchors
         else:
             state.epoch += 1
     if dev is not None:
-        state.report["dev_recall@5_after"] = dev_recall(model, tok, dev, pool, passages)
+        state.report[after] = dev_recall(model, tok, dev, pool, passages)
         _say(f"dev recall@5 within a pool of {len(pool)} passages: "
-             f"{state.report.get('dev_recall@5_before', float('nan')):.3f} -> {state.report['dev_recall@5_after']:.3f}")
+             f"{state.report.get(before, float('nan')):.3f} -> {state.report[after]:.3f}")
     trainer.close()
     return model, tok
 
@@ -570,20 +588,30 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if state_path.exists():
         _say(f"resuming {run}: phase {state.phase}, epoch {state.epoch}, step {state.step}")
     enc_ckpt, gen_ckpt = encoder_checkpoint(cfg.encoder), generator_checkpoint(cfg.generator)
-    cfg = _resolved(cfg, gen_ckpt)
+    given, cfg = cfg, _resolved(cfg, gen_ckpt)
     budget = Budget(cfg.max_minutes, state.seconds)
     # Every check of the input comes before RUN is made, so a refused run leaves nothing there.
     passages = load_passages(cfg, Tokenizer.from_file(str(enc_ckpt / "tokenizer.json")))
-    train_files = [Path(cfg.train)] if cfg.train else []
-    if cfg.uses_synthetic:
-        train_files.append(synthetic_questions(cfg, run, budget, enc_ckpt, gen_ckpt, passages))
-    items, positives, anchors = load_data(cfg, train_files, passages)
+    synthetic_file = synthetic_questions(cfg, run, budget, enc_ckpt, gen_ckpt, passages) \
+        if cfg.uses_synthetic else None
+    train_files = [Path(p) for p in (cfg.train, synthetic_file) if p]
+    # The labels where there are any (the synthetic questions then warm the retriever up), else the synthetic ones.
+    items, positives, anchors = load_data(cfg, train_files[:1], passages)
+    warmup = load_data(cfg, [synthetic_file], passages) if cfg.train and synthetic_file else None
     run.mkdir(parents=True, exist_ok=True)
-    _say(f"{len(items)} training questions, {len(passages)} passages")
+    _say(f"{len(items)} training questions" + (f" after {len(warmup[0])} synthetic ones for the retriever"
+                                               if warmup else "") + f", {len(passages)} passages")
+    if warmup and not state_path.exists():
+        state.phase = "synthetic"
 
     t0 = time.perf_counter()
+    dev = read_qa(cfg.dev) if cfg.dev else None
+    if state.phase == "synthetic":
+        train_retriever(synthetic_warmup(given, cfg), run, state, budget, warmup[0], passages, *warmup[1:],
+                        enc_ckpt, gen_ckpt, dev)
+        state.phase, state.epoch, state.step = "retriever", 0, 0
+        save_state(state_path, state, budget)
     if state.phase == "retriever":
-        dev = read_qa(cfg.dev) if cfg.dev else None
         encoder, enc_tok = train_retriever(cfg, run, state, budget, items, passages, positives, anchors,
                                            enc_ckpt, gen_ckpt, dev)
         state.report["retriever"] = round(time.perf_counter() - t0, 1)
@@ -598,12 +626,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     if cfg.lora:
         generator = generator.merge_and_unload()     # export takes a plain checkpoint
-    for name, model, tok, base in (("encoder", encoder, enc_tok, enc_ckpt), ("generator", generator, gen_tok, gen_ckpt)):
+    for name, model, tok, base, files in (("encoder", encoder, enc_tok, enc_ckpt, train_files),
+                                          ("generator", generator, gen_tok, gen_ckpt, train_files[:1])):
         tmp = run / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {' and '.join(p.name for p in train_files)}\n")
+        (tmp / "ragrt-source.txt").write_text(f"{checkpoint_name(base)}, fine-tuned on {' and '.join(p.name for p in files)}\n")
         if name == "generator":
             _write_json(tmp / TRAINING_RECORD, {"block_attention": cfg.block_attention,
                                                 "block_attention_mix": cfg.block_attention_mix,
@@ -614,6 +643,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     state.report["total"] = round(budget.spent(), 1)
     _write_json(run / "finetune.json", {"config": {k: str(v) for k, v in asdict(cfg).items()},
                                         "questions": len(items), "passages": len(passages),
+                                        "synthetic_warmup_questions": len(warmup[0]) if warmup else 0,
                                         "report": state.report, "losses": state.losses})
     save_state(state_path, state, budget)
     shutil.rmtree(run / "checkpoint", ignore_errors=True)
