@@ -184,6 +184,9 @@ def test_beside_labels_synthetic_questions_warm_the_retriever_up_and_skip_the_ge
     assert [len(report["losses"][p]) for p in ("synthetic", "retriever", "generator")] == [3, 4, 2]
     assert "synthetic.jsonl" in (run / "encoder" / "ragrt-source.txt").read_text()
     assert "synthetic.jsonl" not in (run / "generator" / "ragrt-source.txt").read_text()
+    # A run stopped in its warm-up resumes only with the options that started it.
+    (run / "state.json").write_text(json.dumps({"phase": "synthetic"}))
+    assert main(argv[:5] + argv[6:]) == 2
 
 
 def test_the_teacher_drops_a_negative_that_scores_as_well_as_the_positive(tiny_generator_dir):

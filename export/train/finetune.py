@@ -603,6 +603,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                                                if warmup else "") + f", {len(passages)} passages")
     if warmup and not state_path.exists():
         state.phase = "synthetic"
+    if state.phase == "synthetic" and not warmup:
+        raise UserInputError(f"{run} was started with --train and --synthetic: resume it with both")
 
     t0 = time.perf_counter()
     dev = read_qa(cfg.dev) if cfg.dev else None
