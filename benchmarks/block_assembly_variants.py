@@ -20,7 +20,7 @@ reads as a passage that follows others; the first block behind the prefix alone,
 has it). Schedules name, for a block at rank j >= 1, the tokens run again over the assembled cache:
 none, firstN (its first N, the engine's repair), lastN, firstNlastN, gradedN (its first N x j),
 revgradedN (its first N x (blocks - j)). Lead-ins: corpusN, the top N passages the bundle retrieves
-for LEAD_IN_QUERY; generic, two built-in paragraphs of documentation prose.
+for LEAD_IN_QUERY (corpusN@QUESTION: for QUESTION); generic, two built-in paragraphs of documentation prose.
 
 The assembly below is `PassageKV._assemble` with the variant's choices (the repair run with the
 assembly graph, as the engine runs it), kept here so that the engine keeps its one path.
@@ -97,7 +97,8 @@ def variant_assembly(runs, key_scale: float, lead_in: tuple[int, ...]):
 
 
 def lead_in_ids(engine: Engine, name: str) -> tuple[int, ...]:
-    p = engine.prepare(LEAD_IN_QUERY, k=5, mode="concat")
+    name, _, query = name.partition("@")
+    p = engine.prepare(query or LEAD_IN_QUERY, k=5, mode="concat")
     if name == "generic":
         passages = [Passage(f"lead-in#{i}", title, text) for i, (title, text) in enumerate(GENERIC)]
     elif name.startswith("corpus"):
